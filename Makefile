@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make run` (install, then the main job) and `make test`.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+# The exact torch pin: a range admitting newer releases pulls several GB of CUDA wheels on CPU boxes.
+TORCH  ?= torch==2.13.0
+SPEC   ?= search_spaces/placement.yaml
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: run test test-fast install install-dev bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps re-run the install when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) "$(TORCH)"
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(PIP) -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+run: install
+	$(VENV)/bin/ditsweep launch $(SPEC)
+
+test: install-dev
+	$(PY) -m pytest
+
+test-fast: install-dev
+	$(PY) -m pytest -m "not slow"
+
+bench: install
+	$(PY) benchmarks/attention.py
+	$(PY) benchmarks/train_step.py --size DiT-XS/1 --image-size 32 --placement head
+	$(PY) benchmarks/sweep_overhead.py
+
+clean:
+	rm -rf $(VENV) mlflow.db mlartifacts ditsweep_results runs reports

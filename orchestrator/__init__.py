@@ -1,0 +1,1 @@
+"""ditsweep orchestration: spec, Ray Tune sweep, MLflow tracking, reports, clusters."""

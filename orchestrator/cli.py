@@ -1,0 +1,176 @@
+"""The `ditsweep` command line: each command parses its options and calls one plain function.
+
+Exit codes: 0 success, 1 some trials failed, 2 bad input (with one message naming the problem).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Sweeps of local-attention diffusion transformers on Ray Tune, tracked in MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a trial config key, e.g. --set train.steps=50 (repeatable)."),
+]
+
+
+class BadInput(Exception):
+    """Anything the user can fix: reported as one message, exit code 2, nothing started."""
+
+
+def _bad_input_types() -> tuple[type[BaseException], ...]:
+    from orchestrator.spec import SpecError
+    from orchestrator.tracking import TrackingError
+    from trainer.config import ConfigError
+    from trainer.data import DataError
+
+    return (BadInput, ConfigError, DataError, SpecError, TrackingError)
+
+
+def handles_bad_input(command: Callable) -> Callable:
+    """Turn the errors a user can fix into one line on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except _bad_input_types() as err:
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+
+    return wrapper
+
+
+SpecArgument = Annotated[Path, typer.Argument(help="Sweep spec YAML, e.g. search_spaces/placement.yaml.")]
+TrackingOption = Annotated[
+    Optional[str],
+    typer.Option("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."),
+]
+AddressOption = Annotated[
+    Optional[str], typer.Option("--address", help="Join a Ray cluster (auto, ray://host:10001); default in-process.")
+]
+
+
+def _print_progress(total_steps: int) -> Callable[[dict, Optional[str]], None]:
+    def report(metrics: dict, checkpoint: Optional[str]) -> None:
+        parts = [f"step {metrics['step']:>6}/{total_steps}"]
+        for key in ("loss", "images_per_sec", "psnr_train", "psnr_test", "psnr_gap"):
+            if key in metrics:
+                parts.append(f"{key}={metrics[key]:.4f}" if key != "images_per_sec" else f"img/s={metrics[key]:.0f}")
+        print("  ".join(parts), flush=True)
+
+    return report
+
+
+@app.command()
+@handles_bad_input
+def train(
+    config: Annotated[Path, typer.Argument(help="Trial config YAML (an empty file = all defaults).")],
+    set_: SetOption = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (checkpoints, curves, metrics).")] = None,
+) -> None:
+    """Run one trial alone: no Ray, no MLflow."""
+    from trainer.config import load_config
+    from trainer.train import train as run_trial
+
+    trial = load_config(config, set_ or [])
+    out = out or Path("runs") / f"train-{datetime.now():%Y%m%d-%H%M%S}"
+    print(f"training {trial.model.size} schedule={trial.schedule} data={trial.data.source} -> {out}", flush=True)
+    final = run_trial(trial, _print_progress(trial.train.steps), out_dir=out)
+    for key, value in final.items():
+        print(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}")
+
+
+@app.command()
+@handles_bad_input
+def launch(
+    spec: SpecArgument,
+    set_: SetOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop.")] = False,
+    tracking_uri: TrackingOption = None,
+    storage: Annotated[
+        Optional[str], typer.Option(help="Checkpoints and Tune results (default ./ditsweep_results; s3:// works).")
+    ] = None,
+    address: AddressOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Rerun trials that already FINISHED.")] = False,
+) -> None:
+    """Run a sweep on Ray Tune; every trial becomes an MLflow child run of the sweep's run."""
+    from orchestrator import launch as workflow
+
+    if dry_run:
+        workflow.show_plan(spec, set_ or [], tracking_uri, force=force)
+        return
+    raise typer.Exit(workflow.launch(spec, set_ or [], tracking_uri=tracking_uri, storage=storage,
+                                     address=address, force=force))
+
+
+@app.command()
+@handles_bad_input
+def plan(spec: SpecArgument, set_: SetOption = None, tracking_uri: TrackingOption = None) -> None:
+    """Print the trials a launch would run (cached or not) and the compute they need. Runs nothing."""
+    from orchestrator import launch as workflow
+
+    workflow.show_plan(spec, set_ or [], tracking_uri)
+
+
+@app.command()
+@handles_bad_input
+def resume(
+    sweep_id: Annotated[str, typer.Argument(help="The sweep's id (its parent run's ditsweep.sweep_id tag).")],
+    tracking_uri: TrackingOption = None,
+    address: AddressOption = None,
+) -> None:
+    """Continue a sweep whose driver died: finished trials stay, the others continue from checkpoints."""
+    from orchestrator import launch as workflow
+
+    raise typer.Exit(workflow.resume(sweep_id, tracking_uri=tracking_uri, address=address))
+
+
+@app.command()
+@handles_bad_input
+def status(
+    sweep_id: Annotated[Optional[str], typer.Argument(help="Show one sweep's trials; omit to list sweeps.")] = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """List sweeps, or one sweep's trials and their states."""
+    from orchestrator import launch as workflow
+
+    print(workflow.status(sweep_id, tracking_uri))
+
+
+@app.command("prepare-data")
+@handles_bad_input
+def prepare_data(
+    src: Annotated[str, typer.Argument(help="Image folder (local path or s3://...).")],
+    dst: Annotated[str, typer.Argument(help="Output folder (local path or s3://...).")],
+    image_size: Annotated[int, typer.Option(help="Square size after center crop and resize.")] = 32,
+) -> None:
+    """Pack an image folder into a uint8 array plus a manifest (count, size, sha256)."""
+    from trainer.data import prepare_images
+
+    if image_size < 2:
+        raise BadInput(f"--image-size must be at least 2, got {image_size}")
+    manifest = prepare_images(src, dst, image_size)
+    print(f"wrote {manifest['count']} images of {image_size}x{image_size} to {dst} (sha256 {manifest['sha256'][:12]})")
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m orchestrator.cli`
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,243 @@
+"""The trial configuration: one pydantic model per concern, every key documented where it is declared.
+
+A trial is fully described by a `TrialConfig`. Sweeps build one per grid point from a partial `base`
+plus axis values, so everything here has a default and `extra="forbid"` catches typos early.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainer.attention import block_windows, schedule_string
+from trainer.model import parse_size
+
+FID_WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth"
+)
+
+
+class ConfigError(ValueError):
+    """A configuration the trainer would reject; the message names the field and the value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    size: str = Field("DiT-T/1", description="Named size with patch suffix: DiT-T/1, DiT-XS/1, DiT-S/1, DiT-B/2 ...")
+    num_classes: int = Field(0, ge=0, description="Class-conditional when > 0 (labels from the data); 0 = unconditional.")
+    class_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Label drop probability (classifier-free guidance).")
+
+
+class AttentionConfig(_Section):
+    placement: Literal["none", "head", "mix", "tail", "custom"] = Field(
+        "head", description="Where the local windows go: first blocks, last blocks, interleaved, or per block."
+    )
+    windows: list[int | None] = Field(
+        [3, 5, 7, 9, 11, 13],
+        description="Odd window sizes in tokens; for 'custom' one entry per block, null = global.",
+    )
+    backend: Literal["auto", "dense", "flex"] = Field(
+        "auto", description="dense = masked SDPA (everywhere); flex = block-sparse FlexAttention (CUDA)."
+    )
+
+
+class DataConfig(_Section):
+    source: str = Field("digits", description="Builtin name (digits), an image folder, .npy/.npz, or an fsspec URI.")
+    image_size: int = Field(8, ge=2, description="Images are center-cropped and resized to this square size.")
+    num_images: int | None = Field(None, ge=1, description="Training subset size N (or use fraction).")
+    fraction: float | None = Field(None, gt=0.0, le=1.0, description="Training subset as a share of the pool.")
+    test_images: int = Field(256, ge=1, description="Held-out images, identical for every subset and shuffle.")
+    shuffle_seed: int = Field(0, ge=0, description="Chooses which images form the training subset.")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "DataConfig":
+        if self.num_images is not None and self.fraction is not None:
+            raise ValueError(
+                f"give data.num_images ({self.num_images}) or data.fraction ({self.fraction}), not both"
+            )
+        return self
+
+
+class DiffusionConfig(_Section):
+    timesteps: int = Field(1000, ge=2, description="Length of the DDPM schedule.")
+    beta_start: float = Field(1e-4, gt=0.0, lt=1.0)
+    beta_end: float = Field(0.02, gt=0.0, lt=1.0)
+
+
+class TrainConfig(_Section):
+    steps: int = Field(600, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate (constant after warmup).")
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    ema: float = Field(0.995, ge=0.0, lt=1.0, description="EMA decay of the weights used for evaluation.")
+    grad_clip: float = Field(1.0, gt=0.0, description="Max global gradient norm.")
+    log_every: int = Field(10, ge=1, description="Steps between loss reports.")
+    compile: bool = Field(False, description="torch.compile the model (pays off on CUDA).")
+
+
+class PsnrGapConfig(_Section):
+    images: int = Field(128, ge=1, description="Images per side (train and held-out).")
+    timesteps: int = Field(10, ge=1, description="Diffusion steps spread over the schedule.")
+    batch_size: int = Field(256, ge=1)
+
+
+class FidConfig(_Section):
+    enabled: bool = False
+    samples: int = Field(1000, ge=2, description="Generated images (and reference images) for FID/KID.")
+    steps: int = Field(50, ge=1, description="DDIM steps per sample.")
+    batch_size: int = Field(250, ge=1)
+    weights: str = Field(FID_WEIGHTS_URL, description="URI or path of pt_inception-2015-12-05-6726825d.pth.")
+
+
+class EvalConfig(_Section):
+    every: int = Field(0, ge=0, description="Steps between evaluations and checkpoints; 0 = only at the end.")
+    psnr_gap: PsnrGapConfig = PsnrGapConfig()
+    fid: FidConfig = FidConfig()
+
+
+class TrialConfig(_Section):
+    """Everything that decides a trial's result. Two equal configs train the same model."""
+
+    model: ModelConfig = ModelConfig()
+    attention: AttentionConfig = AttentionConfig()
+    data: DataConfig = DataConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    seed: int = Field(0, ge=0, description="Seeds initialization, batches and evaluation noise.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrialConfig":
+        depth, _, _, patch = parse_size(self.model.size)
+        if self.data.image_size % patch:
+            raise ValueError(
+                f"data.image_size={self.data.image_size} is not divisible by the patch size {patch} "
+                f"of model.size={self.model.size!r}"
+            )
+        block_windows(depth, self.attention.placement, list(self.attention.windows))
+        if self.diffusion.beta_end <= self.diffusion.beta_start:
+            raise ValueError("diffusion.beta_end must be larger than diffusion.beta_start")
+        return self
+
+    @property
+    def windows(self) -> list[int | None]:
+        """The per-block window schedule (None = global attention)."""
+        depth = parse_size(self.model.size)[0]
+        return block_windows(depth, self.attention.placement, list(self.attention.windows))
+
+    @property
+    def schedule(self) -> str:
+        return schedule_string(self.windows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building configs from YAML and `--set` overrides
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`train.steps=50` -> ("train.steps", 50); the value is parsed as a YAML scalar or list."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects dotted.key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({err})") from None
+    return key.strip(), value
+
+
+def set_dotted(tree: dict, key: str, value: Any, *, schema: type[BaseModel] | None = TrialConfig) -> None:
+    """Set `a.b.c` in a nested dict, refusing paths that the schema does not have."""
+    parts = key.split(".")
+    model = schema
+    node = tree
+    for i, part in enumerate(parts):
+        if model is not None:
+            field = model.model_fields.get(part)
+            if field is None:
+                prefix = ".".join(parts[:i])
+                choices = ", ".join(sorted(model.model_fields))
+                where = f" under '{prefix}'" if prefix else ""
+                raise ConfigError(f"unknown config key '{key}': no '{part}'{where} (choices: {choices})")
+            annotation = field.annotation
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            if model is None and i < len(parts) - 1:
+                raise ConfigError(f"unknown config key '{key}': '{'.'.join(parts[: i + 1])}' is not a section")
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' is a value, not a section")
+            node = child
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    out = copy.deepcopy(tree)
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(out, key, value)
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping with safe_load; an empty file is an empty mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"'{path}' is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{path}' must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line per problem: `field.path: message (got value)`."""
+    lines = []
+    for problem in err.errors():
+        loc = ".".join(str(p) for p in problem["loc"])
+        path = ".".join(p for p in (prefix, loc) if p) or "(config)"
+        msg = problem["msg"].removeprefix("Value error, ")
+        got = problem.get("input")
+        shown = "" if isinstance(got, dict) or problem["type"] == "value_error" else f" (got {got!r})"
+        lines.append(f"{path}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def build_config(tree: dict, *, prefix: str = "") -> TrialConfig:
+    """Validate a nested dict into a TrialConfig, raising ConfigError with a readable message."""
+    try:
+        return TrialConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, prefix)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrialConfig:
+    return build_config(apply_overrides(load_yaml(path), list(overrides)))
+
+
+def flatten(config: TrialConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys -> leaf values, e.g. {"attention.windows": [3, 5], "train.steps": 600}."""
+    tree = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat

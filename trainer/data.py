@@ -1,0 +1,533 @@
+"""Training images: load from a builtin set, a folder, .npy/.npz or a prepared folder; split into subsets.
+
+Images are uint8 arrays of shape (N, H, W, C) with C = 1 (grayscale) or 3 (RGB) until `to_tensor` turns
+them into the model's float (N, C, H, W) in [-1, 1].
+
+Sources (`load_images(source, ...)`):
+- a builtin name: ``digits`` or ``builtin:digits`` (scikit-learn's 1,797 8x8 handwritten digits);
+- a folder of PNG/JPEG images, searched recursively, read in sorted order of their relative paths;
+- a prepared folder (``manifest.json`` + ``images.npy``, written by `prepare_images`), checked by sha256;
+- a ``.npy`` uint8 array (N, H, W, C) or (N, H, W), or a ``.npz`` holding one array (or one named "images").
+
+Any of these may be a local path or an fsspec URI such as ``s3://bucket/key``. Remote sources are
+downloaded once into ``<cache_dir>/data/<sha256(uri)[:16]>-<name>`` (cache_dir defaults to
+``$DITSWEEP_CACHE`` or ``~/.cache/ditsweep``); a later load reads that copy without touching the remote.
+A download is decoded in a temporary sibling and renamed into place only once it has been read
+successfully, so a cache entry is always complete. The cache is keyed by the URI alone: if the remote
+data changes, delete the entry (or write the new data under a new URI).
+
+S3 configuration, all through the environment (nothing in the trial config):
+- Credentials and region: the usual ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+  ``AWS_DEFAULT_REGION`` (or a profile), read by botocore.
+- Endpoint (MinIO, moto, Ceph...): ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``. botocore >= 1.31
+  reads these itself, and s3fs passes them through (checked with s3fs/fsspec 2026.9, botocore 1.43).
+  ``DITSWEEP_S3_ENDPOINT``, when set, wins over both and is passed to s3fs as ``endpoint_url``; use it
+  with an older botocore. fsspec's own ``FSSPEC_S3_ENDPOINT_URL`` also works, but fsspec reads it
+  once at import, so it must be set before the process starts.
+- Retries: botocore's ``AWS_MAX_ATTEMPTS`` and ``AWS_RETRY_MODE`` (an unreachable endpoint fails after
+  about 6 s with the defaults, at once with ``AWS_MAX_ATTEMPTS=1``).
+Every load builds a fresh filesystem (no fsspec instance cache), so changes to these variables take
+effect on the next load.
+
+Failures of any kind (missing path, unreadable files, wrong arrays, S3 errors) raise `DataError`, a
+`ValueError` whose message names the source and says what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MANIFEST_NAME = "manifest.json"
+IMAGES_NAME = "images.npy"
+# The held-out test set is drawn with this seed, whatever data.shuffle_seed is, so every trial of a
+# sweep measures PSNR on the same held-out images.
+TEST_SPLIT_SEED = 0
+_MAX_NAMED = 5  # file names quoted in one error message
+
+
+class DataError(ValueError):
+    """The data source cannot be used; the message names it and says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_images(source: str, image_size: int, cache_dir: str | None = None) -> np.ndarray:
+    """All images of `source` as uint8 (N, image_size, image_size, C), center-cropped and resized."""
+    _check_image_size(image_size, source)
+    builtin = _builtin_name(source)
+    if builtin is not None:
+        return _square_all(_BUILTINS[builtin](), image_size)
+    fs, path = _filesystem(source)
+    if isinstance(fs, LocalFileSystem):
+        if not os.path.exists(path):
+            raise DataError(_missing_message(source))
+        return _read_local(source, path, image_size)
+    cached = _cache_entry(source, cache_dir)
+    if os.path.exists(cached):
+        return _read_local(source, cached, image_size)
+    with _staged(cached) as staging:
+        _download(source, fs, path, staging)
+        images = _read_local(source, staging, image_size)
+    return images
+
+
+def _builtin_name(source: str) -> str | None:
+    name = source.removeprefix("builtin:")
+    if name in _BUILTINS:
+        return name
+    if source.startswith("builtin:"):
+        raise DataError(f"unknown builtin data set {name!r} in {source!r}; builtins: {', '.join(_BUILTINS)}")
+    return None
+
+
+def _load_digits() -> np.ndarray:
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    levels = load_digits().images  # (1797, 8, 8) float, 0..16
+    return np.rint(levels * (255.0 / 16.0)).astype(np.uint8)[..., None]  # (N, 8, 8, 1)
+
+
+_BUILTINS: dict[str, Callable[[], np.ndarray]] = {"digits": _load_digits}
+
+
+def _missing_message(source: str) -> str:
+    return (
+        f"data source {source!r} does not exist; give an image folder, a .npy/.npz file, a prepared "
+        f"folder or a builtin name ({', '.join(_BUILTINS)})"
+    )
+
+
+def _read_local(source: str, path: str, image_size: int) -> np.ndarray:
+    """Read a local file or folder; `source` is the name the user gave, used in messages."""
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, MANIFEST_NAME)):
+            return _square_all(_read_prepared(source, path), image_size)
+        return _read_image_folder(source, path, image_size)
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npy":
+        return _square_all(_read_npy(source, path), image_size)
+    if suffix == ".npz":
+        return _square_all(_read_npz(source, path), image_size)
+    raise DataError(
+        f"data source {source!r} is a {suffix or 'suffix-less'} file; expected an image folder, "
+        f"a .npy or .npz array, or a folder made by `ditsweep prepare-data`"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrays and prepared folders
+
+
+def _read_npy(source: str, path: str) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read {source!r} as a .npy array ({err}); re-create it with numpy.save") from err
+    return _checked_array(array, source)
+
+
+def _read_npz(source: str, path: str) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = list(archive.keys())
+            if "images" in keys or len(keys) == 1:
+                array = archive["images" if "images" in keys else keys[0]]
+            else:
+                raise DataError(
+                    f"{source!r} holds arrays {keys}; store a single array or name the images 'images'"
+                )
+    except (OSError, ValueError) as err:
+        if isinstance(err, DataError):
+            raise
+        message = f"cannot read {source!r} as a .npz archive ({err}); re-create it with numpy.savez"
+        raise DataError(message) from err
+    return _checked_array(array, source)
+
+
+def _checked_array(array: np.ndarray, source: str) -> np.ndarray:
+    """Accept uint8 (N, H, W, C) with C in {1, 3}, or (N, H, W) as grayscale."""
+    expected = "expected uint8 images of shape (N, H, W, C) with C = 1 or 3, or (N, H, W)"
+    if array.dtype != np.uint8:
+        raise DataError(
+            f"{source!r} has dtype {array.dtype}; {expected} (for floats in [0, 1] save "
+            f"np.clip(np.rint(x * 255), 0, 255).astype(np.uint8))"
+        )
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3):
+        channels_first = array.ndim == 4 and array.shape[1] in (1, 3)
+        hint = "; channels-first? save array.transpose(0, 2, 3, 1)" if channels_first else ""
+        raise DataError(f"{source!r} has shape {tuple(array.shape)}; {expected}{hint}")
+    if len(array) == 0:
+        raise DataError(f"{source!r} contains no images")
+    return array
+
+
+def _read_prepared(source: str, folder: str) -> np.ndarray:
+    manifest = _read_manifest(source, folder)
+    images_path = os.path.join(folder, IMAGES_NAME)
+    if not os.path.exists(images_path):
+        raise DataError(f"prepared data {source!r} has a manifest but no {IMAGES_NAME}; run prepare-data again")
+    digest = _file_sha256(images_path)
+    if digest != manifest["sha256"]:
+        raise DataError(
+            f"{IMAGES_NAME} in {source!r} does not match its manifest (sha256 {digest[:12]}... != "
+            f"{manifest['sha256'][:12]}...): the folder is incomplete or was modified; run "
+            f"`ditsweep prepare-data` again"
+        )
+    images = _read_npy(source, images_path)
+    if len(images) != manifest["count"]:
+        raise DataError(
+            f"{source!r}: manifest says {manifest['count']} images, {IMAGES_NAME} holds {len(images)}; "
+            f"run `ditsweep prepare-data` again"
+        )
+    return images
+
+
+def _read_manifest(source: str, folder: str) -> dict:
+    try:
+        manifest = json.loads(Path(folder, MANIFEST_NAME).read_text())
+        missing = [key for key in ("count", "sha256") if key not in manifest]
+    except (OSError, ValueError, TypeError) as err:
+        message = f"cannot read {MANIFEST_NAME} in {source!r} ({err}); run `ditsweep prepare-data` again"
+        raise DataError(message) from err
+    if missing:
+        raise DataError(f"{MANIFEST_NAME} in {source!r} lacks {missing}; run `ditsweep prepare-data` again")
+    return manifest
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders: decode, square, check that every image decodes and all share one channel mode
+
+
+def _read_image_folder(source: str, folder: str, image_size: int) -> np.ndarray:
+    names = _image_names(folder)
+    if not names:
+        raise DataError(
+            f"data source {source!r} contains no images ({', '.join(IMAGE_SUFFIXES)}); "
+            f"point data.source at the folder that holds them"
+        )
+    decoded, unreadable = {}, {}
+    for name in names:
+        try:
+            decoded[name] = _decode(os.path.join(folder, name), image_size)
+        except Exception as err:  # noqa: BLE001 - any decoder failure means "this file is unusable"
+            unreadable[name] = f"{type(err).__name__}: {err}"
+    problems = _folder_problems(decoded, unreadable)
+    if problems:
+        raise DataError(f"cannot use the images in {source!r}: " + "; ".join(problems))
+    return np.stack([decoded[name] for name in names])
+
+
+def _image_names(folder: str) -> list[str]:
+    """Relative paths of the image files under `folder`, sorted, hidden files skipped."""
+    names = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for file in files:
+            if not file.startswith(".") and file.lower().endswith(IMAGE_SUFFIXES):
+                names.append(os.path.relpath(os.path.join(root, file), folder).replace(os.sep, "/"))
+    return sorted(names)
+
+
+def _decode(path: str, image_size: int) -> np.ndarray:
+    with Image.open(path) as image:
+        image.load()
+        return _square(_normalized_mode(image), image_size)
+
+
+def _normalized_mode(image: Image.Image) -> Image.Image:
+    """Grayscale modes become L, everything else (palette, RGBA, CMYK...) RGB; alpha is dropped."""
+    if image.mode in ("L", "RGB"):
+        return image
+    return image.convert("L" if image.mode in ("1", "LA", "I", "I;16", "F") else "RGB")
+
+
+def _folder_problems(decoded: dict[str, np.ndarray], unreadable: dict[str, str]) -> list[str]:
+    problems = []
+    if unreadable:
+        listed = ", ".join(f"{name} ({why})" for name, why in list(unreadable.items())[:_MAX_NAMED])
+        more = f" and {len(unreadable) - _MAX_NAMED} more" if len(unreadable) > _MAX_NAMED else ""
+        problems.append(f"{len(unreadable)} unreadable file(s): {listed}{more}; fix or remove them")
+    gray = [name for name, image in decoded.items() if image.shape[-1] == 1]
+    color = [name for name, image in decoded.items() if image.shape[-1] == 3]
+    if gray and color:
+        problems.append(
+            f"mixed channel modes: {len(gray)} grayscale (e.g. {', '.join(gray[:_MAX_NAMED])}) and "
+            f"{len(color)} RGB (e.g. {', '.join(color[:_MAX_NAMED])}); convert them to one mode "
+            f"(e.g. PIL's Image.convert('RGB')) and retry"
+        )
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Center crop + resize
+
+
+def _square(image: Image.Image, size: int) -> np.ndarray:
+    """Center-crop to a square and resize to size x size; returns (size, size, C) uint8."""
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    if (width, height) != (size, size):
+        # BOX averages whole source pixels when shrinking (no aliasing); BICUBIC when enlarging.
+        resample = Image.Resampling.BOX if side > size else Image.Resampling.BICUBIC
+        image = image.resize((size, size), resample, box=(left, top, left + side, top + side))
+    array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _check_image_size(image_size: int, source: str) -> None:
+    if not isinstance(image_size, int) or image_size < 1:
+        raise DataError(f"data.image_size={image_size!r} must be a positive integer (loading {source!r})")
+
+
+def _square_all(images: np.ndarray, size: int) -> np.ndarray:
+    if images.shape[1:3] == (size, size):
+        return images
+    squeeze = images.shape[-1] == 1  # PIL wants (H, W) for grayscale
+    return np.stack([_square(Image.fromarray(image[..., 0] if squeeze else image), size) for image in images])
+
+
+# ---------------------------------------------------------------------------------------------
+# Filesystems, remote errors and the local cache
+
+
+def _filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec filesystem and path for `uri`, configured from the environment (see module docstring)."""
+    protocol = fsspec.utils.get_protocol(uri)
+    # A fresh instance per call: fsspec's instance cache would keep an endpoint read from an
+    # environment that has since changed, and s3fs's listing cache could hide new or deleted files.
+    options: dict = {"skip_instance_cache": True}
+    endpoint = os.environ.get("DITSWEEP_S3_ENDPOINT")
+    if protocol in ("s3", "s3a") and endpoint:
+        options["endpoint_url"] = endpoint
+    with _remote_errors(uri, "data location"):
+        if protocol == "file":
+            return fsspec.core.url_to_fs(uri)
+        return fsspec.core.url_to_fs(uri, **options)
+
+
+@contextlib.contextmanager
+def _remote_errors(uri: str, role: str = "data source") -> Iterator[None]:
+    """Turn filesystem and S3 client errors into DataError naming `uri`."""
+    try:
+        yield
+    except DataError:
+        raise
+    except FileNotFoundError as err:
+        raise DataError(f"{role} {uri!r} does not exist ({err}); check the bucket and key") from err
+    except Exception as err:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many unrelated types
+        hint = "Check the URI"
+        if fsspec.utils.get_protocol(uri) in ("s3", "s3a"):
+            hint += ", the credentials and the endpoint (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, DITSWEEP_S3_ENDPOINT)"
+        raise DataError(f"cannot access {role} {uri!r}: {type(err).__name__}: {err}. {hint}") from err
+
+
+def _cache_entry(uri: str, cache_dir: str | None) -> str:
+    root = cache_dir or os.environ.get("DITSWEEP_CACHE") or os.path.join(Path.home(), ".cache", "ditsweep")
+    normalized = uri.rstrip("/")
+    key = hashlib.sha256(normalized.encode()).hexdigest()[:16]
+    name = normalized.rsplit("/", 1)[-1] or "data"
+    return os.path.join(root, "data", f"{key}-{name}")
+
+
+@contextlib.contextmanager
+def _staged(final: str) -> Iterator[str]:
+    """A temporary sibling path of `final`, renamed to `final` if the block succeeds, else removed."""
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    # Same folder (so the rename is atomic), same suffix (so the reader recognises .npy / .npz).
+    staging = os.path.join(os.path.dirname(final), f".partial-{uuid.uuid4().hex[:8]}-{os.path.basename(final)}")
+    try:
+        yield staging
+        try:
+            os.replace(staging, final)
+        except OSError:
+            if not os.path.isdir(final):  # another process may have completed the same folder first
+                raise
+    finally:
+        _remove(staging)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def _download(uri: str, fs: fsspec.AbstractFileSystem, path: str, local: str) -> None:
+    """Copy the remote file, or the images / prepared files of the remote folder, to `local`."""
+    with _remote_errors(uri):
+        info = fs.info(path)
+        if info["type"] != "directory":
+            fs.get_file(path, local)
+            return
+        root = info["name"].rstrip("/")
+        names = [name[len(root) + 1 :] for name in fs.find(root)]
+        wanted = _remote_selection(names)
+        if not wanted:
+            raise DataError(
+                f"data source {uri!r} contains no images ({', '.join(IMAGE_SUFFIXES)}) and no "
+                f"{MANIFEST_NAME}; point data.source at the folder that holds them"
+            )
+        os.makedirs(local)
+        fs.get([f"{root}/{name}" for name in wanted], [os.path.join(local, name) for name in wanted])
+
+
+def _remote_selection(names: list[str]) -> list[str]:
+    if MANIFEST_NAME in names:
+        return [name for name in (MANIFEST_NAME, IMAGES_NAME) if name in names]
+    parts = [name.split("/") for name in names]
+    return [
+        name
+        for name, pieces in zip(names, parts)
+        if name.lower().endswith(IMAGE_SUFFIXES) and not any(piece.startswith(".") for piece in pieces)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing a folder
+
+
+def prepare_images(src: str, dst: str, image_size: int) -> dict:
+    """Pack the images of `src` into `dst`/images.npy + `dst`/manifest.json; returns the manifest.
+
+    Everything is read and checked before anything is written. images.npy is written first and the
+    manifest last, each under a temporary name then moved (locally) or as one PUT (S3), so a manifest
+    implies complete data; its sha256 (of the images.npy file) is checked on every load.
+    """
+    _check_image_size(image_size, src)
+    images = _read_for_prepare(src, image_size)
+    buffer = io.BytesIO()
+    np.save(buffer, images, allow_pickle=False)
+    payload = buffer.getvalue()
+    manifest = {
+        "count": int(images.shape[0]),
+        "image_size": int(image_size),
+        "channels": int(images.shape[-1]),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "source": src,
+    }
+    fs, root = _filesystem(dst)
+    with _remote_errors(dst, "data destination"):
+        if isinstance(fs, LocalFileSystem):  # on S3, makedirs would create a missing (mistyped) bucket
+            fs.makedirs(root, exist_ok=True)
+        _write(fs, f"{root.rstrip('/')}/{IMAGES_NAME}", payload)
+        _write(fs, f"{root.rstrip('/')}/{MANIFEST_NAME}", json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+def _read_for_prepare(src: str, image_size: int) -> np.ndarray:
+    """Like load_images, but a remote source goes through a throwaway folder instead of the cache."""
+    if _builtin_name(src) is not None:
+        return load_images(src, image_size)
+    fs, path = _filesystem(src)
+    if isinstance(fs, LocalFileSystem):
+        return load_images(src, image_size)
+    with tempfile.TemporaryDirectory(prefix="ditsweep-prepare-") as scratch:
+        local = os.path.join(scratch, "source" + Path(path).suffix)
+        _download(src, fs, path, local)
+        return _read_local(src, local, image_size)
+
+
+def _write(fs: fsspec.AbstractFileSystem, path: str, payload: bytes) -> None:
+    if isinstance(fs, LocalFileSystem):
+        temporary = f"{path}.partial-{uuid.uuid4().hex[:8]}"
+        with open(temporary, "wb") as handle:
+            handle.write(payload)
+        os.replace(temporary, path)
+    else:
+        fs.pipe_file(path, payload)  # one PUT (or a multipart upload completed at the end)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subsets
+
+
+def split_subsets(
+    num_total: int,
+    test_images: int,
+    num_images: int | None,
+    fraction: float | None,
+    shuffle_seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, test_idx) into a data set of `num_total` images.
+
+    The test set is the last `test_images` of a permutation with a fixed seed, so it is the same for
+    every shuffle_seed and subset size. The remaining pool is shuffled by `shuffle_seed` and the
+    training subset is its first `num_images` (or round(fraction * pool), at least 1; the whole pool
+    when neither is given): with one seed, a smaller subset is a prefix of a larger one. train_idx
+    keeps the shuffled order; test_idx is sorted.
+    """
+    if not 1 <= test_images < num_total:
+        raise DataError(
+            f"data.test_images={test_images} must be at least 1 and below the {num_total} images of the "
+            f"data set, to leave images to train on"
+        )
+    pool_size = num_total - test_images
+    size = _subset_size(pool_size, test_images, num_images, fraction)
+    fixed = np.random.default_rng(TEST_SPLIT_SEED).permutation(num_total)
+    test_idx = np.sort(fixed[pool_size:])
+    pool = np.sort(fixed[:pool_size])  # sorted so the shuffle depends only on which images are in it
+    train_idx = np.random.default_rng(shuffle_seed).permutation(pool)[:size]
+    return train_idx, test_idx
+
+
+def _subset_size(pool_size: int, test_images: int, num_images: int | None, fraction: float | None) -> int:
+    if num_images is not None and fraction is not None:
+        raise DataError(f"give data.num_images ({num_images}) or data.fraction ({fraction}), not both")
+    if fraction is not None:
+        if not 0.0 < fraction <= 1.0:
+            raise DataError(f"data.fraction={fraction} must be in (0, 1]")
+        return max(1, round(fraction * pool_size))
+    if num_images is None:
+        return pool_size
+    if num_images < 1:
+        raise DataError(f"data.num_images={num_images} must be at least 1")
+    if num_images > pool_size:
+        raise DataError(
+            f"data.num_images={num_images} but only {pool_size} images remain after {test_images} "
+            f"held-out test images; lower data.num_images or data.test_images, or use more data"
+        )
+    return num_images
+
+
+# ---------------------------------------------------------------------------------------------
+# Model scale
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1], the model's scale."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Model scale [-1, 1] -> [0, 1] (clamped), e.g. for saving samples."""
+    return x.add(1.0).div(2.0).clamp(0.0, 1.0)

@@ -1,0 +1,94 @@
+"""Generalization metrics.
+
+PSNR gap (Kadkhodaie et al. 2024, used by An et al. 2024): noise a clean image to step t, denoise it
+in one step (x0 from the predicted epsilon), and compare PSNR on training versus held-out images.
+A model that memorizes its training set denoises those images far better than unseen ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+
+import torch
+
+from trainer.diffusion import Denoiser, Schedule, predict_x0, q_sample, spread_timesteps
+
+# Evaluation noise is seeded by a constant, not the trial seed: every trial noises its images with
+# the same draws, so differences in PSNR come from the model, not from luck.
+EVAL_NOISE_SEED = 20240101
+
+
+@dataclass(frozen=True)
+class PsnrCurve:
+    timesteps: list[int]
+    train: list[float]
+    test: list[float]
+
+    @property
+    def gap(self) -> list[float]:
+        return [a - b for a, b in zip(self.train, self.test)]
+
+    def summary(self) -> dict[str, float]:
+        n = len(self.timesteps)
+        return {
+            "psnr_train": sum(self.train) / n,
+            "psnr_test": sum(self.test) / n,
+            "psnr_gap": sum(self.gap) / n,
+        }
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["timestep", "psnr_train", "psnr_test", "psnr_gap"])
+        for row in zip(self.timesteps, self.train, self.test, self.gap):
+            writer.writerow([row[0], *(f"{v:.6f}" for v in row[1:])])
+        return buf.getvalue()
+
+
+def psnr(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [0, 1]; (B, ...) -> (B,)."""
+    mse = (estimate - target).float().pow(2).flatten(1).mean(dim=1)
+    return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-12))
+
+
+@torch.no_grad()
+def one_step_psnr(
+    model: Denoiser,
+    schedule: Schedule,
+    images: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise_seed: int,
+    batch_size: int,
+) -> list[float]:
+    """Mean PSNR of the one-step x0 estimate at each timestep; images in [-1, 1], (N, C, H, W)."""
+    generator = torch.Generator().manual_seed(noise_seed)
+    means = []
+    for t in timesteps.tolist():
+        # Noise is drawn on the CPU so it is identical on every device.
+        noise = torch.randn(images.shape, generator=generator).to(images.device, images.dtype)
+        scores = []
+        for start in range(0, images.shape[0], batch_size):
+            x0 = images[start : start + batch_size]
+            t_batch = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
+            x_t = q_sample(schedule, x0, t_batch, noise[start : start + batch_size])
+            x0_hat = predict_x0(schedule, x_t, t_batch, model(x_t, t_batch, None)).clamp(-1, 1)
+            scores.append(psnr((x0_hat + 1) / 2, (x0 + 1) / 2))
+        means.append(torch.cat(scores).mean().item())
+    return means
+
+
+def psnr_gap_curve(
+    model: Denoiser,
+    schedule: Schedule,
+    train_images: torch.Tensor,
+    test_images: torch.Tensor,
+    num_timesteps: int,
+    batch_size: int = 256,
+) -> PsnrCurve:
+    timesteps = spread_timesteps(schedule, num_timesteps)
+    # Both sides share the noise stream: the same draws at the same timestep.
+    train = one_step_psnr(model, schedule, train_images, timesteps, EVAL_NOISE_SEED, batch_size)
+    test = one_step_psnr(model, schedule, test_images, timesteps, EVAL_NOISE_SEED, batch_size)
+    return PsnrCurve(timesteps=timesteps.tolist(), train=train, test=test)

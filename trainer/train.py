@@ -1,0 +1,271 @@
+"""One trial: data subset -> DiT with per-block windows -> DDPM training -> evaluation.
+
+`train(config, report)` knows nothing of Ray or MLflow: `report(metrics, checkpoint_dir)` is how
+results leave, so the same loop runs alone (`ditsweep train`), in tests and under Ray Tune.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from trainer import data as datalib
+from trainer.config import TrialConfig
+from trainer.diffusion import Schedule, linear_schedule, training_loss
+from trainer.metrics import PsnrCurve, psnr_gap_curve
+from trainer.model import DiT, build_dit
+
+Report = Callable[[dict, "str | None"], None]
+
+CHECKPOINT_FILE = "state.pt"
+PREVIOUS_CHECKPOINT_FILE = "state.prev.pt"
+
+
+@dataclass
+class Subsets:
+    """The training subset and the held-out set, as uint8 (N, C, H, W) tensors on the device."""
+
+    train: torch.Tensor
+    test: torch.Tensor
+
+    @property
+    def channels(self) -> int:
+        return self.train.shape[1]
+
+
+def load_subsets(config: TrialConfig, device: torch.device) -> Subsets:
+    images = datalib.load_images(config.data.source, config.data.image_size)
+    train_idx, test_idx = datalib.split_subsets(
+        len(images),
+        config.data.test_images,
+        config.data.num_images,
+        config.data.fraction,
+        config.data.shuffle_seed,
+    )
+    # One uint8 tensor on the device: batches are gathered by index, so the data path never stalls.
+    as_tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W) uint8
+    return Subsets(train=as_tensor[train_idx].to(device), test=as_tensor[test_idx].to(device))
+
+
+def to_model_scale(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: written atomically, the previous one kept as a fallback for a truncated write.
+
+
+def save_checkpoint(directory: Path, state: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        current = directory / CHECKPOINT_FILE
+        if current.exists():
+            os.replace(current, directory / PREVIOUS_CHECKPOINT_FILE)
+        os.replace(tmp, current)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(directory: Path) -> dict | None:
+    """The newest readable checkpoint in `directory`, or None when there is none."""
+    for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE):
+        path = directory / name
+        if not path.exists():
+            continue
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a truncated or corrupt file: fall back to the previous one
+            print(f"[ditsweep] checkpoint {path} is unreadable ({type(err).__name__}); trying the previous one")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Holds the moving parts of one trial; `train()` below is the entry point."""
+
+    def __init__(self, config: TrialConfig, device: torch.device, subsets: Subsets):
+        self.config = config
+        self.device = device
+        self.subsets = subsets
+        torch.manual_seed(config.seed)
+        self.model: DiT = build_dit(
+            config.model.size,
+            image_size=config.data.image_size,
+            in_channels=subsets.channels,
+            windows=config.windows,
+            num_classes=config.model.num_classes,
+            attention_backend=config.attention.backend,
+        ).to(device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
+        )
+        self.schedule: Schedule = linear_schedule(
+            config.diffusion.timesteps, config.diffusion.beta_start, config.diffusion.beta_end
+        )
+        # Batches and training noise come from one generator so a seeded run is repeatable.
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.step = 0
+        self.forward = torch.compile(self.model) if config.train.compile else self.model
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "config": self.config.model_dump_json(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["config"] != self.config.model_dump_json():
+            raise ValueError("checkpoint was written by a different trial config; refusing to resume from it")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.step = int(state["step"])
+
+    # -- training -------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        warmup = self.config.train.warmup_steps
+        return self.config.train.lr * min(1.0, (step + 1) / warmup) if warmup else self.config.train.lr
+
+    def train_step(self) -> float:
+        cfg = self.config.train
+        idx = torch.randint(0, self.subsets.train.shape[0], (cfg.batch_size,), device=self.device, generator=self.generator)
+        x0 = to_model_scale(self.subsets.train[idx])  # (B, C, H, W)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        with self.autocast():
+            loss = training_loss(self.forward, self.schedule, x0, generator=self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.update_ema()
+        self.step += 1
+        return loss.item()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        ema_params = list(self.ema.parameters())
+        params = [p.detach() for p in self.model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.config.train.ema)
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> PsnrCurve:
+        cfg = self.config.eval.psnr_gap
+        count = min(cfg.images, self.subsets.train.shape[0], self.subsets.test.shape[0])
+        with self.autocast():
+            return psnr_gap_curve(
+                self.ema,
+                self.schedule,
+                to_model_scale(self.subsets.train[:count]),
+                to_model_scale(self.subsets.test[:count]),
+                cfg.timesteps,
+                cfg.batch_size,
+            )
+
+
+def _is_due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def train(
+    config: TrialConfig,
+    report: Report | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    device: torch.device | None = None,
+) -> dict:
+    """Train one trial and return its final metrics.
+
+    Checkpoints go to `out_dir/checkpoint` at every evaluation. `resume_from` (a checkpoint folder)
+    or an existing checkpoint in `out_dir` continues training from that step.
+    """
+    device = device or pick_device()
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="ditsweep-trial-"))
+    checkpoint_dir = out / "checkpoint"
+    report = report or (lambda metrics, checkpoint: None)
+
+    trainer = Trainer(config, device, load_subsets(config, device))
+    state = load_checkpoint(Path(resume_from)) if resume_from else None
+    state = state or load_checkpoint(checkpoint_dir)
+    if state is not None:
+        trainer.load_state_dict(state)
+
+    total, cfg = config.train.steps, config.train
+    losses: list[float] = []
+    window_start, window_images = time.perf_counter(), 0
+    final: dict = {"step": trainer.step}
+    while trainer.step < total:
+        losses.append(trainer.train_step())
+        window_images += cfg.batch_size
+        step = trainer.step
+        metrics: dict = {}
+        if _is_due(step, cfg.log_every, total):
+            elapsed = time.perf_counter() - window_start
+            metrics.update(
+                step=step,
+                loss=sum(losses) / len(losses),
+                images_per_sec=window_images / max(elapsed, 1e-9),
+            )
+            losses.clear()
+        checkpoint = None
+        if _is_due(step, config.eval.every, total):
+            curve = trainer.evaluate()
+            metrics.update(step=step, **curve.summary(), psnr_curve=curve_record(curve))
+            save_checkpoint(checkpoint_dir, trainer.state_dict())
+            (out / "psnr_curve.csv").write_text(curve.to_csv())
+            checkpoint = str(checkpoint_dir)
+        if metrics:
+            final.update(metrics)
+            report(metrics, checkpoint)
+            window_start, window_images = time.perf_counter(), 0
+    final.pop("psnr_curve", None)
+    (out / "metrics.json").write_text(json.dumps(final, indent=2))
+    return final
+
+
+def curve_record(curve: PsnrCurve) -> str:
+    """The per-step curve as compact JSON, so it travels inside reported metrics."""
+    return json.dumps({"timestep": curve.timesteps, "psnr_train": curve.train, "psnr_test": curve.test})
+
+
+def parse_curve_record(record: str) -> PsnrCurve:
+    data = json.loads(record)
+    return PsnrCurve(timesteps=data["timestep"], train=data["psnr_train"], test=data["psnr_test"])
+
