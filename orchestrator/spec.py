@@ -1,0 +1,192 @@
+"""Sweep specs: load and validate the YAML, expand the grid into resolved trials with stable keys.
+
+Everything is validated here, before Ray or MLflow is touched: a bad spec exits 2 with a message
+naming the field path and the value, and nothing is started or written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from trainer.config import (
+    ConfigError,
+    TrialConfig,
+    apply_overrides,
+    build_config,
+    format_validation_error,
+    load_yaml,
+    parse_override,
+    set_dotted,
+)
+
+
+class SpecError(ValueError):
+    """The spec cannot run as written; the message names the field path and the bad value."""
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    cpu: float = Field(1.0, gt=0, description="CPUs per trial.")
+    gpu: float = Field(0.0, ge=0, description="GPUs per trial; a fraction packs several trials on one GPU.")
+
+    @field_validator("gpu")
+    @classmethod
+    def _whole_or_fraction(cls, gpu: float) -> float:
+        if gpu > 1 and gpu != int(gpu):
+            raise ValueError(f"gpu above 1 must be a whole number, got {gpu}")
+        return gpu
+
+
+class SweepSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(min_length=1, description="MLflow experiment name.")
+    description: str = ""
+    base: dict[str, Any] = Field(default_factory=dict, description="A partial trial config shared by all trials.")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted key -> values (cartesian product).")
+    resources: Resources = Resources()
+    max_failures: int = Field(0, ge=0, description="Retries per trial, each resuming from its last checkpoint.")
+
+    @field_validator("grid")
+    @classmethod
+    def _axes_not_empty(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"axis '{key}' is empty; give it at least one value")
+            encoded = [json.dumps(v, sort_keys=True) for v in values]
+            if len(set(encoded)) != len(encoded):
+                raise ValueError(f"axis '{key}' repeats a value: {values}")
+        return grid
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One grid point: its axis values, the resolved config and the key that identifies its result."""
+
+    axes: dict[str, Any]
+    config: TrialConfig
+    key: str
+
+    @property
+    def name(self) -> str:
+        return run_name(self.axes)
+
+
+def trial_key(config: TrialConfig) -> str:
+    """sha256 of the normalized resolved config: equal configs, equal keys, whatever the YAML spelling."""
+    normalized = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(normalized.encode()).hexdigest()
+
+
+_SHORT_LABELS = {
+    "data.num_images": "N",
+    "data.fraction": "f",
+    "seed": "s",
+    "data.shuffle_seed": "sh",
+    "train.steps": "T",
+    "attention.windows": "w",
+}
+
+
+def axis_label(key: str, value: Any) -> str:
+    if isinstance(value, list):
+        value = "-".join("G" if v is None else str(v) for v in value)
+    if key in _SHORT_LABELS:
+        return f"{_SHORT_LABELS[key]}{value}"
+    if key in ("attention.placement", "model.size"):
+        return str(value)
+    return f"{key.rsplit('.', 1)[-1]}={value}"
+
+
+def run_name(axes: dict[str, Any]) -> str:
+    """A readable run name from the axis values, e.g. `head·N1000·s0`."""
+    return "·".join(axis_label(k, v) for k, v in axes.items()) or "trial"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    try:
+        raw = load_yaml(path)
+    except ConfigError as err:
+        raise SpecError(str(err)) from None
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(f"invalid spec '{path}':\n{format_validation_error(err)}") from None
+
+
+def _resolve(tree: dict, where: str) -> TrialConfig:
+    try:
+        return build_config(tree)
+    except ConfigError as err:
+        raise SpecError(f"{where}:\n{err}") from None
+
+
+def expand(spec: SweepSpec, overrides: list[str] = ()) -> list[Trial]:
+    """Resolve and validate every trial of the grid up front, in a stable order."""
+    base = _base_tree(spec, list(overrides))
+    axes = list(spec.grid)
+    for key in axes:  # one axis value at a time first, so an error names exactly that value
+        for value in spec.grid[key]:
+            tree = json.loads(json.dumps(base))
+            _set_axis(tree, key, value)
+            _resolve(tree, f"grid.{key}: value {value!r} is not valid")
+    trials: list[Trial] = []
+    for values in itertools.product(*(spec.grid[k] for k in axes)):
+        point = dict(zip(axes, values))
+        tree = json.loads(json.dumps(base))
+        for key, value in point.items():
+            _set_axis(tree, key, value)
+        where = "grid point " + ", ".join(f"{k}={v!r}" for k, v in point.items())
+        config = _resolve(tree, f"{where} is not valid")
+        trials.append(Trial(axes=point, config=config, key=trial_key(config)))
+    _refuse_duplicates(trials)
+    return trials
+
+
+def _base_tree(spec: SweepSpec, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, _ = parse_override(item)
+        if key in spec.grid:
+            raise SpecError(f"--set {key}=... overrides grid axis '{key}'; change the grid instead")
+    try:
+        base = apply_overrides(spec.base, overrides)
+        _resolve_partial(base)
+    except ConfigError as err:
+        raise SpecError(f"base: {err}") from None
+    return base
+
+
+def _resolve_partial(base: dict) -> None:
+    """Unknown keys in `base` are reported with their path, before any grid value is tried."""
+    from trainer.config import flatten
+
+    for dotted, value in flatten(base).items():
+        set_dotted({}, dotted, value)
+
+
+def _set_axis(tree: dict, key: str, value: Any) -> None:
+    try:
+        set_dotted(tree, key, value)
+    except ConfigError as err:
+        raise SpecError(f"grid.{key}: {err}") from None
+
+
+def _refuse_duplicates(trials: list[Trial]) -> None:
+    seen: dict[str, Trial] = {}
+    for trial in trials:
+        if trial.key in seen:
+            raise SpecError(
+                f"grid points {seen[trial.key].name!r} and {trial.name!r} resolve to the same config "
+                "(an axis has no effect under the other values, e.g. windows with placement 'none'); "
+                "split the spec or drop the redundant values"
+            )
+        seen[trial.key] = trial

@@ -1,0 +1,276 @@
+"""MLflow, and only here: experiments, the sweep's parent run, one child run per trial.
+
+The driver is the only process that writes. Writes that fail because the tracking server went away
+are kept in an outbox and replayed in order once it answers again, so no result is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+# Fail fast on a dead server instead of MLflow's minutes of backoff: the outbox retries later.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+import mlflow  # noqa: E402
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_ARTIFACT_ROOT = "mlartifacts"
+
+TAG_ROLE = "ditsweep.role"
+TAG_SWEEP_ID = "ditsweep.sweep_id"
+TAG_TRIAL_KEY = "ditsweep.trial_key"
+TAG_PARENT = "mlflow.parentRunId"
+
+FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
+TERMINAL = {FINISHED, FAILED, KILLED}
+
+
+class TrackingError(ValueError):
+    """The tracking store cannot be opened or does not hold what was asked for."""
+
+
+def resolve_tracking_uri(cli_value: str | None = None) -> str:
+    return cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:", "/", ".")) or "://" not in uri
+
+
+def new_sweep_id(name: str) -> str:
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:40] or "sweep"
+    return f"{slug}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _param_value(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+@dataclass
+class Outbox:
+    """Writes that failed (server away), replayed in order before the next write."""
+
+    pending: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)
+    warned: bool = False
+
+    def run(self, what: str, op: Callable[[], Any]) -> Any:
+        if self.flush():
+            try:
+                return op()
+            except Exception as err:  # noqa: BLE001 - any transport error: keep the write for later
+                self._keep(what, op, err)
+                return None
+        self._keep(what, op, None)
+        return None
+
+    def flush(self) -> bool:
+        while self.pending:
+            what, op = self.pending[0]
+            try:
+                op()
+            except Exception:  # noqa: BLE001
+                return False
+            self.pending.pop(0)
+        if self.warned:
+            print("[ditsweep] tracking server is back; pending writes delivered", flush=True)
+            self.warned = False
+        return True
+
+    def _keep(self, what: str, op: Callable[[], Any], err: Exception | None) -> None:
+        self.pending.append((what, op))
+        if not self.warned:
+            reason = f": {type(err).__name__}" if err else ""
+            print(f"[ditsweep] tracking write failed ({what}{reason}); keeping results to write later", flush=True)
+            self.warned = True
+
+
+class Tracker:
+    """A handle on one tracking store."""
+
+    def __init__(self, uri: str | None = None):
+        self.uri = resolve_tracking_uri(uri)
+        self._check_reachable()
+        self.client = MlflowClient(tracking_uri=self.uri)
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception as err:  # noqa: BLE001
+            raise TrackingError(f"cannot open tracking store {self.uri!r}: {_first_line(err)}") from None
+        self.outbox = Outbox()
+
+    def _check_reachable(self) -> None:
+        if self.uri.startswith(("http://", "https://")):
+            try:
+                urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=5).read()
+            except (urllib.error.URLError, OSError) as err:
+                raise TrackingError(
+                    f"cannot reach tracking server {self.uri!r} ({err}); start it or pass --tracking-uri"
+                ) from None
+        elif self.uri.startswith("sqlite:///"):
+            path = Path(self.uri.removeprefix("sqlite:///"))
+            if not path.parent.exists() and str(path.parent) != "":
+                raise TrackingError(f"cannot open tracking store {self.uri!r}: folder '{path.parent}' does not exist")
+        elif "://" in self.uri and not self.uri.startswith(("file://", "databricks")):
+            scheme = self.uri.split("://", 1)[0]
+            if scheme not in ("postgresql", "mysql", "mssql"):
+                raise TrackingError(f"unsupported tracking URI scheme {scheme!r} in {self.uri!r}")
+
+    # -- experiments and sweeps -----------------------------------------------------------------
+    def experiment_id(self, name: str, create: bool = True) -> str | None:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        if not create:
+            return None
+        location = None
+        if _is_local_store(self.uri):
+            root = os.environ.get("DITSWEEP_ARTIFACT_ROOT") or str(Path(DEFAULT_ARTIFACT_ROOT).resolve())
+            location = root if "://" in root else Path(root).as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def finished_trials(self, experiment_id: str) -> dict[str, Run]:
+        """trial key -> its FINISHED run, across every sweep of the experiment (the cache)."""
+        runs = self._search(
+            [experiment_id], f"tags.`{TAG_ROLE}` = 'trial' and attributes.status = 'FINISHED'"
+        )
+        return {run.data.tags[TAG_TRIAL_KEY]: run for run in runs if TAG_TRIAL_KEY in run.data.tags}
+
+    def start_sweep(self, experiment_id: str, sweep_id: str, *, name: str, tags: dict, params: dict,
+                    texts: dict[str, str]) -> str:
+        run = self.client.create_run(
+            experiment_id,
+            run_name=name,
+            tags={TAG_ROLE: "sweep", TAG_SWEEP_ID: sweep_id, **tags},
+        )
+        run_id = run.info.run_id
+        self.client.log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
+        for filename, text in texts.items():
+            self.client.log_text(run_id, text, filename)
+        return run_id
+
+    def find_sweep(self, sweep_id: str) -> Run:
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        runs = self._search(experiments, f"tags.`{TAG_SWEEP_ID}` = '{sweep_id}' and tags.`{TAG_ROLE}` = 'sweep'")
+        if not runs:
+            raise TrackingError(f"no sweep with id {sweep_id!r} in {self.uri}; `ditsweep status` lists them")
+        return runs[0]
+
+    def list_sweeps(self) -> list[Run]:
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        if not experiments:
+            return []
+        return self._search(experiments, f"tags.`{TAG_ROLE}` = 'sweep'", order_by=["attributes.start_time DESC"])
+
+    def sweep_trials(self, sweep: Run) -> list[Run]:
+        sweep_id = sweep.data.tags[TAG_SWEEP_ID]
+        return self._search(
+            [sweep.info.experiment_id], f"tags.`{TAG_SWEEP_ID}` = '{sweep_id}' and tags.`{TAG_ROLE}` = 'trial'"
+        )
+
+    def read_text(self, run_id: str, path: str) -> str:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=path, dst_path=tmp, tracking_uri=self.uri
+            )
+            return Path(local).read_text()
+
+    def end_run(self, run_id: str, status: str) -> None:
+        self.outbox.run(f"end run {run_id}", lambda: self.client.set_terminated(run_id, status, _now_ms()))
+
+    # -- trials ---------------------------------------------------------------------------------
+    def open_trial(self, sweep: Run, trial_name: str, trial_key: str, params: dict, existing: Run | None) -> str:
+        """The trial's child run: the existing one when resuming (never a second run), else a new one."""
+        if existing is not None:
+            run_id = existing.info.run_id
+            self.outbox.run(f"reopen {trial_name}", lambda: self.client.update_run(run_id, status=RUNNING))
+            return run_id
+        run = self.client.create_run(
+            sweep.info.experiment_id,
+            run_name=trial_name,
+            tags={
+                TAG_PARENT: sweep.info.run_id,
+                TAG_ROLE: "trial",
+                TAG_SWEEP_ID: sweep.data.tags[TAG_SWEEP_ID],
+                TAG_TRIAL_KEY: trial_key,
+            },
+        )
+        params_list = [Param(k, _param_value(v)) for k, v in params.items()]
+        for start in range(0, len(params_list), 100):  # log_batch takes at most 100 params a call
+            self.client.log_batch(run.info.run_id, params=params_list[start : start + 100])
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        now = _now_ms()
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.outbox.run(f"metrics step {step}", lambda: self.client.log_batch(run_id, metrics=batch))
+
+    def log_texts(self, run_id: str, texts: dict[str, str]) -> None:
+        for filename, text in texts.items():
+            self.outbox.run(f"artifact {filename}", lambda t=text, f=filename: self.client.log_text(run_id, t, f))
+
+    def log_files(self, run_id: str, files: dict[str, bytes]) -> None:
+        """Binary artifacts (PNG plots), written from memory through a temporary folder."""
+        def upload(name: str, payload: bytes) -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / name
+                path.write_bytes(payload)
+                self.client.log_artifact(run_id, str(path))
+
+        for name, payload in files.items():
+            self.outbox.run(f"artifact {name}", lambda n=name, p=payload: upload(n, p))
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        self.outbox.run("tags", lambda: self.client.log_batch(run_id, tags=batch))
+
+    def flush(self, timeout_s: float = 120.0) -> bool:
+        """Deliver pending writes, waiting up to `timeout_s` for the server to come back."""
+        deadline = time.monotonic() + timeout_s
+        while not self.outbox.flush():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(2.0)
+        return True
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _search(self, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None) -> list[Run]:
+        runs: list[Run] = []
+        token = None
+        while True:
+            page = self.client.search_runs(
+                experiment_ids, filter_string, max_results=1000, order_by=order_by, page_token=token
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+
+def run_status(run: Run) -> str:
+    return run.info.status
+
+
+def status_name(value: int | str) -> str:
+    return value if isinstance(value, str) else RunStatus.to_string(value)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
