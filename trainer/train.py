@@ -26,16 +26,20 @@ from trainer.model import DiT, build_dit
 
 Report = Callable[[dict, "str | None"], None]
 
+CHECKPOINT_DIR = "checkpoint"  # under the trial's output folder
 CHECKPOINT_FILE = "state.pt"
 PREVIOUS_CHECKPOINT_FILE = "state.prev.pt"
 
 
 @dataclass
 class Subsets:
-    """The training subset and the held-out set, as uint8 (N, C, H, W) tensors on the device."""
+    """The training subset and the held-out set, as uint8 (N, C, H, W) tensors on the device, with
+    their int64 (N,) class labels when the model is class-conditional (else None)."""
 
     train: torch.Tensor
     test: torch.Tensor
+    train_labels: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
 
     @property
     def channels(self) -> int:
@@ -44,6 +48,7 @@ class Subsets:
 
 def load_subsets(config: TrialConfig, device: torch.device) -> Subsets:
     images = datalib.load_images(config.data.source, config.data.image_size)
+    labels = load_class_labels(config, len(images))
     train_idx, test_idx = datalib.split_subsets(
         len(images),
         config.data.test_images,
@@ -53,7 +58,34 @@ def load_subsets(config: TrialConfig, device: torch.device) -> Subsets:
     )
     # One uint8 tensor on the device: batches are gathered by index, so the data path never stalls.
     as_tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W) uint8
-    return Subsets(train=as_tensor[train_idx].to(device), test=as_tensor[test_idx].to(device))
+    return Subsets(
+        train=as_tensor[train_idx].to(device),
+        test=as_tensor[test_idx].to(device),
+        train_labels=None if labels is None else labels[train_idx].to(device),
+        test_labels=None if labels is None else labels[test_idx].to(device),
+    )
+
+
+def load_class_labels(config: TrialConfig, count: int) -> torch.Tensor | None:
+    """The data's (N,) int64 labels when model.num_classes > 0, checked against it; else None."""
+    num_classes, source = config.model.num_classes, config.data.source
+    if num_classes == 0:
+        return None
+    labels = datalib.load_labels(source)
+    if labels is None:
+        raise datalib.DataError(
+            f"model.num_classes={num_classes} needs labels, but data source {source!r} has none; use a source "
+            f"with labels (digits, a .npz with a '{datalib.LABELS_KEY}' array, a prepared folder with "
+            f"{datalib.LABELS_NAME}) or set model.num_classes=0"
+        )
+    if len(labels) != count:
+        raise datalib.DataError(f"data source {source!r} has {count} images but {len(labels)} labels")
+    if labels.max() >= num_classes:
+        raise datalib.DataError(
+            f"data source {source!r} has labels up to {labels.max()} but model.num_classes={num_classes}; "
+            f"set model.num_classes to at least {labels.max() + 1}"
+        )
+    return torch.from_numpy(labels)
 
 
 def to_model_scale(images: torch.Tensor) -> torch.Tensor:
@@ -119,6 +151,9 @@ class Trainer:
             num_classes=config.model.num_classes,
             attention_backend=config.attention.backend,
         ).to(device)
+        if self.model.y_embedder is not None:
+            # build_dit takes no class_dropout; the label embedder reads this attribute on every forward.
+            self.model.y_embedder.dropout = config.model.class_dropout
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
@@ -139,6 +174,7 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
+            "global_rng": self._global_rng_state(),
             "config": self.config.model_dump_json(),
         }
 
@@ -149,7 +185,20 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
+        if "global_rng" in state:  # absent from checkpoints written before labels were supported
+            self._set_global_rng_state(state["global_rng"])
         self.step = int(state["step"])
+
+    # The model's label dropout draws from torch's default generator on the device, so a resumed
+    # class-conditional run repeats an uninterrupted one only if that state is checkpointed too.
+    def _global_rng_state(self) -> torch.Tensor:
+        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.get_rng_state()
+
+    def _set_global_rng_state(self, state: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
 
     # -- training -------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -160,10 +209,15 @@ class Trainer:
         cfg = self.config.train
         idx = torch.randint(0, self.subsets.train.shape[0], (cfg.batch_size,), device=self.device, generator=self.generator)
         x0 = to_model_scale(self.subsets.train[idx])  # (B, C, H, W)
+        y = None if self.subsets.train_labels is None else self.subsets.train_labels[idx]  # (B,)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         with self.autocast():
-            loss = training_loss(self.forward, self.schedule, x0, generator=self.generator)
+            loss = training_loss(self.forward, self.schedule, x0, y, generator=self.generator)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {self.step}: training diverged; lower train.lr ({cfg.lr})"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -186,6 +240,8 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> PsnrCurve:
+        """PSNR gap of the EMA model. A class-conditional model is evaluated unconditionally (the null
+        class, as psnr_gap_curve calls model(x_t, t, None)), so its gap compares with unconditional trials."""
         cfg = self.config.eval.psnr_gap
         count = min(cfg.images, self.subsets.train.shape[0], self.subsets.test.shape[0])
         with self.autocast():
@@ -218,7 +274,7 @@ def train(
     """
     device = device or pick_device()
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="ditsweep-trial-"))
-    checkpoint_dir = out / "checkpoint"
+    checkpoint_dir = out / CHECKPOINT_DIR
     report = report or (lambda metrics, checkpoint: None)
 
     trainer = Trainer(config, device, load_subsets(config, device))
@@ -231,12 +287,19 @@ def train(
     losses: list[float] = []
     window_start, window_images = time.perf_counter(), 0
     final: dict = {"step": trainer.step}
+    if trainer.step >= total:  # resumed from a finished trial: report its (deterministic) evaluation again
+        metrics, checkpoint = evaluate_and_save(trainer, out)
+        final.update(metrics)
+        report(metrics, checkpoint)
     while trainer.step < total:
         losses.append(trainer.train_step())
         window_images += cfg.batch_size
         step = trainer.step
         metrics: dict = {}
-        if _is_due(step, cfg.log_every, total):
+        evaluate_now = _is_due(step, config.eval.every, total)
+        # A checkpointed report also closes the loss window: no window spans a checkpoint, so a resumed
+        # run reports exactly the losses of an uninterrupted one.
+        if evaluate_now or _is_due(step, cfg.log_every, total):
             elapsed = time.perf_counter() - window_start
             metrics.update(
                 step=step,
@@ -245,12 +308,9 @@ def train(
             )
             losses.clear()
         checkpoint = None
-        if _is_due(step, config.eval.every, total):
-            curve = trainer.evaluate()
-            metrics.update(step=step, **curve.summary(), psnr_curve=curve_record(curve))
-            save_checkpoint(checkpoint_dir, trainer.state_dict())
-            (out / "psnr_curve.csv").write_text(curve.to_csv())
-            checkpoint = str(checkpoint_dir)
+        if evaluate_now:
+            evaluation, checkpoint = evaluate_and_save(trainer, out)
+            metrics.update(evaluation)
         if metrics:
             final.update(metrics)
             report(metrics, checkpoint)
@@ -258,6 +318,15 @@ def train(
     final.pop("psnr_curve", None)
     (out / "metrics.json").write_text(json.dumps(final, indent=2))
     return final
+
+
+def evaluate_and_save(trainer: Trainer, out: Path) -> tuple[dict, str]:
+    """Evaluate, checkpoint to out/checkpoint and write out/psnr_curve.csv; returns (metrics, checkpoint dir)."""
+    curve = trainer.evaluate()
+    checkpoint_dir = out / CHECKPOINT_DIR
+    save_checkpoint(checkpoint_dir, trainer.state_dict())
+    (out / "psnr_curve.csv").write_text(curve.to_csv())
+    return {"step": trainer.step, **curve.summary(), "psnr_curve": curve_record(curve)}, str(checkpoint_dir)
 
 
 def curve_record(curve: PsnrCurve) -> str:

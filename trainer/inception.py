@@ -1,0 +1,646 @@
+"""The FID Inception-v3 network in plain torch, and its weights file.
+
+FID is defined on the pool features of one specific network: TensorFlow's 2015-12-05 Inception-v3
+graph, as used by the original FID code (TTUR). pytorch-fid converted that graph's weights into
+torchvision's Inception3 layer names (`pt_inception-2015-12-05-6726825d.pth`). torchvision has no
+build for our CPU torch, so the network is written out here; it loads that file unchanged.
+
+TF's graph differs from torchvision's Inception3 in ways that change FID, and we follow TF:
+  - 1008 output classes (the weights carry a 1008-way fc; FID itself never uses it);
+  - the pool branch of Mixed_5b-d, Mixed_6b-e and Mixed_7b averages over the pixels inside the
+    image only (TF's "SAME" average pool), i.e. count_include_pad=False;
+  - the pool branch of the last block, Mixed_7c, is a 3x3 *max* pool.
+
+The network is inference-only: batch norm uses the stored running statistics and nothing in it
+trains, so its batch norm keeps no `num_batches_tracked` counter (one in a file is accepted and
+ignored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import fsspec
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FID_WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth"
+)
+FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+# The file name carries the first 8 hex digits of the file's sha256 (torch.hub's convention).
+FID_WEIGHTS_SHA256_PREFIX = "6726825d"
+
+INPUT_SIZE = 299  # Inception-v3 sees 299x299 images
+FEATURE_DIM = 2048  # pool features after Mixed_7c: the space FID and KID are computed in
+NUM_CLASSES = 1008  # TF's classifier: 1000 ImageNet classes plus 8 unused
+
+_BN_EPS = 1e-3  # TF's batch norm epsilon in this graph
+_HASH_CHUNK = 1 << 20
+
+
+class WeightsError(ValueError):
+    """The FID Inception weights are missing, unreachable or not the right file."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Network
+# ----------------------------------------------------------------------------------------------
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm at inference: (x - running_mean) / sqrt(running_var + eps) * weight + bias."""
+
+    def __init__(self, channels: int, eps: float = _BN_EPS) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(channels))
+        self.register_buffer("bias", torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias,
+            training=False, momentum=0.0, eps=self.eps,
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        # A file saved from nn.BatchNorm2d carries a training step counter that inference never
+        # reads; dropping it lets strict loading accept the weights file with or without it.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class BasicConv2d(nn.Module):
+    """Convolution without bias, batch norm (eps 0.001), ReLU: every convolution of Inception-v3."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int = 1,
+        padding: int | tuple[int, int] = 0,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False
+        )
+        self.bn = FrozenBatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool_inside(x: torch.Tensor) -> torch.Tensor:
+    """3x3 stride-1 average over the pixels inside the image (TF's SAME pooling), shape kept."""
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(nn.Module):
+    """35x35 block (Mixed_5b-d): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
+
+    def __init__(self, in_channels: int, pool_features: int) -> None:
+        super().__init__()
+        self.branch1x1 = BasicConv2d(in_channels, 64, 1)
+        self.branch5x5_1 = BasicConv2d(in_channels, 48, 1)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(in_channels, pool_features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b1 = self.branch1x1(x)  # (B, 64, H, W)
+        b5 = self.branch5x5_2(self.branch5x5_1(x))  # (B, 64, H, W)
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))  # (B, 96, H, W)
+        bp = self.branch_pool(_avg_pool_inside(x))  # (B, pool_features, H, W)
+        return torch.cat([b1, b5, b3, bp], dim=1)
+
+
+class InceptionB(nn.Module):
+    """Grid reduction 35x35 -> 17x17 (Mixed_6a): 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.branch3x3 = BasicConv2d(in_channels, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b3 = self.branch3x3(x)  # (B, 384, H', W')
+        bd = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))  # (B, 96, H', W')
+        bp = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, C_in, H', W')
+        return torch.cat([b3, bd, bp], dim=1)
+
+
+class FIDInceptionC(nn.Module):
+    """17x17 block (Mixed_6b-e) with factorized 7x7 convolutions (1x7 and 7x1)."""
+
+    def __init__(self, in_channels: int, channels_7x7: int) -> None:
+        super().__init__()
+        c7 = channels_7x7
+        self.branch1x1 = BasicConv2d(in_channels, 192, 1)
+        self.branch7x7_1 = BasicConv2d(in_channels, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(in_channels, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(in_channels, 192, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b1 = self.branch1x1(x)  # (B, 192, H, W)
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))  # (B, 192, H, W)
+        bd = self.branch7x7dbl_1(x)
+        bd = self.branch7x7dbl_3(self.branch7x7dbl_2(bd))
+        bd = self.branch7x7dbl_5(self.branch7x7dbl_4(bd))  # (B, 192, H, W)
+        bp = self.branch_pool(_avg_pool_inside(x))  # (B, 192, H, W)
+        return torch.cat([b1, b7, bd, bp], dim=1)
+
+
+class InceptionD(nn.Module):
+    """Grid reduction 17x17 -> 8x8 (Mixed_7a): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(in_channels, 192, 1)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(in_channels, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b3 = self.branch3x3_2(self.branch3x3_1(x))  # (B, 320, H', W')
+        b7 = self.branch7x7x3_2(self.branch7x7x3_1(x))
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(b7))  # (B, 192, H', W')
+        bp = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, C_in, H', W')
+        return torch.cat([b3, b7, bp], dim=1)
+
+
+class FIDInceptionE(nn.Module):
+    """8x8 block (Mixed_7b, Mixed_7c) with split 1x3 / 3x1 outputs.
+
+    `pool` is "avg" for Mixed_7b and "max" for Mixed_7c: TF's graph max-pools in its last block.
+    """
+
+    def __init__(self, in_channels: int, pool: Literal["avg", "max"]) -> None:
+        super().__init__()
+        if pool not in ("avg", "max"):
+            raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
+        self.pool = pool
+        self.branch1x1 = BasicConv2d(in_channels, 320, 1)
+        self.branch3x3_1 = BasicConv2d(in_channels, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(in_channels, 192, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b1 = self.branch1x1(x)  # (B, 320, H, W)
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], dim=1)  # (B, 768, H, W)
+        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], dim=1)  # (B, 768, ..)
+        if self.pool == "avg":
+            pooled = _avg_pool_inside(x)
+        else:
+            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        bp = self.branch_pool(pooled)  # (B, 192, H, W)
+        return torch.cat([b1, b3, bd, bp], dim=1)
+
+
+class FIDInceptionV3(nn.Module):
+    """Inception-v3 as TF's 2015-12-05 graph, returning the 2048-d pool features FID uses.
+
+    Takes images in [0, 1], shape (B, 3, H, W), any H and W: they are resized to 299x299
+    (bilinear, align_corners=False) and scaled to [-1, 1] inside `forward`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = FIDInceptionE(1280, pool="avg")
+        self.Mixed_7c = FIDInceptionE(2048, pool="max")
+        # Part of the weights file (strict loading needs it); pool features do not use it.
+        self.fc = nn.Linear(FEATURE_DIM, NUM_CLASSES)
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = _to_network_input(images)  # (B, 3, 299, 299) in [-1, 1]
+        x = self.Conv2d_1a_3x3(x)  # (B, 32, 149, 149)
+        x = self.Conv2d_2a_3x3(x)  # (B, 32, 147, 147)
+        x = self.Conv2d_2b_3x3(x)  # (B, 64, 147, 147)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 64, 73, 73)
+        x = self.Conv2d_3b_1x1(x)  # (B, 80, 73, 73)
+        x = self.Conv2d_4a_3x3(x)  # (B, 192, 71, 71)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 192, 35, 35)
+        x = self.Mixed_5b(x)  # (B, 256, 35, 35)
+        x = self.Mixed_5c(x)  # (B, 288, 35, 35)
+        x = self.Mixed_5d(x)  # (B, 288, 35, 35)
+        x = self.Mixed_6a(x)  # (B, 768, 17, 17)
+        x = self.Mixed_6b(x)  # (B, 768, 17, 17)
+        x = self.Mixed_6c(x)  # (B, 768, 17, 17)
+        x = self.Mixed_6d(x)  # (B, 768, 17, 17)
+        x = self.Mixed_6e(x)  # (B, 768, 17, 17)
+        x = self.Mixed_7a(x)  # (B, 1280, 8, 8)
+        x = self.Mixed_7b(x)  # (B, 2048, 8, 8)
+        x = self.Mixed_7c(x)  # (B, 2048, 8, 8)
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, 2048)
+
+
+def _to_network_input(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 3, 299, 299) in [-1, 1]."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"FIDInceptionV3 expects RGB images of shape (B, 3, H, W), got {tuple(images.shape)}; "
+            "repeat grayscale images to 3 channels (trainer.fid.extract_features does)"
+        )
+    x = images.float()
+    if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
+        x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+    return 2.0 * x - 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The weights file's layout, written out from the architecture (not read off the module), so a
+# test can hold the two against each other.
+# ----------------------------------------------------------------------------------------------
+
+# (module path, in channels, out channels, kernel height, kernel width) of every convolution.
+_CONVOLUTIONS: tuple[tuple[str, int, int, int, int], ...] = (
+    # Stem: 299x299x3 -> 35x35x192 (max pools carry no weights).
+    ("Conv2d_1a_3x3", 3, 32, 3, 3),
+    ("Conv2d_2a_3x3", 32, 32, 3, 3),
+    ("Conv2d_2b_3x3", 32, 64, 3, 3),
+    ("Conv2d_3b_1x1", 64, 80, 1, 1),
+    ("Conv2d_4a_3x3", 80, 192, 3, 3),
+    # Mixed_5b: 192 -> 64 + 64 + 96 + 32 = 256.
+    ("Mixed_5b.branch1x1", 192, 64, 1, 1),
+    ("Mixed_5b.branch5x5_1", 192, 48, 1, 1),
+    ("Mixed_5b.branch5x5_2", 48, 64, 5, 5),
+    ("Mixed_5b.branch3x3dbl_1", 192, 64, 1, 1),
+    ("Mixed_5b.branch3x3dbl_2", 64, 96, 3, 3),
+    ("Mixed_5b.branch3x3dbl_3", 96, 96, 3, 3),
+    ("Mixed_5b.branch_pool", 192, 32, 1, 1),
+    # Mixed_5c: 256 -> 64 + 64 + 96 + 64 = 288.
+    ("Mixed_5c.branch1x1", 256, 64, 1, 1),
+    ("Mixed_5c.branch5x5_1", 256, 48, 1, 1),
+    ("Mixed_5c.branch5x5_2", 48, 64, 5, 5),
+    ("Mixed_5c.branch3x3dbl_1", 256, 64, 1, 1),
+    ("Mixed_5c.branch3x3dbl_2", 64, 96, 3, 3),
+    ("Mixed_5c.branch3x3dbl_3", 96, 96, 3, 3),
+    ("Mixed_5c.branch_pool", 256, 64, 1, 1),
+    # Mixed_5d: 288 -> 288.
+    ("Mixed_5d.branch1x1", 288, 64, 1, 1),
+    ("Mixed_5d.branch5x5_1", 288, 48, 1, 1),
+    ("Mixed_5d.branch5x5_2", 48, 64, 5, 5),
+    ("Mixed_5d.branch3x3dbl_1", 288, 64, 1, 1),
+    ("Mixed_5d.branch3x3dbl_2", 64, 96, 3, 3),
+    ("Mixed_5d.branch3x3dbl_3", 96, 96, 3, 3),
+    ("Mixed_5d.branch_pool", 288, 64, 1, 1),
+    # Mixed_6a (35 -> 17): 288 -> 384 + 96 + 288 (max pool) = 768.
+    ("Mixed_6a.branch3x3", 288, 384, 3, 3),
+    ("Mixed_6a.branch3x3dbl_1", 288, 64, 1, 1),
+    ("Mixed_6a.branch3x3dbl_2", 64, 96, 3, 3),
+    ("Mixed_6a.branch3x3dbl_3", 96, 96, 3, 3),
+    # Mixed_6b: 768 -> 4 x 192 = 768, 7x7 branches 128 wide.
+    ("Mixed_6b.branch1x1", 768, 192, 1, 1),
+    ("Mixed_6b.branch7x7_1", 768, 128, 1, 1),
+    ("Mixed_6b.branch7x7_2", 128, 128, 1, 7),
+    ("Mixed_6b.branch7x7_3", 128, 192, 7, 1),
+    ("Mixed_6b.branch7x7dbl_1", 768, 128, 1, 1),
+    ("Mixed_6b.branch7x7dbl_2", 128, 128, 7, 1),
+    ("Mixed_6b.branch7x7dbl_3", 128, 128, 1, 7),
+    ("Mixed_6b.branch7x7dbl_4", 128, 128, 7, 1),
+    ("Mixed_6b.branch7x7dbl_5", 128, 192, 1, 7),
+    ("Mixed_6b.branch_pool", 768, 192, 1, 1),
+    # Mixed_6c: 7x7 branches 160 wide.
+    ("Mixed_6c.branch1x1", 768, 192, 1, 1),
+    ("Mixed_6c.branch7x7_1", 768, 160, 1, 1),
+    ("Mixed_6c.branch7x7_2", 160, 160, 1, 7),
+    ("Mixed_6c.branch7x7_3", 160, 192, 7, 1),
+    ("Mixed_6c.branch7x7dbl_1", 768, 160, 1, 1),
+    ("Mixed_6c.branch7x7dbl_2", 160, 160, 7, 1),
+    ("Mixed_6c.branch7x7dbl_3", 160, 160, 1, 7),
+    ("Mixed_6c.branch7x7dbl_4", 160, 160, 7, 1),
+    ("Mixed_6c.branch7x7dbl_5", 160, 192, 1, 7),
+    ("Mixed_6c.branch_pool", 768, 192, 1, 1),
+    # Mixed_6d: 7x7 branches 160 wide.
+    ("Mixed_6d.branch1x1", 768, 192, 1, 1),
+    ("Mixed_6d.branch7x7_1", 768, 160, 1, 1),
+    ("Mixed_6d.branch7x7_2", 160, 160, 1, 7),
+    ("Mixed_6d.branch7x7_3", 160, 192, 7, 1),
+    ("Mixed_6d.branch7x7dbl_1", 768, 160, 1, 1),
+    ("Mixed_6d.branch7x7dbl_2", 160, 160, 7, 1),
+    ("Mixed_6d.branch7x7dbl_3", 160, 160, 1, 7),
+    ("Mixed_6d.branch7x7dbl_4", 160, 160, 7, 1),
+    ("Mixed_6d.branch7x7dbl_5", 160, 192, 1, 7),
+    ("Mixed_6d.branch_pool", 768, 192, 1, 1),
+    # Mixed_6e: 7x7 branches 192 wide.
+    ("Mixed_6e.branch1x1", 768, 192, 1, 1),
+    ("Mixed_6e.branch7x7_1", 768, 192, 1, 1),
+    ("Mixed_6e.branch7x7_2", 192, 192, 1, 7),
+    ("Mixed_6e.branch7x7_3", 192, 192, 7, 1),
+    ("Mixed_6e.branch7x7dbl_1", 768, 192, 1, 1),
+    ("Mixed_6e.branch7x7dbl_2", 192, 192, 7, 1),
+    ("Mixed_6e.branch7x7dbl_3", 192, 192, 1, 7),
+    ("Mixed_6e.branch7x7dbl_4", 192, 192, 7, 1),
+    ("Mixed_6e.branch7x7dbl_5", 192, 192, 1, 7),
+    ("Mixed_6e.branch_pool", 768, 192, 1, 1),
+    # Mixed_7a (17 -> 8): 768 -> 320 + 192 + 768 (max pool) = 1280.
+    ("Mixed_7a.branch3x3_1", 768, 192, 1, 1),
+    ("Mixed_7a.branch3x3_2", 192, 320, 3, 3),
+    ("Mixed_7a.branch7x7x3_1", 768, 192, 1, 1),
+    ("Mixed_7a.branch7x7x3_2", 192, 192, 1, 7),
+    ("Mixed_7a.branch7x7x3_3", 192, 192, 7, 1),
+    ("Mixed_7a.branch7x7x3_4", 192, 192, 3, 3),
+    # Mixed_7b: 1280 -> 320 + 2 x 384 + 2 x 384 + 192 = 2048.
+    ("Mixed_7b.branch1x1", 1280, 320, 1, 1),
+    ("Mixed_7b.branch3x3_1", 1280, 384, 1, 1),
+    ("Mixed_7b.branch3x3_2a", 384, 384, 1, 3),
+    ("Mixed_7b.branch3x3_2b", 384, 384, 3, 1),
+    ("Mixed_7b.branch3x3dbl_1", 1280, 448, 1, 1),
+    ("Mixed_7b.branch3x3dbl_2", 448, 384, 3, 3),
+    ("Mixed_7b.branch3x3dbl_3a", 384, 384, 1, 3),
+    ("Mixed_7b.branch3x3dbl_3b", 384, 384, 3, 1),
+    ("Mixed_7b.branch_pool", 1280, 192, 1, 1),
+    # Mixed_7c: 2048 -> 2048.
+    ("Mixed_7c.branch1x1", 2048, 320, 1, 1),
+    ("Mixed_7c.branch3x3_1", 2048, 384, 1, 1),
+    ("Mixed_7c.branch3x3_2a", 384, 384, 1, 3),
+    ("Mixed_7c.branch3x3_2b", 384, 384, 3, 1),
+    ("Mixed_7c.branch3x3dbl_1", 2048, 448, 1, 1),
+    ("Mixed_7c.branch3x3dbl_2", 448, 384, 3, 3),
+    ("Mixed_7c.branch3x3dbl_3a", 384, 384, 1, 3),
+    ("Mixed_7c.branch3x3dbl_3b", 384, 384, 3, 1),
+    ("Mixed_7c.branch_pool", 2048, 192, 1, 1),
+)
+
+
+def expected_state_dict_shapes() -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of `pt_inception-2015-12-05-6726825d.pth`, from the table above.
+
+    Each convolution contributes `<path>.conv.weight` (out, in, kh, kw) and the four batch norm
+    tensors `<path>.bn.{weight,bias,running_mean,running_var}` (out,); then the 1008-way `fc`.
+    The file has no AuxLogits (FID's network has no auxiliary head). It was converted from TF and
+    `num_batches_tracked` (a torch training counter) is not listed: loading drops it if present.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path, in_channels, out_channels, kh, kw in _CONVOLUTIONS:
+        shapes[f"{path}.conv.weight"] = (out_channels, in_channels, kh, kw)
+        for tensor in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{path}.bn.{tensor}"] = (out_channels,)
+    shapes["fc.weight"] = (NUM_CLASSES, FEATURE_DIM)
+    shapes["fc.bias"] = (NUM_CLASSES,)
+    return shapes
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights: local path or fsspec URI, cached once, checked by sha256
+# ----------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """`$DITSWEEP_CACHE`, else `~/.cache/ditsweep`."""
+    return Path(os.environ.get("DITSWEEP_CACHE") or Path.home() / ".cache" / "ditsweep")
+
+
+def cached_weights_path(weights: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the cached copy of the remote file `weights` lives: <cache>/weights/<file name>."""
+    name = Path(urllib.parse.urlsplit(weights).path).name
+    if not name:
+        raise WeightsError(f"cannot tell a file name from the weights URI {weights!r}")
+    return _weights_folder(cache_dir) / name
+
+
+def _weights_folder(cache_dir: str | os.PathLike | None) -> Path:
+    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "weights"
+
+
+def load_fid_inception(
+    weights: str = FID_WEIGHTS_URL,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    expected_sha256_prefix: str = FID_WEIGHTS_SHA256_PREFIX,
+) -> FIDInceptionV3:
+    """The FID Inception network with the weights in `weights`, on CPU, in eval mode.
+
+    `weights` is a local path, used in place, or an fsspec URI (https://, s3://, file://,
+    memory://, ...), downloaded once into `<cache_dir>/weights/` (default `default_cache_dir()`).
+    The file's sha256 must start with `expected_sha256_prefix`; raises WeightsError otherwise, or
+    when the file is missing or does not hold exactly the FID Inception state dict.
+    """
+    path = fetch_weights(weights, cache_dir, expected_sha256_prefix=expected_sha256_prefix)
+    state_dict = _read_state_dict(path)
+    model = FIDInceptionV3()
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise WeightsError(f"{path} does not hold the FID Inception-v3 weights: {err}") from err
+    return model.eval()
+
+
+def fetch_weights(
+    weights: str,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    expected_sha256_prefix: str = FID_WEIGHTS_SHA256_PREFIX,
+) -> Path:
+    """A local, digest-checked copy of `weights` (see `load_fid_inception`)."""
+    if not _is_uri(weights):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(
+                f"FID Inception weights file {path} does not exist. {_how_to_supply(cache_dir)}"
+            )
+        _check_digest(str(path), _sha256_of_file(path), expected_sha256_prefix, cache_dir)
+        return path
+    cached = cached_weights_path(weights, cache_dir)
+    if cached.is_file():
+        _check_digest(
+            f"{cached} (cached copy of {weights}; delete it to download again)",
+            _sha256_of_file(cached),
+            expected_sha256_prefix,
+            cache_dir,
+        )
+        return cached
+    _download(weights, cached, expected_sha256_prefix, cache_dir)
+    return cached
+
+
+def weights_available(
+    weights: str, cache_dir: str | os.PathLike | None = None, timeout_s: float = 5.0
+) -> tuple[bool, str]:
+    """Preflight: can `load_fid_inception(weights, cache_dir)` get the file? (ok, explanation).
+
+    True for an existing local file, a cached copy of a URI, or a URI that answers within
+    `timeout_s` (HTTP HEAD for http(s), `fs.exists` otherwise). Does not check the digest.
+    """
+    if not _is_uri(weights):
+        path = Path(weights).expanduser()
+        if path.is_file():
+            return True, f"FID Inception weights: local file {path}"
+        how_to = _how_to_supply(cache_dir)
+        return False, f"FID Inception weights file {path} does not exist. {how_to}"
+    cached = cached_weights_path(weights, cache_dir)
+    if cached.is_file():
+        return True, f"FID Inception weights: cached copy {cached} of {weights}"
+    reachable, detail = _remote_exists(weights, timeout_s)
+    if reachable:
+        return True, (
+            f"FID Inception weights: {weights} is reachable ({detail}); will be cached at {cached}"
+        )
+    return False, (
+        f"FID Inception weights {weights} cannot be reached ({detail}) and there is no cached copy "
+        f"at {cached}. {_how_to_supply(cache_dir)}"
+    )
+
+
+def _how_to_supply(cache_dir: str | os.PathLike | None) -> str:
+    return (
+        f"To supply it: download {FID_WEIGHTS_URL} on a machine with internet access (its sha256 "
+        f"starts {FID_WEIGHTS_SHA256_PREFIX}), copy it to this machine and set "
+        f"eval.fid.weights=/path/to/{FID_WEIGHTS_FILENAME} (or put it in the cache folder "
+        f"{_weights_folder(cache_dir)}/); or set eval.fid.enabled=false."
+    )
+
+
+def _is_uri(weights: str) -> bool:
+    return "://" in weights
+
+
+def _sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_digest(
+    source: str, digest: str, expected_prefix: str, cache_dir: str | os.PathLike | None
+) -> None:
+    if not digest.startswith(expected_prefix.lower()):
+        raise WeightsError(
+            f"{source} has sha256 {digest}, but the FID Inception weights' sha256 starts with "
+            f"{expected_prefix}: it is not {FID_WEIGHTS_FILENAME} (or it is damaged). "
+            f"{_how_to_supply(cache_dir)}"
+        )
+
+
+def _download(
+    uri: str, target: Path, expected_prefix: str, cache_dir: str | os.PathLike | None
+) -> None:
+    """Copy `uri` to `target` via a temporary file, renamed into place if its digest is right."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        # get_file streams the way each backend does best (HTTP without range requests, S3
+        # multipart); reading the file object would make HTTP ask for byte ranges.
+        fs, path = fsspec.core.url_to_fs(uri)
+        fs.get_file(path, tmp_name)
+        _check_digest(uri, _sha256_of_file(Path(tmp_name)), expected_prefix, cache_dir)
+        os.replace(tmp_name, target)
+    except WeightsError:
+        raise
+    except Exception as err:  # fsspec backends raise their own error types
+        raise WeightsError(
+            f"could not download FID Inception weights {uri}: {err!r}. {_how_to_supply(cache_dir)}"
+        ) from err
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise WeightsError(f"{path} is not a readable torch weights file: {err}") from err
+    if not isinstance(state_dict, Mapping):
+        raise WeightsError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
+    return state_dict
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect already proves the server is there; following it would start the download."""
+
+    def redirect_request(self, *args, **kwargs):  # noqa: ANN002, ANN003
+        return None
+
+
+def _remote_exists(uri: str, timeout_s: float) -> tuple[bool, str]:
+    if urllib.parse.urlsplit(uri).scheme in ("http", "https"):
+        return _http_head(uri, timeout_s)
+    return _fsspec_exists(uri, timeout_s)
+
+
+def _http_head(url: str, timeout_s: float) -> tuple[bool, str]:
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(urllib.request.Request(url, method="HEAD"), timeout=timeout_s) as response:
+            status = response.status
+    except urllib.error.HTTPError as err:
+        status = err.code
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        return False, str(getattr(err, "reason", err))
+    if status in (405, 501):  # the server is up but does not answer HEAD
+        return True, f"HTTP {status} to HEAD"
+    return status < 400, f"HTTP {status}"
+
+
+def _fsspec_exists(uri: str, timeout_s: float) -> tuple[bool, str]:
+    """`fs.exists(uri)` with a deadline; a daemon thread so a hung backend cannot block exit."""
+    answer: dict[str, object] = {}
+
+    def probe() -> None:
+        try:
+            fs, path = fsspec.core.url_to_fs(uri)
+            answer["exists"] = bool(fs.exists(path))
+        except Exception as err:  # any backend error means "not available"
+            answer["error"] = err
+
+    thread = threading.Thread(target=probe, daemon=True, name="fid-weights-probe")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        return False, f"no answer within {timeout_s:g} s"
+    if "error" in answer:
+        return False, repr(answer["error"])
+    return (True, "exists") if answer["exists"] else (False, "no such file")
