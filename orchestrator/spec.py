@@ -58,10 +58,10 @@ class SweepSpec(BaseModel):
     def _axes_not_empty(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
         for key, values in grid.items():
             if not values:
-                raise ValueError(f"axis '{key}' is empty; give it at least one value")
+                raise ValueError(f"axis grid.{key} is empty; give it at least one value")
             encoded = [json.dumps(v, sort_keys=True) for v in values]
             if len(set(encoded)) != len(encoded):
-                raise ValueError(f"axis '{key}' repeats a value: {values}")
+                raise ValueError(f"axis grid.{key} repeats a value: {values}")
         return grid
 
 

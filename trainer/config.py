@@ -7,11 +7,12 @@ plus axis values, so everything here has a default and `extra="forbid"` catches 
 from __future__ import annotations
 
 import copy
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from trainer.attention import block_windows, schedule_string
 from trainer.model import parse_size
@@ -28,6 +29,24 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `true` as 1: `steps: true` would train one step and
+        # `windows: [true]` would silently be a 1x1 window.
+        items = value if isinstance(value, list) else [value]
+        numeric = _takes_numbers(cls.model_fields[info.field_name].annotation)
+        if numeric and any(isinstance(item, bool) for item in items):
+            raise ValueError(f"expects numbers, not booleans (got {value!r})")
+        return value
+
+
+def _takes_numbers(annotation: Any) -> bool:
+    """True for int, float and anything built from them (int | None, list[int | None]); not for bool."""
+    if annotation in (int, float):
+        return True
+    return any(_takes_numbers(arg) for arg in typing.get_args(annotation))
 
 
 class ModelConfig(_Section):
@@ -113,17 +132,23 @@ class TrialConfig(_Section):
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
-    seed: int = Field(0, ge=0, description="Seeds initialization, batches and evaluation noise.")
+    seed: int = Field(0, ge=0, description="Seeds initialization, batches and training noise (evaluation noise is fixed).")
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrialConfig":
-        depth, _, _, patch = parse_size(self.model.size)
+        try:
+            depth, _, _, patch = parse_size(self.model.size)
+        except ValueError as err:
+            raise ValueError(f"model.size: {err}") from None
         if self.data.image_size % patch:
             raise ValueError(
                 f"data.image_size={self.data.image_size} is not divisible by the patch size {patch} "
                 f"of model.size={self.model.size!r}"
             )
-        block_windows(depth, self.attention.placement, list(self.attention.windows))
+        try:
+            block_windows(depth, self.attention.placement, list(self.attention.windows))
+        except ValueError as err:
+            raise ValueError(f"attention.windows={list(self.attention.windows)}: {err}") from None
         if self.diffusion.beta_end <= self.diffusion.beta_start:
             raise ValueError("diffusion.beta_end must be larger than diffusion.beta_start")
         return self
@@ -210,11 +235,12 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for problem in err.errors():
         loc = ".".join(str(p) for p in problem["loc"])
-        path = ".".join(p for p in (prefix, loc) if p) or "(config)"
+        path = ".".join(p for p in (prefix, loc) if p)
         msg = problem["msg"].removeprefix("Value error, ")
         got = problem.get("input")
         shown = "" if isinstance(got, dict) or problem["type"] == "value_error" else f" (got {got!r})"
-        lines.append(f"{path}: {msg}{shown}")
+        # Checks across sections (TrialConfig._consistent) have no location; their message names the field.
+        lines.append(f"{path}: {msg}{shown}" if path else f"{msg}{shown}")
     return "\n".join(lines)
 
 
