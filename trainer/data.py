@@ -9,6 +9,9 @@ Sources (`load_images(source, ...)`):
 - a prepared folder (``manifest.json`` + ``images.npy``, written by `prepare_images`), checked by sha256;
 - a ``.npy`` uint8 array (N, H, W, C) or (N, H, W), or a ``.npz`` holding one array (or one named "images").
 
+Class labels (`load_labels(source)`, for class-conditional models) come from the digits builtin, a
+``labels`` array in a ``.npz`` or an optional ``labels.npy`` in a prepared folder; other sources have none.
+
 Any of these may be a local path or an fsspec URI such as ``s3://bucket/key``. Remote sources are
 downloaded once into ``<cache_dir>/data/<sha256(uri)[:16]>-<name>`` (cache_dir defaults to
 ``$DITSWEEP_CACHE`` or ``~/.cache/ditsweep``); a later load reads that copy without touching the remote.
@@ -55,6 +58,8 @@ from PIL import Image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MANIFEST_NAME = "manifest.json"
 IMAGES_NAME = "images.npy"
+LABELS_NAME = "labels.npy"  # optional in a prepared folder: int (N,) class labels
+LABELS_KEY = "labels"  # optional array in a .npz, next to the images
 # The held-out test set is drawn with this seed, whatever data.shuffle_seed is, so every trial of a
 # sweep measures PSNR on the same held-out images.
 TEST_SPLIT_SEED = 0
@@ -105,7 +110,14 @@ def _load_digits() -> np.ndarray:
     return np.rint(levels * (255.0 / 16.0)).astype(np.uint8)[..., None]  # (N, 8, 8, 1)
 
 
+def _load_digit_labels() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    return load_digits().target  # (1797,) ints 0..9, aligned with _load_digits
+
+
 _BUILTINS: dict[str, Callable[[], np.ndarray]] = {"digits": _load_digits}
+_BUILTIN_LABELS: dict[str, Callable[[], np.ndarray]] = {"digits": _load_digit_labels}
 
 
 def _missing_message(source: str) -> str:
@@ -133,6 +145,66 @@ def _read_local(source: str, path: str, image_size: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# Class labels
+
+
+def load_labels(source: str, cache_dir: str | None = None) -> np.ndarray | None:
+    """Class labels of `source` as int64 (N,), aligned with `load_images(source)`; None when it has none.
+
+    digits: scikit-learn's targets (0-9); a ``.npz``: its ``labels`` array; a prepared folder: its
+    ``labels.npy`` if present; image folders and ``.npy`` files: None. A remote source is read from
+    the local copy that `load_images` made, so load the images first.
+    """
+    builtin = _builtin_name(source)
+    if builtin is not None:
+        loader = _BUILTIN_LABELS.get(builtin)
+        return None if loader is None else _checked_labels(loader(), source)
+    fs, path = _filesystem(source)
+    if not isinstance(fs, LocalFileSystem):
+        path = _cache_entry(source, cache_dir)
+        if not os.path.exists(path):
+            raise DataError(f"labels of {source!r} are read from its local copy; call load_images({source!r}) first")
+    elif not os.path.exists(path):
+        raise DataError(_missing_message(source))
+    return _read_labels(source, path)
+
+
+def _read_labels(source: str, path: str) -> np.ndarray | None:
+    if os.path.isdir(path):
+        labels_path = os.path.join(path, LABELS_NAME)
+        if not os.path.exists(os.path.join(path, MANIFEST_NAME)) or not os.path.exists(labels_path):
+            return None
+        return _checked_labels(_load_array(source, labels_path, LABELS_NAME), source)
+    if Path(path).suffix.lower() != ".npz":
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            labels = archive[LABELS_KEY] if LABELS_KEY in archive else None
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read {source!r} as a .npz archive ({err}); re-create it with numpy.savez") from err
+    return None if labels is None else _checked_labels(labels, source)
+
+
+def _load_array(source: str, path: str, what: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read {what} of {source!r} ({err}); re-create it with numpy.save") from err
+
+
+def _checked_labels(labels: np.ndarray, source: str) -> np.ndarray:
+    """Accept non-negative integers of shape (N,)."""
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"labels of {source!r} have dtype {labels.dtype} and shape {tuple(labels.shape)}; "
+            f"expected integer class indices of shape (N,)"
+        )
+    if len(labels) and labels.min() < 0:
+        raise DataError(f"labels of {source!r} include {labels.min()}; class indices start at 0")
+    return labels.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
 # Arrays and prepared folders
 
 
@@ -148,11 +220,13 @@ def _read_npz(source: str, path: str) -> np.ndarray:
     try:
         with np.load(path, allow_pickle=False) as archive:
             keys = list(archive.keys())
-            if "images" in keys or len(keys) == 1:
-                array = archive["images" if "images" in keys else keys[0]]
+            candidates = [key for key in keys if key != LABELS_KEY]  # labels ride along (see load_labels)
+            if "images" in keys or len(candidates) == 1:
+                array = archive["images" if "images" in keys else candidates[0]]
             else:
                 raise DataError(
-                    f"{source!r} holds arrays {keys}; store a single array or name the images 'images'"
+                    f"{source!r} holds arrays {keys}; store a single array (plus optional '{LABELS_KEY}') "
+                    f"or name the images 'images'"
                 )
     except (OSError, ValueError) as err:
         if isinstance(err, DataError):
@@ -403,7 +477,7 @@ def _download(uri: str, fs: fsspec.AbstractFileSystem, path: str, local: str) ->
 
 def _remote_selection(names: list[str]) -> list[str]:
     if MANIFEST_NAME in names:
-        return [name for name in (MANIFEST_NAME, IMAGES_NAME) if name in names]
+        return [name for name in (MANIFEST_NAME, IMAGES_NAME, LABELS_NAME) if name in names]
     parts = [name.split("/") for name in names]
     return [
         name

@@ -282,6 +282,7 @@ def train(
     state = state or load_checkpoint(checkpoint_dir)
     if state is not None:
         trainer.load_state_dict(state)
+        report({"step": trainer.step, "resumed_from_step": trainer.step}, None)
 
     total, cfg = config.train.steps, config.train
     losses: list[float] = []

@@ -1,0 +1,120 @@
+"""trainer.metrics: PSNR, the PSNR curve record, and the PSNR gap's shared-noise protocol."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainer.diffusion import Schedule, linear_schedule
+from trainer.metrics import PsnrCurve, one_step_psnr, psnr, psnr_gap_curve
+
+
+def images(seed: int, count: int = 6) -> torch.Tensor:
+    """Images in [-1, 1], (count, 1, 4, 4)."""
+    return torch.rand(count, 1, 4, 4, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def oracle_for(schedule: Schedule, x0: torch.Tensor):
+    """A denoiser that believes the clean images are `x0`: exact for them, wrong for any others."""
+
+    def model(x_t, t, y=None):
+        abar = schedule.alphas_cumprod[t].to(x_t.dtype).view(-1, 1, 1, 1)
+        return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+    return model
+
+
+def shrinking_model(x_t, t, y=None):
+    """A fixed, imperfect denoiser: any deterministic function of its inputs will do."""
+    return 0.7 * x_t + 0.001 * t.view(-1, 1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# psnr
+
+
+@pytest.mark.parametrize("error", [0.1, 0.01, 0.5])
+def test_psnr_of_a_known_mse(error):
+    target = torch.full((2, 3, 4, 4), 0.25)
+    estimate = target + error  # MSE = error^2
+    expected = 10 * math.log10(1 / error**2)
+    assert psnr(estimate, target).tolist() == pytest.approx([expected] * 2, abs=1e-4)
+
+
+def test_psnr_is_per_image():
+    target = torch.zeros(2, 1, 2, 2)
+    estimate = torch.stack([torch.full((1, 2, 2), 0.1), torch.full((1, 2, 2), 0.01)])
+    assert psnr(estimate, target).tolist() == pytest.approx([20.0, 40.0], abs=1e-4)
+
+
+def test_psnr_of_identical_images_is_finite():
+    x = torch.rand(3, 1, 4, 4)
+    assert psnr(x, x).tolist() == pytest.approx([120.0] * 3)  # MSE clamped at 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# PsnrCurve
+
+
+def test_curve_summary_gap_and_csv():
+    curve = PsnrCurve(timesteps=[0, 500, 999], train=[30.0, 20.0, 10.0], test=[29.0, 19.5, 10.0])
+    assert curve.gap == [1.0, 0.5, 0.0]
+    summary = curve.summary()
+    assert summary == pytest.approx({"psnr_train": 20.0, "psnr_test": 19.5, "psnr_gap": 0.5})
+    assert curve.to_csv().splitlines() == [
+        "timestep,psnr_train,psnr_test,psnr_gap",
+        "0,30.000000,29.000000,1.000000",
+        "500,20.000000,19.500000,0.500000",
+        "999,10.000000,10.000000,0.000000",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# psnr_gap_curve
+
+
+def test_same_images_on_both_sides_give_a_gap_of_exactly_zero():
+    schedule = linear_schedule(100)
+    x = images(0)
+    curve = psnr_gap_curve(shrinking_model, schedule, x, x.clone(), num_timesteps=5, batch_size=4)
+    assert curve.timesteps == [0, 25, 50, 74, 99]
+    assert curve.train == curve.test  # the same noise draws on both sides, bit for bit
+    assert curve.summary()["psnr_gap"] == 0.0
+
+
+def test_gap_curve_is_reproducible_and_ignores_the_global_seed():
+    schedule = linear_schedule(100)
+    train, test = images(1), images(2)
+    torch.manual_seed(0)
+    first = psnr_gap_curve(shrinking_model, schedule, train, test, num_timesteps=3)
+    torch.manual_seed(123)
+    second = psnr_gap_curve(shrinking_model, schedule, train, test, num_timesteps=3)
+    assert first == second
+
+
+def test_gap_curve_does_not_depend_on_the_batch_size():
+    schedule = linear_schedule(100)
+    train, test = images(1, 7), images(2, 7)
+    whole = psnr_gap_curve(shrinking_model, schedule, train, test, 3, batch_size=64)
+    pieces = psnr_gap_curve(shrinking_model, schedule, train, test, 3, batch_size=3)
+    assert whole.train == pytest.approx(pieces.train, abs=1e-4)
+    assert whole.test == pytest.approx(pieces.test, abs=1e-4)
+
+
+def test_an_oracle_gets_very_high_psnr():
+    schedule = linear_schedule(100)
+    x = images(3).double()
+    scores = one_step_psnr(oracle_for(schedule, x), schedule, x, torch.tensor([0, 50, 99]), 0, batch_size=64)
+    assert min(scores) > 100
+
+
+def test_a_memorizing_denoiser_has_a_positive_gap():
+    # Exact on the training images, wrong on held-out ones: the situation the PSNR gap measures.
+    schedule = linear_schedule(100)
+    train, test = images(4).double(), images(5).double()
+    curve = psnr_gap_curve(oracle_for(schedule, train), schedule, train, test, 4, batch_size=64)
+    assert all(gap > 0 for gap in curve.gap)
+    assert curve.summary()["psnr_train"] > 100
+    assert curve.summary()["psnr_gap"] > 10

@@ -1,0 +1,327 @@
+"""trainer.train: reports, determinism, resume from checkpoints, atomic checkpoints, class labels.
+
+Every trial is DiT-T/1 (12 blocks, width 64) on 8x8 digits with a handful of steps; one CPU thread
+keeps the timings stable on a shared box.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.config import TrialConfig, apply_overrides, build_config
+from trainer.data import DataError, load_images, load_labels, prepare_images
+from trainer.train import (
+    CHECKPOINT_FILE,
+    PREVIOUS_CHECKPOINT_FILE,
+    Trainer,
+    load_checkpoint,
+    load_subsets,
+    parse_curve_record,
+    save_checkpoint,
+    train,
+)
+
+TINY = [
+    "model.size=DiT-T/1",
+    "data.num_images=32",
+    "data.test_images=16",
+    "train.steps=6",
+    "train.batch_size=8",
+    "train.warmup_steps=2",
+    "eval.psnr_gap.images=8",
+    "eval.psnr_gap.timesteps=2",
+]
+TIMING_KEYS = {"images_per_sec"}
+
+
+def tiny(*overrides: str) -> TrialConfig:
+    return build_config(apply_overrides({}, TINY + list(overrides)))
+
+
+class Recorder:
+    """A report callback that keeps every (metrics, checkpoint) pair."""
+
+    def __init__(self):
+        self.calls: list[tuple[dict, str | None]] = []
+
+    def __call__(self, metrics: dict, checkpoint: str | None) -> None:
+        self.calls.append((dict(metrics), checkpoint))
+
+    @property
+    def steps(self) -> list[int]:
+        return [metrics["step"] for metrics, _ in self.calls]
+
+    def steps_with(self, key: str) -> list[int]:
+        """Steps of the reports that carry `key` (a resume may also announce itself with a report)."""
+        return [metrics["step"] for metrics, _ in self.calls if key in metrics]
+
+
+def without_timing(metrics: dict) -> dict:
+    return {key: value for key, value in metrics.items() if key not in TIMING_KEYS}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Six steps with an evaluation and checkpoint at steps 3 and 6: (final, recorder, out_dir)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    recorder = Recorder()
+    final = train(tiny("eval.every=3"), recorder, out_dir=out)
+    return final, recorder, out
+
+
+# ---------------------------------------------------------------------------------------------
+# reports and outputs
+
+
+def test_reports_loss_then_psnr_gap_with_a_checkpoint(tmp_path):
+    recorder = Recorder()
+    final = train(tiny("train.steps=4", "train.log_every=2"), recorder, out_dir=tmp_path)
+
+    assert recorder.steps == [2, 4]
+    (first, first_checkpoint), (last, last_checkpoint) = recorder.calls
+    assert set(first) == {"step", "loss", "images_per_sec"} and first_checkpoint is None
+    assert {"loss", "images_per_sec", "psnr_gap", "psnr_train", "psnr_test", "psnr_curve"} <= set(last)
+    assert first["loss"] > 0 and first["images_per_sec"] > 0
+    assert Path(last_checkpoint, CHECKPOINT_FILE).is_file()
+
+    curve = parse_curve_record(last["psnr_curve"])
+    assert curve.timesteps == [0, 999]
+    assert curve.summary() == pytest.approx({k: last[k] for k in ("psnr_train", "psnr_test", "psnr_gap")})
+    assert last["psnr_gap"] == pytest.approx(last["psnr_train"] - last["psnr_test"])
+
+    expected = {key: value for key, value in last.items() if key != "psnr_curve"}
+    assert final == expected
+    assert json.loads((tmp_path / "metrics.json").read_text()) == final
+    assert (tmp_path / "psnr_curve.csv").read_text() == curve.to_csv()
+
+
+def test_loss_falls_on_digits(tmp_path):
+    losses: list[float] = []
+    config = tiny("train.steps=40", "data.num_images=64", "train.log_every=10", "train.warmup_steps=5")
+    train(config, lambda metrics, checkpoint: losses.append(metrics["loss"]), out_dir=tmp_path)
+    assert len(losses) == 4
+    # At initialization adaLN-Zero outputs 0, so the loss starts near E[eps^2] = 1.
+    assert 0.7 < losses[0] < 1.2
+    assert losses[-1] < 0.6 * losses[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism and resume
+
+
+def test_same_seed_same_results_different_seed_different(uninterrupted, tmp_path):
+    final_a, recorder_a, _ = uninterrupted
+    recorder = Recorder()
+    again = train(tiny("eval.every=3"), recorder, out_dir=tmp_path / "again")
+    assert without_timing(again) == without_timing(final_a)
+    assert [without_timing(m) for m, _ in recorder.calls] == [without_timing(m) for m, _ in recorder_a.calls]
+
+    other = train(tiny("eval.every=3", "seed=1"), out_dir=tmp_path / "other")
+    assert other["loss"] != final_a["loss"]
+    assert other["psnr_train"] != final_a["psnr_train"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_a_crash_repeats_the_uninterrupted_run(uninterrupted, tmp_path):
+    final_a, recorder_a, _ = uninterrupted
+
+    def crash_after_first_checkpoint(metrics: dict, checkpoint: str | None) -> None:
+        if checkpoint is not None:
+            raise Interrupt
+
+    # eval.every=3 with the default log_every=10: the loss window of step 6 would span the
+    # checkpoint at step 3 unless checkpointed reports close it.
+    with pytest.raises(Interrupt):
+        train(tiny("eval.every=3"), crash_after_first_checkpoint, out_dir=tmp_path)
+    assert torch.load(tmp_path / "checkpoint" / CHECKPOINT_FILE, weights_only=True)["step"] == 3
+    assert not (tmp_path / "metrics.json").exists()
+
+    recorder = Recorder()
+    final = train(tiny("eval.every=3"), recorder, out_dir=tmp_path)
+    assert recorder.steps_with("loss")[0] > 3
+    assert without_timing(final) == without_timing(final_a)
+    assert without_timing(recorder.calls[-1][0]) == without_timing(recorder_a.calls[-1][0])
+
+
+def test_resume_refuses_a_checkpoint_of_a_different_config(uninterrupted, tmp_path):
+    _, _, out = uninterrupted
+    with pytest.raises(ValueError, match="different trial config"):
+        train(tiny("eval.every=3", "train.steps=7"), out_dir=tmp_path, resume_from=out / "checkpoint")
+
+
+def test_rerunning_a_finished_trial_reports_its_metrics_again(uninterrupted, tmp_path):
+    final_a, _, out = uninterrupted
+    shutil.copytree(out / "checkpoint", tmp_path / "checkpoint")
+    recorder = Recorder()
+    final = train(tiny("eval.every=3"), recorder, out_dir=tmp_path)
+    assert recorder.steps_with("psnr_gap") == [6]
+    assert recorder.steps_with("loss") == []
+    for key in ("step", "psnr_gap", "psnr_train", "psnr_test"):
+        assert final[key] == final_a[key]
+    assert json.loads((tmp_path / "metrics.json").read_text())["psnr_gap"] == final_a["psnr_gap"]
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint files
+
+
+def test_checkpoints_load_with_weights_only(uninterrupted):
+    _, _, out = uninterrupted
+    state = torch.load(out / "checkpoint" / CHECKPOINT_FILE, weights_only=True)
+    assert {"step", "model", "ema", "optimizer", "generator", "global_rng", "config"} <= set(state)
+    assert state["step"] == 6
+    assert TrialConfig.model_validate_json(state["config"]) == tiny("eval.every=3")
+    previous = torch.load(out / "checkpoint" / PREVIOUS_CHECKPOINT_FILE, weights_only=True)
+    assert previous["step"] == 3
+    assert [p.name for p in (out / "checkpoint").iterdir() if p.name.startswith(".")] == []  # no temp files
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_previous_one(uninterrupted, tmp_path, capsys):
+    _, _, out = uninterrupted
+    folder = shutil.copytree(out / "checkpoint", tmp_path / "checkpoint")
+    current = folder / CHECKPOINT_FILE
+    current.write_bytes(current.read_bytes()[: current.stat().st_size // 2])
+    state = load_checkpoint(folder)
+    assert state is not None and state["step"] == 3
+    assert "unreadable" in capsys.readouterr().out
+
+    (folder / PREVIOUS_CHECKPOINT_FILE).write_bytes(b"")
+    assert load_checkpoint(folder) is None
+    assert load_checkpoint(tmp_path / "absent") is None
+
+
+def test_a_failed_checkpoint_write_keeps_the_old_one(tmp_path):
+    save_checkpoint(tmp_path, {"step": 1, "weights": torch.ones(2)})
+    with pytest.raises(Exception):
+        save_checkpoint(tmp_path, {"step": 2, "weights": lambda: None})  # not picklable: fails mid-write
+    assert load_checkpoint(tmp_path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE]
+
+
+# ---------------------------------------------------------------------------------------------
+# class labels
+
+
+def digit_like(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(count, 8, 8, 1), dtype=np.uint8)
+
+
+def test_load_labels_from_each_kind_of_source(tmp_path):
+    digits = load_labels("digits")
+    assert digits.shape == (1797,) and digits.dtype == np.int64 and set(digits) == set(range(10))
+    assert len(load_images("digits", 8)) == len(digits)
+
+    images, labels = digit_like(5), np.array([0, 1, 2, 1, 0])
+    np.savez(tmp_path / "with.npz", images=images, labels=labels)
+    np.savez(tmp_path / "unnamed.npz", x=images, labels=labels)  # the one non-label array is the images
+    np.savez(tmp_path / "without.npz", images=images)
+    np.save(tmp_path / "plain.npy", images)
+    for name in ("with.npz", "unnamed.npz"):
+        np.testing.assert_array_equal(load_labels(str(tmp_path / name)), labels)
+    np.testing.assert_array_equal(load_images(str(tmp_path / "unnamed.npz"), 8), images)
+    assert load_labels(str(tmp_path / "without.npz")) is None
+    assert load_labels(str(tmp_path / "plain.npy")) is None
+
+    prepare_images(str(tmp_path / "plain.npy"), str(tmp_path / "prepared"), 8)
+    assert load_labels(str(tmp_path / "prepared")) is None
+    np.save(tmp_path / "prepared" / "labels.npy", labels)
+    np.testing.assert_array_equal(load_labels(str(tmp_path / "prepared")), labels)
+
+    with pytest.raises(DataError, match="does not exist"):
+        load_labels(str(tmp_path / "absent.npz"))
+
+
+def test_load_labels_from_s3_reads_the_local_copy(tmp_path, s3_bucket, monkeypatch):
+    import s3fs
+
+    monkeypatch.setenv("DITSWEEP_CACHE", str(tmp_path / "cache"))
+    images, labels = digit_like(5), np.array([3, 1, 4, 1, 5])
+    np.savez(tmp_path / "set.npz", images=images, labels=labels)
+    prepare_images(str(tmp_path / "set.npz"), str(tmp_path / "prepared"), 8)
+    np.save(tmp_path / "prepared" / "labels.npy", labels)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.put_file(str(tmp_path / "set.npz"), f"{s3_bucket}/set.npz")
+    for name in ("manifest.json", "images.npy", "labels.npy"):
+        fs.put_file(str(tmp_path / "prepared" / name), f"{s3_bucket}/prepared/{name}")
+
+    for uri in (f"s3://{s3_bucket}/set.npz", f"s3://{s3_bucket}/prepared"):
+        with pytest.raises(DataError, match="call load_images"):
+            load_labels(uri)
+        np.testing.assert_array_equal(load_images(uri, 8), images)
+        np.testing.assert_array_equal(load_labels(uri), labels)
+
+
+@pytest.mark.parametrize("labels", [np.array([0.0, 1.0]), np.array([[0, 1]]), np.array([0, -1])])
+def test_malformed_labels_are_refused(tmp_path, labels):
+    np.savez(tmp_path / "bad.npz", images=digit_like(2), labels=labels)
+    with pytest.raises(DataError, match="bad.npz"):
+        load_labels(str(tmp_path / "bad.npz"))
+
+
+def test_class_conditional_trial_trains_on_labels_and_reports_psnr_gap(tmp_path):
+    config = tiny("model.num_classes=10", "train.steps=4")
+    recorder = Recorder()
+    final = train(config, recorder, out_dir=tmp_path)
+    assert np.isfinite(final["psnr_gap"]) and "psnr_gap" in recorder.calls[-1][0]
+
+    # The label table moved away from its (seeded) initialization: labels reached the model.
+    fresh = Trainer(config, torch.device("cpu"), load_subsets(config, torch.device("cpu")))
+    trained = torch.load(tmp_path / "checkpoint" / CHECKPOINT_FILE, weights_only=True)["model"]
+    assert not torch.equal(trained["y_embedder.table.weight"], fresh.model.y_embedder.table.weight)
+    assert fresh.model.y_embedder.dropout == config.model.class_dropout
+    subsets = fresh.subsets
+    assert subsets.train_labels.shape == (32,) and subsets.test_labels.shape == (16,)
+    digits = torch.from_numpy(load_labels("digits"))
+    assert set(subsets.train_labels.tolist()) <= set(digits.tolist())
+
+
+def test_class_conditional_resume_repeats_the_uninterrupted_run(tmp_path):
+    # Label dropout draws from torch's global generator: the checkpoint must carry its state.
+    config = tiny("model.num_classes=10", "model.class_dropout=0.5", "train.steps=4", "eval.every=2")
+    reference = train(config, out_dir=tmp_path / "a")
+
+    def crash(metrics: dict, checkpoint: str | None) -> None:
+        if checkpoint is not None:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(config, crash, out_dir=tmp_path / "b")
+    torch.manual_seed(12345)  # whatever ran in between must not matter
+    resumed = train(config, out_dir=tmp_path / "b")
+    assert without_timing(resumed) == without_timing(reference)
+
+
+def test_labels_outside_num_classes_are_refused(tmp_path):
+    with pytest.raises(DataError, match=r"labels up to 9 but model.num_classes=5"):
+        train(tiny("model.num_classes=5"), out_dir=tmp_path)
+
+
+def test_a_conditional_model_needs_labels(tmp_path):
+    np.save(tmp_path / "images.npy", digit_like(40))
+    source = str(tmp_path / "images.npy")
+    with pytest.raises(DataError) as info:
+        train(tiny("model.num_classes=10", f"data.source={source}"), out_dir=tmp_path / "out")
+    assert str(info.value).startswith(f"model.num_classes=10 needs labels, but data source '{source}' has none")
+
+
+def test_label_count_must_match_the_images(tmp_path):
+    np.savez(tmp_path / "short.npz", images=digit_like(40), labels=np.zeros(39, dtype=np.int64))
+    with pytest.raises(DataError, match="40 images but 39 labels"):
+        train(tiny("model.num_classes=10", f"data.source={tmp_path / 'short.npz'}"), out_dir=tmp_path / "out")
