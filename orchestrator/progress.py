@@ -17,7 +17,7 @@ from orchestrator.tracking import FAILED, FINISHED, KILLED, Tracker
 from trainer.train import parse_curve_record
 
 PRINT_EVERY_S = 10.0
-LOGGED_METRICS = ("loss", "images_per_sec", "psnr_gap", "psnr_train", "psnr_test", "fid", "kid")
+LOGGED_METRICS = ("loss", "images_per_sec", "psnr_gap", "psnr_train", "psnr_test", "fid", "kid", "resumed_from_step")
 
 
 @dataclass
@@ -163,20 +163,26 @@ class SweepSink:
                 self._finish(state, FAILED)
             elif state.step >= state.trial.config.train.steps:
                 self._finish(state, FINISHED)
-        for state in self.states.values():
-            if state.status not in (FINISHED, FAILED):
-                if state.run_id is None and not interrupted and state.status == "PENDING":
-                    self._ensure_run(state)
-                if state.run_id is not None:
-                    self._finish(state, KILLED if interrupted else FAILED)
+        # Whatever is neither finished nor failed now was stopped (Ctrl-C, or the driver stopping):
+        # KILLED, so that `ditsweep resume` continues it from its checkpoint.
+        stopped = [s for s in self.states.values() if s.status not in (FINISHED, FAILED)]
+        for state in stopped:
+            if state.run_id is not None or state.status == "RUNNING":
+                self._finish(state, KILLED)
+            else:
+                state.status = KILLED
         all_finished = all(s.status == FINISHED for s in self.states.values())
-        self.tracker.end_run(self.parent.info.run_id, FINISHED if all_finished else (KILLED if interrupted else FAILED))
+        failed = any(s.status == FAILED for s in self.states.values())
+        self.tracker.end_run(self.parent.info.run_id, FINISHED if all_finished else (FAILED if failed else KILLED))
         if not self.tracker.flush():
             print("[ditsweep] the tracking server did not come back; `ditsweep resume "
                   f"{self.parent.data.tags['ditsweep.sweep_id']}` writes the results once it does", flush=True)
         states = list(self.states.values())
         print(self.progress_line(), flush=True)
-        print(f"sweep {self.parent.data.tags['ditsweep.sweep_id']}: "
+        sweep_id = self.parent.data.tags["ditsweep.sweep_id"]
+        if stopped or interrupted:
+            print(f"sweep stopped before every trial finished; `ditsweep resume {sweep_id}` continues it", flush=True)
+        print(f"sweep {sweep_id}: "
               f"{sum(s.status == FINISHED for s in states)} finished, "
               f"{sum(s.status == FAILED for s in states)} failed, "
               f"{sum(s.status == KILLED for s in states)} killed", flush=True)

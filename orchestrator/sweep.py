@@ -26,7 +26,7 @@ from ray import tune  # noqa: E402
 
 DEFAULT_STORAGE = "ditsweep_results"
 # Metrics a trial reports; everything else in a Tune result is Tune's own bookkeeping.
-TRIAL_METRICS = ("loss", "images_per_sec", "psnr_gap", "psnr_train", "psnr_test", "fid", "kid")
+TRIAL_METRICS = ("loss", "images_per_sec", "psnr_gap", "psnr_train", "psnr_test", "fid", "kid", "resumed_from_step")
 
 
 class TrialEvents(Protocol):

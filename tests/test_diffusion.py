@@ -233,14 +233,7 @@ def test_invalid_ddim_steps_raise(steps):
         ddim_sample(zero_model, linear_schedule(50), noise, steps)
 
 
-ZERO_STEPS_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="ddpm_sample reads `steps or schedule.timesteps`, so steps=0 silently runs all T steps; "
-    "fix: `schedule.timesteps if steps is None else steps` (trainer/diffusion.py, not this suite's file)",
-)
-
-
-@pytest.mark.parametrize("steps", [pytest.param(0, marks=ZERO_STEPS_BUG), -1, 51])
+@pytest.mark.parametrize("steps", [0, -1, 51])
 def test_invalid_ddpm_steps_raise(steps):
     noise = torch.randn(1, 1, 4, 4)
     with pytest.raises(ValueError, match=r"\[1, 50\]"):

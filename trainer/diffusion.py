@@ -116,7 +116,7 @@ def ddpm_sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020). With fewer steps than T the schedule is respaced."""
-    ts = _sampling_timesteps(schedule, steps or schedule.timesteps)
+    ts = _sampling_timesteps(schedule, schedule.timesteps if steps is None else steps)
     abar = schedule.alphas_cumprod
     x = noise
     for i, t in enumerate(ts):

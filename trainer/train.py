@@ -150,10 +150,8 @@ class Trainer:
             windows=config.windows,
             num_classes=config.model.num_classes,
             attention_backend=config.attention.backend,
+            class_dropout=config.model.class_dropout,
         ).to(device)
-        if self.model.y_embedder is not None:
-            # build_dit takes no class_dropout; the label embedder reads this attribute on every forward.
-            self.model.y_embedder.dropout = config.model.class_dropout
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay

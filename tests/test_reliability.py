@@ -1,0 +1,366 @@
+"""Reliability and security: bad input is refused before anything starts, faults lose nothing.
+
+Bad input runs the CLI in-process (fast: it stops before Ray or MLflow start). Faults run real
+sweeps as subprocesses and break them for real: SIGKILL, SIGINT, a killed worker, a tracking server
+that goes away.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from tests.test_sweep import TINY, ditsweep, free_port, runs_by_role, sqlite_uri, write_spec
+
+runner = CliRunner()
+
+
+def tree(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def launch_in_process(tmp_path: Path, monkeypatch, *args: str):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = tree(tmp_path)
+    result = runner.invoke(app, ["launch", *args])
+    return result, tree(tmp_path) - before
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: exit 2, one message naming the problem, nothing started or written.
+
+
+BAD_GRIDS = {
+    "even window": ({"attention.windows": [[3, 4]]}, "4"),
+    "zero window": ({"attention.windows": [[0]]}, "0"),
+    "schedule longer than depth": ({"attention.windows": [[3] * 13]}, "13 windows"),
+    "fraction above 1": ({"data.fraction": [1.5]}, "1.5"),
+    "fraction zero": ({"data.fraction": [0]}, "data.fraction"),
+    "empty axis": ({"seed": []}, "grid.seed"),
+    "unknown axis": ({"train.stepz": [1]}, "stepz"),
+    "wrong type": ({"train.batch_size": ["big"]}, "big"),
+    "bad placement": ({"attention.placement": ["head", "sideways"]}, "sideways"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GRIDS))
+def test_bad_grid_values_exit_2_and_write_nothing(tmp_path, monkeypatch, case):
+    grid, expected = BAD_GRIDS[case]
+    spec = write_spec(tmp_path, grid=grid)
+    result, written = launch_in_process(tmp_path, monkeypatch, str(spec))
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+    assert written == set()
+
+
+def test_malformed_yaml_exits_2(tmp_path, monkeypatch):
+    spec = tmp_path / "broken.yaml"
+    spec.write_text("name: x\ngrid: {attention.placement: [head\n")
+    result, written = launch_in_process(tmp_path, monkeypatch, str(spec))
+    assert result.exit_code == 2 and "not valid YAML" in result.output
+    assert written == set()
+
+
+def test_unknown_top_level_key_exits_2(tmp_path, monkeypatch):
+    spec = write_spec(tmp_path, retries=3)
+    result, written = launch_in_process(tmp_path, monkeypatch, str(spec))
+    assert result.exit_code == 2 and "retries" in result.output
+    assert written == set()
+
+
+def test_num_images_beyond_the_pool_exits_2(tmp_path, monkeypatch):
+    spec = write_spec(tmp_path, grid={"data.num_images": [16, 5000]})
+    result, written = launch_in_process(tmp_path, monkeypatch, str(spec))
+    assert result.exit_code == 2
+    assert "data.num_images=5000" in result.output and "1781" in result.output
+    assert written == set()
+
+
+def test_set_path_that_does_not_exist_exits_2(tmp_path, monkeypatch):
+    spec = write_spec(tmp_path)
+    result, written = launch_in_process(tmp_path, monkeypatch, str(spec), "--set", "train.epochs=3")
+    assert result.exit_code == 2 and "train.epochs" in result.output
+    assert written == set()
+
+
+def test_missing_data_uri_exits_2(tmp_path, monkeypatch):
+    spec = write_spec(tmp_path, grid={"data.source": [str(tmp_path / "no-such-data.npy")]})
+    result, written = launch_in_process(tmp_path, monkeypatch, str(spec))
+    assert result.exit_code == 2 and "no-such-data.npy" in result.output
+    assert written == set()
+
+
+def test_unreachable_s3_data_exits_2(tmp_path, monkeypatch, s3_env):
+    dead = f"http://127.0.0.1:{free_port()}"
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.setenv(name, dead)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    spec = write_spec(tmp_path, grid={"data.source": ["s3://ditsweep-data/digits.npy"]})
+    result, written = launch_in_process(tmp_path, monkeypatch, str(spec))
+    assert result.exit_code == 2 and "s3://ditsweep-data/digits.npy" in result.output
+    assert written == set()
+
+
+@pytest.mark.parametrize("uri", ["sqlite:///{tmp}/missing-folder/mlflow.db", "http://127.0.0.1:{port}"])
+def test_tracking_uri_that_cannot_be_opened_exits_2(tmp_path, monkeypatch, uri):
+    spec = write_spec(tmp_path)
+    uri = uri.format(tmp=tmp_path, port=free_port())
+    result, written = launch_in_process(tmp_path, monkeypatch, str(spec), "--tracking-uri", uri)
+    assert result.exit_code == 2 and "tracking" in result.output
+    assert written == set()
+
+
+def test_yaml_is_loaded_safely(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    spec = tmp_path / "evil.yaml"
+    spec.write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\n")
+    result, _ = launch_in_process(tmp_path, monkeypatch, str(spec))
+    assert result.exit_code == 2
+    assert not marker.exists()
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    """A checkpoint that smuggles in a pickled object is refused, not executed."""
+    import torch
+
+    from trainer.train import CHECKPOINT_FILE, load_checkpoint
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    torch.save({"step": 1, "payload": Payload()}, folder / CHECKPOINT_FILE)
+    assert load_checkpoint(folder) is None
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults: real sweeps, broken for real.
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the sweep ended before {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.3)
+
+
+def start_launch(spec: Path, cwd: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "launch", str(spec), *args],
+        cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )
+
+
+LONGER = {**TINY, "train": {**TINY["train"], "steps": 40, "log_every": 5}, "eval": {**TINY["eval"], "every": 5}}
+
+
+def checkpoints(folder: Path, index: int) -> list[Path]:
+    return list((folder / "ditsweep_results").glob(f"*/*/checkpoint_{index:06d}"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_unfinished_trials_killed_and_resume_continues_them(tmp_path):
+    spec = write_spec(tmp_path, name="interrupt", base=LONGER, grid={"attention.placement": ["none", "head", "tail"]})
+    driver = start_launch(spec, tmp_path)
+    try:
+        wait_for(lambda: checkpoints(tmp_path, 1), 240, "a checkpoint", driver)
+        driver.send_signal(signal.SIGINT)
+        output, _ = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 1, output
+    assert "ditsweep resume" in output
+    client = MlflowClient(tracking_uri=sqlite_uri(tmp_path))
+    runs = runs_by_role(client, "interrupt")
+    states = [r.info.status for r in runs["trial"]]
+    assert "RUNNING" not in states and "KILLED" in states, states
+    assert runs["sweep"][0].info.status == "KILLED"
+
+    sweep_id = runs["sweep"][0].data.tags["ditsweep.sweep_id"]
+    resumed = ditsweep("resume", sweep_id, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    runs = runs_by_role(client, "interrupt")
+    assert len(runs["trial"]) == 3
+    assert {r.info.status for r in runs["trial"]} == {"FINISHED"}
+    resumed_steps = [r.data.metrics.get("resumed_from_step") for r in runs["trial"]]
+    assert any(s and s >= 5 for s in resumed_steps), resumed_steps  # continued, not restarted
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_its_checkpoint(tmp_path):
+    spec = write_spec(tmp_path, name="workerkill", base=LONGER, grid={"attention.placement": ["head"]}, max_failures=2)
+    driver = start_launch(spec, tmp_path)
+    try:
+        wait_for(lambda: checkpoints(tmp_path, 2), 240, "a third checkpoint", driver)
+        workers = ray_trial_workers()
+        assert workers, "no Ray worker found"
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        output, _ = driver.communicate(timeout=240)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0, output
+    run = runs_by_role(MlflowClient(tracking_uri=sqlite_uri(tmp_path)), "workerkill")["trial"][0]
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["step"] == 40
+    assert run.data.metrics["resumed_from_step"] >= 15  # from the checkpoint, not from step 0
+
+
+def ray_trial_workers() -> list[int]:
+    """Process ids of Ray workers running a trial (their titles name the trainable's actor)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and "ImplicitFunc" in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.fixture
+def restartable_mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback that the test can stop and start again on the same port."""
+    import urllib.request
+
+    port = free_port()
+    folder = tmp_path / "server"
+    folder.mkdir()
+    procs: list[subprocess.Popen] = []
+
+    def start() -> None:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+             "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        procs.append(proc)
+
+        def healthy() -> bool:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                return True
+            except OSError:
+                return False
+
+        wait_for(healthy, 120, "the mlflow server", proc)
+
+    def stop() -> None:
+        proc = procs[-1]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    start()
+    yield f"http://127.0.0.1:{port}", start, stop
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_tracking_server_going_away_loses_no_results(tmp_path, restartable_mlflow_server):
+    url, start, stop = restartable_mlflow_server
+    spec = write_spec(tmp_path, name="flaky", base=LONGER, grid={"attention.placement": ["none", "head"]})
+    driver = start_launch(spec, tmp_path, "--tracking-uri", url)
+    client = MlflowClient(tracking_uri=url)
+    try:
+        def some_metric_logged() -> bool:
+            exp = client.get_experiment_by_name("flaky")
+            return bool(exp and any("loss" in r.data.metrics for r in client.search_runs([exp.experiment_id])))
+
+        wait_for(some_metric_logged, 240, "the first metrics", driver)
+        stop()
+        time.sleep(8)  # trials keep reporting while the server is away
+        start()
+        output, _ = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0, output
+    runs = runs_by_role(client, "flaky")
+    assert len(runs["trial"]) == 2
+    for run in runs["trial"]:
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["step"] == 40 and "psnr_gap" in run.data.metrics
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        assert steps == list(range(5, 41, 5)), steps  # every report arrived, none twice
+    assert runs["sweep"][0].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_force_reruns_without_touching_finished_runs(tmp_path):
+    spec = write_spec(tmp_path, name="force", grid={"attention.placement": ["head"]})
+    assert ditsweep("launch", str(spec), cwd=tmp_path).returncode == 0
+    client = MlflowClient(tracking_uri=sqlite_uri(tmp_path))
+    first = runs_by_role(client, "force")["trial"][0]
+    rerun = ditsweep("launch", str(spec), "--force", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    trials = runs_by_role(client, "force")["trial"]
+    assert len(trials) == 2
+    kept = client.get_run(first.info.run_id)
+    assert kept.info.status == "FINISHED" and kept.data.metrics == first.data.metrics
+
+
+@pytest.mark.slow
+def test_no_credentials_reach_the_store_results_or_logs(tmp_path):
+    secrets = {
+        "AWS_ACCESS_KEY_ID": "AKIAFAKEKEY0DITSWEEP",
+        "AWS_SECRET_ACCESS_KEY": "fakeSecretValue+DitSweep/123456",
+        "AWS_SESSION_TOKEN": "fakeSessionTokenDitSweep987",
+        "MLFLOW_TRACKING_PASSWORD": "fakeTrackingPasswordDitSweep",
+        "MLFLOW_TRACKING_TOKEN": "fakeTrackingTokenDitSweep",
+    }
+    spec = write_spec(tmp_path, name="secrets", grid={"attention.placement": ["head"]})
+    result = ditsweep("launch", str(spec), cwd=tmp_path, env=secrets)
+    assert result.returncode == 0, result.stdout + result.stderr
+    leaks = []
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            payload = path.read_bytes()
+            leaks += [f"{path}: {name}" for name, value in secrets.items() if value.encode() in payload]
+    logs = result.stdout + result.stderr
+    leaks += [f"output: {name}" for name, value in secrets.items() if value in logs]
+    assert not leaks, leaks
+
+
+@pytest.mark.slow
+def test_64_trial_grid_finishes_without_duplicates(tmp_path):
+    minimal = {
+        "data": {"num_images": 4, "test_images": 4},
+        "train": {"steps": 1, "batch_size": 2, "log_every": 1, "warmup_steps": 0},
+        "eval": {"psnr_gap": {"images": 2, "timesteps": 1}},
+    }
+    spec = write_spec(tmp_path, name="load", base=minimal, grid={"seed": list(range(64))})
+    result = ditsweep("launch", str(spec), cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = runs_by_role(MlflowClient(tracking_uri=sqlite_uri(tmp_path)), "load")
+    keys = [r.data.tags["ditsweep.trial_key"] for r in runs["trial"]]
+    assert len(keys) == 64 and len(set(keys)) == 64
+    assert {r.info.status for r in runs["trial"]} == {"FINISHED"}
+    assert len(runs["sweep"]) == 1
+
