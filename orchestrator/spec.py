@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trainer.config import (
@@ -117,10 +118,25 @@ def load_spec(path: str | Path) -> SweepSpec:
         raw = load_yaml(path)
     except ConfigError as err:
         raise SpecError(str(err)) from None
+    return _validate_spec(raw, f"'{path}'")
+
+
+def parse_spec(text: str, source: str = "spec") -> SweepSpec:
+    """A spec from YAML text (e.g. the copy stored with a sweep's MLflow run)."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise SpecError(f"{source} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source} must hold a mapping, got {type(raw).__name__}")
+    return _validate_spec(raw, source)
+
+
+def _validate_spec(raw: dict, source: str) -> SweepSpec:
     try:
         return SweepSpec.model_validate(raw)
     except ValidationError as err:
-        raise SpecError(f"invalid spec '{path}':\n{format_validation_error(err)}") from None
+        raise SpecError(f"invalid spec {source}:\n{format_validation_error(err)}") from None
 
 
 def _resolve(tree: dict, where: str) -> TrialConfig:

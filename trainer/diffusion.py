@@ -77,6 +77,20 @@ def _sampling_timesteps(schedule: Schedule, steps: int) -> list[int]:
     return spread_timesteps(schedule, steps).flip(0).tolist() if steps > 1 else [schedule.timesteps - 1]
 
 
+def _reverse_steps(schedule: Schedule, steps: int) -> list[tuple[int, float, float]]:
+    """(t, abar_t, abar_prev) from noisiest to cleanest over `steps` respaced timesteps."""
+    ts = _sampling_timesteps(schedule, steps)
+    abar = schedule.alphas_cumprod
+    return [(t, abar[t].item(), abar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0) for i, t in enumerate(ts)]
+
+
+def _denoised(model: Denoiser, schedule: Schedule, x: torch.Tensor, t: int, y: torch.Tensor | None) -> torch.Tensor:
+    """The model's clamped one-step x0 estimate at timestep t."""
+    t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    eps = model(x, t_batch, y).to(x.dtype)
+    return predict_x0(schedule, x, t_batch, eps).clamp(-1.0, 1.0)
+
+
 @torch.no_grad()
 def ddim_sample(
     model: Denoiser,
@@ -88,15 +102,9 @@ def ddim_sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021) from x_T = noise over `steps` strided timesteps; eta=0 is deterministic."""
-    ts = _sampling_timesteps(schedule, steps)
-    abar = schedule.alphas_cumprod
     x = noise
-    for i, t in enumerate(ts):
-        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = model(x, t_batch, y).to(x.dtype)
-        x0 = predict_x0(schedule, x, t_batch, eps).clamp(-1.0, 1.0)
-        a_t = abar[t].item()
-        a_prev = abar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+    for t, a_t, a_prev in _reverse_steps(schedule, steps):
+        x0 = _denoised(model, schedule, x, t, y)
         # Re-derive eps from the clamped x0 so the update stays on the data manifold.
         eps = (x - a_t**0.5 * x0) / (1.0 - a_t) ** 0.5
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
@@ -116,19 +124,13 @@ def ddpm_sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020). With fewer steps than T the schedule is respaced."""
-    ts = _sampling_timesteps(schedule, schedule.timesteps if steps is None else steps)
-    abar = schedule.alphas_cumprod
     x = noise
-    for i, t in enumerate(ts):
-        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = model(x, t_batch, y).to(x.dtype)
-        x0 = predict_x0(schedule, x, t_batch, eps).clamp(-1.0, 1.0)
-        a_t = abar[t].item()
-        a_prev = abar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+    for t, a_t, a_prev in _reverse_steps(schedule, schedule.timesteps if steps is None else steps):
+        x0 = _denoised(model, schedule, x, t, y)
         beta = 1.0 - a_t / a_prev  # the respaced step's beta
         # Posterior q(x_prev | x_t, x0) mean and variance.
         mean = (a_prev**0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
-        if i + 1 < len(ts):
+        if a_prev < 1.0:
             var = beta * (1 - a_prev) / (1 - a_t)
             x = mean + var**0.5 * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         else:
