@@ -12,7 +12,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 # Quieter Ray: ditsweep prints its own progress instead of Tune's tables.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -26,7 +26,14 @@ from ray import tune  # noqa: E402
 
 DEFAULT_STORAGE = "ditsweep_results"
 # Metrics a trial reports; everything else in a Tune result is Tune's own bookkeeping.
-TRIAL_METRICS = ("loss", "images_per_sec", "psnr_gap", "psnr_train", "psnr_test", "fid", "kid", "resumed_from_step")
+TRIAL_METRICS = (
+    "loss", "images_per_sec", "psnr_gap", "psnr_train", "psnr_test", "fid", "kid", "kid_std", "resumed_from_step",
+)
+TRIAL_METRIC_PREFIXES = ("attn_",)  # per-block attention locality: attn_distance.block_0, ...
+
+
+def is_trial_metric(key: str) -> bool:
+    return key in TRIAL_METRICS or key.startswith(TRIAL_METRIC_PREFIXES)
 
 
 class TrialEvents(Protocol):
@@ -35,6 +42,7 @@ class TrialEvents(Protocol):
     def completed(self, key: str) -> None: ...
     def failed(self, key: str, error: str) -> None: ...
     def retrying(self, key: str, error: str) -> None: ...
+    def checkpointed(self, key: str, read: Callable[[str], bytes | None]) -> None: ...
     def tick(self) -> None: ...
 
 
@@ -86,6 +94,8 @@ def run_trial(param: dict) -> None:
     from trainer.config import TrialConfig
     from trainer.train import train
 
+    # Ray logs every checkpoint upload at INFO; ditsweep's own progress already says where trials are.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     record = param["trial"]
     config = TrialConfig.model_validate(record["config"])
     torch.set_num_threads(max(1, int(param["cpus"])))
@@ -122,7 +132,7 @@ class _EventBridge(tune.Callback):
         _EVENTS.started(self._key(trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        metrics = {k: result[k] for k in (*TRIAL_METRICS, "psnr_curve") if k in result}
+        metrics = {k: v for k, v in result.items() if is_trial_metric(k) or k == "psnr_curve"}
         metrics["step"] = result.get("step", result.get("training_iteration", 0))
         _EVENTS.result(self._key(trial), metrics)
 
@@ -135,6 +145,9 @@ class _EventBridge(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         _EVENTS.failed(self._key(trial), _error_text(trial))
 
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        _EVENTS.checkpointed(self._key(trial), _checkpoint_reader(checkpoint))
+
     def on_step_end(self, iteration, trials, **info):
         _EVENTS.tick()
 
@@ -145,6 +158,20 @@ def _error_text(trial) -> str:
         lines = Path(path).read_text().strip().splitlines()
         return lines[-1] if lines else "error"
     return "error (no details from Ray)"
+
+
+def _checkpoint_reader(checkpoint: tune.Checkpoint) -> Callable[[str], bytes | None]:
+    """Reads one file of a persisted checkpoint by name, wherever the storage is; None when it is absent."""
+    filesystem, folder = checkpoint.filesystem, checkpoint.path
+
+    def read(name: str) -> bytes | None:
+        try:
+            with filesystem.open_input_stream(f"{folder}/{name}") as stream:
+                return stream.read()
+        except OSError:  # FileNotFoundError, or the storage is away
+            return None
+
+    return read
 
 
 def init_ray(address: str | None) -> None:
@@ -211,7 +238,7 @@ def run_trials(
     for result in grid:
         if not result.config:
             continue
-        metrics = {k: v for k, v in (result.metrics or {}).items() if k in (*TRIAL_METRICS, "psnr_curve", "step")}
+        metrics = {k: v for k, v in (result.metrics or {}).items() if is_trial_metric(k) or k in ("psnr_curve", "step")}
         status = "ERROR" if result.error else "TERMINATED"
         outcome[result.config["trial"]["key"]] = TrialOutcome(status, metrics)
     return outcome
