@@ -21,10 +21,17 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from kubernetes_validate import utils as kubernetes_validate
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from k8s_schema import (
+    DNS_1035_LABEL,
+    check_kuberay_rules,
+    crd_validator,
+    pod_templates,
+    ray_cluster_spec,
+    validate_manifest,
+)
 from orchestrator.k8s import MAX_RAYJOB_NAME_LENGTH, RAYJOB_TEMPLATE, rayjob_name, render_rayjob
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,11 +39,6 @@ DOCKER = REPO / "docker"
 KUBERAY = DOCKER / "kuberay"
 DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.cpu"]
 MANIFESTS = sorted(KUBERAY.glob("*.yaml"))
-# The oldest and the newest Kubernetes whose schemas the manifests must pass.
-K8S_VERSIONS = ["1.29", kubernetes_validate.latest_version()]
-
-DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
-MAX_RAYCLUSTER_NAME_LENGTH = 53  # KubeRay: its longest Service suffix must still fit in 63
 PLACEHOLDER = "CHANGE-ME"
 CREDENTIAL_NAME = re.compile(r"KEY|SECRET|PASSWORD|TOKEN|CREDENTIAL|TRACKING_URI|STORE_URI", re.I)
 LITERAL_CREDENTIALS = {
@@ -68,23 +70,6 @@ def the_doc(name: str, kind: str) -> dict[str, Any]:
 
 def workload_docs() -> list[dict[str, Any]]:
     return [doc for _, doc in manifest_docs() if doc["kind"] in {"RayCluster", "RayJob", "Deployment"}]
-
-
-def ray_cluster_spec(doc: dict[str, Any]) -> dict[str, Any]:
-    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
-
-
-def pod_templates(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every pod template of a workload manifest, by where it sits."""
-    if doc["kind"] == "Deployment":
-        return {"template": doc["spec"]["template"]}
-    cluster = ray_cluster_spec(doc)
-    templates = {"headGroupSpec.template": cluster["headGroupSpec"]["template"]}
-    for group in cluster.get("workerGroupSpecs", []):
-        templates[f"workerGroupSpecs[{group['groupName']}].template"] = group["template"]
-    if "submitterPodTemplate" in doc["spec"]:
-        templates["submitterPodTemplate"] = doc["spec"]["submitterPodTemplate"]
-    return templates
 
 
 def containers(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -142,86 +127,6 @@ def dockerfile_stages(path: Path) -> list[dict[str, Any]]:
         elif instruction == "USER":
             stages[-1]["user"] = arguments
     return stages
-
-
-# ---------------------------------------------------------------------------------------------
-# Validating
-
-
-def crd_dir() -> Path:
-    for candidate in (REPO / "shared" / "kuberay-crds", REPO.parent / "shared" / "kuberay-crds"):
-        if candidate.is_dir():
-            return candidate
-    pytest.skip("KubeRay CRDs not found in shared/kuberay-crds beside or inside the repository")
-
-
-def closed(schema: Any) -> Any:
-    """The schema with unknown fields forbidden wherever the API server would prune them.
-
-    CRD schemas are structural: the API server silently drops fields it does not know (unless
-    x-kubernetes-preserve-unknown-fields), so a misspelt field would vanish instead of failing.
-    Forbidding them here turns that silent drop into a test failure.
-    """
-    if isinstance(schema, list):
-        return [closed(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    result = {key: closed(value) for key, value in schema.items()}
-    if (
-        "properties" in schema
-        and "additionalProperties" not in schema
-        and not schema.get("x-kubernetes-preserve-unknown-fields")
-    ):
-        result["additionalProperties"] = False
-    return result
-
-
-_CRD_VALIDATORS: dict[str, jsonschema.protocols.Validator] = {}
-
-
-def crd_validator(kind: str) -> jsonschema.protocols.Validator:
-    if kind not in _CRD_VALIDATORS:
-        # libyaml's loader when present: the CRDs are 40,000 lines and the pure-Python one is slow.
-        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-        crd = yaml.load((crd_dir() / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=loader)
-        (v1,) = [version for version in crd["spec"]["versions"] if version["name"] == "v1"]
-        # OpenAPI v3 schemas follow JSON Schema draft 4 (boolean exclusiveMinimum and the like).
-        _CRD_VALIDATORS[kind] = jsonschema.Draft4Validator(closed(v1["schema"]["openAPIV3Schema"]))
-    return _CRD_VALIDATORS[kind]
-
-
-def validate_core(doc: dict[str, Any]) -> None:
-    """Validate against the Kubernetes OpenAPI schemas, strict (unknown fields are errors)."""
-    for version in K8S_VERSIONS:
-        kubernetes_validate.validate(doc, version, strict=True)
-
-
-def validate_manifest(doc: dict[str, Any]) -> None:
-    """Core kinds directly; Ray kinds against their CRD, and each of their pod templates against
-    the core PodTemplateSpec schema (wrapped in a PodTemplate)."""
-    if doc["apiVersion"] != "ray.io/v1":
-        validate_core(doc)
-        return
-    crd_validator(doc["kind"]).validate(doc)
-    for where, template in pod_templates(doc).items():
-        wrapper = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
-        try:
-            validate_core(wrapper)
-        except jsonschema.ValidationError as error:
-            raise AssertionError(f"{where}: {error.message} at {list(error.absolute_path)}") from error
-
-
-def check_kuberay_rules(doc: dict[str, Any]) -> None:
-    """What the KubeRay operator rejects or assumes beyond the CRD schema."""
-    name = doc["metadata"]["name"]
-    limit = MAX_RAYJOB_NAME_LENGTH if doc["kind"] == "RayJob" else MAX_RAYCLUSTER_NAME_LENGTH
-    assert len(name) <= limit and DNS_1035_LABEL.fullmatch(name), f"{doc['kind']} name {name!r}"
-    cluster = ray_cluster_spec(doc)
-    # KubeRay treats the first container of each Ray pod as the Ray container.
-    assert cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["name"] == "ray-head"
-    for group in cluster["workerGroupSpecs"]:
-        assert group["template"]["spec"]["containers"][0]["name"] == "ray-worker"
-        assert group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,271 @@
+"""Ray Job submission and KubeRay manifests: `ditsweep submit` and `ditsweep render-k8s`.
+
+A submitted job runs `ditsweep launch SPEC --address auto` as the sweep's driver inside the cluster,
+with the spec (and, with `with_code`, the source) shipped as the job's working_dir. The job carries
+no secrets: its entrypoint, runtime_env and metadata are readable by anyone who can list the
+cluster's jobs, so S3 keys, MLflow credentials and database passwords must come from the cluster's
+own environment (on Kubernetes, the Secrets of docker/kuberay/secrets.example.yaml).
+
+Ray is imported lazily (only `ray.job_submission`): Ray Tune stays in orchestrator/sweep.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shlex
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+from orchestrator.k8s import RAYJOB_TEMPLATE, render_rayjob
+from orchestrator.spec import SweepSpec, expand, load_spec
+
+EXIT_OK, EXIT_JOB_FAILED = 0, 1
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+# What --with-code ships: the two packages and the project file beside them.
+SOURCE_ITEMS = ("trainer", "orchestrator", "pyproject.toml")
+# `scheme://user:password@host`: a password inside a URI.
+_URI_PASSWORD = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
+_POLL_S = 2.0
+
+
+class ClusterError(ValueError):
+    """The cluster cannot be reached or cannot be asked for this job; nothing was submitted."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Job submission
+
+
+def submit(
+    spec_path: str | Path,
+    address: str,
+    overrides: list[str],
+    *,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    with_code: bool = False,
+    follow: bool = False,
+) -> int:
+    """Submit the launch of a spec as a Ray Job; with `follow`, stream its logs until it ends."""
+    spec, trials = _validated(spec_path, overrides)
+    _refuse_credentials({"--tracking-uri": tracking_uri, "--storage": storage,
+                         **{f"--set {item.split('=', 1)[0]}": item for item in overrides}})
+    entrypoint = launch_entrypoint(Path(spec_path).name, overrides, storage, tracking_uri, with_code)
+    env_vars = {"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}
+    with tempfile.TemporaryDirectory(prefix="ditsweep-job-") as working_dir:
+        stage_working_dir(spec_path, Path(working_dir), with_code)
+        client = connect(address)
+        try:
+            job_id = client.submit_job(
+                entrypoint=entrypoint,
+                runtime_env={"working_dir": working_dir, "env_vars": env_vars},
+                metadata={"ditsweep.spec": spec.name, "ditsweep.trials": str(len(trials))},
+                # The driver needs a CPU slot but never a GPU: it must not hold a GPU worker's place.
+                entrypoint_num_cpus=1,
+                entrypoint_num_gpus=0,
+            )
+        except (OSError, RuntimeError) as err:
+            raise ClusterError(f"the Ray cluster at {address!r} did not take the job: {_first_line(err)}") from None
+    print(f"submitted Ray job {job_id} to {address}: sweep {spec.name!r}, "
+          f"{len(trials)} trial{'s' if len(trials) != 1 else ''}")
+    print(f"  entrypoint: {entrypoint}")
+    print(f"  logs:   ray job logs --follow --address {address} {job_id}   (or submit with --follow)")
+    print(f"  status: ray job status --address {address} {job_id}")
+    print(f"  stop:   ray job stop --address {address} {job_id}", flush=True)
+    return follow_job(client, job_id, address) if follow else EXIT_OK
+
+
+def _validated(spec_path: str | Path, overrides: list[str]) -> tuple[SweepSpec, list]:
+    """The same checks `launch` starts with, here before anything reaches the cluster."""
+    spec = load_spec(spec_path)
+    return spec, expand(spec, overrides)
+
+
+def _refuse_credentials(values: dict[str, str | None]) -> None:
+    for option, value in values.items():
+        if value and _URI_PASSWORD.search(value):
+            raise ClusterError(
+                f"{option} holds a password (user:password@...): a Ray Job's entrypoint and "
+                "environment are readable by anyone who can list the cluster's jobs. Give the "
+                "cluster the value in its own environment (on Kubernetes a Secret, see "
+                "docker/kuberay/secrets.example.yaml) and leave the option out"
+            )
+
+
+def launch_entrypoint(
+    spec_name: str, overrides: list[str], storage: str | None, tracking_uri: str | None, with_code: bool
+) -> str:
+    """`ditsweep launch ...` as the job's shell command, run in the job's working_dir.
+
+    With shipped code it is `python -m orchestrator.cli`, so the shipped packages (found in the
+    working directory) are the ones that run, not a ditsweep installed in the cluster's image.
+    """
+    command = ["python", "-m", "orchestrator.cli"] if with_code else ["ditsweep"]
+    argv = [*command, "launch", spec_name, "--address", "auto"]
+    for item in overrides:
+        argv += ["--set", item]
+    if storage:
+        argv += ["--storage", storage]
+    if tracking_uri:
+        argv += ["--tracking-uri", tracking_uri]
+    return shlex.join(argv)
+
+
+def stage_working_dir(spec_path: str | Path, folder: Path, with_code: bool) -> None:
+    """Fill `folder` with what the job needs: the spec, and with `with_code` the source."""
+    shutil.copy2(spec_path, folder / Path(spec_path).name)
+    if not with_code:
+        return
+    if not all((SOURCE_ROOT / item).exists() for item in SOURCE_ITEMS):
+        raise ClusterError(
+            f"--with-code ships {', '.join(SOURCE_ITEMS)} from a ditsweep source checkout, but "
+            f"{SOURCE_ROOT} is not one; run ditsweep from a checkout or use an image with ditsweep"
+        )
+    for item in SOURCE_ITEMS:
+        source = SOURCE_ROOT / item
+        if source.is_dir():
+            shutil.copytree(source, folder / item, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(source, folder / item)
+
+
+def connect(address: str):
+    """A JobSubmissionClient for the dashboard at `address` (http://HEAD:8265)."""
+    _probe(address)
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    # Not Ray's INFO lines about uploads and sockets (the job SDK sets its loggers to INFO).
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        return JobSubmissionClient(address)
+    except AuthenticationError:
+        raise ClusterError(
+            f"the Ray cluster at {address!r} wants a token: export RAY_AUTH_MODE=token and the "
+            "cluster's token in RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, default ~/.ray/auth_token)"
+        ) from None
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ClusterError(f"cannot reach a Ray dashboard at {address!r}: {_first_line(err)}") from None
+
+
+def _probe(address: str) -> None:
+    """Fail in seconds on a dead or unroutable address (the client itself waits without limit)."""
+    if "://" in address and not address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"--address {address!r} is not a Ray dashboard address: give its HTTP URL, "
+            "e.g. http://HEAD:8265 (a ray:// client address does not take jobs)"
+        )
+    url = urlsplit(address if "://" in address else f"http://{address}")
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        with socket.create_connection((url.hostname or "", port), timeout=10):
+            pass
+    except (OSError, ValueError) as err:
+        raise ClusterError(
+            f"cannot reach a Ray dashboard at {address!r} ({err}); is the head running and its "
+            "dashboard port forwarded (kubectl port-forward svc/ditsweep-head-svc 8265:8265)?"
+        ) from None
+
+
+def follow_job(client, job_id: str, address: str) -> int:
+    """Print the job's logs as they come; 0 when it SUCCEEDED, 1 when it FAILED or was STOPPED."""
+    printed = 0
+
+    async def tail() -> None:
+        nonlocal printed
+        async for chunk in client.tail_job_logs(job_id):
+            print(chunk, end="", flush=True)
+            printed += len(chunk)
+
+    stream_broken = False
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} goes on "
+              f"(ray job stop --address {address} {job_id} stops it)", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    except Exception as err:  # noqa: BLE001 - a dropped log stream: poll for the end instead
+        print(f"[ditsweep] log stream interrupted ({_first_line(err)}); waiting for the job to end",
+              file=sys.stderr, flush=True)
+        stream_broken = True
+    info = _wait_until_terminal(client, job_id, address)
+    if stream_broken:
+        print(client.get_job_logs(job_id)[printed:], end="", flush=True)
+    if info.status == "SUCCEEDED":
+        print(f"job {job_id} SUCCEEDED", flush=True)
+        return EXIT_OK
+    if info.driver_exit_code is not None:  # the driver's own error is in the logs above
+        print(f"job {job_id} {info.status}: the driver exited with code {info.driver_exit_code}", file=sys.stderr)
+    else:  # it never ran (e.g. its runtime_env failed) or was stopped: Ray says why
+        print(f"job {job_id} {info.status}: {info.message or 'no message from Ray'}", file=sys.stderr)
+    return EXIT_JOB_FAILED
+
+
+def _wait_until_terminal(client, job_id: str, address: str):
+    """The log stream closes when the job ends; its status may lag behind for a moment."""
+    while True:
+        try:
+            info = client.get_job_info(job_id)
+        except OSError as err:
+            raise ClusterError(f"lost the Ray dashboard at {address!r} ({_first_line(err)}); the job may "
+                               f"still run: ray job status --address {address} {job_id}") from None
+        if info.status.is_terminal():
+            return info
+        time.sleep(_POLL_S)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# KubeRay manifests
+
+
+def render_k8s(
+    spec_path: str | Path,
+    *,
+    image: str | None = None,
+    storage: str | None = None,
+    name: str | None = None,
+    namespace: str | None = None,
+) -> str:
+    """The RayJob manifest (YAML) that runs the spec; image and storage default to rayjob.yaml's."""
+    _validated(spec_path, [])
+    if Path(spec_path).is_absolute() or ".." in Path(spec_path).parts:
+        print(f"note: the RayJob runs {spec_path} inside the image (relative to /home/ray/ditsweep); "
+              "name the spec as in the repository, or use `ditsweep submit` for one the image lacks",
+              file=sys.stderr)
+    try:
+        default_image, default_storage = template_defaults()
+        manifest = render_rayjob(
+            str(spec_path),
+            image=image or default_image,
+            storage=storage or default_storage,
+            name=name,
+            namespace=namespace,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        raise ClusterError(str(err)) from None
+    return yaml.safe_dump(manifest, sort_keys=False)
+
+
+def template_defaults(template: Path = RAYJOB_TEMPLATE) -> tuple[str, str]:
+    """(image, storage) of the RayJob template, so render-k8s's defaults cannot drift from it."""
+    if not template.is_file():
+        raise FileNotFoundError(f"RayJob template {template} not found: render-k8s needs a ditsweep source checkout")
+    job = yaml.safe_load(template.read_text())["spec"]
+    argv = shlex.split(job["entrypoint"])
+    image = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    return image, argv[argv.index("--storage") + 1]

@@ -1,0 +1,325 @@
+"""`ditsweep submit` against a real Ray head on this machine, `ditsweep render-k8s`, and a sweep
+whose data, checkpoints and MLflow artifacts all live on S3 (moto's server on loopback).
+
+The head is `ray start --head --block` in a process group of its own, with token authentication
+(Ray's default) and its dashboard on 127.0.0.1; it is killed by process id afterwards, and every
+process it started is found by a marker in its environment and checked gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from k8s_schema import check_kuberay_rules, validate_manifest
+from orchestrator.cli import app
+from orchestrator.cluster import launch_entrypoint, stage_working_dir
+from orchestrator.k8s import RAYJOB_TEMPLATE
+from test_sweep import ditsweep, free_port, runs_by_role, write_spec
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "model": {"size": "DiT-T/1"},
+    "data": {"num_images": 8, "test_images": 8},
+    "train": {"steps": 2, "batch_size": 4, "log_every": 1, "warmup_steps": 0},
+    "eval": {"psnr_gap": {"images": 4, "timesteps": 2}, "samples": {"grid": 2, "steps": 2}},
+}
+ONE_TRIAL = {"attention.placement": ["head"]}
+MARKER = "DITSWEEP_TEST_RAY_HEAD"
+
+
+def tiny_spec(folder: Path, name: str, **base_overrides) -> Path:
+    return write_spec(folder, name=name, base={**TINY, **base_overrides}, grid=ONE_TRIAL)
+
+
+# ---------------------------------------------------------------------------------------------
+# A Ray head on this machine
+
+
+@dataclass(frozen=True)
+class RayHead:
+    address: str  # the dashboard, where jobs are submitted
+    auth: dict[str, str]  # what a user allowed on the cluster has in the environment
+
+    def get(self, path: str):
+        request = urllib.request.Request(
+            self.address + path, headers={"Authorization": f"Bearer {self.auth['RAY_AUTH_TOKEN']}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def jobs(self) -> list[dict]:
+        return self.get("/api/jobs/")
+
+    def driver_resources(self, submission_id: str) -> dict[str, float]:
+        """What the job's driver reserved: its JobSupervisor actor's resources."""
+        actors = self.get("/api/v0/actors?detail=1&limit=1000")["data"]["result"]["result"]
+        (actor,) = [a for a in actors if a["name"] == f"_ray_internal_job_actor_{submission_id}"]
+        return actor["required_resources"]
+
+
+def marked_processes(marker: str) -> list[int]:
+    """Live processes whose environment carries the marker (zombies have an empty environ)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if f"{MARKER}={marker}".encode() in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> RayHead:
+    marker = secrets.token_hex(8)
+    temp_dir = Path(f"/tmp/rs-{secrets.token_hex(4)}")  # Ray's socket paths must stay short
+    gcs, dashboard, client, agent = (free_port() for _ in range(4))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env = {
+        **os.environ,
+        **auth,
+        # As in an activated virtual environment: the job's `ditsweep launch` is found on PATH.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        MARKER: marker,
+    }
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    log = temp_dir.with_suffix(".log")
+    with open(log, "w") as out:
+        head = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+             f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+             f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+             "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", f"--temp-dir={temp_dir}"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    cluster = RayHead(f"http://127.0.0.1:{dashboard}", auth)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                cluster.jobs()  # the job API answers once the dashboard's job module is up
+                break
+            except (OSError, urllib.error.URLError):
+                if head.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"ray head did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(1)
+        assert head.pid in marked_processes(marker)  # else the leak check below would see nothing
+        yield cluster
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        deadline = time.monotonic() + 30
+        while leftovers := marked_processes(marker):  # workers and job drivers in other groups
+            for pid in leftovers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            assert time.monotonic() < deadline, f"Ray processes left running: {leftovers}"
+            time.sleep(0.5)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        log.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# submit
+
+
+@pytest.mark.slow
+def test_submit_follows_the_job_to_a_finished_sweep(ray_head, tmp_path):
+    spec = tiny_spec(tmp_path, "cluster")
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "results"
+    result = ditsweep(
+        "submit", str(spec), "--address", ray_head.address, "--follow",
+        "--tracking-uri", tracking, "--storage", str(storage),
+        cwd=tmp_path, env={**ray_head.auth, "AWS_SECRET_ACCESS_KEY": "never-shipped"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"ray job logs --follow --address {ray_head.address} raysubmit_" in result.stdout
+    assert "1 finished, 0 failed" in result.stdout  # the driver's own summary, streamed back
+    assert "SUCCEEDED" in result.stdout
+
+    runs = runs_by_role(MlflowClient(tracking_uri=tracking), "cluster")
+    assert [r.info.status for r in runs["sweep"]] == ["FINISHED"]
+    (trial,) = runs["trial"]
+    assert trial.info.status == "FINISHED" and "psnr_gap" in trial.data.metrics
+    assert (storage / runs["sweep"][0].data.tags["ditsweep.sweep_id"]).is_dir()
+
+    (job,) = [j for j in ray_head.jobs() if j["metadata"].get("ditsweep.spec") == "cluster"]
+    assert job["entrypoint"] == shlex.join(
+        ["ditsweep", "launch", "cluster.yaml", "--address", "auto", "--storage", str(storage),
+         "--tracking-uri", tracking]
+    )
+    assert job["runtime_env"]["env_vars"] == {"MLFLOW_TRACKING_URI": tracking}
+    assert ray_head.driver_resources(job["submission_id"]) == {"CPU": 1.0}  # one CPU, no GPU
+    shipped = json.dumps(job)
+    assert "never-shipped" not in shipped and ray_head.auth["RAY_AUTH_TOKEN"] not in shipped
+
+
+@pytest.mark.slow
+def test_a_job_that_fails_on_the_cluster_exits_1(ray_head, tmp_path):
+    # Valid here, refused by `launch` on the cluster: the data source is not there. The driver is
+    # the shipped code, run from the job's working directory.
+    spec = tiny_spec(tmp_path, "nodata", data={**TINY["data"], "source": "/nonexistent/ditsweep-data"})
+    result = ditsweep("submit", str(spec), "--address", ray_head.address, "--follow", "--with-code",
+                      cwd=tmp_path, env=ray_head.auth)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert ": python -m orchestrator.cli launch nodata.yaml --address auto" in result.stdout  # Ray's log line
+    assert "/nonexistent/ditsweep-data" in result.stdout  # the driver's error, streamed back
+    assert "FAILED: the driver exited with code 2" in result.stderr
+
+
+def test_bad_spec_exits_2_and_submits_nothing(ray_head, tmp_path):
+    spec = write_spec(tmp_path, name="bad", grid={"attention.placement": ["head", "sideways"]})
+    before = len(ray_head.jobs())
+    result = CliRunner().invoke(app, ["submit", str(spec), "--address", ray_head.address])
+    assert result.exit_code == 2, result.output
+    assert "sideways" in result.stderr
+    assert len(ray_head.jobs()) == before
+
+
+def test_a_cluster_that_wants_a_token_is_explained(ray_head, tmp_path):
+    spec = tiny_spec(tmp_path, "notoken")
+    before = len(ray_head.jobs())
+    result = ditsweep("submit", str(spec), "--address", ray_head.address, cwd=tmp_path,
+                      env={"RAY_AUTH_MODE": "disabled"})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert ray_head.address in result.stderr and "RAY_AUTH_MODE=token" in result.stderr
+    assert len(ray_head.jobs()) == before
+
+
+@pytest.mark.parametrize("address", [f"http://127.0.0.1:{free_port()}", "ray://127.0.0.1:10001"])
+def test_unreachable_address_exits_2_naming_it(tmp_path, address):
+    spec = tiny_spec(tmp_path, "nowhere")
+    result = CliRunner().invoke(app, ["submit", str(spec), "--address", address])
+    assert result.exit_code == 2, result.output
+    assert address in result.stderr
+
+
+def test_passwords_never_travel_with_the_job(tmp_path):
+    spec = tiny_spec(tmp_path, "secret")
+    result = CliRunner().invoke(app, [
+        "submit", str(spec), "--address", f"http://127.0.0.1:{free_port()}",
+        "--tracking-uri", "postgresql://mlflow:hunter2@db:5432/mlflow",
+    ])
+    assert result.exit_code == 2, result.output
+    assert "--tracking-uri holds a password" in result.stderr and "hunter2" not in result.output
+
+
+def test_with_code_ships_the_packages_and_the_entrypoint_uses_them(tmp_path):
+    spec = tiny_spec(tmp_path, "shipped")
+    folder = tmp_path / "job"
+    folder.mkdir()
+    stage_working_dir(spec, folder, with_code=True)
+    assert (folder / "shipped.yaml").read_text() == spec.read_text()
+    assert (folder / "pyproject.toml").is_file()
+    assert (folder / "trainer" / "train.py").is_file() and (folder / "orchestrator" / "cli.py").is_file()
+    assert not list(folder.rglob("__pycache__"))
+    entrypoint = launch_entrypoint("shipped.yaml", ["train.steps=3"], "s3://b/r", None, with_code=True)
+    assert shlex.split(entrypoint) == [
+        "python", "-m", "orchestrator.cli", "launch", "shipped.yaml", "--address", "auto",
+        "--set", "train.steps=3", "--storage", "s3://b/r",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# render-k8s
+
+
+def render(*args: str) -> object:
+    return CliRunner().invoke(app, ["render-k8s", *args])
+
+
+def test_render_k8s_of_the_templates_spec_is_rayjob_yaml(monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = render("search_spaces/paper/placement_xs.yaml")
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.stdout) == yaml.safe_load(RAYJOB_TEMPLATE.read_text())
+
+
+def test_render_k8s_output_validates_against_the_crd(monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = render("search_spaces/paper/window_size_xs.yaml", "--image", "registry.example/ditsweep:1.2.3",
+                    "--storage", "s3://lab/results", "--namespace", "research")
+    assert result.exit_code == 0, result.output
+    manifest = yaml.safe_load(result.stdout)
+    validate_manifest(manifest)
+    check_kuberay_rules(manifest)
+    assert (manifest["metadata"]["name"], manifest["metadata"]["namespace"]) == ("ditsweep-window-size-xs", "research")
+    assert shlex.split(manifest["spec"]["entrypoint"]) == [
+        "ditsweep", "launch", "search_spaces/paper/window_size_xs.yaml", "--storage", "s3://lab/results",
+        "--address", "auto",
+    ]
+
+
+def test_render_k8s_refuses_a_bad_spec_or_name(tmp_path):
+    bad = write_spec(tmp_path, name="bad", grid={"attention.placement": ["sideways"]})
+    result = render(str(bad))
+    assert result.exit_code == 2 and "sideways" in result.stderr and not result.stdout
+    good = tiny_spec(tmp_path, "good")
+    result = render(str(good), "--name", "Not_A_Label")
+    assert result.exit_code == 2 and "not accepted by KubeRay" in result.stderr and not result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything on S3
+
+
+@pytest.mark.slow
+def test_sweep_with_data_checkpoints_and_artifacts_on_s3(tmp_path, s3_bucket, s3_env):
+    import s3fs
+
+    images = tmp_path / "png"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(images / f"{i:02d}.png")
+    env = {
+        "DITSWEEP_ARTIFACT_ROOT": f"s3://{s3_bucket}/mlartifacts",
+        "MLFLOW_S3_ENDPOINT_URL": s3_env,
+        "DITSWEEP_CACHE": str(tmp_path / "cache"),
+    }
+    prepared = ditsweep("prepare-data", str(images), f"s3://{s3_bucket}/data", "--image-size", "8",
+                        cwd=tmp_path, env=env)
+    assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+
+    spec = tiny_spec(tmp_path, "s3all", data={**TINY["data"], "source": f"s3://{s3_bucket}/data"})
+    result = ditsweep("launch", str(spec), "--storage", f"s3://{s3_bucket}/results", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    runs = runs_by_role(MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "s3all")
+    (trial,) = runs["trial"]
+    assert trial.info.status == "FINISHED" and "psnr_gap" in trial.data.metrics
+    assert trial.info.artifact_uri.startswith(f"s3://{s3_bucket}/mlartifacts/")
+    sweep_id = runs["sweep"][0].data.tags["ditsweep.sweep_id"]
+    stored = s3fs.S3FileSystem(skip_instance_cache=True).find(s3_bucket)
+    assert {f"{s3_bucket}/data/images.npy", f"{s3_bucket}/data/manifest.json"} <= set(stored)
+    assert any(p.startswith(f"{s3_bucket}/results/{sweep_id}/") and "/checkpoint_" in p and p.endswith("state.pt")
+               for p in stored), stored
+    trial_artifacts = trial.info.artifact_uri.removeprefix("s3://")
+    assert {f"{trial_artifacts}/config.yaml", f"{trial_artifacts}/psnr_curve.csv"} <= set(stored)
+    assert not (tmp_path / "mlartifacts").exists() and not (tmp_path / "ditsweep_results").exists()
