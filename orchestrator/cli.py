@@ -33,12 +33,14 @@ class BadInput(Exception):
 
 
 def _bad_input_types() -> tuple[type[BaseException], ...]:
+    from orchestrator.cluster import ClusterError
+    from orchestrator.report import ReportError
     from orchestrator.spec import SpecError
     from orchestrator.tracking import TrackingError
     from trainer.config import ConfigError
     from trainer.data import DataError
 
-    return (BadInput, ConfigError, DataError, SpecError, TrackingError)
+    return (BadInput, ClusterError, ConfigError, DataError, ReportError, SpecError, TrackingError)
 
 
 def handles_bad_input(command: Callable) -> Callable:
@@ -166,6 +168,101 @@ def prepare_data(
         raise BadInput(f"--image-size must be at least 2, got {image_size}")
     manifest = prepare_images(src, dst, image_size)
     print(f"wrote {manifest['count']} images of {image_size}x{image_size} to {dst} (sha256 {manifest['sha256'][:12]})")
+
+
+@app.command()
+@handles_bad_input
+def report(
+    sweep_id: Annotated[str, typer.Argument(help="The sweep's id (`ditsweep status` lists them).")],
+    out: Annotated[
+        Optional[Path], typer.Option(help="Output folder (default reports/SWEEP_ID); replaced as a whole.")
+    ] = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Comparison table (Markdown, CSV), plots and an HTML page of a sweep; also attached to its run."""
+    from orchestrator.report import report as build_report
+
+    print(build_report(sweep_id, out, tracking_uri))
+
+
+@app.command()
+@handles_bad_input
+def ui(
+    tracking_uri: TrackingOption = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; anything but loopback exposes the store to the network.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 5000,
+) -> None:
+    """Start the MLflow UI on the store `launch` uses and print its address; Ctrl-C stops it."""
+    from orchestrator.tracking import serve_ui
+
+    raise typer.Exit(serve_ui(tracking_uri, host, port))
+
+
+@app.command()
+@handles_bad_input
+def submit(
+    spec: SpecArgument,
+    address: Annotated[
+        str,
+        typer.Option(help="The cluster's Ray dashboard, e.g. http://HEAD:8265 "
+                          "(kubectl -n ditsweep port-forward svc/ditsweep-head-svc 8265:8265)."),
+    ],
+    set_: SetOption = None,
+    storage: Annotated[
+        Optional[str],
+        typer.Option(help="Tune results every node can reach, e.g. s3://bucket/results "
+                          "(default ./ditsweep_results in the job's working directory on the head)."),
+    ] = None,
+    tracking_uri: Annotated[
+        Optional[str],
+        typer.Option("--tracking-uri", help="MLflow store, also sent as MLFLOW_TRACKING_URI "
+                                            "(default: the cluster's $MLFLOW_TRACKING_URI). No passwords in it."),
+    ] = None,
+    with_code: Annotated[
+        bool,
+        typer.Option("--with-code", help="Ship trainer/, orchestrator/ and pyproject.toml with the spec and run "
+                                         "them (the cluster's Python still needs ditsweep's dependencies)."),
+    ] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", help="Stream the job's logs; exit 0 if it SUCCEEDED, 1 if FAILED or STOPPED.")
+    ] = False,
+) -> None:
+    """Submit `ditsweep launch SPEC --address auto` to a running Ray cluster as a Ray Job.
+
+    The job carries the spec and, with --tracking-uri, MLFLOW_TRACKING_URI; never credentials.
+
+    Credentials (AWS keys, MLflow or database passwords) must be in the cluster's own environment.
+
+    Anyone who can list jobs reads what a job carries. On Kubernetes: Secrets (docker/kuberay/secrets.example.yaml).
+    """
+    from orchestrator import cluster
+
+    raise typer.Exit(cluster.submit(spec, address, set_ or [], storage=storage, tracking_uri=tracking_uri,
+                                    with_code=with_code, follow=follow))
+
+
+@app.command("render-k8s")
+@handles_bad_input
+def render_k8s(
+    spec: Annotated[
+        Path, typer.Argument(help="Sweep spec YAML as named in the repository; the image holds search_spaces/.")
+    ],
+    image: Annotated[
+        Optional[str], typer.Option(help="Image of every pod (default: the one in docker/kuberay/rayjob.yaml).")
+    ] = None,
+    storage: Annotated[
+        Optional[str],
+        typer.Option(help="Tune results every pod can reach (default: the one in docker/kuberay/rayjob.yaml)."),
+    ] = None,
+    name: Annotated[Optional[str], typer.Option(help="RayJob name (default: ditsweep-<spec file stem>).")] = None,
+    namespace: Annotated[Optional[str], typer.Option(help="Namespace to put in the manifest.")] = None,
+) -> None:
+    """Print a KubeRay RayJob manifest that runs the spec: `ditsweep render-k8s SPEC | kubectl apply -f -`."""
+    from orchestrator import cluster
+
+    print(cluster.render_k8s(spec, image=image, storage=storage, name=name, namespace=namespace), end="")
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m orchestrator.cli`

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from orchestrator.spec import SpecError, SweepSpec, Trial, expand, load_spec
+from orchestrator.spec import SpecError, SweepSpec, Trial, expand, load_spec, parse_spec
 from trainer.config import flatten
 
 EXIT_OK, EXIT_TRIALS_FAILED = 0, 1
@@ -56,7 +56,29 @@ def check_data(trials: list[Trial]) -> None:
         source = (data.source, data.image_size)
         if source not in sizes:
             sizes[source] = len(load_images(data.source, data.image_size))
-        split_subsets(sizes[source], data.test_images, data.num_images, data.fraction, data.shuffle_seed)
+        split_subsets(
+            sizes[source], data.test_images, data.num_images, data.fraction, data.shuffle_seed, disjoint=data.disjoint
+        )
+
+
+def check_fid_weights(trials: list[Trial]) -> None:
+    """Trials with FID need the Inception weights: check now that they can be had, not an hour into a trial.
+
+    A local file must exist and have the expected digest; a URI must be cached or answer. On a remote
+    Ray cluster the same path or URI must also work on the workers.
+    """
+    from trainer.inception import WeightsError, fetch_weights, weights_available
+
+    wanted = {(t.config.eval.fid.weights, t.config.eval.fid.weights_sha256) for t in trials if t.config.eval.fid.enabled}
+    for weights, sha256_prefix in sorted(wanted):
+        ok, explanation = weights_available(weights)
+        if not ok:
+            raise SpecError(f"eval.fid.enabled=true needs the FID Inception weights (eval.fid.weights): {explanation}")
+        if "://" not in weights:  # a local file: its digest is cheap to check here
+            try:
+                fetch_weights(weights, expected_sha256_prefix=sha256_prefix)
+            except WeightsError as err:
+                raise SpecError(f"eval.fid.weights: {err}") from None
 
 
 def plan_table(plan: Plan) -> str:
@@ -162,6 +184,7 @@ def launch(
 
     plan = load_plan(spec_path, overrides)
     plan.force = force
+    check_fid_weights(plan.trials)
     _check_storage(storage)
     tracker = Tracker(tracking_uri)
     experiment = tracker.experiment_id(plan.spec.name)
@@ -211,6 +234,7 @@ def resume(sweep_id: str, *, tracking_uri: str | None = None, address: str | Non
     storage = tags.get("ditsweep.storage") or None
     plan = _plan_from_text(spec_text, overrides)
     plan.force = tags.get("ditsweep.force") == "true"
+    check_fid_weights(plan.trials)
     manifest = json.loads(tracker.read_text(parent.info.run_id, "trials.json"))
     wanted = {t["key"] for t in manifest if not t.get("cached_run")}
     children = {run.data.tags[TAG_TRIAL_KEY]: run for run in tracker.sweep_trials(parent)}
@@ -249,16 +273,25 @@ def _run(plan: Plan, sink, sweep_id: str, storage: str | None, address: str | No
               f"{sweep_id}` continues them", flush=True)
     finally:
         all_finished = sink.close(outcome, interrupted=interrupted)
+    if not interrupted:
+        _refresh_report(sink.tracker, sweep_id)
     return EXIT_OK if all_finished else EXIT_TRIALS_FAILED
 
 
-def _plan_from_text(spec_text: str, overrides: list[str]) -> Plan:
-    import tempfile
+def _refresh_report(tracker, sweep_id: str) -> None:
+    """Rebuild the sweep's report and attach it to its run. Best effort: never fails the sweep."""
+    try:
+        from orchestrator.report import publish
 
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        f.write(spec_text)
-        f.flush()
-        spec = load_spec(f.name)
+        folder, _ = publish(tracker, sweep_id)
+        print(f"report: {folder / 'report.html'} (also on the sweep's run under report/)", flush=True)
+    except Exception as err:  # noqa: BLE001 - a report problem must not change the sweep's outcome
+        print(f"[ditsweep] warning: could not build the report of sweep {sweep_id}: "
+              f"{type(err).__name__}: {err}; `ditsweep report {sweep_id}` retries", flush=True)
+
+
+def _plan_from_text(spec_text: str, overrides: list[str]) -> Plan:
+    spec = parse_spec(spec_text, "the sweep's stored spec")
     return Plan(spec=spec, spec_text=spec_text, overrides=overrides, trials=expand(spec, overrides))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -29,5 +30,108 @@ def psnr_curve_png(curve: PsnrCurve, title: str) -> bytes:
     gap_ax.plot(curve.timesteps, curve.gap, marker="o", ms=3, color="tab:red")
     gap_ax.axhline(0.0, color="grey", lw=0.8)
     gap_ax.set(xlabel="diffusion step t", ylabel="PSNR gap (dB)", title="generalization gap")
+    fig.tight_layout()
+    return to_png(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweep comparisons (orchestrator.report builds the series; these only draw them)
+
+Point = tuple[float, float, float | None]  # x, mean, standard deviation over seeds (None: one seed)
+
+
+def _errorbar(ax, points: list, label: str, **style) -> None:
+    xs = [p[0] for p in points]
+    means = [p[1] for p in points]
+    spreads = [p[2] or 0.0 for p in points]
+    ax.errorbar(xs, means, yerr=spreads, marker="o", ms=4, capsize=3, label=label, **style)
+
+
+def _legend(ax, entries: int) -> None:
+    if entries > 8:  # many configurations: keep the plot area clear
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        ax.legend(fontsize="small")
+
+
+def psnr_gap_vs_images_png(series: dict[str, list[Point]], xlabel: str) -> bytes:
+    """PSNR gap against the training set size, one line per placement (log x), like the paper's Fig. 1."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, points in series.items():
+        _errorbar(ax, sorted(points), label)
+    ax.set_xscale("log")
+    sizes = sorted({p[0] for points in series.values() for p in points})
+    ax.set_xticks(sizes, [f"{size:g}" for size in sizes])  # label the sizes that were run, not powers of 10
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set(xlabel=xlabel, ylabel="PSNR gap, train - held-out (dB)", title="Generalization gap against data size")
+    _legend(ax, len(series))
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def psnr_per_step_png(panels: dict[str, dict[str, tuple[list[float], list[float], list[float]]]]) -> bytes:
+    """Train (solid) and held-out (dashed) PSNR of the one-step denoiser per diffusion step; one panel
+    per data size, one colour per configuration, each curve the mean over seeds."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels.items()):
+        for index, (label, (steps, train, test)) in enumerate(curves.items()):
+            color = f"C{index % 10}"
+            ax.plot(steps, train, color=color, marker="o", ms=3, label=f"{label} train")
+            ax.plot(steps, test, color=color, ls="--", marker="o", ms=3, label=f"{label} held-out")
+        ax.set(xlabel="diffusion step t", ylabel="PSNR of one-step x0 (dB)", title=title)
+        _legend(ax, 2 * len(curves))
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def metric_vs_window_png(windows: list[str], series: dict[str, list[tuple[str, float, float | None]]],
+                         baselines: dict[str, tuple[float, float | None]], metric: str = "FID") -> bytes:
+    """A metric against the local window size (categorical x: the window of each local block);
+    global-attention configurations are dashed horizontal lines."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    position = {window: i for i, window in enumerate(windows)}
+    for index, (label, points) in enumerate(series.items()):
+        ordered = sorted(points, key=lambda p: position[p[0]])
+        _errorbar(ax, [(position[w], m, s) for w, m, s in ordered], label, color=f"C{index % 10}")
+    for index, (label, (mean, _)) in enumerate(baselines.items(), start=len(series)):
+        ax.axhline(mean, color=f"C{index % 10}", ls="--", lw=1.2, label=f"{label} (global)")
+    ax.set_xticks(range(len(windows)), windows, rotation=20 if max(map(len, windows), default=0) > 6 else 0)
+    ax.set(xlabel="window size of the local blocks (tokens per side)", ylabel=f"{metric} (lower is better)",
+           title=f"{metric} against window size")
+    _legend(ax, len(series) + len(baselines))
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def attention_distance_png(series: dict[str, list[tuple[int, float]]]) -> bytes:
+    """Mean attention distance of each transformer block, one line per configuration."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, points in series.items():
+        blocks, distances = zip(*sorted(points))
+        ax.plot(blocks, distances, marker="o", ms=4, label=label)
+    ax.set(xlabel="transformer block", ylabel="mean attention distance (tokens)", title="Attention distance per block")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    _legend(ax, len(series))
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def attention_locality_png(locality: dict[str, list[float]], windows: list[int | None], title: str) -> bytes:
+    """One trial's attention locality per block (trainer.locality): the attention-weighted mean distance
+    (bars) and the share of attention inside the 3x3 and 7x7 neighbourhoods; each block is labelled
+    with its index and window (G = global)."""
+    blocks = list(range(len(locality["distance"])))
+    labels = [f"{b}\n{'G' if w is None else w}" for b, w in zip(blocks, windows)]
+    fig, (ax, share_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax.bar(blocks, locality["distance"], color="tab:blue")
+    ax.set(xlabel="block (window)", ylabel="mean attention distance (tokens)", title=title)
+    share_ax.plot(blocks, locality["local3"], marker="o", ms=4, label="inside 3x3")
+    share_ax.plot(blocks, locality["local7"], marker="o", ms=4, label="inside 7x7")
+    share_ax.set(xlabel="block (window)", ylabel="share of attention mass", ylim=(0.0, 1.05),
+                 title="attention inside the neighbourhood")
+    share_ax.legend(fontsize="small")
+    for axis in (ax, share_ax):
+        axis.set_xticks(blocks, labels, fontsize="small")
     fig.tight_layout()
     return to_png(fig)

@@ -1,4 +1,5 @@
-"""MLflow, and only here: experiments, the sweep's parent run, one child run per trial.
+"""MLflow, and only here: experiments, the sweep's parent run, one child run per trial, the
+report's artifacts, the experiment's run-table view, and the `mlflow ui` process of `ditsweep ui`.
 
 The driver is the only process that writes. Writes that fail because the tracking server went away
 are kept in an outbox and replayed in order once it answers again, so no result is lost.
@@ -9,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -34,6 +38,10 @@ TAG_ROLE = "ditsweep.role"
 TAG_SWEEP_ID = "ditsweep.sweep_id"
 TAG_TRIAL_KEY = "ditsweep.trial_key"
 TAG_PARENT = "mlflow.parentRunId"
+# The experiment's saved run-table view (MLflow UI "Views" menu and `?viewStateShareKey=`).
+VIEW_KEY = "ditsweep"
+TAG_VIEW = f"mlflow.sharedViewState.{VIEW_KEY}"
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 TERMINAL = {FINISHED, FAILED, KILLED}
@@ -139,10 +147,7 @@ class Tracker:
             return experiment.experiment_id
         if not create:
             return None
-        location = None
-        if _is_local_store(self.uri):
-            root = os.environ.get("DITSWEEP_ARTIFACT_ROOT") or str(Path(DEFAULT_ARTIFACT_ROOT).resolve())
-            location = root if "://" in root else Path(root).as_uri()
+        location = artifact_root() if _is_local_store(self.uri) else None
         return self.client.create_experiment(name, artifact_location=location)
 
     def finished_trials(self, experiment_id: str) -> dict[str, Run]:
@@ -190,6 +195,40 @@ class Tracker:
                 run_id=run_id, artifact_path=path, dst_path=tmp, tracking_uri=self.uri
             )
             return Path(local).read_text()
+
+    def find_run(self, run_id: str) -> Run | None:
+        """The run, or None when the store no longer has it (deleted)."""
+        try:
+            run = self.client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            return None
+        return None if run.info.lifecycle_stage == "deleted" else run
+
+    def experiment_name(self, experiment_id: str) -> str:
+        return self.client.get_experiment(experiment_id).name
+
+    def artifact_names(self, run_id: str, folder: str | None = None) -> set[str]:
+        """Paths of the artifacts directly under `folder` (the run's root by default)."""
+        return {item.path for item in self.client.list_artifacts(run_id, folder)}
+
+    def log_folder(self, run_id: str, folder: Path, artifact_path: str) -> None:
+        """Upload every file of a local folder under `artifact_path` (existing files are replaced)."""
+        self.client.log_artifacts(run_id, str(folder), artifact_path)
+
+    def set_run_table_view(self, experiment_id: str, name: str, params: list[str], metrics: list[str]) -> None:
+        """Make the MLflow UI run table show these params and metrics as columns: a saved view that the
+        UI lists under "Views" and opens from `runs_page_url`. Marks the experiment as model training
+        so the UI does not open it as a GenAI experiment."""
+        columns = [f"params.`{key}`" for key in params] + [f"metrics.`{key}`" for key in metrics]
+        state = {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}
+        now = _now_ms()
+        envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
+        self.client.set_experiment_tag(experiment_id, TAG_VIEW, json.dumps(envelope))
+        self.client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, "custom_model_development")
+
+    def experiments_with_view(self) -> list[tuple[str, str]]:
+        """(experiment id, name) of the experiments that have the ditsweep run-table view."""
+        return [(e.experiment_id, e.name) for e in self.client.search_experiments() if TAG_VIEW in e.tags]
 
     def end_run(self, run_id: str, status: str) -> None:
         self.outbox.run(f"end run {run_id}", lambda: self.client.set_terminated(run_id, status, _now_ms()))
@@ -261,6 +300,96 @@ class Tracker:
             token = page.token
             if not token:
                 return runs
+
+
+def artifact_root() -> str:
+    """Where runs of a local store keep their artifacts: ./mlartifacts unless DITSWEEP_ARTIFACT_ROOT."""
+    root = os.environ.get("DITSWEEP_ARTIFACT_ROOT") or str(Path(DEFAULT_ARTIFACT_ROOT).resolve())
+    return root if "://" in root else Path(root).as_uri()
+
+
+def runs_page_url(base_url: str, experiment_id: str) -> str:
+    """The experiment's run table in the MLflow UI, opened on the ditsweep view."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The MLflow UI
+
+
+def ui_command(uri: str, host: str, port: int) -> list[str]:
+    """`mlflow ui` over a local store, with the artifact root `launch` uses for new experiments."""
+    if uri.startswith(("http://", "https://")):
+        raise TrackingError(f"{uri} is a tracking server: its UI is at that address already")
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise TrackingError(f"no tracking store at '{path}': launch a sweep here first or pass --tracking-uri")
+    command = [sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port),
+               "--backend-store-uri", uri, "--workers", "1"]
+    if _is_local_store(uri):
+        command += ["--default-artifact-root", artifact_root()]
+    return command
+
+
+def ui_environment() -> dict[str, str]:
+    """A viewer needs no background job workers (GenAI judges, trace jobs): they cost a process per
+    job type and slow startup and shutdown. MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true brings them back."""
+    key = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
+    return {**os.environ, key: os.environ.get(key, "false")}
+
+
+def serve_ui(uri: str | None, host: str, port: int, startup_timeout_s: float = 120.0) -> int:
+    """Run the MLflow UI in the foreground until Ctrl-C; print its address once it answers."""
+    uri = resolve_tracking_uri(uri)
+    command = ui_command(uri, host, port)
+    experiments = Tracker(uri).experiments_with_view()
+    base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the server too, like Ctrl-C
+    # Its own process group: the server, its uvicorn worker and job runner are stopped together.
+    server = subprocess.Popen(command, start_new_session=True, env=ui_environment())
+    try:
+        if not _wait_healthy(server, base_url, startup_timeout_s):
+            return server.wait() if server.poll() is not None else _stop(server, 1)
+        print(f"MLflow UI: {base_url}", flush=True)
+        for experiment_id, name in experiments:
+            print(f"  {name}: {runs_page_url(base_url, experiment_id)}", flush=True)
+        print("Ctrl-C stops it.", flush=True)
+        return server.wait()
+    except KeyboardInterrupt:
+        return _stop(server, 0)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait_healthy(server: subprocess.Popen, base_url: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(base_url + "/health", timeout=2).read()
+            return True
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    if server.poll() is None:
+        print(f"[ditsweep] the MLflow UI did not answer at {base_url} within {timeout_s:.0f}s", flush=True)
+    return False
+
+
+def _stop(server: subprocess.Popen, code: int) -> int:
+    """Stop the server's whole process group: SIGTERM (uvicorn shuts down gracefully), SIGKILL if it lingers."""
+    for sig, grace_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            server.wait(timeout=grace_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    return code
 
 
 def run_status(run: Run) -> str:

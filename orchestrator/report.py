@@ -1,0 +1,534 @@
+"""A sweep's comparison report: one table row per configuration, plots, and one HTML page.
+
+A configuration is a grid point without its seed-like axes (`seed`, `data.shuffle_seed`): its numbers
+are the mean and the sample standard deviation over those seeds and shuffles. The paired change of a
+configuration compares each of its trials with the global-attention trial (placement `none`) that has
+the same seeds and the same other axes (placement and windows aside), and averages over the seeds.
+
+The table, plot series and pages are pure functions of `SweepData`; `fetch_sweep` reads a sweep from
+MLflow (through orchestrator.tracking) and `publish` writes the files and attaches them to the sweep's
+parent run, where the MLflow UI shows them.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import secrets
+import shutil
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from orchestrator.spec import axis_label
+from orchestrator.tracking import FINISHED, TAG_TRIAL_KEY, Tracker
+
+SEED_AXES = ("seed", "data.shuffle_seed")  # averaged over, never a configuration of their own
+PLACEMENT_AXES = ("attention.placement", "attention.windows")  # what differs from the baseline
+SIZE_PARAMS = ("data.num_images", "data.fraction")
+METRICS = ("psnr_gap", "psnr_train", "psnr_test", "fid", "kid")
+ATTENTION_DISTANCE = "attn_distance.block_"  # + block index
+GLOBAL_PLACEMENT = "none"
+MISSING = "MISSING"  # a trial of the manifest without a run (never started, or its run was deleted)
+REPORT_ARTIFACT_DIR = "report"
+REPORTS_DIR = Path("reports")
+RUN_TABLE_VIEW = "ditsweep: axes and key metrics"
+
+
+class ReportError(ValueError):
+    """The report cannot be built as asked; the message says what is missing or in the way."""
+
+
+@dataclass
+class TrialResult:
+    """One trial of the sweep as MLflow holds it: a child run, or the FINISHED run of an earlier sweep."""
+
+    name: str
+    axes: dict[str, Any]  # grid axis -> value, as in the sweep's trials.json
+    status: str  # FINISHED, FAILED, KILLED, RUNNING or MISSING
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    curve: dict[str, list[float]] | None = None  # psnr_curve.csv: timestep, psnr_train, psnr_test, psnr_gap
+    run_id: str | None = None
+    cached: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.status == FINISHED
+
+    @property
+    def placement(self) -> str:
+        return self.params.get("attention.placement") or str(self.axes.get("attention.placement", ""))
+
+
+@dataclass
+class SweepData:
+    sweep_id: str
+    experiment_id: str
+    experiment_name: str
+    parent_run_id: str
+    status: str
+    axes: list[str]  # grid axes in spec order
+    trials: list[TrialResult]
+
+
+@dataclass
+class ConfigRow:
+    """One configuration: its non-seed axis values and the statistics over its finished trials."""
+
+    axes: dict[str, Any]
+    trials: list[TrialResult]  # all of the configuration's trials, finished or not
+    mean: dict[str, float]
+    std: dict[str, float | None]  # None with a single finished trial
+    delta: dict[str, float | None]  # paired change against global attention; None without a baseline
+
+    @property
+    def finished(self) -> list[TrialResult]:
+        return [t for t in self.trials if t.finished]
+
+    @property
+    def schedule(self) -> str:
+        return next((t.params["attention.schedule"] for t in self.trials if "attention.schedule" in t.params), "")
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+def config_axes(axes: list[str]) -> list[str]:
+    return [a for a in axes if a not in SEED_AXES]
+
+
+def present_metrics(trials: list[TrialResult]) -> list[str]:
+    """The summary metrics that at least one finished trial logged, in METRICS order."""
+    return [m for m in METRICS if any(m in t.metrics for t in trials if t.finished)]
+
+
+def configuration_rows(trials: list[TrialResult], axes: list[str]) -> list[ConfigRow]:
+    """Group trials by their non-seed axes (in grid order) and summarize each group."""
+    groups: dict[tuple, list[TrialResult]] = {}
+    for trial in trials:
+        groups.setdefault(_axes_key(trial, config_axes(axes)), []).append(trial)
+    metrics = present_metrics(trials)
+    baselines = _baselines(trials, axes)
+    rows = []
+    for members in groups.values():
+        done = [t for t in members if t.finished]
+        mean: dict[str, float] = {}
+        std: dict[str, float | None] = {}
+        delta: dict[str, float | None] = {}
+        for metric in metrics:
+            values = [t.metrics[metric] for t in done if metric in t.metrics]
+            if values:
+                mean[metric] = statistics.fmean(values)
+                std[metric] = statistics.stdev(values) if len(values) > 1 else None
+            delta[metric] = paired_change(done, baselines, axes, metric)
+        rows.append(ConfigRow({a: members[0].axes.get(a) for a in config_axes(axes)}, members, mean, std, delta))
+    return rows
+
+
+def paired_change(trials: list[TrialResult], baselines: dict[tuple, TrialResult], axes: list[str],
+                  metric: str) -> float | None:
+    """Mean over seeds of metric(trial) - metric(global-attention trial with the same seeds)."""
+    differences = []
+    for trial in trials:
+        baseline = baselines.get((_context_key(trial, axes), _seed_key(trial, axes)))
+        if baseline is not None and metric in trial.metrics and metric in baseline.metrics:
+            differences.append(trial.metrics[metric] - baseline.metrics[metric])
+    return statistics.fmean(differences) if differences else None
+
+
+def _baselines(trials: list[TrialResult], axes: list[str]) -> dict[tuple, TrialResult]:
+    """(other axes, seeds) -> the finished global-attention trial there."""
+    return {
+        (_context_key(t, axes), _seed_key(t, axes)): t
+        for t in trials
+        if t.finished and t.placement == GLOBAL_PLACEMENT
+    }
+
+
+def _axes_key(trial: TrialResult, names: list[str]) -> tuple:
+    return tuple(json.dumps(trial.axes.get(name), sort_keys=True) for name in names)
+
+
+def _context_key(trial: TrialResult, axes: list[str]) -> tuple:
+    return _axes_key(trial, [a for a in config_axes(axes) if a not in PLACEMENT_AXES])
+
+
+def _seed_key(trial: TrialResult, axes: list[str]) -> tuple:
+    return _axes_key(trial, [a for a in axes if a in SEED_AXES])
+
+
+def show_value(value: Any) -> str:
+    """An axis value as the plan table shows it: windows as 3,5,7 with G for global."""
+    if isinstance(value, list):
+        return ",".join("G" if v is None else str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def _number(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return ""
+    return f"{value:+.4g}" if signed else f"{value:.4g}"
+
+
+def csv_header(axes: list[str], metrics: list[str]) -> list[str]:
+    columns = [*config_axes(axes), "schedule", "finished", "trials"]
+    for metric in metrics:
+        columns += [f"{metric}_mean", f"{metric}_std", f"{metric}_change_vs_global"]
+    return columns
+
+
+def table_csv(rows: list[ConfigRow], axes: list[str], metrics: list[str]) -> str:
+    """Full-precision numbers (repr), empty cells where a value does not exist."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(csv_header(axes, metrics))
+    for row in rows:
+        cells = [show_value(row.axes[a]) for a in config_axes(axes)]
+        cells += [row.schedule, str(len(row.finished)), str(len(row.trials))]
+        for metric in metrics:
+            for value in (row.mean.get(metric), row.std.get(metric), row.delta.get(metric)):
+                cells.append("" if value is None else repr(value))
+        writer.writerow(cells)
+    return buffer.getvalue()
+
+
+def display_table(rows: list[ConfigRow], axes: list[str], metrics: list[str]) -> list[list[str]]:
+    """Header and rows for people: `mean ± std` per metric, then its paired change against global."""
+    header = [*config_axes(axes), "schedule", "finished"]
+    for metric in metrics:
+        header += [metric, f"Δ{metric} vs global"]
+    table = [header]
+    for row in rows:
+        cells = [show_value(row.axes[a]) for a in config_axes(axes)]
+        cells += [row.schedule, f"{len(row.finished)}/{len(row.trials)}"]
+        for metric in metrics:
+            mean, std = row.mean.get(metric), row.std.get(metric)
+            cells.append(_number(mean) + (f" ± {_number(std)}" if mean is not None and std is not None else ""))
+            cells.append(_number(row.delta.get(metric), signed=True))
+        table.append(cells)
+    return table
+
+
+def table_markdown(table: list[list[str]]) -> str:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") or " " for c in cells) + " |"
+
+    return "\n".join([line(table[0]), "|" + "---|" * len(table[0]), *map(line, table[1:])]) + "\n"
+
+
+def table_html(table: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in table[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table[1:])
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>{body}</tbody>\n</table>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot series (plain data; orchestrator.plots draws them)
+
+
+def row_label(row: ConfigRow, without: tuple[str, ...] = ()) -> str:
+    """The configuration's axis values except `without`, e.g. `head·N1000`; its placement if none left."""
+    parts = [axis_label(k, v) for k, v in row.axes.items() if k not in without]
+    if parts:
+        return "·".join(parts)
+    return row.trials[0].placement or "all trials"
+
+
+def data_size(row: ConfigRow) -> tuple[float, str] | None:
+    """(value, axis label) of the training set size: num_images when set, else the fraction."""
+    params = next((t.params for t in row.trials if t.params), {})
+    for key, label in (("data.num_images", "training images N"), ("data.fraction", "training fraction of the pool")):
+        value = row.axes.get(key, params.get(key))
+        if value not in (None, "None", ""):
+            return float(value), label
+    return None
+
+
+def gap_vs_size(rows: list[ConfigRow]) -> tuple[str, dict[str, list[tuple[float, float, float | None]]]]:
+    """x label and, per configuration without its size, (size, mean gap, std) points."""
+    series: dict[str, list] = {}
+    xlabel = "training images N"
+    for row in rows:
+        size = data_size(row)
+        if size is None or "psnr_gap" not in row.mean:
+            continue
+        xlabel = size[1]
+        series.setdefault(row_label(row, SIZE_PARAMS), []).append((size[0], row.mean["psnr_gap"], row.std["psnr_gap"]))
+    return xlabel, series
+
+
+def step_curves(rows: list[ConfigRow]) -> dict[str, dict[str, tuple[list[float], list[float], list[float]]]]:
+    """Per data size, per configuration: (timesteps, mean train PSNR, mean held-out PSNR) over seeds."""
+    panels: dict[str, dict] = {}
+    for row in rows:
+        curves = [t.curve for t in row.finished if t.curve]
+        if not curves:
+            continue
+        curves = [c for c in curves if c["timestep"] == curves[0]["timestep"]]  # same eval steps only
+        size = data_size(row)
+        title = "all trials" if size is None else f"{size[1]} = {size[0]:g}"
+        train = [statistics.fmean(values) for values in zip(*(c["psnr_train"] for c in curves))]
+        test = [statistics.fmean(values) for values in zip(*(c["psnr_test"] for c in curves))]
+        panels.setdefault(title, {})[row_label(row, SIZE_PARAMS)] = (curves[0]["timestep"], train, test)
+    return panels
+
+
+def window_label(schedule: str) -> str | None:
+    """`3,5,7,G,G` -> "3,5,7"; all blocks one size -> "5"; no local block -> None (global)."""
+    local = [w for w in schedule.split(",") if w and w != "G"]
+    if not local:
+        return None
+    return local[0] if len(set(local)) == 1 else ",".join(local)
+
+
+def metric_by_window(rows: list[ConfigRow], metric: str):
+    """Window labels (smallest mean window first), per-configuration (window, mean, std) points of the
+    local configurations, and (mean, std) of the global ones."""
+    series: dict[str, list] = {}
+    baselines: dict[str, tuple[float, float | None]] = {}
+    for row in rows:
+        if metric not in row.mean:
+            continue
+        label = row_label(row, ("attention.windows",))
+        window = window_label(row.schedule)
+        if window is None:
+            baselines[label] = (row.mean[metric], row.std[metric])
+        else:
+            series.setdefault(label, []).append((window, row.mean[metric], row.std[metric]))
+    windows = sorted({p[0] for points in series.values() for p in points},
+                     key=lambda w: (statistics.fmean(int(v) for v in w.split(",")), w))
+    return windows, series, baselines
+
+
+def attention_distances(rows: list[ConfigRow]) -> dict[str, list[tuple[int, float]]]:
+    """Per configuration, (block, mean attention distance over seeds) for each block logged."""
+    series = {}
+    for row in rows:
+        per_block: dict[int, list[float]] = {}
+        for trial in row.finished:
+            for key, value in trial.metrics.items():
+                if key.startswith(ATTENTION_DISTANCE) and key[len(ATTENTION_DISTANCE):].isdigit():
+                    per_block.setdefault(int(key[len(ATTENTION_DISTANCE):]), []).append(value)
+        if per_block:
+            series[row_label(row)] = [(block, statistics.fmean(v)) for block, v in sorted(per_block.items())]
+    return series
+
+
+# ---------------------------------------------------------------------------------------------
+# The report's files
+
+
+@dataclass
+class Figure:
+    filename: str
+    caption: str
+    png: bytes
+
+
+def figures(rows: list[ConfigRow]) -> list[Figure]:
+    """The plots whose data exist; a metric nobody logged gives no plot (not an error)."""
+    from orchestrator import plots
+
+    out = []
+    xlabel, gap_series = gap_vs_size(rows)
+    if gap_series:
+        out.append(Figure("psnr_gap_vs_images.png", "PSNR gap (train - held-out) against the number of "
+                          "training images, per placement; error bars: std over seeds and shuffles",
+                          plots.psnr_gap_vs_images_png(gap_series, xlabel)))
+    panels = step_curves(rows)
+    if panels:
+        out.append(Figure("psnr_per_step.png", "Train (solid) and held-out (dashed) PSNR of the one-step "
+                          "denoiser per diffusion step, mean over seeds", plots.psnr_per_step_png(panels)))
+    windows, series, baselines = metric_by_window(rows, "fid")
+    if series or baselines:
+        out.append(Figure("fid_vs_window.png", "FID against the window size of the local blocks; dashed: "
+                          "global attention", plots.metric_vs_window_png(windows, series, baselines, "FID")))
+    distances = attention_distances(rows)
+    if distances:
+        out.append(Figure("attention_distance.png", "Mean attention distance per transformer block",
+                          plots.attention_distance_png(distances)))
+    return out
+
+
+def notes(data: SweepData) -> list[str]:
+    """Trials left out of the statistics, and where cached results came from."""
+    lines = [f"{t.name}: {t.status.lower()}, not in the statistics" for t in data.trials if not t.finished]
+    cached = sum(t.cached for t in data.trials)
+    if cached:
+        lines.append(f"{cached} trial(s) reuse FINISHED runs of earlier sweeps of experiment {data.experiment_name!r}")
+    return lines
+
+
+def summary_line(data: SweepData) -> str:
+    finished = sum(t.finished for t in data.trials)
+    return (f"Sweep `{data.sweep_id}` of experiment `{data.experiment_name}` ({data.status}): "
+            f"{finished} of {len(data.trials)} trials finished; parent run `{data.parent_run_id}`.")
+
+
+def markdown_page(data: SweepData, table: list[list[str]], figs: list[Figure]) -> str:
+    parts = [f"# Sweep {data.sweep_id}", "", summary_line(data), "",
+             "Mean ± sample std over seeds and shuffles; Δ: paired change against global attention "
+             "(placement none) at the same data size and seeds.", "", table_markdown(table)]
+    parts += [f"![{fig.caption}]({fig.filename})\n" for fig in figs]
+    parts += [f"- {line}" for line in notes(data)]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def html_page(data: SweepData, table: list[list[str]], figs: list[Figure]) -> str:
+    """One self-contained page: the plots are embedded as base64 PNG."""
+    e = html.escape
+    images = "\n".join(
+        f'<figure><img alt="{e(fig.caption)}" src="data:image/png;base64,{base64.b64encode(fig.png).decode()}">'
+        f"<figcaption>{e(fig.caption)}</figcaption></figure>"
+        for fig in figs
+    )
+    note_items = "".join(f"<li>{e(line)}</li>" for line in notes(data))
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{e(f"ditsweep report {data.sweep_id}")}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+div.table {{ overflow-x: auto; }}
+table {{ border-collapse: collapse; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; white-space: nowrap; }}
+th {{ background: #f3f3f3; }}
+figure {{ display: inline-block; margin: 1em 1em 0 0; vertical-align: top; }}
+img {{ max-width: 100%; }}
+</style>
+</head>
+<body>
+<h1>{e(f"Sweep {data.sweep_id}")}</h1>
+<p>{e(summary_line(data).replace("`", ""))}</p>
+<p>Mean ± sample standard deviation over seeds and shuffles; Δ: paired change against global attention
+(placement none) at the same data size and seeds. Generated {e(datetime.now().strftime("%Y-%m-%d %H:%M"))}.</p>
+<div class="table">{table_html(table)}</div>
+<ul>{note_items}</ul>
+{images}
+</body>
+</html>
+"""
+
+
+def build_report(data: SweepData) -> dict[str, bytes]:
+    """File name -> contents: report.md, report.csv, report.html and the PNG plots."""
+    rows = configuration_rows(data.trials, data.axes)
+    metrics = present_metrics(data.trials)
+    table = display_table(rows, data.axes, metrics)
+    figs = figures(rows)
+    files = {
+        "report.md": markdown_page(data, table, figs).encode(),
+        "report.csv": table_csv(rows, data.axes, metrics).encode(),
+        "report.html": html_page(data, table, figs).encode(),
+    }
+    files.update({fig.filename: fig.png for fig in figs})
+    return files
+
+
+def is_report_file(path: Path) -> bool:
+    return path.is_file() and (path.name in ("report.md", "report.csv", "report.html") or path.suffix == ".png")
+
+
+def write_report(files: dict[str, bytes], out: Path) -> Path:
+    """Write into a staging folder beside `out`, then swap it in: a failure leaves no half report.
+    An existing `out` is replaced only when it holds nothing but an earlier report's files."""
+    target = Path(out).resolve()
+    if target.exists() and not target.is_dir():
+        raise ReportError(f"--out {out} is a file; give a folder")
+    if target.is_dir() and not all(is_report_file(p) for p in target.iterdir()):
+        raise ReportError(f"--out {out} holds files that are not a ditsweep report; give a new or empty folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it private; a report is for sharing
+        for name, payload in files.items():
+            (staging / name).write_bytes(payload)
+        if target.exists():
+            previous = target.with_name(f".{target.name}.old-{secrets.token_hex(3)}")
+            target.rename(previous)
+            staging.rename(target)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Path(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow
+
+
+def fetch_sweep(tracker: Tracker, sweep_id: str) -> SweepData:
+    """The sweep's trials from its trials.json: its own child runs and the cached runs it reused."""
+    parent = tracker.find_sweep(sweep_id)
+    parent_id = parent.info.run_id
+    if "trials.json" not in tracker.artifact_names(parent_id):
+        raise ReportError(f"sweep {sweep_id} has no trials.json on its run {parent_id}; it cannot be reported")
+    manifest = json.loads(tracker.read_text(parent_id, "trials.json"))
+    children = {run.data.tags[TAG_TRIAL_KEY]: run for run in tracker.sweep_trials(parent)}
+    trials = []
+    for entry in manifest:
+        cached = bool(entry.get("cached_run"))
+        run = tracker.find_run(entry["cached_run"]) if cached else children.get(entry["key"])
+        trials.append(_trial_result(tracker, entry, run, cached))
+    return SweepData(
+        sweep_id=sweep_id,
+        experiment_id=parent.info.experiment_id,
+        experiment_name=tracker.experiment_name(parent.info.experiment_id),
+        parent_run_id=parent_id,
+        status=parent.info.status,
+        axes=list(manifest[0]["axes"]) if manifest else [],
+        trials=trials,
+    )
+
+
+def _trial_result(tracker: Tracker, entry: dict, run, cached: bool) -> TrialResult:
+    if run is None:
+        return TrialResult(name=entry["name"], axes=entry["axes"], status=MISSING, cached=cached)
+    run_id = run.info.run_id
+    curve = None
+    if run.info.status == FINISHED and "psnr_curve.csv" in tracker.artifact_names(run_id):
+        curve = parse_curve_csv(tracker.read_text(run_id, "psnr_curve.csv"))
+    return TrialResult(
+        name=entry["name"], axes=entry["axes"], status=run.info.status, params=dict(run.data.params),
+        metrics=dict(run.data.metrics), curve=curve, run_id=run_id, cached=cached,
+    )
+
+
+def parse_curve_csv(text: str) -> dict[str, list[float]]:
+    columns: dict[str, list[float]] = {}
+    for record in csv.DictReader(io.StringIO(text)):
+        for key, value in record.items():
+            columns.setdefault(key, []).append(float(value))
+    return columns
+
+
+def publish(tracker: Tracker, sweep_id: str, out: Path | None = None) -> tuple[Path, SweepData]:
+    """Build the report, write it to `out` (default reports/SWEEP_ID), attach it to the sweep's run
+    under report/, and point the experiment's MLflow run table at the sweep's axes and metrics."""
+    data = fetch_sweep(tracker, sweep_id)
+    folder = write_report(build_report(data), out or REPORTS_DIR / sweep_id)
+    tracker.log_folder(data.parent_run_id, folder, REPORT_ARTIFACT_DIR)
+    params = [*data.axes, "attention.schedule"]
+    tracker.set_run_table_view(data.experiment_id, RUN_TABLE_VIEW, params, present_metrics(data.trials))
+    return folder, data
+
+
+def report(sweep_id: str, out: Path | None, tracking_uri: str | None) -> str:
+    """`ditsweep report`: what was written, for the terminal."""
+    tracker = Tracker(tracking_uri)
+    folder, data = publish(tracker, sweep_id, out)
+    names = sorted(p.name for p in folder.iterdir())
+    return (f"report of sweep {sweep_id} in {folder}/: {', '.join(names)}\n"
+            f"attached to run {data.parent_run_id} under {REPORT_ARTIFACT_DIR}/; open {folder / 'report.html'}")

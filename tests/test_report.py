@@ -1,0 +1,302 @@
+"""`ditsweep report`: the comparison table read back from MLflow, plots, HTML; and `ditsweep ui`'s command.
+
+The table's numbers are checked against the runs in MLflow, computed here independently (grouped by
+the runs' own params, numpy for the statistics): once on a store built run by run with the MLflow
+client (cached, failed and missing trials, FID and attention-distance metrics), and once on a real
+tiny sweep launched through the CLI.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.report import TrialResult, configuration_rows, table_csv, window_label, write_report
+from orchestrator.tracking import TrackingError, ui_command
+from tests.test_sweep import TINY, ditsweep, sqlite_uri, write_spec
+
+PNG = b"\x89PNG\r\n\x1a\n"
+LOCAL = "3,5,7,9,11,13,G,G,G,G,G,G"
+GLOBAL = ",".join(["G"] * 12)
+METRIC_COLUMNS = ("psnr_gap", "psnr_train", "psnr_test", "fid", "kid")
+
+
+def read_table(folder: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO((folder / "report.csv").read_text())))
+
+
+def expected_rows(runs: list, axes: tuple[str, ...], metrics: tuple[str, ...]) -> dict[tuple, dict]:
+    """Configuration (values of the non-seed `axes`, placement first) -> {metric_mean, metric_std,
+    metric_change_vs_global}, from the runs' own params and metrics: mean, sample std, and the mean over
+    seeds of (run - the global-attention run with the same seed and other axes)."""
+    by_config: dict[tuple, dict[str, dict]] = {}
+    for run in runs:
+        key = tuple(run.data.params[a] for a in axes)
+        by_config.setdefault(key, {})[run.data.params["seed"]] = run.data.metrics
+    expected = {}
+    for key, seeds in by_config.items():
+        baseline = by_config.get(("none", *key[1:]), {})
+        row: dict[str, float | None] = {}
+        for metric in metrics:
+            values = np.array([m[metric] for m in seeds.values() if metric in m])
+            row[f"{metric}_mean"] = float(values.mean()) if len(values) else None
+            row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else None
+            pairs = [m[metric] - baseline[s][metric] for s, m in seeds.items()
+                     if metric in m and s in baseline and metric in baseline[s]]
+            row[f"{metric}_change_vs_global"] = float(np.mean(pairs)) if pairs else None
+        expected[key] = row
+    return expected
+
+
+def assert_table_matches(table: list[dict[str, str]], expected: dict, axes: tuple[str, ...],
+                         metrics: tuple[str, ...]) -> None:
+    assert {tuple(r[a] for a in axes) for r in table} == set(expected)
+    for row in table:
+        want = expected[tuple(row[a] for a in axes)]
+        for column in (f"{m}_{part}" for m in metrics for part in ("mean", "std", "change_vs_global")):
+            if want[column] is None:
+                assert row[column] == "", (row, column)
+            else:
+                assert float(row[column]) == pytest.approx(want[column], rel=1e-9, abs=1e-12), (row, column)
+
+
+# ---------------------------------------------------------------------------------------------
+# A store built run by run
+
+
+def trial_name(axes: dict) -> str:
+    return f"{axes['attention.placement']}·N{axes['data.num_images']}·s{axes['seed']}"
+
+
+def trial_key(axes: dict) -> str:
+    return "-".join(str(v) for v in axes.values())
+
+
+class StoreBuilder:
+    """Runs shaped the way the sweep driver writes them (tags, flattened params, psnr_curve.csv)."""
+
+    def __init__(self, folder: Path, experiment: str):
+        self.uri = sqlite_uri(folder)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment = self.client.create_experiment(experiment, artifact_location=(folder / "art").as_uri())
+        self.random = random.Random(0)
+
+    def sweep(self, sweep_id: str, manifest: list[dict]) -> str:
+        run = self.client.create_run(self.experiment, run_name=f"sweep {sweep_id}",
+                                     tags={"ditsweep.role": "sweep", "ditsweep.sweep_id": sweep_id})
+        self.client.log_text(run.info.run_id, json.dumps(manifest), "trials.json")
+        self.client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    def trial(self, sweep_id: str, parent: str, axes: dict, status: str = "FINISHED") -> str:
+        run = self.client.create_run(self.experiment, run_name=trial_name(axes), tags={
+            "mlflow.parentRunId": parent, "ditsweep.role": "trial", "ditsweep.sweep_id": sweep_id,
+            "ditsweep.trial_key": trial_key(axes)})
+        run_id = run.info.run_id
+        params = {"attention.placement": axes["attention.placement"], "data.num_images": axes["data.num_images"],
+                  "seed": axes["seed"], "data.fraction": None, "attention.windows": "[3, 5, 7, 9, 11, 13]",
+                  "attention.schedule": GLOBAL if axes["attention.placement"] == "none" else LOCAL}
+        train, test = 20 + self.random.random(), 19 + self.random.random()
+        metrics = {"psnr_train": train, "psnr_test": test, "psnr_gap": train - test}
+        if axes["data.num_images"] == 16:  # FID only at the larger size, as in the paper
+            metrics |= {"fid": 50 + 10 * self.random.random(), "kid": 0.01 * self.random.random()}
+        metrics |= {f"attn_distance.block_{b}": b + self.random.random() for b in range(4)}
+        self.client.log_batch(run_id, metrics=[Metric(k, v, 0, 2) for k, v in metrics.items()],
+                              params=[Param(k, str(v)) for k, v in params.items()])
+        if status == "FINISHED":
+            curve = "timestep,psnr_train,psnr_test,psnr_gap\n" + "".join(
+                f"{t},{train - t / 100},{test - t / 100},{train - test}\n" for t in (0, 500, 999))
+            self.client.log_text(run_id, curve, "psnr_curve.csv")
+        self.client.set_terminated(run_id, status)
+        return run_id
+
+
+@pytest.fixture(scope="module")
+def built_store(tmp_path_factory):
+    """An earlier sweep whose trial (none, N8, s0) is reused, and a sweep of 2 placements x 2 sizes x
+    3 seeds around it, with one FAILED trial and one trial that never got a run."""
+    store = StoreBuilder(tmp_path_factory.mktemp("built"), "compare <b>&</b>")
+    earlier = store.sweep("earlier", [])
+    cached = store.trial("earlier", earlier, {"attention.placement": "none", "data.num_images": 8, "seed": 0})
+    grid = [{"attention.placement": p, "data.num_images": n, "seed": s}
+            for p in ("none", "head") for n in (8, 16) for s in (0, 1, 2)]
+    failed, missing = grid[-1], grid[-4]  # head N16 s2, head N8 s2
+    manifest = [{"key": trial_key(a), "name": trial_name(a), "axes": a, "schedule": "",
+                 "cached_run": cached if a == grid[0] else None} for a in grid]
+    parent = store.sweep("current", manifest)
+    for axes in grid[1:]:
+        if axes != missing:
+            store.trial("current", parent, axes, "FAILED" if axes == failed else "FINISHED")
+    return {"store": store, "parent": parent, "cached": cached}
+
+
+def test_report_table_matches_the_runs_in_mlflow(built_store, tmp_path):
+    store, out = built_store["store"], tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", "current", "--out", str(out), "--tracking-uri", store.uri])
+    assert result.exit_code == 0, result.output
+    client = store.client
+    trials = client.search_runs([store.experiment], "tags.`ditsweep.sweep_id` = 'current' and "
+                                "tags.`ditsweep.role` = 'trial' and attributes.status = 'FINISHED'")
+    finished = [*trials, client.get_run(built_store["cached"])]
+    assert len(finished) == 10  # 12 trials: one FAILED, one without a run
+    table = read_table(out)
+    axes = ("attention.placement", "data.num_images")
+    assert_table_matches(table, expected_rows(finished, axes, METRIC_COLUMNS), axes, METRIC_COLUMNS)
+    counts = {(r["attention.placement"], r["data.num_images"]): (r["finished"], r["trials"]) for r in table}
+    assert counts == {("none", "8"): ("3", "3"), ("none", "16"): ("3", "3"),
+                      ("head", "8"): ("2", "3"), ("head", "16"): ("2", "3")}
+    assert [r["schedule"] for r in table] == [GLOBAL, GLOBAL, LOCAL, LOCAL]
+
+    files = {p.name for p in out.iterdir()}
+    plots = {"psnr_gap_vs_images.png", "psnr_per_step.png", "fid_vs_window.png", "attention_distance.png"}
+    assert files == {"report.md", "report.csv", "report.html"} | plots
+    assert all((out / name).read_bytes().startswith(PNG) for name in plots)
+    page = (out / "report.html").read_text()
+    assert "compare &lt;b&gt;&amp;&lt;/b&gt;" in page and "<b>&</b>" not in page
+    assert page.count('src="data:image/png;base64,') == len(plots)
+    assert "head·N16·s2: failed" in page and "head·N8·s2: missing" in page
+    markdown = (out / "report.md").read_text()
+    assert "| attention.placement | data.num_images | schedule | finished | psnr_gap |" in markdown
+    assert "![" in markdown and "(psnr_gap_vs_images.png)" in markdown
+
+    attached = {a.path for a in client.list_artifacts(built_store["parent"], "report")}
+    assert attached == {f"report/{name}" for name in files}
+    view = json.loads(client.get_experiment(store.experiment).tags["mlflow.sharedViewState.ditsweep"])
+    columns = json.loads(view["state"])["selectedColumns"]
+    assert "params.`attention.placement`" in columns and "metrics.`psnr_gap`" in columns
+
+
+def test_a_second_report_replaces_the_first(built_store, tmp_path):
+    store, out = built_store["store"], tmp_path / "report"
+    out.mkdir()
+    (out / "old_plot.png").write_bytes(PNG)  # from an earlier report with other metrics
+    result = CliRunner().invoke(app, ["report", "current", "--out", str(out), "--tracking-uri", store.uri])
+    assert result.exit_code == 0, result.output
+    assert not (out / "old_plot.png").exists() and (out / "report.csv").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no staging folder left behind
+
+
+def test_a_folder_that_is_not_a_report_is_never_replaced(built_store, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["report", "current", "--out", str(tmp_path), "--tracking-uri",
+                                      built_store["store"].uri])
+    assert result.exit_code == 2 and "not a ditsweep report" in result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_unknown_sweep_is_bad_input(built_store):
+    result = CliRunner().invoke(app, ["report", "nope", "--tracking-uri", built_store["store"].uri])
+    assert result.exit_code == 2
+    assert "no sweep with id 'nope'" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure parts
+
+
+def trial(placement: str, seed: int, gap: float) -> TrialResult:
+    return TrialResult(f"{placement}·s{seed}", {"attention.placement": placement, "seed": seed}, "FINISHED",
+                       params={"attention.placement": placement}, metrics={"psnr_gap": gap})
+
+
+def test_paired_change_uses_only_seeds_both_sides_have():
+    trials = [trial("head", 0, 1.0), trial("head", 1, 2.0), trial("none", 0, 4.0)]
+    head, none = configuration_rows(trials, ["attention.placement", "seed"])
+    assert head.mean["psnr_gap"] == 1.5 and head.std["psnr_gap"] == pytest.approx(np.std([1.0, 2.0], ddof=1))
+    assert head.delta["psnr_gap"] == -3.0  # seed 1 has no global run to pair with
+    assert none.std["psnr_gap"] is None and none.delta["psnr_gap"] == 0.0
+
+
+def test_no_global_baseline_leaves_the_change_blank():
+    rows = configuration_rows([trial("head", 0, 1.0), trial("tail", 0, 2.0)], ["attention.placement", "seed"])
+    assert [r.delta["psnr_gap"] for r in rows] == [None, None]
+    table = list(csv.DictReader(io.StringIO(table_csv(rows, ["attention.placement", "seed"], ["psnr_gap"]))))
+    assert [r["psnr_gap_change_vs_global"] for r in table] == ["", ""]
+    assert [r["psnr_gap_std"] for r in table] == ["", ""]
+
+
+def test_window_label():
+    assert window_label(LOCAL) == "3,5,7,9,11,13"
+    assert window_label("5,5,5,G") == "5"
+    assert window_label(GLOBAL) is None
+
+
+def test_a_failed_write_leaves_the_previous_report(tmp_path):
+    out = tmp_path / "report"
+    write_report({"report.csv": b"one"}, out)
+    with pytest.raises(TypeError):
+        write_report({"report.csv": b"two", "report.html": "not bytes"}, out)
+    assert (out / "report.csv").read_bytes() == b"one" and not (out / "report.html").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]
+
+
+def test_a_report_failure_only_warns_at_sweep_end(monkeypatch, capsys):
+    from orchestrator import launch, report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report, "publish", broken)
+    launch._refresh_report(tracker=None, sweep_id="s1")
+    assert "warning: could not build the report of sweep s1: RuntimeError: disk full" in capsys.readouterr().out
+
+
+def test_ui_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DITSWEEP_ARTIFACT_ROOT", raising=False)
+    (tmp_path / "mlflow.db").touch()
+    command = ui_command("sqlite:///mlflow.db", "127.0.0.1", 5123)
+    assert command[1:3] == ["-m", "mlflow"] and command[3] == "ui"
+    flags = dict(zip(command[4::2], command[5::2]))
+    assert flags["--host"] == "127.0.0.1" and flags["--port"] == "5123"
+    assert flags["--backend-store-uri"] == "sqlite:///mlflow.db"
+    assert flags["--default-artifact-root"] == (tmp_path / "mlartifacts").as_uri()
+    with pytest.raises(TrackingError, match="its UI is at that address"):
+        ui_command("http://127.0.0.1:5000", "127.0.0.1", 5000)
+    with pytest.raises(TrackingError, match="no tracking store"):
+        ui_command("sqlite:///elsewhere.db", "127.0.0.1", 5000)
+    result = CliRunner().invoke(app, ["ui", "--tracking-uri", "sqlite:///elsewhere.db"])
+    assert result.exit_code == 2 and "no tracking store" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# A real sweep
+
+
+@pytest.mark.slow
+def test_report_of_a_real_sweep(tmp_path):
+    base = {**TINY, "train": {**TINY["train"], "steps": 2}}
+    spec = write_spec(tmp_path, name="realreport", base=base,
+                      grid={"attention.placement": ["none", "head"], "seed": [0, 1]})
+    launched = ditsweep("launch", str(spec), cwd=tmp_path)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    client = MlflowClient(tracking_uri=sqlite_uri(tmp_path))
+    experiment = client.get_experiment_by_name("realreport").experiment_id
+    parent = client.search_runs([experiment], "tags.`ditsweep.role` = 'sweep'")[0]
+    sweep_id = parent.data.tags["ditsweep.sweep_id"]
+    # Regenerated when the sweep ended: on disk and on the sweep's run.
+    assert f"report: reports/{sweep_id}/report.html" in launched.stdout
+    attached = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.csv", "report/report.html", "report/psnr_gap_vs_images.png"} <= attached
+
+    result = ditsweep("report", sweep_id, "--out", "cmp", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "cmp"
+    trials = client.search_runs([experiment], "tags.`ditsweep.role` = 'trial'")
+    assert len(trials) == 4 and {r.info.status for r in trials} == {"FINISHED"}
+    metrics = ("psnr_gap", "psnr_train", "psnr_test")
+    axes = ("attention.placement",)
+    assert_table_matches(read_table(out), expected_rows(trials, axes, metrics), axes, metrics)
+    assert {"report.md", "report.csv", "report.html", "psnr_gap_vs_images.png", "psnr_per_step.png"} <= {
+        p.name for p in out.iterdir()}
+    assert (out / "psnr_gap_vs_images.png").read_bytes().startswith(PNG)

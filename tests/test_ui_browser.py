@@ -1,0 +1,241 @@
+"""The MLflow UI in a real headless browser, over a store holding a finished tiny sweep.
+
+`ditsweep ui` serves the store on loopback; Debian's chromium (installed here with apt-get when
+missing) is driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`: JSON messages
+ending in NUL on file descriptors 3 and 4), so no driver or extra Python package is needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.test_sweep import TINY, ditsweep, free_port, sqlite_uri, write_spec
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "chromium"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--window-size=1400,900",
+]
+
+# Text of each body cell of the MLflow run table's "Run Name" column.
+RUN_NAME_CELLS = (
+    "Array.from(document.querySelectorAll('div[role=gridcell][col-id=\"attributes.`Run Name`\"] a'))"
+    ".map(a => a.innerText.trim())"
+)
+
+
+def install_chromium() -> str:
+    """The chromium binary; installed with apt-get when missing. Skips, saying why, when it cannot be."""
+    found = shutil.which(CHROMIUM)
+    if found:
+        return found
+    if os.geteuid() != 0:
+        pytest.skip("chromium is not installed and installing it needs root (`apt-get install -y chromium`)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", CHROMIUM]  # waits out other apt runs
+    for command in (["apt-get", "update"], install):
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            pytest.skip(f"chromium is not installed and `{' '.join(command)}` could not run: {err}")
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            pytest.skip(f"chromium is not installed and `{' '.join(command)}` failed: {tail[0]}")
+    found = shutil.which(CHROMIUM)
+    if not found:
+        pytest.skip("`apt-get install chromium` succeeded but no chromium binary is on PATH")
+    return found
+
+
+class Browser:
+    """Headless chromium driven over the DevTools protocol on a pipe."""
+
+    def __init__(self, binary: str, profile: Path):
+        to_browser, self._send = os.pipe()
+        self._receive, from_browser = os.pipe()
+
+        def fds_3_and_4() -> None:  # chromium reads commands on fd 3 and writes replies on fd 4
+            read_end = fcntl.fcntl(to_browser, fcntl.F_DUPFD, 10)
+            write_end = fcntl.fcntl(from_browser, fcntl.F_DUPFD, 10)
+            os.dup2(read_end, 3)
+            os.dup2(write_end, 4)
+
+        self.proc = subprocess.Popen(
+            [binary, *CHROMIUM_FLAGS, "--remote-debugging-pipe", f"--user-data-dir={profile}", "about:blank"],
+            pass_fds=(3, 4), preexec_fn=fds_3_and_4, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        os.close(to_browser)
+        os.close(from_browser)
+        self._next_id = 0
+        self._buffer = b""
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def call(self, method: str, timeout: float = 60.0, session: str | None = None, **params) -> dict:
+        self._next_id += 1
+        message = {"id": self._next_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self._send, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._read(deadline)
+            if reply.get("id") == self._next_id:  # anything else is an event
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def page(self, method: str, **params) -> dict:
+        return self.call(method, session=self.session, **params)
+
+    def _read(self, deadline: float) -> dict:
+        while b"\0" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._receive], [], [], left)[0]:
+                raise TimeoutError("chromium did not answer")
+            chunk = os.read(self._receive, 1 << 20)
+            if not chunk:
+                raise RuntimeError("chromium closed the pipe")
+            self._buffer += chunk
+        message, self._buffer = self._buffer.split(b"\0", 1)
+        return json.loads(message)
+
+    def evaluate(self, expression: str):
+        return self.page("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_for_text(self, texts: list[str], timeout: float = 90.0) -> str:
+        """The page's visible text once it contains every one of `texts`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            body = self.evaluate("document.body ? document.body.innerText : ''") or ""
+            if all(t in body for t in texts):
+                return body
+            if time.monotonic() > deadline:
+                missing = [t for t in texts if t not in body]
+                raise AssertionError(f"the page never showed {missing}; it shows:\n{body[:3000]}")
+            time.sleep(0.5)
+
+    def wait_for_run_names(self, names: list[str], timeout: float = 60.0) -> list[str]:
+        """The run names in the run table's name column, once all of `names` are among them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            shown = self.evaluate(RUN_NAME_CELLS) or []
+            if set(names) <= set(shown) or time.monotonic() > deadline:
+                return shown
+            time.sleep(0.5)
+
+    def screenshot(self, path: Path) -> Path:
+        path.write_bytes(base64.b64decode(self.page("Page.captureScreenshot", format="png")["data"]))
+        return path
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close", timeout=10)
+        except (RuntimeError, TimeoutError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        os.close(self._send)
+        os.close(self._receive)
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory) -> dict:
+    """A store holding one finished tiny sweep of two trials."""
+    folder = tmp_path_factory.mktemp("ui_sweep")
+    spec = write_spec(folder, name="uisweep", base={**TINY, "train": {**TINY["train"], "steps": 2}})
+    result = ditsweep("launch", str(spec), cwd=folder)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(tracking_uri=sqlite_uri(folder))
+    experiment = client.get_experiment_by_name("uisweep")
+    runs = client.search_runs([experiment.experiment_id])
+    sweep = next(r for r in runs if r.data.tags["ditsweep.role"] == "sweep")
+    trials = sorted(r.info.run_name for r in runs if r.data.tags["ditsweep.role"] == "trial")
+    return {"folder": folder, "experiment_id": experiment.experiment_id, "sweep": sweep.info.run_name,
+            "trials": trials}
+
+
+@pytest.fixture
+def mlflow_ui(finished_sweep, tmp_path):
+    """`ditsweep ui` on a free loopback port; yields the lines it printed once the UI answered."""
+    port = free_port()
+    log = tmp_path / "ditsweep-ui.log"  # a file, not a pipe: nobody must have to drain the server's log
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)],
+            cwd=finished_sweep["folder"], stdout=sink, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while "Ctrl-C stops it." not in log.read_text():  # printed once /health answers
+            assert proc.poll() is None, f"`ditsweep ui` exited with {proc.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"`ditsweep ui` did not come up:\n{log.read_text()}"
+            time.sleep(0.5)
+        yield {"port": port, "lines": log.read_text().splitlines()}
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)  # `ditsweep ui` stops the MLflow server it started
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    return install_chromium()
+
+
+@pytest.fixture
+def browser(chromium, tmp_path):
+    chrome = Browser(chromium, tmp_path / "chromium-profile")
+    yield chrome
+    chrome.close()
+
+
+def test_mlflow_ui_lists_the_sweep_and_its_trials(chromium, finished_sweep, mlflow_ui, browser, tmp_path):
+    """`chromium` comes first: without a browser the test skips before any sweep runs."""
+    base = f"http://127.0.0.1:{mlflow_ui['port']}"
+    assert f"MLflow UI: {base}" in mlflow_ui["lines"]
+    runs_page = next(line.split(": ", 1)[1] for line in mlflow_ui["lines"] if line.strip().startswith("uisweep:"))
+    assert runs_page == f"{base}/#/experiments/{finished_sweep['experiment_id']}/runs?viewStateShareKey=ditsweep"
+    assert urllib.request.urlopen(base + "/health", timeout=10).read().strip() == b"OK"
+
+    browser.page("Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1, mobile=False)
+    browser.page("Page.navigate", url=runs_page)
+    # The sweep's run, with the axis params and key metrics as columns (the view the report sets).
+    body = browser.wait_for_text([finished_sweep["sweep"], "attention.placement", "psnr_gap", "3 matching runs"])
+    assert browser.wait_for_run_names([finished_sweep["sweep"]]) == [finished_sweep["sweep"]], body[:3000]
+    # Its trials are nested under it: opening the sweep's row lists them too.
+    clicked = browser.evaluate(
+        "(() => { const b = document.querySelector('button[data-component-id*=\"runnamecellrenderer\"]');"
+        " if (!b) return false; b.click(); return true; })()"
+    )
+    assert clicked, "no expand button on the sweep's row"
+    names = browser.wait_for_run_names([finished_sweep["sweep"], *finished_sweep["trials"]])
+    assert sorted(names) == sorted([finished_sweep["sweep"], *finished_sweep["trials"]])
+    shot = browser.screenshot(tmp_path / "mlflow_ui_runs.png")
+    print(f"screenshot of the MLflow UI: {shot}")
+    assert shot.stat().st_size > 10_000
