@@ -92,10 +92,7 @@ def plan_table(plan: Plan) -> str:
             state = "rerun" if trial.key in plan.cached else "run"
         values = [_cell(trial.axes[a]) for a in axes]
         rows.append([str(i), *values, trial.config.schedule, trial.key[:10], state])
-    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table([header, *rows], rule=True)
 
 
 def _cell(value: Any) -> str:
@@ -105,37 +102,51 @@ def _cell(value: Any) -> str:
 
 
 def compute_estimate(plan: Plan) -> str:
-    """Training FLOPs (3x forward per image) for the trials that will run, and a rough time."""
+    """Training FLOPs (3x forward per image) for the trials that will run, and the time they take
+    on this machine: a few training steps of the first model are timed, the rest scaled by FLOPs."""
     from trainer.model import build_dit
 
-    total = 0.0
-    per_model: dict[tuple, float] = {}
+    flops_per_image: dict[tuple, float] = {}
+    images: dict[tuple, int] = {}
+    calibration: tuple[float, float] | None = None  # (seconds per image, FLOPs per image)
     for trial in plan.to_run:
         cfg = trial.config
         shape = (cfg.model.size, cfg.data.image_size, tuple(cfg.windows))
-        if shape not in per_model:
+        if shape not in flops_per_image:
             model = build_dit(cfg.model.size, image_size=cfg.data.image_size, in_channels=3, windows=cfg.windows)
-            per_model[shape] = float(model.flops_per_image())
-        total += 3.0 * per_model[shape] * cfg.train.steps * cfg.train.batch_size
-    rate = _matmul_rate()
-    # Small models reach a fraction of matmul peak; 25% is what the tiny DiT gets on a laptop CPU.
-    seconds = total / (0.25 * rate) if rate else float("nan")
+            flops_per_image[shape] = 3.0 * model.flops_per_image()
+            if calibration is None:
+                batch = min(cfg.train.batch_size, 16)
+                calibration = (_seconds_per_image(model, cfg.data.image_size, batch), flops_per_image[shape])
+        images[shape] = images.get(shape, 0) + cfg.train.steps * cfg.train.batch_size
+    flops = sum(flops_per_image[s] * n for s, n in images.items())
+    seconds = flops * calibration[0] / calibration[1] if calibration else 0.0
     return (
-        f"{len(plan.to_run)} of {len(plan.trials)} trials to run, {total / 1e12:.2f} TFLOP of training "
-        f"(about {_duration(seconds)} of compute at 25% of this machine's {rate / 1e9:.0f} GFLOP/s matmul rate)"
+        f"{len(plan.to_run)} of {len(plan.trials)} trials to run, {flops / 1e12:.2f} TFLOP of training, "
+        f"about {_duration(seconds)} of training in one process on this machine (calibrated)"
     )
 
 
-def _matmul_rate() -> float:
+def _seconds_per_image(model, image_size: int, batch: int) -> float:
+    """Wall time of one training step per image: best of three steps after two warm-up steps
+    (the first steps pay for kernel and thread-pool set-up)."""
     import torch
 
-    a = torch.randn(512, 512)
+    from trainer.diffusion import linear_schedule, training_loss
+
+    schedule = linear_schedule()
+    optimizer = torch.optim.AdamW(model.parameters())
+    x0 = torch.rand(batch, 3, image_size, image_size) * 2 - 1
     best = float("inf")
-    for _ in range(5):
+    for attempt in range(4):
         start = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - start)
-    return 2 * 512**3 / best
+        loss = training_loss(model, schedule, x0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if attempt >= 2:
+            best = min(best, time.perf_counter() - start)
+    return best / batch
 
 
 def _duration(seconds: float) -> str:
@@ -381,7 +392,7 @@ def status(sweep_id: str | None, tracking_uri: str | None) -> str:
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000)),
                 counts,
             ])
-        return _format_rows(rows)
+        return format_table(rows)
     parent = tracker.find_sweep(sweep_id)
     trials = sorted(tracker.sweep_trials(parent), key=lambda r: r.info.run_name or "")
     rows = [["trial", "status", "step", "loss", "psnr_gap", "key"]]
@@ -396,7 +407,7 @@ def status(sweep_id: str | None, tracking_uri: str | None) -> str:
             run.data.tags.get("ditsweep.trial_key", "")[:10],
         ])
     header = f"sweep {sweep_id} ({parent.info.status}): {_count_states(trials)}"
-    return header + "\n" + _format_rows(rows)
+    return header + "\n" + format_table(rows)
 
 
 def _count_states(runs: list) -> str:
@@ -406,6 +417,10 @@ def _count_states(runs: list) -> str:
     return ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials"
 
 
-def _format_rows(rows: list[list[str]]) -> str:
+def format_table(rows: list[list[str]], rule: bool = False) -> str:
+    """Left-aligned columns; with `rule`, a dashed line under the header row."""
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    if rule:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -8,16 +8,27 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from orchestrator.spec import Trial
 from orchestrator.tracking import FAILED, FINISHED, KILLED, Tracker
+from trainer.locality import by_block
+from trainer.sampling import GRID_NPY, GRID_PNG
 from trainer.train import parse_curve_record
 
 PRINT_EVERY_S = 10.0
-LOGGED_METRICS = ("loss", "images_per_sec", "psnr_gap", "psnr_train", "psnr_test", "fid", "kid", "resumed_from_step")
+LOGGED_METRICS = (
+    "loss", "images_per_sec", "psnr_gap", "psnr_train", "psnr_test", "fid", "kid", "kid_std", "resumed_from_step",
+)
+LOGGED_PREFIXES = ("attn_",)  # per-block attention locality: attn_distance.block_0, attn_local3.block_0, ...
+# Files the trainer writes next to each checkpoint, attached to the trial's run when it ends.
+CHECKPOINT_ARTIFACTS = (GRID_PNG, GRID_NPY)
+
+
+def is_logged(key: str) -> bool:
+    return key in LOGGED_METRICS or key.startswith(LOGGED_PREFIXES)
 
 
 @dataclass
@@ -30,6 +41,7 @@ class TrialState:
     curve_record: str | None = None
     started_at: float | None = None
     retries: int = 0
+    read_checkpoint: Callable[[str], bytes | None] | None = None  # a file of the latest checkpoint, by name
 
     @property
     def progress(self) -> float:
@@ -68,8 +80,9 @@ class SweepSink:
             return  # stopped early (interrupt): close() marks it KILLED
         self._finish(state, FINISHED)
         elapsed = time.monotonic() - (state.started_at or self.start)
-        gap = state.metrics.get("psnr_gap")
+        gap, fid = state.metrics.get("psnr_gap"), state.metrics.get("fid")
         summary = f"psnr_gap={gap:.3f}" if gap is not None else ""
+        summary += f" fid={fid:.2f}" if fid is not None else ""
         print(f"  done   {state.trial.name}  {summary}  ({elapsed:.0f}s)", flush=True)
         self.tick(force=True)
 
@@ -86,6 +99,9 @@ class SweepSink:
         state = self.states[key]
         state.retries += 1
         print(f"  retry  {state.trial.name} (attempt {state.retries + 1}) after: {error}", flush=True)
+
+    def checkpointed(self, key: str, read: Callable[[str], bytes | None]) -> None:
+        self.states[key].read_checkpoint = read
 
     def tick(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -128,7 +144,7 @@ class SweepSink:
     def _record(self, state: TrialState, metrics: dict[str, Any]) -> None:
         step = int(metrics.get("step", state.step))
         state.step = max(state.step, step)
-        values = {k: float(metrics[k]) for k in LOGGED_METRICS if k in metrics}
+        values = {k: float(v) for k, v in metrics.items() if is_logged(k)}
         state.metrics.update(values)
         if metrics.get("psnr_curve"):
             state.curve_record = metrics["psnr_curve"]
@@ -148,8 +164,32 @@ class SweepSink:
             curve = parse_curve_record(state.curve_record)
             texts["psnr_curve.csv"] = curve.to_csv()
             self.tracker.log_files(state.run_id, {"psnr_curve.png": psnr_curve_png(curve, state.trial.name)})
+        self.tracker.log_files(state.run_id, {**self._checkpoint_files(state), **self._locality_plot(state)})
         self.tracker.log_texts(state.run_id, texts)
         self.tracker.end_run(state.run_id, status)
+
+    def _checkpoint_files(self, state: TrialState) -> dict[str, bytes]:
+        """The sample grid of the trial's latest checkpoint (absent when sampling is off)."""
+        if state.read_checkpoint is None:
+            return {}
+        files = {}
+        for name in CHECKPOINT_ARTIFACTS:
+            try:
+                payload = state.read_checkpoint(name)
+            except Exception as err:  # noqa: BLE001 - a missing picture must not change the trial's outcome
+                print(f"[ditsweep] could not read {name} of {state.trial.name}: {type(err).__name__}: {err}", flush=True)
+                continue
+            if payload is not None:
+                files[name] = payload
+        return files
+
+    def _locality_plot(self, state: TrialState) -> dict[str, bytes]:
+        locality = by_block(state.metrics)
+        if not locality:
+            return {}
+        from orchestrator.plots import attention_locality_png
+
+        return {"attn_locality.png": attention_locality_png(locality, state.trial.config.windows, state.trial.name)}
 
     def close(self, outcome: dict[str, Any], interrupted: bool) -> bool:
         """Reconcile with Tune's final results, end every run, flush; True when all trials finished."""

@@ -79,10 +79,6 @@ def resolve_storage(uri: str | None) -> tuple[str, Any]:
     return path.rstrip("/"), PyFileSystem(FSSpecHandler(fs))
 
 
-def experiment_path(storage: tuple[str, Any], sweep_id: str) -> str:
-    return f"{storage[0]}/{sweep_id}"
-
-
 # ---------------------------------------------------------------------------------------------
 # The trainable: runs on a worker.
 

@@ -28,7 +28,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 import mlflow  # noqa: E402
-from mlflow.entities import Metric, Param, Run, RunStatus, RunTag  # noqa: E402
+from mlflow.entities import Metric, Param, Run, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -44,7 +44,6 @@ TAG_VIEW = f"mlflow.sharedViewState.{VIEW_KEY}"
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
-TERMINAL = {FINISHED, FAILED, KILLED}
 
 
 class TrackingError(ValueError):
@@ -390,14 +389,6 @@ def _stop(server: subprocess.Popen, code: int) -> int:
         except subprocess.TimeoutExpired:
             continue
     return code
-
-
-def run_status(run: Run) -> str:
-    return run.info.status
-
-
-def status_name(value: int | str) -> str:
-    return value if isinstance(value, str) else RunStatus.to_string(value)
 
 
 def _first_line(err: Exception) -> str:

@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from trainer.attention import attend, block_windows, resolve_backend, schedule_string, window_mask
+from trainer.attention import (
+    attend,
+    band_rows_per_tile,
+    banded_attention,
+    block_windows,
+    resolve_backend,
+    schedule_string,
+    window_mask,
+)
 
 PAPER_WINDOWS = [3, 5, 7, 9, 11, 13]
 
@@ -184,12 +192,55 @@ def test_flex_matches_dense_on_cuda(grid, window):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+# Tile heights that divide the grid, that leave a padded last tile, one-row tiles, and bands that
+# overhang both borders (window 9 on 5 rows).
+@pytest.mark.parametrize(
+    "grid, window, rows",
+    [((8, 8), 3, 2), ((8, 8), 5, 4), ((7, 5), 5, 3), ((6, 4), 3, 4), ((9, 9), 5, 1), ((5, 5), 9, 2), ((3, 9), 5, 2)],
+)
+def test_banded_matches_naive_forward_and_gradients(grid, window, rows):
+    q, k, v = random_qkv(grid)
+    expected = naive_attention(q, k, v, window_mask(*grid, window))
+    actual = banded_attention(q, k, v, window, grid, rows)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    for got, want in zip(grads(actual, (q, k, v)), grads(expected, (q, k, v))):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_banded_gradcheck_in_double():
+    q, k, v = (t.detach().double().requires_grad_() for t in random_qkv((5, 4), batch=1, heads=1, head_dim=3))
+    assert torch.autograd.gradcheck(lambda q, k, v: banded_attention(q, k, v, 3, (5, 4), 2), (q, k, v))
+
+
+@pytest.mark.parametrize("grid, window", [((32, 32), 3), ((32, 32), 13), ((64, 64), 7), ((16, 16), 3)])
+def test_banded_backend_through_attend_matches_dense(grid, window):
+    assert band_rows_per_tile(grid, window) is not None  # these sizes do take the banded path
+    q, k, v = random_qkv(grid, batch=1, heads=2, head_dim=8)
+    dense = attend(q, k, v, window, grid, "dense")
+    banded = attend(q, k, v, window, grid, "banded")
+    torch.testing.assert_close(banded, dense, atol=1e-5, rtol=0)
+    for got, want in zip(grads(banded, (q, k, v)), grads(dense, (q, k, v))):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_band_rows_per_tile_falls_back_to_dense_when_bands_cover_the_grid():
+    assert band_rows_per_tile((8, 8), 3) is None  # 64 tokens: global attention is already cheap
+    assert band_rows_per_tile((16, 16), 13) is None  # the band spans almost every row
+    rows = band_rows_per_tile((32, 32), 3)
+    assert rows is not None and 1 <= rows < 32
+    q, k, v = random_qkv((8, 8))
+    torch.testing.assert_close(attend(q, k, v, 5, (8, 8), "banded"), attend(q, k, v, 5, (8, 8), "dense"))
+
+
 def test_resolve_backend():
-    assert resolve_backend("auto", "cpu") == "dense"
+    assert resolve_backend("auto", "cpu") == "banded"
     assert resolve_backend("auto", torch.device("cuda")) == "flex"
     assert resolve_backend("dense", "cuda") == "dense"
+    assert resolve_backend("banded", "cuda") == "banded"
     assert resolve_backend("flex", "cpu") == "flex"
-    with pytest.raises(ValueError, match=r"unknown attention backend 'natten'; choose one of auto, dense, flex"):
+    with pytest.raises(
+        ValueError, match=r"unknown attention backend 'natten'; choose one of auto, dense, banded, flex"
+    ):
         resolve_backend("natten", "cpu")
 
 

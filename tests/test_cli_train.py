@@ -28,6 +28,8 @@ TINY = [
     "--set", "data.test_images=16",
     "--set", "eval.psnr_gap.images=8",
     "--set", "eval.psnr_gap.timesteps=2",
+    "--set", "eval.samples.grid=2",
+    "--set", "eval.samples.steps=2",
 ]  # fmt: skip
 # What the issue ran: an empty config plus these overrides.
 ISSUE_OVERRIDES = [
@@ -35,6 +37,8 @@ ISSUE_OVERRIDES = [
     "--set", "data.num_images=64",
     "--set", "eval.psnr_gap.images=16",
     "--set", "eval.psnr_gap.timesteps=4",
+    "--set", "eval.samples.grid=2",
+    "--set", "eval.samples.steps=2",
 ]  # fmt: skip
 
 

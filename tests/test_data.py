@@ -14,7 +14,7 @@ import s3fs
 import torch
 from PIL import Image
 
-from trainer.data import DataError, load_images, prepare_images, split_subsets, to_tensor, to_unit
+from trainer.data import DataError, load_images, pool_sample, prepare_images, split_subsets, to_tensor, to_unit
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -435,3 +435,44 @@ def test_to_tensor_and_back():
     assert x.flatten().tolist() == pytest.approx([-1.0, 128 / 127.5 - 1, 1.0], abs=1e-6)
     assert to_unit(x).flatten().tolist() == pytest.approx([0.0, 128 / 255, 1.0], abs=1e-6)
     assert to_unit(torch.tensor([-3.0, 3.0])).tolist() == [0.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Disjoint subsets (data.disjoint) and the FID reference sample
+
+
+def test_disjoint_subsets_of_different_shuffle_seeds_share_no_image():
+    _, test = split_subsets(1797, 256, 300, None, shuffle_seed=0)
+    shards = [split_subsets(1797, 256, 300, None, shuffle_seed=s, disjoint=True) for s in range(5)]
+    trains = [set(train.tolist()) for train, _ in shards]
+    assert all(len(train) == 300 for train in trains)
+    for i in range(5):
+        for j in range(i + 1, 5):
+            assert not trains[i] & trains[j]
+    assert all(np.array_equal(shard_test, test) for _, shard_test in shards)  # the held-out set never moves
+    assert not set().union(*trains) & set(test.tolist())
+    again, _ = split_subsets(1797, 256, 300, None, shuffle_seed=2, disjoint=True)
+    assert np.array_equal(again, shards[2][0])
+
+
+def test_disjoint_subsets_by_fraction_and_when_the_pool_runs_out():
+    halves = [split_subsets(1000, 100, None, 0.5, shuffle_seed=s, disjoint=True)[0] for s in (0, 1)]
+    assert sorted(np.concatenate(halves).tolist()) == sorted(split_subsets(1000, 100, None, None, 0)[0].tolist())
+    with pytest.raises(DataError, match=r"holds only 2 such shard.*data.shuffle_seed=2"):
+        split_subsets(1000, 100, None, 0.5, shuffle_seed=2, disjoint=True)
+    with pytest.raises(DataError, match=r"data.shuffle_seed=1"):
+        split_subsets(1000, 100, 600, None, shuffle_seed=1, disjoint=True)
+
+
+def test_without_disjoint_subsets_overlap_as_before():
+    plain = [set(split_subsets(1000, 100, 600, None, shuffle_seed=s)[0].tolist()) for s in (0, 1)]
+    assert plain[0] & plain[1]  # two 600-image subsets of a 900-image pool must overlap
+
+
+def test_the_fid_reference_is_a_fixed_sample_of_the_pool():
+    _, test = split_subsets(1797, 256, None, None, shuffle_seed=0)
+    reference = pool_sample(1797, 256, 500)
+    assert len(reference) == 500 and len(set(reference.tolist())) == 500
+    assert not set(reference.tolist()) & set(test.tolist())
+    assert np.array_equal(reference, pool_sample(1797, 256, 500))
+    assert len(pool_sample(1797, 256, 10_000)) == 1797 - 256  # at most the whole pool

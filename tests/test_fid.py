@@ -13,6 +13,7 @@ from trainer.fid import (
     extract_features,
     feature_statistics,
     frechet_distance,
+    frechet_distance_of_features,
     kernel_inception_distance,
 )
 
@@ -248,3 +249,13 @@ def test_reference_stats_recompute_over_an_unreadable_file(tmp_path):
 def test_reference_stats_key_must_be_json(tmp_path):
     with pytest.raises(ValueError, match="JSON"):
         cached_reference_stats({"source": object()}, lambda: np.zeros((2, 2)), tmp_path)
+
+
+@pytest.mark.parametrize("n1, n2, d", [(20, 30, 64), (5, 100, 64), (3, 3, 128), (200, 100, 32)])
+def test_frechet_distance_of_features_matches_the_statistics_route(n1, n2, d):
+    rng = np.random.default_rng(n1 + n2 + d)
+    x = rng.standard_normal((n1, d))
+    y = rng.standard_normal((n2, d)) * 1.3 + 0.2
+    expected = frechet_distance(*feature_statistics(x), *feature_statistics(y))
+    assert frechet_distance_of_features(x, y) == pytest.approx(expected, rel=1e-7)
+    assert frechet_distance_of_features(x, x) == pytest.approx(0.0, abs=1e-7 * d)

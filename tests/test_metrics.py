@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trainer.diffusion import Schedule, linear_schedule
-from trainer.metrics import PsnrCurve, one_step_psnr, psnr, psnr_gap_curve
+from trainer.metrics import PsnrCurve, one_step_psnr, psnr, psnr_gap_curve, reproducibility
 
 
 def images(seed: int, count: int = 6) -> torch.Tensor:
@@ -118,3 +118,31 @@ def test_a_memorizing_denoiser_has_a_positive_gap():
     assert all(gap > 0 for gap in curve.gap)
     assert curve.summary()["psnr_train"] > 100
     assert curve.summary()["psnr_gap"] > 10
+
+
+def test_reproducibility_of_identical_and_of_unrelated_samples():
+    samples = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert reproducibility(samples, samples.clone()) == pytest.approx(1.0)
+    # Zero-mean, orthogonal images: cosine 0 after centring.
+    a = torch.tensor([[1.0, -1.0], [1.0, -1.0]]).expand(2, 1, 2, 2)  # left half bright
+    b = torch.tensor([[1.0, 1.0], [-1.0, -1.0]]).expand(2, 1, 2, 2)  # top half bright
+    assert reproducibility(a, b) == pytest.approx(0.0, abs=1e-12)
+    assert reproducibility(a, -a) == pytest.approx(-1.0)
+    unrelated = torch.rand(256, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    other = torch.rand(256, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    assert abs(reproducibility(unrelated, other)) < 0.05
+
+
+def test_reproducibility_ignores_the_pixel_scale_and_a_shared_background():
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    unit = rng.random((4, 8, 8, 1))
+    as_bytes = np.round(unit * 255).astype(np.uint8)
+    as_model_scale = as_bytes.astype(np.float64) / 127.5 - 1.0
+    other = rng.random((4, 8, 8, 1))
+    assert reproducibility(as_bytes, (other * 255).round().astype(np.uint8)) == pytest.approx(
+        reproducibility(as_model_scale, (other * 255).round() / 127.5 - 1.0)
+    )
+    with pytest.raises(ValueError, match="one shape"):
+        reproducibility(unit, unit[:3])

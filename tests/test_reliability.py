@@ -353,7 +353,7 @@ def test_64_trial_grid_finishes_without_duplicates(tmp_path):
     minimal = {
         "data": {"num_images": 4, "test_images": 4},
         "train": {"steps": 1, "batch_size": 2, "log_every": 1, "warmup_steps": 0},
-        "eval": {"psnr_gap": {"images": 2, "timesteps": 1}},
+        "eval": {"psnr_gap": {"images": 2, "timesteps": 1}, "samples": {"grid": 2, "steps": 2}},
     }
     spec = write_spec(tmp_path, name="load", base=minimal, grid={"seed": list(range(64))})
     result = ditsweep("launch", str(spec), cwd=tmp_path, timeout=900)

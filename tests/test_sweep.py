@@ -25,7 +25,7 @@ TINY = {
     "model": {"size": "DiT-T/1"},
     "data": {"num_images": 16, "test_images": 16},
     "train": {"steps": 4, "batch_size": 8, "log_every": 2, "warmup_steps": 0},
-    "eval": {"every": 2, "psnr_gap": {"images": 8, "timesteps": 2}},
+    "eval": {"every": 2, "psnr_gap": {"images": 8, "timesteps": 2}, "samples": {"grid": 2, "steps": 2}},
 }
 
 

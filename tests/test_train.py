@@ -36,6 +36,8 @@ TINY = [
     "train.warmup_steps=2",
     "eval.psnr_gap.images=8",
     "eval.psnr_gap.timesteps=2",
+    "eval.samples.grid=2",
+    "eval.samples.steps=2",
 ]
 TIMING_KEYS = {"images_per_sec"}
 

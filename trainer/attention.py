@@ -4,6 +4,13 @@ Each query token attends only to the k x k tokens centred on it (k odd), clipped
 border, so a corner token sees ((k + 1) / 2)^2 keys. Tokens are row-major on a (height, width) grid.
 This file holds the masks, the per-block window placements and the attention backends; the model
 (`trainer/model.py`) only calls `attend`.
+
+Backends, all computing the same masked softmax attention:
+- dense:  SDPA with the full (N, N) mask. The reference; costs as much as global attention.
+- banded: the query grid is cut into tiles of whole rows, and each tile attends only to the band of
+          key rows its windows can reach, with a small mask on that band. Same math as dense, a
+          fraction of its work; the fast path on CPU.
+- flex:   FlexAttention with a block mask; block-sparse when compiled on CUDA (no CPU backward).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 PLACEMENTS = ("none", "head", "tail", "mix", "custom")
-BACKENDS = ("auto", "dense", "flex")
+BACKENDS = ("auto", "dense", "banded", "flex")
 GLOBAL = "G"  # how a global block is written in a schedule string
 
 Grid = tuple[int, int]  # (height, width) in tokens
@@ -104,15 +111,16 @@ def schedule_string(windows: list[int | None]) -> str:
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
-    """Turn a requested backend name into the one that runs on `device`: "dense" or "flex".
+    """Turn a requested backend name into the one that runs on `device`: "dense", "banded" or "flex".
 
-    auto = flex on CUDA (block-sparse kernels skip masked tiles), dense elsewhere (FlexAttention
-    has no backward on CPU, and dense-mask SDPA trains fine there).
+    auto = flex on CUDA (block-sparse kernels skip masked tiles), banded elsewhere (FlexAttention has
+    no backward on CPU, and dense-mask SDPA does all the work of global attention; see
+    benchmarks/attention.py).
     """
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "auto":
-        return "flex" if torch.device(device).type == "cuda" else "dense"
+        return "flex" if torch.device(device).type == "cuda" else "banded"
     return name
 
 
@@ -121,18 +129,23 @@ def attend(
 ) -> torch.Tensor:
     """Windowed attention of q, k, v (B, heads, N, head_dim) on a row-major `grid` of N tokens.
 
-    `backend` is a resolved name ("dense" or "flex", see `resolve_backend`).
+    `backend` is a resolved name ("dense", "banded" or "flex", see `resolve_backend`).
     """
     if is_global(window, grid):
         # A window covering the grid is global attention; no mask lets SDPA use its fused kernels.
         return F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+    if backend == "banded":
+        rows = band_rows_per_tile(grid, window)
+        if rows is not None:
+            return banded_attention(q, k, v, window, grid, rows)  # (B, heads, N, head_dim)
+        backend = "dense"  # the band would cover (nearly) the whole grid: nothing to skip
     if backend == "dense":
         mask = _dense_mask(grid, window, q.device)  # (N, N), broadcast over batch and heads
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, head_dim)
     if backend == "flex":
         block_mask = _flex_block_mask(grid, window, q.device)
         return _flex_kernel(q.device.type)(q, k, v, block_mask=block_mask)  # (B, heads, N, head_dim)
-    raise ValueError(f"attend() needs a resolved backend ('dense' or 'flex'), got {backend!r}")
+    raise ValueError(f"attend() needs a resolved backend ('dense', 'banded' or 'flex'), got {backend!r}")
 
 
 # Masks depend only on (grid, window, device): build each once, not on every block call.
@@ -160,3 +173,116 @@ def _flex_kernel(device_type: str):
     # Eager flex_attention materializes the full score matrix; only the compiled kernel is
     # block-sparse. Compile on CUDA; on CPU eager is kept for forward-only checks against dense.
     return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
+
+
+# ---- banded: row tiles against the key rows they can reach -------------------------------------
+#
+# Cut the grid into tiles of `rows` query rows (padded at the bottom when `rows` does not divide the
+# height). Tile i holds query rows [i*rows, (i+1)*rows); its windows reach key rows
+# [i*rows - radius, (i+1)*rows + radius), a band of rows + 2*radius rows. With the keys padded by
+# `radius` zero rows above and below, band i starts at padded row i*rows: the bands are overlapping,
+# evenly strided views of one tensor, so gathering them copies nothing. SDPA then runs on
+# (tiles, rows*width) queries x (band*width) keys with a small mask per tile that applies the exact
+# window rule and hides the padding; the work drops from N^2 to N * band * width score entries.
+
+
+# Cost of banded attention relative to global SDPA, fitted on CPU (benchmarks/attention.py, one
+# thread, head_dim 63, grids 16 to 64, windows 3 to 13): each kept score entry costs about
+# BAND_ENTRY_COST global ones (the mask is added to every entry), and every token pays about
+# BAND_TOKEN_COST / N global units per key copy for padding, the band views and folding the gradient.
+BAND_ENTRY_COST = 1.2
+BAND_TOKEN_COST = 75.0
+
+
+def band_rows_per_tile(grid: Grid, window: int) -> int | None:
+    """Query rows per tile for the banded backend, or None when dense masking is as cheap.
+
+    Short tiles compute fewer score entries (rows + 2 * radius key rows per query row) but copy every
+    key band / rows times; the modelled cost of each tile height is compared with global attention
+    and the cheapest is kept when it beats dense masking (which costs about as much as global).
+    """
+    height, width = grid
+    tokens, radius = height * width, window // 2
+
+    def relative_cost(rows: int) -> float:
+        band, padded_rows = rows + 2 * radius, math.ceil(height / rows) * rows
+        entries = padded_rows * band / (height * height)  # share of the N^2 global score entries
+        return BAND_ENTRY_COST * entries + BAND_TOKEN_COST * (band / rows) / tokens
+
+    rows = min(range(1, height + 1), key=relative_cost)
+    return rows if relative_cost(rows) < 1.0 else None
+
+
+def banded_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, grid: Grid, rows: int
+) -> torch.Tensor:
+    """Windowed attention computed tile by tile against key bands; q, k, v (B, heads, N, head_dim)."""
+    B, heads, N, head_dim = q.shape
+    height, width = grid
+    radius = window // 2
+    tiles = math.ceil(height / rows)
+    band = rows + 2 * radius
+    q = q.reshape(B * heads, N, head_dim)  # (BH, N, hd)
+    if tiles * rows > height:  # pad the query grid to whole tiles; those outputs are dropped below
+        q = F.pad(q, (0, 0, 0, (tiles * rows - height) * width))
+    q = q.view(B * heads, tiles, rows * width, head_dim)  # (BH, tiles, rows*W, hd)
+    k = _KeyBands.apply(k.reshape(B * heads, N, head_dim), grid, rows, radius)  # (BH, tiles, band*W, hd)
+    v = _KeyBands.apply(v.reshape(B * heads, N, head_dim), grid, rows, radius)  # (BH, tiles, band*W, hd)
+    mask = _band_mask(grid, window, rows, q.device, q.dtype)  # (1, tiles, rows*W, band*W)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (BH, tiles, rows*W, hd)
+    return out.reshape(B, heads, tiles * rows * width, head_dim)[:, :, :N]  # (B, heads, N, hd)
+
+
+class _KeyBands(torch.autograd.Function):
+    """(BH, N, hd) keys -> (BH, tiles, band*W, hd) overlapping row bands, as a view of the padded keys.
+
+    autograd's own backward for an overlapping view (as_strided) or for index_select (index_add) is
+    slow on CPU; the bands are evenly strided, so their gradient folds back in band/rows slab adds.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, grid: Grid, rows: int, radius: int) -> torch.Tensor:
+        height, width = grid
+        tiles, band = math.ceil(height / rows), rows + 2 * radius
+        ctx.geometry = (grid, rows, radius)
+        BH, _, hd = x.shape
+        # radius zero rows above; below, radius plus the rows that pad the grid to whole tiles
+        padded = F.pad(x.view(BH, height, width * hd), (0, 0, radius, tiles * rows - height + radius))
+        return padded.as_strided((BH, tiles, band * width, hd), (padded.stride(0), rows * width * hd, hd, 1))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (height, width), rows, radius = ctx.geometry
+        BH, tiles, _, hd = grad.shape
+        band = rows + 2 * radius
+        grad = grad.reshape(BH, tiles, band, width * hd)  # (BH, tiles, band, W*hd)
+        # Padded row p receives band row j of tile i where p = i*rows + j: fold the bands back
+        # `rows` band rows at a time, each slab landing on consecutive tiles.
+        folded = grad.new_empty(BH, (tiles + math.ceil(band / rows)) * rows, width * hd)
+        folded[:, : tiles * rows] = grad[:, :, :rows].reshape(BH, tiles * rows, width * hd)
+        folded[:, tiles * rows :] = 0
+        for start in range(rows, band, rows):
+            count = min(rows, band - start)
+            slab = folded[:, start : start + tiles * rows].view(BH, tiles, rows, width * hd)
+            slab[:, :, :count] += grad[:, :, start : start + count]
+        return folded[:, radius : radius + height].reshape(BH, height * width, hd), None, None, None
+
+
+@functools.lru_cache(maxsize=64)
+def _band_mask(grid: Grid, window: int, rows: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(1, tiles, rows*W, band*W) additive mask: 0 where the window rule lets a query see a key."""
+    height, width = grid
+    radius = window // 2
+    tiles, band = math.ceil(height / rows), rows + 2 * radius
+    query_row = torch.arange(tiles)[:, None] * rows + torch.arange(rows)  # (tiles, rows)
+    key_row = torch.arange(tiles)[:, None] * rows - radius + torch.arange(band)  # (tiles, band)
+    near_rows = (query_row[:, :, None] - key_row[:, None, :]).abs() <= radius  # (tiles, rows, band)
+    near_rows &= ((key_row >= 0) & (key_row < height))[:, None, :]  # padding keys are never seen
+    # Queries that only pad the grid see their whole band: their outputs are dropped, and a fully
+    # masked row would put NaN into the gradients of the keys.
+    near_rows |= (query_row >= height)[:, :, None]
+    cols = torch.arange(width)
+    near_cols = (cols[:, None] - cols[None, :]).abs() <= radius  # (W, W)
+    allowed = near_rows[:, :, None, :, None] & near_cols[None, None, :, None, :]  # (tiles, rows, W, band, W)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    return mask.reshape(1, tiles, rows * width, band * width).to(device)

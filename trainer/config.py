@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from trainer.attention import block_windows, schedule_string
+from trainer.inception import FID_WEIGHTS_SHA256_PREFIX
 from trainer.model import parse_size
 
 FID_WEIGHTS_URL = (
@@ -75,6 +76,11 @@ class DataConfig(_Section):
     fraction: float | None = Field(None, gt=0.0, le=1.0, description="Training subset as a share of the pool.")
     test_images: int = Field(256, ge=1, description="Held-out images, identical for every subset and shuffle.")
     shuffle_seed: int = Field(0, ge=0, description="Chooses which images form the training subset.")
+    disjoint: bool = Field(
+        False,
+        description="Training subsets of different shuffle_seed values share no image: the pool is cut into "
+        "consecutive shards of the subset size (fixed order) and shuffle_seed s trains on shard s.",
+    )
 
     @model_validator(mode="after")
     def _one_size(self) -> "DataConfig":
@@ -115,12 +121,35 @@ class FidConfig(_Section):
     steps: int = Field(50, ge=1, description="DDIM steps per sample.")
     batch_size: int = Field(250, ge=1)
     weights: str = Field(FID_WEIGHTS_URL, description="URI or path of pt_inception-2015-12-05-6726825d.pth.")
+    weights_sha256: str = Field(
+        FID_WEIGHTS_SHA256_PREFIX,
+        pattern=r"^[0-9a-f]{8,64}$",
+        description="Expected sha256 prefix (8+ hex digits) of the weights file; change it only for other "
+        "Inception weights, since FID values are comparable only under the same weights.",
+    )
+
+
+class SamplesConfig(_Section):
+    grid: int = Field(
+        8, ge=0, description="Side of the sample grid saved at each evaluation (grid^2 images, fixed noise); 0 = none."
+    )
+    steps: int = Field(50, ge=1, description="DDIM steps per grid sample.")
+
+
+class LocalityConfig(_Section):
+    enabled: bool = Field(True, description="Measure how local each block's attention is (attn_* metrics).")
+    images: int = Field(8, ge=1, description="Held-out images the attention maps are computed on.")
+    timesteps: list[int] = Field(
+        [100, 500, 900], min_length=1, description="Diffusion steps the held-out images are noised to."
+    )
 
 
 class EvalConfig(_Section):
     every: int = Field(0, ge=0, description="Steps between evaluations and checkpoints; 0 = only at the end.")
     psnr_gap: PsnrGapConfig = PsnrGapConfig()
     fid: FidConfig = FidConfig()
+    samples: SamplesConfig = SamplesConfig()
+    locality: LocalityConfig = LocalityConfig()
 
 
 class TrialConfig(_Section):
@@ -151,6 +180,17 @@ class TrialConfig(_Section):
             raise ValueError(f"attention.windows={list(self.attention.windows)}: {err}") from None
         if self.diffusion.beta_end <= self.diffusion.beta_start:
             raise ValueError("diffusion.beta_end must be larger than diffusion.beta_start")
+        outside = [t for t in self.eval.locality.timesteps if not 0 <= t < self.diffusion.timesteps]
+        if outside:
+            raise ValueError(
+                f"eval.locality.timesteps={list(self.eval.locality.timesteps)}: {outside} outside the "
+                f"schedule's steps 0..{self.diffusion.timesteps - 1} (diffusion.timesteps={self.diffusion.timesteps})"
+            )
+        if self.eval.fid.steps > self.diffusion.timesteps or self.eval.samples.steps > self.diffusion.timesteps:
+            raise ValueError(
+                f"eval.fid.steps={self.eval.fid.steps} and eval.samples.steps={self.eval.samples.steps} must not "
+                f"exceed diffusion.timesteps={self.diffusion.timesteps}"
+            )
         return self
 
     @property

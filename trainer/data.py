@@ -63,6 +63,8 @@ LABELS_KEY = "labels"  # optional array in a .npz, next to the images
 # The held-out test set is drawn with this seed, whatever data.shuffle_seed is, so every trial of a
 # sweep measures PSNR on the same held-out images.
 TEST_SPLIT_SEED = 0
+# With data.disjoint, the pool is cut into shards in an order drawn with this seed.
+DISJOINT_SHARD_SEED = 1
 _MAX_NAMED = 5  # file names quoted in one error message
 
 
@@ -551,6 +553,7 @@ def split_subsets(
     num_images: int | None,
     fraction: float | None,
     shuffle_seed: int,
+    disjoint: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx, test_idx) into a data set of `num_total` images.
 
@@ -559,6 +562,11 @@ def split_subsets(
     training subset is its first `num_images` (or round(fraction * pool), at least 1; the whole pool
     when neither is given): with one seed, a smaller subset is a prefix of a larger one. train_idx
     keeps the shuffled order; test_idx is sorted.
+
+    With `disjoint`, subsets of different shuffle seeds share no image (for the reproducibility score
+    of Kadkhodaie et al., two models trained on non-overlapping data): the pool is permuted with the
+    fixed DISJOINT_SHARD_SEED and cut into consecutive shards of the subset size, and shuffle_seed s
+    takes shard s. Subsets of different sizes are then no longer nested.
     """
     if not 1 <= test_images < num_total:
         raise DataError(
@@ -570,8 +578,30 @@ def split_subsets(
     fixed = np.random.default_rng(TEST_SPLIT_SEED).permutation(num_total)
     test_idx = np.sort(fixed[pool_size:])
     pool = np.sort(fixed[:pool_size])  # sorted so the shuffle depends only on which images are in it
+    if disjoint:
+        return _disjoint_shard(pool, size, shuffle_seed), test_idx
     train_idx = np.random.default_rng(shuffle_seed).permutation(pool)[:size]
     return train_idx, test_idx
+
+
+def _disjoint_shard(pool: np.ndarray, size: int, shuffle_seed: int) -> np.ndarray:
+    shards = len(pool) // size
+    if shuffle_seed >= shards:
+        raise DataError(
+            f"data.disjoint=true gives each data.shuffle_seed its own {size} images, but the pool of "
+            f"{len(pool)} images holds only {shards} such shard(s) (shuffle seeds 0..{shards - 1}), not "
+            f"data.shuffle_seed={shuffle_seed}; lower data.shuffle_seed, data.num_images or data.fraction, or use more data"
+        )
+    shuffled = np.random.default_rng(DISJOINT_SHARD_SEED).permutation(pool)
+    return shuffled[shuffle_seed * size : (shuffle_seed + 1) * size]
+
+
+def pool_sample(num_total: int, test_images: int, count: int) -> np.ndarray:
+    """`count` images of the pool (everything but the held-out set) in a fixed random order, the same
+    for every subset and shuffle: the reference images that FID compares samples with."""
+    pool_size = num_total - test_images
+    fixed = np.random.default_rng(TEST_SPLIT_SEED).permutation(num_total)
+    return np.sort(fixed[: min(count, pool_size)])
 
 
 def _subset_size(pool_size: int, test_images: int, num_images: int | None, fraction: float | None) -> int:

@@ -3,6 +3,9 @@
 PSNR gap (Kadkhodaie et al. 2024, used by An et al. 2024): noise a clean image to step t, denoise it
 in one step (x0 from the predicted epsilon), and compare PSNR on training versus held-out images.
 A model that memorizes its training set denoises those images far better than unseen ones.
+
+Reproducibility (Kadkhodaie et al. 2024): two models trained on disjoint data that generalize produce
+nearly the same sample from the same noise; `reproducibility` scores how alike two sample sets are.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import csv
 import io
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from trainer.diffusion import Denoiser, Schedule, predict_x0, q_sample, spread_timesteps
@@ -93,3 +97,28 @@ def psnr_gap_curve(
     train = one_step_psnr(model, schedule, train_images, timesteps, EVAL_NOISE_SEED, batch_size)
     test = one_step_psnr(model, schedule, test_images, timesteps, EVAL_NOISE_SEED, batch_size)
     return PsnrCurve(timesteps=timesteps.tolist(), train=train, test=test)
+
+
+def reproducibility(samples_a, samples_b) -> float:
+    """Reproducibility score (Kadkhodaie et al. 2024): how alike two models' samples from the same noise are.
+
+    `samples_a[i]` and `samples_b[i]` must come from the same initial noise (e.g. the `samples.npy` grids of
+    two trials, which share the fixed grid noise), typically from models trained on disjoint subsets
+    (`data.disjoint`). The score is the mean over i of the cosine similarity of the two samples, each
+    flattened and centred on its own mean pixel value, i.e. the Pearson correlation of their pixels:
+    1 = the same image, about 0 = unrelated. Centring keeps a shared background (black around every digit)
+    from counting as similarity, and makes the score the same for uint8 [0, 255] and float [-1, 1] samples.
+    A constant sample (nothing left after centring) scores 0 against anything.
+    """
+    a = torch.as_tensor(np.asarray(samples_a), dtype=torch.float64)
+    b = torch.as_tensor(np.asarray(samples_b), dtype=torch.float64)
+    if a.shape != b.shape or a.ndim < 2 or a.shape[0] == 0:
+        raise ValueError(
+            f"reproducibility needs two sample arrays of one shape (n, ...), n >= 1; got {tuple(a.shape)} and "
+            f"{tuple(b.shape)}"
+        )
+    a, b = a.flatten(1), b.flatten(1)  # (n, pixels)
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    cosine = (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)  # (n,)
+    return float(cosine.mean())

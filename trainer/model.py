@@ -13,7 +13,7 @@ import re
 import torch
 import torch.nn as nn
 
-from trainer.attention import attend, check_window, is_global, resolve_backend, schedule_string
+from trainer.attention import attend, check_window, is_global, resolve_backend, schedule_string, window_mask
 
 # name -> (depth, width, heads). XS and S are the paper's sizes (An et al. 2024), B is DiT's.
 # DiT-T is ours: small enough that a 2-core CPU trains it usefully on 8x8 images in minutes, and
@@ -128,6 +128,21 @@ class SelfAttention(nn.Module):
         out = attend(q, k, v, self.window, self.grid, backend)  # (B, heads, N, head_dim)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
+    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention map this layer applies to tokens x (B, N, D): (B, heads, N, N), rows sum to 1.
+
+        Written out in plain torch (the fast paths never materialize it), for analysis such as
+        `trainer.locality`; masked keys get exactly zero weight.
+        """
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads)  # (B, N, 3, heads, head_dim)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(D // self.heads)  # (B, heads, N, N)
+        if not is_global(self.window, self.grid):
+            allowed = window_mask(self.grid[0], self.grid[1], self.window).to(x.device)  # (N, N)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        return scores.float().softmax(dim=-1)  # (B, heads, N, N)
+
 
 class DiTBlock(nn.Module):
     """Transformer block whose LayerNorms are modulated by the conditioning (adaLN-Zero).
@@ -239,6 +254,12 @@ class DiT(nn.Module):
             h = block(h, c, backend)  # (B, N, D)
         h = self.final_layer(h, c)  # (B, N, patch*patch*C)
         return self.unpatchify(h)  # (B, C, H, W)
+
+    def use_attention_backend(self, name: str) -> None:
+        """Switch the requested attention backend (auto, dense, banded, flex) from the next forward on."""
+        resolve_backend(name, "cpu")  # fail fast on an unknown name
+        self.attention_backend = name
+        self._backends.clear()
 
     def _backend_for(self, device: torch.device) -> str:
         if device.type not in self._backends:

@@ -20,7 +20,9 @@ import torch
 
 from trainer import data as datalib
 from trainer.config import TrialConfig
+from trainer import sampling
 from trainer.diffusion import Schedule, linear_schedule, training_loss
+from trainer.locality import attention_locality
 from trainer.metrics import PsnrCurve, psnr_gap_curve
 from trainer.model import DiT, build_dit
 
@@ -34,12 +36,14 @@ PREVIOUS_CHECKPOINT_FILE = "state.prev.pt"
 @dataclass
 class Subsets:
     """The training subset and the held-out set, as uint8 (N, C, H, W) tensors on the device, with
-    their int64 (N,) class labels when the model is class-conditional (else None)."""
+    their int64 (N,) class labels when the model is class-conditional (else None), and the FID
+    reference images (uint8 on the CPU) when FID is enabled."""
 
     train: torch.Tensor
     test: torch.Tensor
     train_labels: torch.Tensor | None = None
     test_labels: torch.Tensor | None = None
+    fid_reference: torch.Tensor | None = None
 
     @property
     def channels(self) -> int:
@@ -55,14 +59,18 @@ def load_subsets(config: TrialConfig, device: torch.device) -> Subsets:
         config.data.num_images,
         config.data.fraction,
         config.data.shuffle_seed,
+        disjoint=config.data.disjoint,
     )
     # One uint8 tensor on the device: batches are gathered by index, so the data path never stalls.
     as_tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W) uint8
+    fid = config.eval.fid
+    reference_idx = datalib.pool_sample(len(images), config.data.test_images, fid.samples) if fid.enabled else None
     return Subsets(
         train=as_tensor[train_idx].to(device),
         test=as_tensor[test_idx].to(device),
         train_labels=None if labels is None else labels[train_idx].to(device),
         test_labels=None if labels is None else labels[test_idx].to(device),
+        fid_reference=None if reference_idx is None else as_tensor[reference_idx],
     )
 
 
@@ -252,6 +260,41 @@ class Trainer:
                 cfg.batch_size,
             )
 
+    def save_sample_grid(self, directory: Path) -> None:
+        """DDIM samples of the EMA model from the fixed grid noise, as samples.png and samples.npy."""
+        side, cfg = self.config.eval.samples.grid, self.config.eval
+        if side == 0:
+            return
+        noise = sampling.fixed_noise(side * side, self.image_shape, sampling.GRID_NOISE_SEED)
+        samples = sampling.generate(
+            self.ema, self.schedule, noise, cfg.samples.steps, cfg.fid.batch_size, self.device, self.autocast
+        )
+        sampling.save_grid(directory, samples, side)
+
+    def fid(self) -> dict[str, float]:
+        """FID and KID of eval.fid.samples DDIM samples of the EMA model (empty when disabled)."""
+        cfg = self.config.eval.fid
+        if not cfg.enabled:
+            return {}
+        noise = sampling.fixed_noise(cfg.samples, self.image_shape, sampling.FID_NOISE_SEED)
+        samples = sampling.generate(self.ema, self.schedule, noise, cfg.steps, cfg.batch_size, self.device, self.autocast)
+        unit = samples.add(1.0).div(2.0).clamp(0.0, 1.0)
+        return sampling.fid_and_kid(
+            unit, self.subsets.fid_reference, cfg.weights, cfg.weights_sha256, cfg.batch_size, self.device
+        )
+
+    def locality(self) -> dict[str, float]:
+        """Per-block attention locality of the EMA model on held-out images (empty when disabled)."""
+        cfg = self.config.eval.locality
+        if not cfg.enabled:
+            return {}
+        images = to_model_scale(self.subsets.test[: cfg.images])
+        return attention_locality(self.ema, self.schedule, images, list(cfg.timesteps))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.subsets.test.shape[1:])
+
 
 def _is_due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
@@ -275,6 +318,8 @@ def train(
     checkpoint_dir = out / CHECKPOINT_DIR
     report = report or (lambda metrics, checkpoint: None)
 
+    if config.eval.fid.enabled:  # fetch and check the weights now, not at the first evaluation an hour in
+        sampling.fid_network(config.eval.fid.weights, config.eval.fid.weights_sha256)
     trainer = Trainer(config, device, load_subsets(config, device))
     state = load_checkpoint(Path(resume_from)) if resume_from else None
     state = state or load_checkpoint(checkpoint_dir)
@@ -320,12 +365,18 @@ def train(
 
 
 def evaluate_and_save(trainer: Trainer, out: Path) -> tuple[dict, str]:
-    """Evaluate, checkpoint to out/checkpoint and write out/psnr_curve.csv; returns (metrics, checkpoint dir)."""
+    """Evaluate, checkpoint to out/checkpoint and write out/psnr_curve.csv; returns (metrics, checkpoint dir).
+
+    The sample grid (samples.png, samples.npy) goes into the checkpoint folder, so it travels with the
+    checkpoint to the sweep's storage, where the driver picks it up for the trial's run.
+    """
     curve = trainer.evaluate()
     checkpoint_dir = out / CHECKPOINT_DIR
     save_checkpoint(checkpoint_dir, trainer.state_dict())
+    trainer.save_sample_grid(checkpoint_dir)
     (out / "psnr_curve.csv").write_text(curve.to_csv())
-    return {"step": trainer.step, **curve.summary(), "psnr_curve": curve_record(curve)}, str(checkpoint_dir)
+    metrics = {"step": trainer.step, **curve.summary(), **trainer.fid(), **trainer.locality()}
+    return {**metrics, "psnr_curve": curve_record(curve)}, str(checkpoint_dir)
 
 
 def curve_record(curve: PsnrCurve) -> str:

@@ -1,0 +1,91 @@
+"""trainer.locality: per-block attention distance and neighbourhood shares, on tiny random DiTs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainer.attention import window_mask
+from trainer.diffusion import linear_schedule
+from trainer.locality import attention_locality, by_block, token_geometry
+from trainer.model import DiT
+
+GRID = 8
+
+
+def tiny_dit(windows: list[int | None], seed: int = 0) -> DiT:
+    torch.manual_seed(seed)
+    model = DiT(image_size=GRID, in_channels=1, depth=len(windows), width=32, heads=2, windows=windows)
+    return model.eval()
+
+
+def held_out(count: int = 3) -> torch.Tensor:
+    return torch.rand(count, 1, GRID, GRID, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+def test_a_3x3_window_keeps_all_attention_inside_it_and_a_global_block_does_not():
+    model = tiny_dit([3, 7, None])
+    metrics = attention_locality(model, linear_schedule(100), held_out(), [10, 90])
+
+    assert metrics["attn_local3.block_0"] == pytest.approx(1.0, abs=1e-9)
+    assert metrics["attn_local7.block_0"] == pytest.approx(1.0, abs=1e-9)
+    assert 0.0 < metrics["attn_distance.block_0"] <= math.sqrt(2) + 1e-9
+
+    assert metrics["attn_local7.block_1"] == pytest.approx(1.0, abs=1e-9)
+    assert metrics["attn_local3.block_1"] < 0.9
+    assert metrics["attn_distance.block_1"] <= 3 * math.sqrt(2) + 1e-9
+
+    assert metrics["attn_local3.block_2"] < 0.5  # 9 of 64 keys; random weights attend all over
+    assert metrics["attn_local7.block_2"] < 1.0
+    assert metrics["attn_distance.block_2"] > metrics["attn_distance.block_1"] > metrics["attn_distance.block_0"]
+    assert set(metrics) == {f"attn_{m}.block_{b}" for m in ("distance", "local3", "local7") for b in range(3)}
+
+
+def test_uniform_attention_gives_the_mean_distance_over_the_allowed_keys():
+    model = tiny_dit([5, None])
+    for block in model.blocks:  # zero queries: every allowed key gets the same weight
+        width = block.attn.qkv.in_features
+        with torch.no_grad():
+            block.attn.qkv.weight[:width].zero_()
+            block.attn.qkv.bias[:width].zero_()
+    metrics = attention_locality(model, linear_schedule(100), held_out(2), [50])
+
+    distance, near = token_geometry((GRID, GRID))
+    window5 = window_mask(GRID, GRID, 5).double()
+    expected_local = ((distance * window5).sum(1) / window5.sum(1)).mean().item()
+    # The maps are float32 softmaxes: equal to about 1e-7.
+    assert metrics["attn_distance.block_0"] == pytest.approx(expected_local, rel=1e-6)
+    assert metrics["attn_distance.block_1"] == pytest.approx(distance.mean().item(), rel=1e-6)
+    assert metrics["attn_local3.block_1"] == pytest.approx(near[3].mean().item(), rel=1e-6)
+    assert metrics["attn_local7.block_1"] == pytest.approx(near[7].mean().item(), rel=1e-6)
+
+
+def test_attention_probs_are_what_the_layer_applies():
+    model = tiny_dit([3, None])
+    x = torch.randn(2, GRID * GRID, 32, generator=torch.Generator().manual_seed(2))
+    for block in model.blocks:
+        attn = block.attn
+        probs = attn.attention_probs(x)  # (B, heads, N, N)
+        assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-6)
+        v = attn.qkv(x).reshape(2, GRID * GRID, 3, 2, 16).permute(2, 0, 3, 1, 4)[2]  # (B, heads, N, head_dim)
+        by_hand = attn.proj((probs @ v).transpose(1, 2).reshape(2, GRID * GRID, 32))
+        torch.testing.assert_close(by_hand, attn(x, "dense"), rtol=1e-4, atol=1e-5)
+
+
+def test_hooks_are_removed_and_the_model_is_unchanged():
+    model = tiny_dit([3, None])
+    x, t = held_out(2), torch.tensor([5, 50])
+    before = model(x, t)
+    attention_locality(model, linear_schedule(100), held_out(), [10])
+    assert all(not block.attn._forward_pre_hooks for block in model.blocks)
+    torch.testing.assert_close(model(x, t), before)
+
+
+def test_by_block_orders_blocks_numerically():
+    metrics = {f"attn_{m}.block_{b}": float(b) + (0.5 if m != "distance" else 0.0)
+               for m in ("distance", "local3", "local7") for b in (10, 2, 0)}
+    metrics["loss"] = 1.0
+    assert by_block(metrics) == {"distance": [0.0, 2.0, 10.0], "local3": [0.5, 2.5, 10.5], "local7": [0.5, 2.5, 10.5]}
+    assert by_block({"loss": 1.0}) == {}

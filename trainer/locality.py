@@ -1,0 +1,100 @@
+"""How local is each block's attention, measured (An et al. 2024 only show attention maps).
+
+The model's attention maps on noised held-out images, at a few diffusion steps, are summarized per
+block b (numbered from 0, as in the schedule string `3,5,7,G,...`):
+
+- `attn_distance.block_b`: the attention-weighted mean distance between a query and its keys, in
+  tokens: sum_k P[q, k] * |pos(q) - pos(k)| (Euclidean on the token grid), averaged over queries,
+  heads, images and timesteps. Uniform global attention on a 32x32 grid is about 14; a 3x3 window
+  is at most sqrt(2).
+- `attn_local3.block_b`, `attn_local7.block_b`: the share of the attention mass on keys inside the
+  3x3 / 7x7 neighbourhood of the query (at most 1 / 3 rows and columns away), averaged the same way.
+
+A block restricted to a k x k window keeps all its mass inside it, so attn_local3 = 1 for k = 3; a
+global block shows where attention goes when nothing restricts it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.diffusion import Schedule, q_sample
+from trainer.model import DiT
+
+# Noise for the analysis is fixed, as for the PSNR gap: trials differ only by their model.
+LOCALITY_NOISE_SEED = 20240202
+NEIGHBOURHOODS = (3, 7)  # k of the k x k neighbourhoods whose attention share is reported
+# Images per forward pass: the maps are (images, heads, N, N), 200 MB for 8 images of DiT-S/1 at 32x32.
+_CHUNK = 8
+
+
+def token_geometry(grid: tuple[int, int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """(N, N) Euclidean distance in tokens between row-major grid positions, and per k in
+    NEIGHBOURHOODS an (N, N) float mask of the pairs at most k // 2 rows and columns apart."""
+    rows = torch.arange(grid[0]).repeat_interleave(grid[1]).double()  # (N,)
+    cols = torch.arange(grid[1]).repeat(grid[0]).double()  # (N,)
+    d_rows = (rows[:, None] - rows[None, :]).abs()  # (N, N)
+    d_cols = (cols[:, None] - cols[None, :]).abs()  # (N, N)
+    distance = (d_rows**2 + d_cols**2).sqrt()
+    near = {k: ((d_rows <= k // 2) & (d_cols <= k // 2)).double() for k in NEIGHBOURHOODS}
+    return distance, near
+
+
+@torch.no_grad()
+def attention_locality(
+    model: DiT, schedule: Schedule, images: torch.Tensor, timesteps: list[int]
+) -> dict[str, float]:
+    """Per-block locality metrics (see the module docstring) of `model` on clean `images`
+    (N, C, H, W) in [-1, 1], noised with fixed noise to each of `timesteps`.
+
+    A class-conditional model is asked for its unconditional prediction (the null class), as in the
+    PSNR gap. The maps come from each block's own `attention_probs`, fed the block's actual input by
+    a forward pre-hook, so they are exactly what the block applies.
+    """
+    distance, near = token_geometry(model.grid)
+    distance = distance.to(images.device)
+    near = {k: mask.to(images.device) for k, mask in near.items()}
+    # Per block: summed distance, then summed mass inside each neighbourhood, over all query rows.
+    sums = torch.zeros(len(model.blocks), 1 + len(NEIGHBOURHOODS), dtype=torch.float64)
+    rows = 0
+
+    def capture(index: int):
+        def hook(module, args) -> None:
+            probs = module.attention_probs(args[0]).double()  # (B, heads, N, N)
+            sums[index, 0] += torch.einsum("bhqk,qk->", probs, distance).item()
+            for j, k in enumerate(NEIGHBOURHOODS, start=1):
+                sums[index, j] += torch.einsum("bhqk,qk->", probs, near[k]).item()
+
+        return hook
+
+    handles = [block.attn.register_forward_pre_hook(capture(i)) for i, block in enumerate(model.blocks)]
+    try:
+        generator = torch.Generator().manual_seed(LOCALITY_NOISE_SEED)
+        for t in timesteps:
+            # Drawn on the CPU so the noise is the same on every device.
+            noise = torch.randn(images.shape, generator=generator).to(images.device, images.dtype)
+            for start in range(0, images.shape[0], _CHUNK):
+                x0 = images[start : start + _CHUNK]
+                t_batch = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
+                model(q_sample(schedule, x0, t_batch, noise[start : start + _CHUNK]), t_batch, None)
+                rows += x0.shape[0] * model.heads * model.grid[0] * model.grid[1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    means = sums / rows
+    metrics: dict[str, float] = {}
+    for b in range(len(model.blocks)):
+        metrics[f"attn_distance.block_{b}"] = float(means[b, 0])
+        for j, k in enumerate(NEIGHBOURHOODS, start=1):
+            metrics[f"attn_local{k}.block_{b}"] = float(means[b, j])
+    return metrics
+
+
+def by_block(metrics: dict[str, float]) -> dict[str, list[float]]:
+    """{"distance": [...], "local3": [...], "local7": [...]} in block order, from reported metrics;
+    empty when none were reported."""
+    names = {"distance": "attn_distance"} | {f"local{k}": f"attn_local{k}" for k in NEIGHBOURHOODS}
+    blocks = sorted(int(key.rsplit("_", 1)[1]) for key in metrics if key.startswith("attn_distance.block_"))
+    if not blocks:
+        return {}
+    return {short: [metrics[f"{long}.block_{b}"] for b in blocks] for short, long in names.items()}

@@ -1,0 +1,157 @@
+"""Samples of the EMA model: DDIM from fixed noise, the sample grid (PNG and .npy), FID and KID.
+
+Sampling noise comes from constant seeds, not the trial seed. Every trial of a sweep draws its grid
+from the same noise, so two trials' grids can be compared image by image (the reproducibility score,
+`trainer.metrics.reproducibility`), and FID samples differ between trials only by the model.
+A class-conditional model is sampled unconditionally (the null class), as in the PSNR gap.
+
+FID and KID compare the samples' Inception features with those of reference images: a fixed random
+sample of the data's pool (every image but the held-out ones, `trainer.data.pool_sample`), the same
+for every subset size and shuffle, i.e. FID against the data distribution, not against the training
+subset. Reference features are computed once and cached on disk, keyed by the reference images'
+content and the weights' sha256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trainer.diffusion import Denoiser, Schedule, ddim_sample
+from trainer.fid import cached_reference_stats, extract_features, frechet_distance_of_features
+from trainer.fid import kernel_inception_distance
+from trainer.inception import FIDInceptionV3, fetch_weights, load_fid_inception
+
+GRID_NOISE_SEED = 20240303
+FID_NOISE_SEED = 20240404
+GRID_PNG = "samples.png"
+GRID_NPY = "samples.npy"
+GRID_PIXELS = 64  # each grid image is upscaled (nearest) to at least this many pixels per side
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # Binkowski et al.'s defaults; subsets shrink to the set size
+
+# One Inception network per weights file and process: (weights, sha256 prefix) -> (network, sha256).
+_NETWORKS: dict[tuple[str, str], tuple[FIDInceptionV3, str]] = {}
+
+
+def fixed_noise(count: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """(count, *shape) standard normal noise drawn on the CPU from `seed`: the same on every device."""
+    return torch.randn((count, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def generate(
+    model: Denoiser,
+    schedule: Schedule,
+    noise: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """DDIM samples (eta = 0: deterministic) from CPU `noise` (n, C, H, W), `batch_size` at a time on
+    `device`; returns float32 (n, C, H, W) in [-1, 1] on the CPU."""
+    batches = []
+    for start in range(0, noise.shape[0], batch_size):
+        x_T = noise[start : start + batch_size].to(device)
+        with autocast():
+            batches.append(ddim_sample(model, schedule, x_T, steps).float().clamp(-1.0, 1.0).cpu())
+    return torch.cat(batches)
+
+
+def to_uint8(samples: torch.Tensor) -> np.ndarray:
+    """Model scale [-1, 1] (n, C, H, W) -> uint8 (n, H, W, C), the layout of `trainer.data` images."""
+    unit = samples.add(1.0).div(2.0).clamp(0.0, 1.0)
+    return unit.mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def grid_png(images: np.ndarray, side: int) -> bytes:
+    """uint8 (side * side, H, W, C) images as one PNG: a side x side grid, each image upscaled
+    (nearest) to at least GRID_PIXELS pixels, with a 2-pixel mid-grey border between them (visible
+    against both black and white backgrounds)."""
+    count, height, width, channels = images.shape
+    if count != side * side or channels not in (1, 3):
+        raise ValueError(f"a {side}x{side} grid needs {side * side} (H, W, 1 or 3) images, got {images.shape}")
+    scale = max(1, -(-GRID_PIXELS // max(height, width)))  # ceil
+    big = images.repeat(scale, axis=1).repeat(scale, axis=2)  # (n, H*s, W*s, C)
+    pad = 2
+    cell_h, cell_w = height * scale + pad, width * scale + pad
+    canvas = np.full((side * cell_h + pad, side * cell_w + pad, channels), 128, dtype=np.uint8)
+    for i, image in enumerate(big):
+        top, left = pad + (i // side) * cell_h, pad + (i % side) * cell_w
+        canvas[top : top + height * scale, left : left + width * scale] = image
+    buffer = io.BytesIO()
+    Image.fromarray(canvas[..., 0] if channels == 1 else canvas).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_grid(directory: Path, samples: torch.Tensor, side: int) -> None:
+    """Write `samples.png` (the grid) and `samples.npy` (uint8 (n, H, W, C)) into `directory`."""
+    images = to_uint8(samples)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_atomically(directory / GRID_PNG, grid_png(images, side))
+    buffer = io.BytesIO()
+    np.save(buffer, images, allow_pickle=False)
+    _write_atomically(directory / GRID_NPY, buffer.getvalue())
+
+
+def _write_atomically(path: Path, payload: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(payload)
+    os.replace(temporary, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# FID and KID
+
+
+def fid_network(weights: str, sha256_prefix: str) -> tuple[FIDInceptionV3, str]:
+    """The FID Inception network for `weights` and the file's full sha256, loaded once per process."""
+    key = (weights, sha256_prefix)
+    if key not in _NETWORKS:
+        path = fetch_weights(weights, expected_sha256_prefix=sha256_prefix)  # cached, digest checked
+        network = load_fid_inception(str(path), expected_sha256_prefix=sha256_prefix)
+        _NETWORKS[key] = (network, _sha256(path))
+    return _NETWORKS[key]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fid_and_kid(
+    samples_unit: torch.Tensor,
+    reference_uint8: torch.Tensor,
+    weights: str,
+    sha256_prefix: str,
+    batch_size: int,
+    device: torch.device,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, float]:
+    """`fid`, `kid` and `kid_std` of samples (n, C, H, W) in [0, 1] against reference images, uint8
+    (m, C, H, W). The reference features are cached (see the module docstring)."""
+    network, weights_sha256 = fid_network(weights, sha256_prefix)
+    reference = reference_uint8.cpu()
+    key = {
+        "kind": "fid-reference",
+        "images_sha256": hashlib.sha256(reference.contiguous().numpy().tobytes()).hexdigest(),
+        "images_shape": list(reference.shape),
+        "weights_sha256": weights_sha256,
+    }
+    _, _, ref_features = cached_reference_stats(
+        key, lambda: extract_features(network, reference.float() / 255.0, batch_size, device), cache_dir
+    )
+    features = extract_features(network, samples_unit, batch_size, device)
+    kid, kid_std = kernel_inception_distance(features, ref_features, KID_SUBSETS, KID_SUBSET_SIZE)
+    return {"fid": frechet_distance_of_features(features, ref_features), "kid": kid, "kid_std": kid_std}
