@@ -39,8 +39,9 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
     from orchestrator.tracking import TrackingError
     from trainer.config import ConfigError
     from trainer.data import DataError
+    from trainer.inception import WeightsError
 
-    return (BadInput, ClusterError, ConfigError, DataError, ReportError, SpecError, TrackingError)
+    return (BadInput, ClusterError, ConfigError, DataError, ReportError, SpecError, TrackingError, WeightsError)
 
 
 def handles_bad_input(command: Callable) -> Callable:

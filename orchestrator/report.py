@@ -16,6 +16,7 @@ import base64
 import csv
 import html
 import io
+import itertools
 import json
 import secrets
 import shutil
@@ -76,6 +77,8 @@ class SweepData:
     status: str
     axes: list[str]  # grid axes in spec order
     trials: list[TrialResult]
+    # Reproducibility (Kadkhodaie et al.) of trials trained on disjoint subsets: configuration -> scores
+    reproducibility: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -358,9 +361,38 @@ def figures(rows: list[ConfigRow]) -> list[Figure]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Reproducibility: models trained on disjoint subsets, sampled from the same noise
+
+
+def disjoint_pairs(trials: list[TrialResult]) -> dict[str, list[tuple[TrialResult, TrialResult]]]:
+    """Finished trials with `data.disjoint` that differ only in `data.shuffle_seed`, grouped by the
+    configuration they share (labelled by their other axis values)."""
+    groups: dict[tuple, list[TrialResult]] = {}
+    for trial in trials:
+        if trial.finished and trial.params.get("data.disjoint") == "True":
+            shared = tuple(sorted((k, v) for k, v in trial.params.items() if k != "data.shuffle_seed"))
+            groups.setdefault(shared, []).append(trial)
+    pairs = {}
+    for members in groups.values():
+        if len(members) > 1:
+            label = "·".join(axis_label(k, v) for k, v in members[0].axes.items() if k != "data.shuffle_seed")
+            pairs[label or "all trials"] = list(itertools.combinations(members, 2))
+    return pairs
+
+
+def reproducibility_lines(data: SweepData) -> list[str]:
+    return [
+        f"reproducibility {label}: {statistics.fmean(scores):.3f} (mean sample correlation over "
+        f"{len(scores)} pair(s) of models trained on disjoint subsets, same noise)"
+        for label, scores in data.reproducibility.items()
+    ]
+
+
 def notes(data: SweepData) -> list[str]:
     """Trials left out of the statistics, and where cached results came from."""
-    lines = [f"{t.name}: {t.status.lower()}, not in the statistics" for t in data.trials if not t.finished]
+    lines = reproducibility_lines(data)
+    lines += [f"{t.name}: {t.status.lower()}, not in the statistics" for t in data.trials if not t.finished]
     cached = sum(t.cached for t in data.trials)
     if cached:
         lines.append(f"{cached} trial(s) reuse FINISHED runs of earlier sweeps of experiment {data.experiment_name!r}")
@@ -490,7 +522,32 @@ def fetch_sweep(tracker: Tracker, sweep_id: str) -> SweepData:
         status=parent.info.status,
         axes=list(manifest[0]["axes"]) if manifest else [],
         trials=trials,
+        reproducibility=_reproducibility(tracker, trials),
     )
+
+
+def _reproducibility(tracker: Tracker, trials: list[TrialResult]) -> dict[str, list[float]]:
+    """Scores from the `samples.npy` grids (same fixed noise in every trial) of disjoint pairs."""
+    import numpy as np
+
+    from trainer.metrics import reproducibility
+
+    samples: dict[str, Any] = {}
+
+    def grid(trial: TrialResult):
+        if trial.run_id not in samples:
+            names = tracker.artifact_names(trial.run_id)
+            payload = tracker.read_bytes(trial.run_id, "samples.npy") if "samples.npy" in names else None
+            samples[trial.run_id] = np.load(io.BytesIO(payload)) if payload else None
+        return samples[trial.run_id]
+
+    scores: dict[str, list[float]] = {}
+    for label, pairs in disjoint_pairs(trials).items():
+        values = [reproducibility(grid(a), grid(b)) for a, b in pairs
+                  if grid(a) is not None and grid(b) is not None and grid(a).shape == grid(b).shape]
+        if values:
+            scores[label] = values
+    return scores
 
 
 def _trial_result(tracker: Tracker, entry: dict, run, cached: bool) -> TrialResult:

@@ -188,12 +188,15 @@ class Tracker:
             [sweep.info.experiment_id], f"tags.`{TAG_SWEEP_ID}` = '{sweep_id}' and tags.`{TAG_ROLE}` = 'trial'"
         )
 
-    def read_text(self, run_id: str, path: str) -> str:
+    def read_bytes(self, run_id: str, path: str) -> bytes:
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.artifacts.download_artifacts(
                 run_id=run_id, artifact_path=path, dst_path=tmp, tracking_uri=self.uri
             )
-            return Path(local).read_text()
+            return Path(local).read_bytes()
+
+    def read_text(self, run_id: str, path: str) -> str:
+        return self.read_bytes(run_id, path).decode()
 
     def find_run(self, run_id: str) -> Run | None:
         """The run, or None when the store no longer has it (deleted)."""

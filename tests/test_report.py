@@ -300,3 +300,39 @@ def test_report_of_a_real_sweep(tmp_path):
     assert {"report.md", "report.csv", "report.html", "psnr_gap_vs_images.png", "psnr_per_step.png"} <= {
         p.name for p in out.iterdir()}
     assert (out / "psnr_gap_vs_images.png").read_bytes().startswith(PNG)
+
+
+def test_reproducibility_of_disjoint_pairs_is_reported(tmp_path):
+    """Trials on disjoint subsets that differ only in data.shuffle_seed are paired; the report's score
+    is trainer.metrics.reproducibility of their samples.npy grids."""
+    from orchestrator.report import fetch_sweep, notes
+    from orchestrator.tracking import Tracker
+    from trainer.metrics import reproducibility
+
+    store = StoreBuilder(tmp_path, "repro")
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
+    grids = {0: base, 1: np.clip(base.astype(int) + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8),
+             2: rng.integers(0, 256, base.shape, dtype=np.uint8)}
+    manifest, parent = [], store.sweep("repro-1", [])
+    for shuffle, grid in grids.items():
+        axes = {"data.shuffle_seed": shuffle}
+        run = store.client.create_run(store.experiment, run_name=f"sh{shuffle}", tags={
+            "mlflow.parentRunId": parent, "ditsweep.role": "trial", "ditsweep.sweep_id": "repro-1",
+            "ditsweep.trial_key": f"k{shuffle}"})
+        params = {"data.disjoint": "True", "data.shuffle_seed": str(shuffle), "attention.placement": "head"}
+        store.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+        buffer = io.BytesIO()
+        np.save(buffer, grid)
+        (tmp_path / "samples.npy").write_bytes(buffer.getvalue())
+        store.client.log_artifact(run.info.run_id, str(tmp_path / "samples.npy"))
+        store.client.set_terminated(run.info.run_id, "FINISHED")
+        manifest.append({"key": f"k{shuffle}", "name": f"sh{shuffle}", "axes": axes, "cached_run": None})
+    store.client.log_text(parent, json.dumps(manifest), "trials.json")
+
+    data = fetch_sweep(Tracker(store.uri), "repro-1")
+    scores = data.reproducibility["all trials"]
+    expected = [reproducibility(grids[a], grids[b]) for a, b in ((0, 1), (0, 2), (1, 2))]
+    assert sorted(scores) == pytest.approx(sorted(expected))
+    assert max(scores) > 0.8 > 0.2 > min(scores)  # the noisy copy is close, the random grid is not
+    assert any(line.startswith("reproducibility all trials: ") for line in notes(data))
