@@ -57,3 +57,31 @@ def s3_bucket(s3_env: str) -> str:
     name = f"ditsweep-test-{uuid.uuid4().hex[:12]}"
     boto3.session.Session().client("s3").create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def finished_sweep(tmp_path_factory) -> dict:
+    """One finished tiny sweep (placement none/head x seed 0/1) in its own folder, launched through
+    the CLI; shared by the tests that read a real sweep (report, MLflow UI)."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.sweeps import TINY, ditsweep, runs_by_role, sqlite_uri, write_spec
+
+    folder = tmp_path_factory.mktemp("finished_sweep")
+    base = {**TINY, "train": {**TINY["train"], "steps": 2}}
+    spec = write_spec(folder, name="realsweep", base=base,
+                      grid={"attention.placement": ["none", "head"], "seed": [0, 1]})
+    launched = ditsweep("launch", str(spec), cwd=folder)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    client = MlflowClient(tracking_uri=sqlite_uri(folder))
+    runs = runs_by_role(client, "realsweep")
+    parent = runs["sweep"][0]
+    return {
+        "folder": folder,
+        "stdout": launched.stdout,
+        "experiment_id": parent.info.experiment_id,
+        "sweep": parent.info.run_name,
+        "sweep_id": parent.data.tags["ditsweep.sweep_id"],
+        "parent_run_id": parent.info.run_id,
+        "trials": sorted(r.info.run_name for r in runs["trial"]),
+    }

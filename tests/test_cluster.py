@@ -29,11 +29,11 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from k8s_schema import check_kuberay_rules, validate_manifest
+from tests.k8s_schema import check_kuberay_rules, validate_manifest
 from orchestrator.cli import app
 from orchestrator.cluster import launch_entrypoint, stage_working_dir
 from orchestrator.k8s import RAYJOB_TEMPLATE
-from test_sweep import ditsweep, free_port, runs_by_role, write_spec
+from tests.sweeps import ditsweep, free_port, runs_by_role, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {

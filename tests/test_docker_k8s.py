@@ -24,7 +24,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from k8s_schema import (
+from tests.k8s_schema import (
     DNS_1035_LABEL,
     check_kuberay_rules,
     crd_validator,

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.launch import check_fid_weights
 from orchestrator.spec import SpecError, expand, load_spec
 from tests.test_inception import random_fid_state_dict
-from tests.test_sweep import ditsweep, free_port, runs_by_role, sqlite_uri, write_spec
+from tests.sweeps import ditsweep, free_port, runs_by_role, sqlite_uri, write_spec
 from trainer.inception import FID_WEIGHTS_URL
 
 BASE = {

@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from tests.test_sweep import TINY, ditsweep, free_port, runs_by_role, sqlite_uri, write_spec
+from tests.sweeps import TINY, ditsweep, free_port, runs_by_role, sqlite_uri, write_spec
 
 runner = CliRunner()
 
@@ -225,7 +224,10 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path):
     run = runs_by_role(MlflowClient(tracking_uri=sqlite_uri(tmp_path)), "workerkill")["trial"][0]
     assert run.info.status == "FINISHED"
     assert run.data.metrics["step"] == 40
-    assert run.data.metrics["resumed_from_step"] >= 15  # from the checkpoint, not from step 0
+    # From a checkpoint (every 5 steps), not from step 0. Which one depends on whether Tune had
+    # registered the checkpoint being uploaded when the worker died.
+    resumed = run.data.metrics["resumed_from_step"]
+    assert resumed >= 5 and resumed % 5 == 0, resumed
 
 
 def ray_trial_workers() -> list[int]:
@@ -310,20 +312,6 @@ def test_tracking_server_going_away_loses_no_results(tmp_path, restartable_mlflo
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
         assert steps == list(range(5, 41, 5)), steps  # every report arrived, none twice
     assert runs["sweep"][0].info.status == "FINISHED"
-
-
-@pytest.mark.slow
-def test_force_reruns_without_touching_finished_runs(tmp_path):
-    spec = write_spec(tmp_path, name="force", grid={"attention.placement": ["head"]})
-    assert ditsweep("launch", str(spec), cwd=tmp_path).returncode == 0
-    client = MlflowClient(tracking_uri=sqlite_uri(tmp_path))
-    first = runs_by_role(client, "force")["trial"][0]
-    rerun = ditsweep("launch", str(spec), "--force", cwd=tmp_path)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    trials = runs_by_role(client, "force")["trial"]
-    assert len(trials) == 2
-    kept = client.get_run(first.info.run_id)
-    assert kept.info.status == "FINISHED" and kept.data.metrics == first.data.metrics
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from orchestrator.cli import app
 from orchestrator.report import TrialResult, configuration_rows, table_csv, window_label, write_report
 from orchestrator.tracking import TrackingError, ui_command
-from tests.test_sweep import TINY, ditsweep, sqlite_uri, write_spec
+from tests.sweeps import ditsweep, sqlite_uri
 
 PNG = b"\x89PNG\r\n\x1a\n"
 LOCAL = "3,5,7,9,11,13,G,G,G,G,G,G"
@@ -274,24 +274,18 @@ def test_ui_command(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_report_of_a_real_sweep(tmp_path):
-    base = {**TINY, "train": {**TINY["train"], "steps": 2}}
-    spec = write_spec(tmp_path, name="realreport", base=base,
-                      grid={"attention.placement": ["none", "head"], "seed": [0, 1]})
-    launched = ditsweep("launch", str(spec), cwd=tmp_path)
-    assert launched.returncode == 0, launched.stdout + launched.stderr
-    client = MlflowClient(tracking_uri=sqlite_uri(tmp_path))
-    experiment = client.get_experiment_by_name("realreport").experiment_id
-    parent = client.search_runs([experiment], "tags.`ditsweep.role` = 'sweep'")[0]
-    sweep_id = parent.data.tags["ditsweep.sweep_id"]
+def test_report_of_a_real_sweep(finished_sweep, tmp_path):
+    folder, sweep_id = finished_sweep["folder"], finished_sweep["sweep_id"]
+    client = MlflowClient(tracking_uri=sqlite_uri(folder))
+    experiment = finished_sweep["experiment_id"]
     # Regenerated when the sweep ended: on disk and on the sweep's run.
-    assert f"report: reports/{sweep_id}/report.html" in launched.stdout
-    attached = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert f"report: reports/{sweep_id}/report.html" in finished_sweep["stdout"]
+    attached = {a.path for a in client.list_artifacts(finished_sweep["parent_run_id"], "report")}
     assert {"report/report.csv", "report/report.html", "report/psnr_gap_vs_images.png"} <= attached
 
-    result = ditsweep("report", sweep_id, "--out", "cmp", cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
     out = tmp_path / "cmp"
+    result = ditsweep("report", sweep_id, "--out", str(out), "--tracking-uri", sqlite_uri(folder), cwd=folder)
+    assert result.returncode == 0, result.stdout + result.stderr
     trials = client.search_runs([experiment], "tags.`ditsweep.role` = 'trial'")
     assert len(trials) == 4 and {r.info.status for r in trials} == {"FINISHED"}
     metrics = ("psnr_gap", "psnr_train", "psnr_test")

@@ -8,64 +8,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.sweeps import TINY, ditsweep, free_port, runs_by_role, sqlite_uri, write_spec
+
 pytestmark = pytest.mark.slow
-
-TINY = {
-    "model": {"size": "DiT-T/1"},
-    "data": {"num_images": 16, "test_images": 16},
-    "train": {"steps": 4, "batch_size": 8, "log_every": 2, "warmup_steps": 0},
-    "eval": {"every": 2, "psnr_gap": {"images": 8, "timesteps": 2}, "samples": {"grid": 2, "steps": 2}},
-}
-
-
-def write_spec(folder: Path, name: str = "tiny", grid=None, base=None, **extra) -> Path:
-    spec = {
-        "name": name,
-        "description": "test sweep",
-        "base": base or TINY,
-        "grid": grid or {"attention.placement": ["none", "head"]},
-        "resources": {"cpu": 1},
-        **extra,
-    }
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def ditsweep(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *args],
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def sqlite_uri(folder: Path) -> str:
-    return f"sqlite:///{folder / 'mlflow.db'}"
-
-
-def runs_by_role(client: MlflowClient, experiment: str) -> dict[str, list]:
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    out: dict[str, list] = {"sweep": [], "trial": []}
-    for run in runs:
-        out[run.data.tags["ditsweep.role"]].append(run)
-    return out
-
 
 def test_sweep_tracks_every_trial_and_caches_finished_ones(tmp_path):
     spec = write_spec(tmp_path)
@@ -115,6 +68,16 @@ def test_sweep_tracks_every_trial_and_caches_finished_ones(tmp_path):
     status = ditsweep("status", sweep_id, cwd=tmp_path)
     assert status.returncode == 0 and "FINISHED" in status.stdout and "head" in status.stdout
 
+    # --force reruns a finished trial as a new run and leaves the finished one as it was.
+    only_head = write_spec(tmp_path, grid={"attention.placement": ["head"]})
+    first = next(r for r in runs["trial"] if r.info.run_name == "head")
+    forced = ditsweep("launch", str(only_head), "--force", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    heads = [r for r in runs_by_role(client, "tiny")["trial"] if r.info.run_name == "head"]
+    assert len(heads) == 2
+    kept = client.get_run(first.info.run_id)
+    assert kept.info.status == "FINISHED" and kept.data.metrics == first.data.metrics
+
 
 def test_bad_spec_exits_2_and_creates_nothing(tmp_path):
     spec = write_spec(tmp_path, grid={"attention.placement": ["head", "sideways"]})
@@ -136,12 +99,6 @@ def test_failing_trial_is_retried_then_failed_while_others_finish(tmp_path):
     failed = next(r for r in runs["trial"] if r.info.status == "FAILED")
     assert "diverged" in failed.data.tags["ditsweep.error"]
     assert runs["sweep"][0].info.status == "FAILED"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

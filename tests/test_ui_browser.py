@@ -21,9 +21,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from tests.test_sweep import TINY, ditsweep, free_port, sqlite_uri, write_spec
+from tests.sweeps import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -160,22 +159,6 @@ class Browser:
         os.close(self._receive)
 
 
-@pytest.fixture(scope="module")
-def finished_sweep(tmp_path_factory) -> dict:
-    """A store holding one finished tiny sweep of two trials."""
-    folder = tmp_path_factory.mktemp("ui_sweep")
-    spec = write_spec(folder, name="uisweep", base={**TINY, "train": {**TINY["train"], "steps": 2}})
-    result = ditsweep("launch", str(spec), cwd=folder)
-    assert result.returncode == 0, result.stdout + result.stderr
-    client = MlflowClient(tracking_uri=sqlite_uri(folder))
-    experiment = client.get_experiment_by_name("uisweep")
-    runs = client.search_runs([experiment.experiment_id])
-    sweep = next(r for r in runs if r.data.tags["ditsweep.role"] == "sweep")
-    trials = sorted(r.info.run_name for r in runs if r.data.tags["ditsweep.role"] == "trial")
-    return {"folder": folder, "experiment_id": experiment.experiment_id, "sweep": sweep.info.run_name,
-            "trials": trials}
-
-
 @pytest.fixture
 def mlflow_ui(finished_sweep, tmp_path):
     """`ditsweep ui` on a free loopback port; yields the lines it printed once the UI answered."""
@@ -219,14 +202,14 @@ def test_mlflow_ui_lists_the_sweep_and_its_trials(chromium, finished_sweep, mlfl
     """`chromium` comes first: without a browser the test skips before any sweep runs."""
     base = f"http://127.0.0.1:{mlflow_ui['port']}"
     assert f"MLflow UI: {base}" in mlflow_ui["lines"]
-    runs_page = next(line.split(": ", 1)[1] for line in mlflow_ui["lines"] if line.strip().startswith("uisweep:"))
+    runs_page = next(line.split(": ", 1)[1] for line in mlflow_ui["lines"] if line.strip().startswith("realsweep:"))
     assert runs_page == f"{base}/#/experiments/{finished_sweep['experiment_id']}/runs?viewStateShareKey=ditsweep"
     assert urllib.request.urlopen(base + "/health", timeout=10).read().strip() == b"OK"
 
     browser.page("Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1, mobile=False)
     browser.page("Page.navigate", url=runs_page)
     # The sweep's run, with the axis params and key metrics as columns (the view the report sets).
-    body = browser.wait_for_text([finished_sweep["sweep"], "attention.placement", "psnr_gap", "3 matching runs"])
+    body = browser.wait_for_text([finished_sweep["sweep"], "attention.placement", "psnr_gap", f"{1 + len(finished_sweep['trials'])} matching runs"])
     assert browser.wait_for_run_names([finished_sweep["sweep"]]) == [finished_sweep["sweep"]], body[:3000]
     # Its trials are nested under it: opening the sweep's row lists them too.
     clicked = browser.evaluate(

@@ -1,0 +1,63 @@
+"""Helpers for tests that run real sweeps through the CLI: tiny specs, the subprocess, the store."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+TINY = {
+    "model": {"size": "DiT-T/1"},
+    "data": {"num_images": 16, "test_images": 16},
+    "train": {"steps": 4, "batch_size": 8, "log_every": 2, "warmup_steps": 0},
+    "eval": {"every": 2, "psnr_gap": {"images": 8, "timesteps": 2}, "samples": {"grid": 2, "steps": 2}},
+}
+
+
+def write_spec(folder: Path, name: str = "tiny", grid=None, base=None, **extra) -> Path:
+    spec = {
+        "name": name,
+        "description": "test sweep",
+        "base": base or TINY,
+        "grid": grid or {"attention.placement": ["none", "head"]},
+        "resources": {"cpu": 1},
+        **extra,
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def ditsweep(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def sqlite_uri(folder: Path) -> str:
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def runs_by_role(client: MlflowClient, experiment: str) -> dict[str, list]:
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    out: dict[str, list] = {"sweep": [], "trial": []}
+    for run in runs:
+        out[run.data.tags["ditsweep.role"]].append(run)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
