@@ -182,13 +182,14 @@ def test_flex_matches_dense_forward_on_cpu(grid, window):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["flex", "banded"])
 @pytest.mark.parametrize("grid, window", [((32, 32), 3), ((32, 32), 13), ((16, 8), 5)])
-def test_flex_matches_dense_on_cuda(grid, window):
+def test_fast_backends_match_dense_on_cuda(grid, window, backend):
     q, k, v = random_qkv(grid, head_dim=32, device="cuda")
     dense = attend(q, k, v, window, grid, "dense")
-    flex = attend(q, k, v, window, grid, "flex")
-    torch.testing.assert_close(flex, dense, atol=1e-4, rtol=1e-4)
-    for got, want in zip(grads(flex, (q, k, v)), grads(dense, (q, k, v))):
+    fast = attend(q, k, v, window, grid, backend)
+    torch.testing.assert_close(fast, dense, atol=1e-4, rtol=1e-4)
+    for got, want in zip(grads(fast, (q, k, v)), grads(dense, (q, k, v))):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 

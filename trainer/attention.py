@@ -221,7 +221,6 @@ def banded_attention(
     height, width = grid
     radius = window // 2
     tiles = math.ceil(height / rows)
-    band = rows + 2 * radius
     q = q.reshape(B * heads, N, head_dim)  # (BH, N, hd)
     if tiles * rows > height:  # pad the query grid to whole tiles; those outputs are dropped below
         q = F.pad(q, (0, 0, 0, (tiles * rows - height) * width))

@@ -1,0 +1,77 @@
+"""What every benchmark shares: interleaved best-of-N timing and a description of the machine.
+
+Targets are ratios of two things timed in the same process, interleaved (A, B, A, B, ...) and each
+taken as the best of N, so a neighbour's burst of load slows both sides alike or neither.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# Run as `python benchmarks/x.py` from anywhere: the repository root must be importable.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_times(
+    candidates: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Best wall time (s) of each zero-argument callable, run round-robin `repeats` times."""
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    synchronize(device)
+    best = {name: float("inf") for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine(device: torch.device | str = "cpu") -> str:
+    """One line naming the hardware, the software and the load it ran under."""
+    device = torch.device(device)
+    parts = [f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"]
+    if device.type == "cuda":
+        parts.append(torch.cuda.get_device_name(device))
+    try:
+        load = Path("/proc/loadavg").read_text().split()[:3]
+        parts.append(f"load average {' '.join(load)}")
+    except OSError:
+        pass
+    return "; ".join(parts)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
