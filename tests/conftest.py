@@ -85,3 +85,14 @@ def finished_sweep(tmp_path_factory) -> dict:
         "parent_run_id": parent.info.run_id,
         "trials": sorted(r.info.run_name for r in runs["trial"]),
     }
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Limit torch to one thread for a module, then restore the previous setting."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,11 +24,8 @@ TINY = [
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """These tests train real models: one thread each keeps them steady on a shared 2-core box."""
 
 
 def trainer(*overrides: str) -> Trainer:

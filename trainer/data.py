@@ -262,7 +262,7 @@ def _read_prepared(source: str, folder: str) -> np.ndarray:
     images_path = os.path.join(folder, IMAGES_NAME)
     if not os.path.exists(images_path):
         raise DataError(f"prepared data {source!r} has a manifest but no {IMAGES_NAME}; run prepare-data again")
-    digest = _file_sha256(images_path)
+    digest = file_sha256(images_path)
     if digest != manifest["sha256"]:
         raise DataError(
             f"{IMAGES_NAME} in {source!r} does not match its manifest (sha256 {digest[:12]}... != "
@@ -290,7 +290,8 @@ def _read_manifest(source: str, folder: str) -> dict:
     return manifest
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a local file, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):

@@ -28,6 +28,7 @@ from PIL import Image
 from trainer.diffusion import Denoiser, Schedule, ddim_sample
 from trainer.fid import cached_reference_stats, extract_features, frechet_distance_of_features
 from trainer.fid import kernel_inception_distance
+from trainer.data import file_sha256
 from trainer.inception import FIDInceptionV3, fetch_weights, load_fid_inception
 
 GRID_NOISE_SEED = 20240303
@@ -118,16 +119,10 @@ def fid_network(weights: str, sha256_prefix: str) -> tuple[FIDInceptionV3, str]:
     if key not in _NETWORKS:
         path = fetch_weights(weights, expected_sha256_prefix=sha256_prefix)  # cached, digest checked
         network = load_fid_inception(str(path), expected_sha256_prefix=sha256_prefix)
-        _NETWORKS[key] = (network, _sha256(path))
+        _NETWORKS[key] = (network, file_sha256(path))
     return _NETWORKS[key]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fid_and_kid(
