@@ -58,7 +58,8 @@ def measure(config: TrialConfig, device: torch.device, args: argparse.Namespace)
     """Unit costs of the config's model, and the raw best times they come from."""
     size, image_size = config.model.size, config.data.image_size
     placement, windows = config.attention.placement, list(config.attention.windows)
-    trainer = build_trainer(size, image_size, placement, windows, args.train_batch, "auto", device=device)
+    compile = config.train.compile and device.type == "cuda"  # on CPU compiling does not pay (RESULTS.md)
+    trainer = build_trainer(size, image_size, placement, windows, args.train_batch, "auto", compile, device)
     ema, schedule = trainer.ema, trainer.schedule
     batch = args.eval_batch
     images = to_model_scale(trainer.subsets.train[:batch])  # (b, C, H, W) in [-1, 1]

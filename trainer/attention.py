@@ -186,14 +186,16 @@ def _flex_kernel(device_type: str):
 # window rule and hides the padding; the work drops from N^2 to N * band * width score entries.
 
 
-# Cost of banded attention relative to global SDPA, fitted on CPU (benchmarks/attention.py, one
-# thread, head_dim 63, grids 16 to 64, windows 3 to 13): each kept score entry costs about
+# Cost of banded attention relative to global SDPA, fitted to CPU timings of forward + backward (one
+# thread, head_dim 63, grids 16 to 64, windows 3 to 13, tiles of 1 to 16 rows; the resulting choices
+# are checked by benchmarks/attention.py, see benchmarks/RESULTS.md): each kept score entry costs about
 # BAND_ENTRY_COST global ones (the mask is added to every entry), and every token pays about
 # BAND_TOKEN_COST / N global units per key copy for padding, the band views and folding the gradient.
 BAND_ENTRY_COST = 1.2
 BAND_TOKEN_COST = 75.0
 
 
+@functools.lru_cache(maxsize=256)  # asked on every block call
 def band_rows_per_tile(grid: Grid, window: int) -> int | None:
     """Query rows per tile for the banded backend, or None when dense masking is as cheap.
 

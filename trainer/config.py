@@ -64,8 +64,11 @@ class AttentionConfig(_Section):
         [3, 5, 7, 9, 11, 13],
         description="Odd window sizes in tokens; for 'custom' one entry per block, null = global.",
     )
-    backend: Literal["auto", "dense", "flex"] = Field(
-        "auto", description="dense = masked SDPA (everywhere); flex = block-sparse FlexAttention (CUDA)."
+    backend: Literal["auto", "dense", "banded", "flex"] = Field(
+        "auto",
+        description="auto = flex on CUDA, banded elsewhere; dense = masked SDPA (the reference); "
+        "banded = row tiles against the key rows their windows reach (fast on CPU); flex = block-sparse "
+        "FlexAttention (CUDA).",
     )
 
 
@@ -106,7 +109,7 @@ class TrainConfig(_Section):
     ema: float = Field(0.995, ge=0.0, lt=1.0, description="EMA decay of the weights used for evaluation.")
     grad_clip: float = Field(1.0, gt=0.0, description="Max global gradient norm.")
     log_every: int = Field(10, ge=1, description="Steps between loss reports.")
-    compile: bool = Field(False, description="torch.compile the model (pays off on CUDA).")
+    compile: bool = Field(False, description="torch.compile the model on CUDA (ignored on CPU, where it does not pay).")
 
 
 class PsnrGapConfig(_Section):
