@@ -4,10 +4,11 @@
     python benchmarks/train_step.py --size DiT-S/1 --image-size 32 --placement none --batch-size 16
 
 The steps are the trainer's own (`trainer.train.Trainer.train_step`: batch gathered from a uint8
-subset already on the device, forward, loss, backward, gradient clipping, AdamW, EMA) on random
-images. Each step is timed alone, interleaved with a large matmul (fp32 on CPU, bf16 on CUDA), and
-each is the best of N: the share of peak is a ratio of two things measured in one process.
-Achieved FLOP/s counts 3x the model's forward FLOPs (`DiT.flops_per_image`) per image.
+subset already on the device, forward, loss, backward, gradient clipping, fused AdamW, EMA) on
+random images. Each step is timed alone, interleaved with a large matmul (fp32 on CPU, bf16 on
+CUDA), and each is the best of N: the share of peak is a ratio of two things measured in one
+process. Achieved FLOP/s counts 3x the model's forward FLOPs (`DiT.flops_per_image`) per image.
+The fused AdamW step is also timed against the foreach AdamW it replaced.
 
 Prints, last: `images_per_sec=... peak_share=...`.
 """
@@ -70,6 +71,15 @@ def flops_per_step(trainer: Trainer) -> float:
     return 3.0 * trainer.model.flops_per_image() * trainer.config.train.batch_size
 
 
+def optimizer_step_times(trainer: Trainer, steps: int, device: torch.device) -> dict[str, float]:
+    """Best time of the trainer's AdamW step (fused) and of the foreach AdamW it replaced, interleaved,
+    on the trainer's parameters and their current gradients (run after a training step)."""
+    params = [p for p in trainer.model.parameters() if p.grad is not None]
+    lr, weight_decay = trainer.config.train.lr, trainer.config.train.weight_decay
+    foreach = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    return best_times({"fused": trainer.optimizer.step, "foreach": foreach.step}, steps, warmup=1, device=device)
+
+
 def parse_windows(values: list[str]) -> list[int | None]:
     return [None if value.upper() in ("G", "NULL", "NONE") else int(value) for value in values]
 
@@ -127,6 +137,12 @@ def main() -> None:
     print(f"training FLOPs per step: {flops_per_step(trainer) / 1e9:.1f} GFLOP (3x forward, matmuls only)")
     print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'} {size}^3, best of {args.steps})")
     print(f"achieved: {achieved / 1e9:.1f} GFLOP/s")
+    optimizer = optimizer_step_times(trainer, args.steps, device)
+    print(
+        f"optimizer step: fused AdamW {optimizer['fused'] * 1e3:.1f} ms, foreach AdamW "
+        f"{optimizer['foreach'] * 1e3:.1f} ms ({optimizer['foreach'] / optimizer['fused']:.2f}x), "
+        f"{optimizer['fused'] / best['step']:.1%} of the step"
+    )
     print(f"images_per_sec={images_per_sec:.2f} peak_share={achieved / peak:.3f}")
 
 

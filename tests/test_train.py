@@ -1,4 +1,5 @@
-"""trainer.train: reports, determinism, resume from checkpoints, atomic checkpoints, class labels.
+"""trainer.train: reports, determinism, resume from checkpoints, atomic checkpoints, class labels, the
+per-process cache of decoded data.
 
 Every trial is DiT-T/1 (12 blocks, width 64) on 8x8 digits with a handful of steps; one CPU thread
 keeps the timings stable on a shared box.
@@ -7,6 +8,7 @@ keeps the timings stable on a shared box.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +20,9 @@ from trainer.config import TrialConfig, apply_overrides, build_config
 from trainer.data import DataError, load_images, load_labels, prepare_images
 from trainer.train import (
     CHECKPOINT_FILE,
+    POOLS,
     PREVIOUS_CHECKPOINT_FILE,
+    PoolCache,
     Trainer,
     load_checkpoint,
     load_subsets,
@@ -324,3 +328,90 @@ def test_label_count_must_match_the_images(tmp_path):
     np.savez(tmp_path / "short.npz", images=digit_like(40), labels=np.zeros(39, dtype=np.int64))
     with pytest.raises(DataError, match="40 images but 39 labels"):
         train(tiny("model.num_classes=10", f"data.source={tmp_path / 'short.npz'}"), out_dir=tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------
+# One decode per source and process: Ray reuses a worker for trial after trial of a sweep.
+
+
+def as_pool(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2)
+
+
+def touch_later(path: Path) -> None:
+    """Move the modification time forward, as an edit a second later would (coarse-mtime file systems)."""
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+
+def test_trials_on_one_source_decode_it_once_and_an_edit_decodes_it_again(tmp_path):
+    first = digit_like(64)
+    path = tmp_path / "pool.npy"
+    np.save(path, first)
+    cache = PoolCache()
+    a = tiny(f"data.source={path}", "data.num_images=16")
+    b = tiny(f"data.source={path}", "data.num_images=32", "data.shuffle_seed=3", "seed=1")
+
+    pool = cache.get(a)
+    assert cache.get(b) is pool and (cache.misses, cache.hits) == (1, 1)
+    assert torch.equal(pool.images, as_pool(first)) and pool.labels is None
+
+    second = 255 - first  # same size: only the modification time tells them apart
+    np.save(path, second)
+    touch_later(path)
+    assert torch.equal(cache.get(a).images, as_pool(second)) and cache.misses == 2
+
+    assert cache.get(tiny(f"data.source={path}", "data.image_size=4")).images.shape[-1] == 4  # another size
+    assert cache.get(tiny("data.source=digits")).images.shape[0] == 1797  # another source
+    assert cache.misses == 4
+
+
+def test_an_image_folder_is_decoded_again_when_a_file_is_added(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / "sub" / f"{i:02}.png")
+    cache, config = PoolCache(), tiny(f"data.source={folder}", "data.num_images=4", "data.test_images=8")
+    assert cache.get(config).images.shape[0] == 20 and cache.get(config).images.shape[0] == 20
+    assert (cache.misses, cache.hits) == (1, 1)
+
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / "sub" / "20.png")
+    assert cache.get(config).images.shape[0] == 21 and cache.misses == 2
+
+
+def test_labels_are_checked_against_each_trials_num_classes_even_when_cached():
+    cache = PoolCache()
+    assert cache.get(tiny("model.num_classes=10")).labels.shape == (1797,)
+    with pytest.raises(DataError, match="num_classes=5"):
+        cache.get(tiny("model.num_classes=5"))
+
+
+def test_a_trial_writing_into_its_subsets_leaves_the_shared_pool_alone():
+    POOLS.clear()
+    config = tiny()
+    first = load_subsets(config, torch.device("cpu"))
+    expected = first.train.clone()
+    first.train.zero_()
+    first.test.zero_()
+    again = load_subsets(config, torch.device("cpu"))
+    assert POOLS.hits >= 1 and torch.equal(again.train, expected) and again.test.any()
+
+
+def test_a_remote_source_is_served_from_memory_after_its_first_download(tmp_path, s3_bucket, monkeypatch):
+    import s3fs
+
+    monkeypatch.setenv("DITSWEEP_CACHE", str(tmp_path / "cache"))
+    images = digit_like(40, seed=2)
+    np.save(tmp_path / "set.npy", images)
+    s3fs.S3FileSystem(skip_instance_cache=True).put_file(str(tmp_path / "set.npy"), f"{s3_bucket}/set.npy")
+    cache, config = PoolCache(), tiny(f"data.source=s3://{s3_bucket}/set.npy", "data.num_images=8")
+    assert torch.equal(cache.get(config).images, as_pool(images))
+    assert torch.equal(cache.get(config).images, as_pool(images))
+    assert (cache.misses, cache.hits) == (1, 1)
+
+    monkeypatch.setenv("DITSWEEP_CACHE", str(tmp_path / "elsewhere"))  # another disk cache: read again
+    cache.get(config)
+    assert cache.misses == 2

@@ -96,6 +96,38 @@ def load_images(source: str, image_size: int, cache_dir: str | None = None) -> n
     return images
 
 
+def source_fingerprint(source: str) -> tuple:
+    """What identifies the current content of `source` without decoding it, for in-process caches.
+
+    A builtin is fixed. A local file is its size and modification time; a local folder the count, total
+    size and newest modification time of everything under it (a stat walk, cheap next to decoding). A
+    remote URI is its local copy in the disk cache, fingerprinted the same way (None before the first
+    download), since that copy is what every load reads (see the module docstring).
+    """
+    if _builtin_name(source) is not None:
+        return ("builtin", source.removeprefix("builtin:"))
+    if fsspec.utils.get_protocol(source) != "file":
+        entry = _cache_entry(source, None)
+        return ("remote", source, _local_fingerprint(entry) if os.path.exists(entry) else None)
+    _, path = _filesystem(source)
+    if not os.path.exists(path):
+        raise DataError(_missing_message(source))
+    return ("local", _local_fingerprint(path))
+
+
+def _local_fingerprint(path: str) -> tuple:
+    if not os.path.isdir(path):
+        stat = os.stat(path)
+        return (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    count = size = newest = 0
+    for root, _, files in os.walk(path):
+        newest = max(newest, os.stat(root).st_mtime_ns)
+        for name in files:
+            stat = os.stat(os.path.join(root, name))
+            count, size, newest = count + 1, size + stat.st_size, max(newest, stat.st_mtime_ns)
+    return (os.path.realpath(path), count, size, newest)
+
+
 def _builtin_name(source: str) -> str | None:
     name = source.removeprefix("builtin:")
     if name in _BUILTINS:
