@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,9 +73,14 @@ class PoolCache:
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._pool: Pool | None = None
+        self._lock = threading.Lock()  # Tune runs a trainable in a thread of its worker
         self.hits = self.misses = 0
 
     def get(self, config: TrialConfig) -> Pool:
+        with self._lock:
+            return self._get(config)
+
+    def _get(self, config: TrialConfig) -> Pool:
         before = self._key_of(config)
         if self._pool is not None and self._key == before:
             self.hits += 1
@@ -97,7 +103,8 @@ class PoolCache:
         return (data.source, data.image_size, config.model.num_classes, datalib.source_fingerprint(data.source))
 
     def clear(self) -> None:
-        self._key = self._pool = None
+        with self._lock:
+            self._key = self._pool = None
 
 
 POOLS = PoolCache()
