@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 SPEC   ?= search_spaces/placement.yaml
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: run test test-fast install install-dev bench clean
+.PHONY: run test test-fast install install-dev bench bench-gpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ bench: install
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/train_step.py --size DiT-XS/1 --image-size 32 --placement head
 	$(PY) benchmarks/sweep_overhead.py
+
+# On a machine with a CUDA GPU: the GPU-only tests, then the CUDA measurements of benchmarks/RESULTS.md.
+bench-gpu: install-dev
+	$(PY) -m pytest -m gpu
+	$(PY) benchmarks/attention.py --device cuda
+	$(PY) benchmarks/train_step.py --size DiT-S/1 --image-size 32 --placement head --device cuda --batch-size 128 --compile --steps 10
+	$(PY) benchmarks/gpu_packing.py --device cuda --packed 4
+	$(PY) benchmarks/eval_cost.py --device cuda
 
 clean:
 	rm -rf $(VENV) mlflow.db mlartifacts ditsweep_results runs reports
