@@ -6,6 +6,7 @@ taken as the best of N, so a neighbour's burst of load slows both sides alike or
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -81,7 +82,16 @@ def machine(device: torch.device | str = "cpu") -> str:
     return "; ".join(parts)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
+def add_device_options(parser: argparse.ArgumentParser, threads_help: str = "torch threads (0 = torch's default)") -> None:
+    """The --device and --threads options every single-process benchmark takes; see `device_from`."""
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--threads", type=int, default=0, help=threads_help)
+
+
+def device_from(args: argparse.Namespace) -> torch.device:
+    """Apply --threads and resolve --device (auto = CUDA when there is one)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(args.device)

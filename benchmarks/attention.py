@@ -22,9 +22,10 @@ import argparse
 
 import torch
 from _common import (  # first: puts the repository root on sys.path
+    add_device_options,
     best_times,
+    device_from,
     machine,
-    pick_device,
 )
 from train_step import PAPER_WINDOWS, build_trainer
 
@@ -102,16 +103,13 @@ def training_steps(device: torch.device, repeats: int, batch_size: int) -> tuple
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each op (best is kept)")
     parser.add_argument("--steps", type=int, default=6, help="timed training steps of each model")
     parser.add_argument("--batch-size", type=int, default=4, help="training batch for the step comparison")
     parser.add_argument("--skip-ops", action="store_true", help="only the training-step comparison")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default; 1 = a 1-CPU trial)")
+    add_device_options(parser, threads_help="torch threads (0 = torch's default; 1 = a 1-CPU trial)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = device_from(args)
 
     print(f"machine: {machine(device)}")
     if not args.skip_ops:

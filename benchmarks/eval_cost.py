@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import _common  # first: puts the repository root on sys.path
 import torch
 import yaml
-from _common import best_times, machine, pick_device
+from _common import add_device_options, best_times, device_from, machine
 from train_step import build_trainer
 
 from trainer.config import TrialConfig, build_config
@@ -164,9 +164,9 @@ def main() -> None:
     parser.add_argument("--eval-batch", type=int, default=16, help="evaluation batch of the measurement")
     parser.add_argument("--inception-batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="auto")
+    add_device_options(parser)
     args = parser.parse_args()
-    device = pick_device(args.device)
+    device = device_from(args)
 
     with open(args.spec) as handle:
         base = yaml.safe_load(handle)["base"]

@@ -21,9 +21,10 @@ import time
 
 import torch
 from _common import (  # first: puts the repository root on sys.path
+    add_device_options,
     best_times,
+    device_from,
     machine,
-    pick_device,
 )
 from pydantic import ValidationError
 
@@ -96,13 +97,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    add_device_options(parser)
     args = parser.parse_args()
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = device_from(args)
     trainer = build_trainer(
         args.size, args.image_size, args.placement, parse_windows(args.windows), args.batch_size,
         args.backend, args.compile, device,
