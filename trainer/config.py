@@ -116,6 +116,12 @@ class PsnrGapConfig(_Section):
     images: int = Field(128, ge=1, description="Images per side (train and held-out).")
     timesteps: int = Field(10, ge=1, description="Diffusion steps spread over the schedule.")
     batch_size: int = Field(256, ge=1)
+    clip: bool = Field(
+        False,
+        description="Clip the one-step x0 estimate to [-1, 1] before PSNR. false = score the raw estimate, "
+        "as Kadkhodaie et al. 2024 do; true = score the clipped one, which raises PSNR on both sides at high "
+        "noise (where the raw estimate overshoots the data range). Compare only curves of one setting.",
+    )
 
 
 class FidConfig(_Section):
