@@ -21,7 +21,7 @@ import torch
 
 from trainer import data as datalib
 from trainer.config import TrialConfig
-from trainer import sampling
+from trainer import memorization, sampling
 from trainer.diffusion import Schedule, linear_schedule, training_loss
 from trainer.locality import attention_locality
 from trainer.metrics import PsnrCurve, psnr_gap_curve
@@ -356,16 +356,21 @@ class Trainer:
                 cfg.clip,
             )
 
-    def save_sample_grid(self, directory: Path) -> None:
-        """DDIM samples of the EMA model from the fixed grid noise (fp32), as samples.png and samples.npy."""
+    def save_sample_grid(self, directory: Path) -> dict[str, float]:
+        """DDIM samples of the EMA model from the fixed grid noise (fp32), as samples.png and samples.npy; returns
+        their memorization metrics (mem_*), with each sample beside its nearest training image saved as
+        nearest_train.png and nearest_train.npy (empty and nothing saved when the grid is off)."""
         side, cfg = self.config.eval.samples.grid, self.config.eval
         if side == 0:
-            return
+            return {}
         noise = sampling.fixed_noise(side * side, self.image_shape, sampling.GRID_NOISE_SEED)
         samples = sampling.generate(
             self.ema, self.schedule, noise, cfg.samples.steps, cfg.fid.batch_size, self.device, self.fp32
         )
         sampling.save_grid(directory, samples, side)
+        return memorization.save_memorization(
+            directory, sampling.to_uint8(samples), self.subsets.train, self.subsets.test, side
+        )
 
     def fid(self) -> dict[str, float]:
         """FID and KID of eval.fid.samples DDIM samples of the EMA model (empty when disabled). Sampling and
@@ -476,9 +481,9 @@ def evaluate_and_save(trainer: Trainer, out: Path) -> tuple[dict, str]:
     curve = trainer.evaluate()
     checkpoint_dir = out / CHECKPOINT_DIR
     save_checkpoint(checkpoint_dir, trainer.state_dict())
-    trainer.save_sample_grid(checkpoint_dir)
+    memorized = trainer.save_sample_grid(checkpoint_dir)
     (out / "psnr_curve.csv").write_text(curve.to_csv())
-    metrics = {"step": trainer.step, **curve.summary(), **trainer.fid(), **trainer.locality()}
+    metrics = {"step": trainer.step, **curve.summary(), **memorized, **trainer.fid(), **trainer.locality()}
     return {**metrics, "psnr_curve": curve_record(curve)}, str(checkpoint_dir)
 
 
