@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.spec import SpecError, SweepSpec, Trial, expand, load_spec, parse_spec
-from trainer.config import flatten
 
 EXIT_OK, EXIT_TRIALS_FAILED = 0, 1
 
@@ -342,10 +341,6 @@ def _trials_manifest(plan: Plan) -> list[dict]:
         }
         for t in plan.trials
     ]
-
-
-def trial_params(trial: Trial) -> dict[str, Any]:
-    return {**flatten(trial.config), "attention.schedule": trial.config.schedule}
 
 
 def _git_commit() -> str:

@@ -131,11 +131,9 @@ class SweepSink:
     def _ensure_run(self, state: TrialState) -> None:
         if state.run_id is not None:
             return
-        from orchestrator.launch import trial_params
-
         try:
             state.run_id = self.tracker.open_trial(
-                self.parent, state.trial.name, state.trial.key, trial_params(state.trial),
+                self.parent, state.trial.name, state.trial.key, state.trial.params,
                 self.existing.get(state.trial.key),
             )
         except Exception as err:  # noqa: BLE001 - server away: try again at the next event

@@ -21,6 +21,7 @@ from trainer.config import (
     TrialConfig,
     apply_overrides,
     build_config,
+    flatten,
     format_validation_error,
     load_yaml,
     parse_override,
@@ -77,6 +78,11 @@ class Trial:
     @property
     def name(self) -> str:
         return run_name(self.axes)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The trial's MLflow params: every flattened config key, plus its resolved attention schedule."""
+        return {**flatten(self.config), "attention.schedule": self.config.schedule}
 
 
 def trial_key(config: TrialConfig) -> str:
@@ -183,8 +189,6 @@ def _base_tree(spec: SweepSpec, overrides: list[str]) -> dict:
 
 def _resolve_partial(base: dict) -> None:
     """Unknown keys in `base` are reported with their path, before any grid value is tried."""
-    from trainer.config import flatten
-
     for dotted, value in flatten(base).items():
         set_dotted({}, dotted, value)
 
