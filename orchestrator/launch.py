@@ -30,7 +30,7 @@ class Plan:
     spec_text: str
     overrides: list[str]
     trials: list[Trial]
-    cached: dict[str, Any] = field(default_factory=dict)  # trial key -> FINISHED MLflow run
+    cached: dict[str, Any] = field(default_factory=dict)  # trial key -> its FINISHED tracking.TrialRun
     force: bool = False
 
     @property
@@ -190,7 +190,7 @@ def launch(
     force: bool = False,
 ) -> int:
     from orchestrator.progress import SweepSink
-    from orchestrator.tracking import Tracker, new_sweep_id
+    from orchestrator.tracking import Tracker, new_sweep_id, sweep_tags
 
     plan = load_plan(spec_path, overrides)
     plan.force = force
@@ -206,11 +206,12 @@ def launch(
         return EXIT_OK
 
     sweep_id = new_sweep_id(plan.spec.name)
-    parent_id = tracker.start_sweep(
+    parent = tracker.start_sweep(
         experiment,
         sweep_id,
         name=f"sweep {sweep_id}",
-        tags=_sweep_tags(plan, storage),
+        tags=sweep_tags(spec_name=plan.spec.name, description=plan.spec.description, storage=storage,
+                        overrides=plan.overrides, force=plan.force, git_commit=_git_commit()),
         params={
             "spec": plan.spec.name,
             "trials": len(plan.trials),
@@ -227,34 +228,32 @@ def launch(
         },
     )
     print(f"sweep {sweep_id}: {len(plan.to_run)} trials to run, tracking {tracker.uri}")
-    sink = SweepSink(tracker, tracker.client.get_run(parent_id), plan.to_run, existing={})
+    sink = SweepSink(tracker, parent, plan.to_run, existing={})
     return _run(plan, sink, sweep_id, storage, address, restore=False)
 
 
 def resume(sweep_id: str, *, tracking_uri: str | None = None, address: str | None = None) -> int:
     """Continue a sweep whose driver died: finished trials stay, the rest continue from checkpoints."""
     from orchestrator.progress import SweepSink
-    from orchestrator.tracking import FINISHED, RUNNING, TAG_TRIAL_KEY, Tracker
+    from orchestrator.tracking import FINISHED, Tracker
 
     tracker = Tracker(tracking_uri)
     parent = tracker.find_sweep(sweep_id)
-    tags = parent.data.tags
-    spec_text = tracker.read_text(parent.info.run_id, "spec.yaml")
-    overrides = json.loads(tags.get("ditsweep.overrides", "[]"))
-    storage = tags.get("ditsweep.storage") or None
-    plan = _plan_from_text(spec_text, overrides)
-    plan.force = tags.get("ditsweep.force") == "true"
+    spec_text = tracker.read_text(parent.run_id, "spec.yaml")
+    storage = parent.storage
+    plan = _plan_from_text(spec_text, parent.overrides)
+    plan.force = parent.force
     check_fid_weights(plan.trials)
-    manifest = json.loads(tracker.read_text(parent.info.run_id, "trials.json"))
+    manifest = json.loads(tracker.read_text(parent.run_id, "trials.json"))
     wanted = {t["key"] for t in manifest if not t.get("cached_run")}
-    children = {run.data.tags[TAG_TRIAL_KEY]: run for run in tracker.sweep_trials(parent)}
+    children = {run.trial_key: run for run in tracker.sweep_trials(parent)}
     remaining = [t for t in plan.trials if t.key in wanted and
-                 (t.key not in children or children[t.key].info.status != FINISHED)]
+                 (t.key not in children or children[t.key].status != FINISHED)]
     print(f"resuming sweep {sweep_id}: {len(wanted) - len(remaining)} finished, {len(remaining)} to continue")
     if not remaining:
-        tracker.end_run(parent.info.run_id, FINISHED)
+        tracker.end_run(parent.run_id, FINISHED)
         return EXIT_OK
-    tracker.client.update_run(parent.info.run_id, status=RUNNING)
+    tracker.reopen_run(parent.run_id)
     sink = SweepSink(tracker, parent, remaining, existing=children)
     return _run(plan, sink, sweep_id, storage, address, restore=True)
 
@@ -318,17 +317,6 @@ def _check_storage(storage: str | None) -> None:
         raise SpecError(f"storage {storage!r} is not reachable: {type(err).__name__}: {err}") from None
 
 
-def _sweep_tags(plan: Plan, storage: str | None) -> dict[str, str]:
-    return {
-        "ditsweep.spec_name": plan.spec.name,
-        "ditsweep.storage": storage or "",
-        "ditsweep.overrides": json.dumps(plan.overrides),
-        "ditsweep.force": "true" if plan.force else "false",
-        "ditsweep.git_commit": _git_commit(),
-        "mlflow.note.content": plan.spec.description,
-    }
-
-
 def _trials_manifest(plan: Plan) -> list[dict]:
     to_run = {t.key for t in plan.to_run}
     return [
@@ -337,7 +325,7 @@ def _trials_manifest(plan: Plan) -> list[dict]:
             "name": t.name,
             "axes": t.axes,
             "schedule": t.config.schedule,
-            "cached_run": None if t.key in to_run else plan.cached[t.key].info.run_id,
+            "cached_run": None if t.key in to_run else plan.cached[t.key].run_id,
         }
         for t in plan.trials
     ]
@@ -369,7 +357,7 @@ def _versions() -> dict[str, str]:
 
 
 def status(sweep_id: str | None, tracking_uri: str | None) -> str:
-    from orchestrator.tracking import TAG_SWEEP_ID, Tracker
+    from orchestrator.tracking import Tracker
 
     tracker = Tracker(tracking_uri)
     if sweep_id is None:
@@ -381,34 +369,34 @@ def status(sweep_id: str | None, tracking_uri: str | None) -> str:
             trials = tracker.sweep_trials(run)
             counts = _count_states(trials)
             rows.append([
-                run.data.tags[TAG_SWEEP_ID],
-                run.data.tags.get("ditsweep.spec_name", ""),
-                run.info.status,
-                time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000)),
+                run.sweep_id,
+                run.spec_name,
+                run.status,
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(run.start_time / 1000)),
                 counts,
             ])
         return format_table(rows)
     parent = tracker.find_sweep(sweep_id)
-    trials = sorted(tracker.sweep_trials(parent), key=lambda r: r.info.run_name or "")
+    trials = sorted(tracker.sweep_trials(parent), key=lambda r: r.name)
     rows = [["trial", "status", "step", "loss", "psnr_gap", "key"]]
     for run in trials:
-        m = run.data.metrics
+        m = run.metrics
         rows.append([
-            run.info.run_name or "",
-            run.info.status,
+            run.name,
+            run.status,
             str(int(m["step"])) if "step" in m else "-",
             f"{m['loss']:.4f}" if "loss" in m else "-",
             f"{m['psnr_gap']:.3f}" if "psnr_gap" in m else "-",
-            run.data.tags.get("ditsweep.trial_key", "")[:10],
+            run.trial_key[:10],
         ])
-    header = f"sweep {sweep_id} ({parent.info.status}): {_count_states(trials)}"
+    header = f"sweep {sweep_id} ({parent.status}): {_count_states(trials)}"
     return header + "\n" + format_table(rows)
 
 
 def _count_states(runs: list) -> str:
     counts: dict[str, int] = {}
     for run in runs:
-        counts[run.info.status] = counts.get(run.info.status, 0) + 1
+        counts[run.status] = counts.get(run.status, 0) + 1
     return ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials"
 
 

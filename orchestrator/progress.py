@@ -13,7 +13,7 @@ from typing import Any, Callable
 import yaml
 
 from orchestrator.spec import Trial
-from orchestrator.tracking import FAILED, FINISHED, KILLED, Tracker
+from orchestrator.tracking import FAILED, FINISHED, KILLED, SweepRun, Tracker, TrialRun
 from trainer.locality import by_block
 from trainer.sampling import GRID_NPY, GRID_PNG
 from trainer.train import parse_curve_record
@@ -51,7 +51,7 @@ class TrialState:
 
 
 class SweepSink:
-    def __init__(self, tracker: Tracker, parent, trials: list[Trial], existing: dict[str, Any]):
+    def __init__(self, tracker: Tracker, parent: SweepRun, trials: list[Trial], existing: dict[str, TrialRun]):
         self.tracker = tracker
         self.parent = parent
         self.trials = trials
@@ -90,7 +90,7 @@ class SweepSink:
         state = self.states[key]
         self._ensure_run(state)
         if state.run_id:
-            self.tracker.set_tags(state.run_id, {"ditsweep.error": error[:5000]})
+            self.tracker.set_error(state.run_id, error)
         self._finish(state, FAILED)
         print(f"  FAILED {state.trial.name}: {error}", flush=True)
         self.tick(force=True)
@@ -211,13 +211,13 @@ class SweepSink:
                 state.status = KILLED
         all_finished = all(s.status == FINISHED for s in self.states.values())
         failed = any(s.status == FAILED for s in self.states.values())
-        self.tracker.end_run(self.parent.info.run_id, FINISHED if all_finished else (FAILED if failed else KILLED))
+        self.tracker.end_run(self.parent.run_id, FINISHED if all_finished else (FAILED if failed else KILLED))
         if not self.tracker.flush():
             print("[ditsweep] the tracking server did not come back; `ditsweep resume "
-                  f"{self.parent.data.tags['ditsweep.sweep_id']}` writes the results once it does", flush=True)
+                  f"{self.parent.sweep_id}` writes the results once it does", flush=True)
         states = list(self.states.values())
         print(self.progress_line(), flush=True)
-        sweep_id = self.parent.data.tags["ditsweep.sweep_id"]
+        sweep_id = self.parent.sweep_id
         if stopped or interrupted:
             print(f"sweep stopped before every trial finished; `ditsweep resume {sweep_id}` continues it", flush=True)
         print(f"sweep {sweep_id}: "

@@ -105,3 +105,27 @@ def test_mlflow_only_in_tracking():
 def test_trainer_imports_no_ray_mlflow_or_orchestrator():
     for forbidden in ("ray", "mlflow", "orchestrator"):
         assert not {m for m in importers_of(forbidden) if m.startswith("trainer")}, forbidden
+
+
+def string_literals(path: Path) -> set[str]:
+    return {node.value for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)
+            and isinstance(node.value, str)}
+
+
+def test_tracking_owns_every_run_tag_name():
+    """MLflow tag names are spelled in tracking.py only (cluster.py's `ditsweep.` keys are Ray Job
+    metadata, not MLflow tags)."""
+    for module, path in modules().items():
+        if module in ("orchestrator.tracking", "orchestrator.cluster"):
+            continue
+        spelled = {s for s in string_literals(path) if s.startswith(("ditsweep.", "mlflow."))}
+        assert not spelled, f"{module} spells tag names {spelled}; use orchestrator.tracking's"
+
+
+def test_no_mlflow_client_outside_tracking():
+    for module, path in modules().items():
+        if module == "orchestrator.tracking":
+            continue
+        reaches = {node.attr for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.Attribute) and node.attr in ("client", "_client")}
+        assert not reaches, f"{module} reaches for the tracker's MLflow client"
