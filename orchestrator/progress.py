@@ -16,19 +16,11 @@ from orchestrator.spec import Trial
 from orchestrator.tracking import FAILED, FINISHED, KILLED, SweepRun, Tracker, TrialRun
 from trainer.locality import by_block
 from trainer.sampling import GRID_NPY, GRID_PNG
-from trainer.train import parse_curve_record
+from trainer.train import PSNR_CURVE, STEP, is_trial_metric, parse_curve_record
 
 PRINT_EVERY_S = 10.0
-LOGGED_METRICS = (
-    "loss", "images_per_sec", "psnr_gap", "psnr_train", "psnr_test", "fid", "kid", "kid_std", "resumed_from_step",
-)
-LOGGED_PREFIXES = ("attn_",)  # per-block attention locality: attn_distance.block_0, attn_local3.block_0, ...
 # Files the trainer writes next to each checkpoint, attached to the trial's run when it ends.
 CHECKPOINT_ARTIFACTS = (GRID_PNG, GRID_NPY)
-
-
-def is_logged(key: str) -> bool:
-    return key in LOGGED_METRICS or key.startswith(LOGGED_PREFIXES)
 
 
 @dataclass
@@ -140,15 +132,15 @@ class SweepSink:
             print(f"[ditsweep] could not open the run of {state.trial.name} yet ({type(err).__name__})", flush=True)
 
     def _record(self, state: TrialState, metrics: dict[str, Any]) -> None:
-        step = int(metrics.get("step", state.step))
+        step = int(metrics.get(STEP, state.step))
         state.step = max(state.step, step)
-        values = {k: float(v) for k, v in metrics.items() if is_logged(k)}
+        values = {k: float(v) for k, v in metrics.items() if is_trial_metric(k)}
         state.metrics.update(values)
-        if metrics.get("psnr_curve"):
-            state.curve_record = metrics["psnr_curve"]
+        if metrics.get(PSNR_CURVE):
+            state.curve_record = metrics[PSNR_CURVE]
         self._ensure_run(state)
         if state.run_id and values:
-            self.tracker.log_metrics(state.run_id, {**values, "step": step}, step)
+            self.tracker.log_metrics(state.run_id, {**values, STEP: step}, step)
 
     def _finish(self, state: TrialState, status: str) -> None:
         state.status = status
