@@ -25,10 +25,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from orchestrator.exit_codes import EXIT_FAILED, EXIT_OK
 from orchestrator.k8s import RAYJOB_TEMPLATE, render_rayjob
 from orchestrator.spec import SweepSpec, expand, load_spec
 
-EXIT_OK, EXIT_JOB_FAILED = 0, 1
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 # What --with-code ships: the two packages and the project file beside them.
 SOURCE_ITEMS = ("trainer", "orchestrator", "pyproject.toml")
@@ -193,7 +193,7 @@ def follow_job(client, job_id: str, address: str) -> int:
     except KeyboardInterrupt:
         print(f"\nstopped following; job {job_id} goes on "
               f"(ray job stop --address {address} {job_id} stops it)", file=sys.stderr)
-        return EXIT_JOB_FAILED
+        return EXIT_FAILED
     except Exception as err:  # noqa: BLE001 - a dropped log stream: poll for the end instead
         print(f"[ditsweep] log stream interrupted ({_first_line(err)}); waiting for the job to end",
               file=sys.stderr, flush=True)
@@ -208,7 +208,7 @@ def follow_job(client, job_id: str, address: str) -> int:
         print(f"job {job_id} {info.status}: the driver exited with code {info.driver_exit_code}", file=sys.stderr)
     else:  # it never ran (e.g. its runtime_env failed) or was stopped: Ray says why
         print(f"job {job_id} {info.status}: {info.message or 'no message from Ray'}", file=sys.stderr)
-    return EXIT_JOB_FAILED
+    return EXIT_FAILED
 
 
 def _wait_until_terminal(client, job_id: str, address: str):

@@ -27,8 +27,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from orchestrator.display import show_value
 from orchestrator.spec import axis_label
 from orchestrator.tracking import FINISHED, Tracker, TrialRun
+from trainer.attention import GLOBAL
 
 SEED_AXES = ("seed", "data.shuffle_seed")  # averaged over, never a configuration of their own
 PLACEMENT_AXES = ("attention.placement", "attention.windows")  # what differs from the baseline
@@ -168,13 +170,6 @@ def _seed_key(trial: TrialResult, axes: list[str]) -> tuple:
     return _axes_key(trial, [a for a in axes if a in SEED_AXES])
 
 
-def show_value(value: Any) -> str:
-    """An axis value as the plan table shows it: windows as 3,5,7 with G for global."""
-    if isinstance(value, list):
-        return ",".join("G" if v is None else str(v) for v in value)
-    return "" if value is None else str(value)
-
-
 def _number(value: float | None, signed: bool = False) -> str:
     if value is None:
         return ""
@@ -286,7 +281,7 @@ def step_curves(rows: list[ConfigRow]) -> dict[str, dict[str, tuple[list[float],
 
 def window_label(schedule: str) -> str | None:
     """`3,5,7,G,G` -> "3,5,7"; all blocks one size -> "5"; no local block -> None (global)."""
-    local = [w for w in schedule.split(",") if w and w != "G"]
+    local = [w for w in schedule.split(",") if w and w != GLOBAL]
     if not local:
         return None
     return local[0] if len(set(local)) == 1 else ",".join(local)

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from trainer.attention import schedule_string
 from trainer.config import (
     ConfigError,
     TrialConfig,
@@ -103,7 +104,7 @@ _SHORT_LABELS = {
 
 def axis_label(key: str, value: Any) -> str:
     if isinstance(value, list):
-        value = "-".join("G" if v is None else str(v) for v in value)
+        value = schedule_string(value).replace(",", "-")
     if key in _SHORT_LABELS:
         return f"{_SHORT_LABELS[key]}{value}"
     if key in ("attention.placement", "model.size"):

@@ -142,6 +142,11 @@ def resolve_tracking_uri(cli_value: str | None = None) -> str:
     return cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def store_missing(uri: str) -> bool:
+    """A local sqlite store that does not exist yet (opening it would create it)."""
+    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
+
+
 def _is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/", ".")) or "://" not in uri
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from orchestrator.launch import check_fid_weights
+from orchestrator.plan import check_fid_weights
 from orchestrator.spec import SpecError, expand, load_spec
 from tests.test_inception import random_fid_state_dict
 from tests.sweeps import ditsweep, free_port, runs_by_role, sqlite_uri, write_spec
