@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -23,22 +23,6 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """A sweep's trials and their cache state; made complete by `build_plan`, never changed."""
-
-    spec: SweepSpec
-    spec_text: str
-    overrides: tuple[str, ...]
-    trials: tuple[Trial, ...]
-    cached: Mapping[str, TrialRun] = field(default_factory=lambda: MappingProxyType({}))  # key -> FINISHED run
-    force: bool = False
-
-    @property
-    def to_run(self) -> list[Trial]:
-        return [t for t in self.trials if self.force or t.key not in self.cached]
-
-
-@dataclass(frozen=True)
 class Grid:
     """A spec read and expanded: every trial config validated, not yet looked up in any store."""
 
@@ -46,6 +30,18 @@ class Grid:
     spec_text: str
     overrides: tuple[str, ...]
     trials: tuple[Trial, ...]
+
+
+@dataclass(frozen=True)
+class Plan(Grid):
+    """A grid with its cache state: made complete by `build_plan`, never changed."""
+
+    cached: Mapping[str, TrialRun] = field(default_factory=lambda: MappingProxyType({}))  # key -> FINISHED run
+    force: bool = False  # rerun the cached trials too
+
+    @property
+    def to_run(self) -> list[Trial]:
+        return [t for t in self.trials if self.force or t.key not in self.cached]
 
 
 def read_grid(spec_text: str, source: str, overrides: list[str]) -> Grid:
@@ -64,7 +60,7 @@ def read_grid_file(spec_path: str | Path, overrides: list[str]) -> Grid:
 
 def build_plan(grid: Grid, cached: Mapping[str, TrialRun] | None = None, force: bool = False) -> Plan:
     """The one place a Plan is made: the grid's trials with the store's FINISHED runs by trial key."""
-    return Plan(spec=grid.spec, spec_text=grid.spec_text, overrides=grid.overrides, trials=grid.trials,
+    return Plan(**{f.name: getattr(grid, f.name) for f in fields(Grid)},
                 cached=MappingProxyType(dict(cached or {})), force=force)
 
 

@@ -31,6 +31,8 @@ import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, Run, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from orchestrator.display import first_line  # noqa: E402
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "mlartifacts"
 
@@ -212,7 +214,7 @@ class Tracker:
         try:
             self._client.search_experiments(max_results=1)
         except Exception as err:  # noqa: BLE001
-            raise TrackingError(f"cannot open tracking store {self.uri!r}: {_first_line(err)}") from None
+            raise TrackingError(f"cannot open tracking store {self.uri!r}: {first_line(err)}") from None
         self.outbox = Outbox()
 
     def _check_reachable(self) -> None:
@@ -495,8 +497,3 @@ def _stop(server: subprocess.Popen, code: int) -> int:
         except subprocess.TimeoutExpired:
             continue
     return code
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

@@ -15,14 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from trainer.attention import block_windows, schedule_string
-from trainer.inception import FID_WEIGHTS_SHA256_PREFIX
+from trainer.inception import FID_WEIGHTS_SHA256_PREFIX, FID_WEIGHTS_URL
 from trainer.model import parse_size
-
-FID_WEIGHTS_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-    "pt_inception-2015-12-05-6726825d.pth"
-)
-
 
 class ConfigError(ValueError):
     """A configuration the trainer would reject; the message names the field and the value."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trainer.data import to_unit
 from trainer.diffusion import Denoiser, Schedule, predict_x0, q_sample, spread_timesteps
 from trainer.fid import frechet_distance, kernel_inception_distance  # noqa: F401 - part of this module's API
 
@@ -79,7 +80,7 @@ def one_step_psnr(
             t_batch = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
             x_t = q_sample(schedule, x0, t_batch, noise[start : start + batch_size])
             x0_hat = predict_x0(schedule, x_t, t_batch, model(x_t, t_batch, None)).clamp(-1, 1)
-            scores.append(psnr((x0_hat + 1) / 2, (x0 + 1) / 2))
+            scores.append(psnr(to_unit(x0_hat), to_unit(x0)))
         means.append(torch.cat(scores).mean().item())
     return means
 

@@ -28,7 +28,7 @@ from PIL import Image
 from trainer.diffusion import Denoiser, Schedule, ddim_sample
 from trainer.fid import cached_reference_stats, extract_features, frechet_distance_of_features
 from trainer.fid import kernel_inception_distance
-from trainer.data import file_sha256
+from trainer.data import file_sha256, to_unit
 from trainer.inception import FIDInceptionV3, fetch_weights, load_fid_inception
 
 GRID_NOISE_SEED = 20240303
@@ -69,7 +69,7 @@ def generate(
 
 def to_uint8(samples: torch.Tensor) -> np.ndarray:
     """Model scale [-1, 1] (n, C, H, W) -> uint8 (n, H, W, C), the layout of `trainer.data` images."""
-    unit = samples.add(1.0).div(2.0).clamp(0.0, 1.0)
+    unit = to_unit(samples)
     return unit.mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 

@@ -365,7 +365,7 @@ class Trainer:
             return {}
         noise = sampling.fixed_noise(cfg.samples, self.image_shape, sampling.FID_NOISE_SEED)
         samples = sampling.generate(self.ema, self.schedule, noise, cfg.steps, cfg.batch_size, self.device, self.autocast)
-        unit = samples.add(1.0).div(2.0).clamp(0.0, 1.0)
+        unit = datalib.to_unit(samples)
         return sampling.fid_and_kid(
             unit, self.subsets.fid_reference, cfg.weights, cfg.weights_sha256, cfg.batch_size, self.device
         )
