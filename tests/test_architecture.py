@@ -129,3 +129,10 @@ def test_no_mlflow_client_outside_tracking():
         reaches = {node.attr for node in ast.walk(ast.parse(path.read_text()))
                    if isinstance(node, ast.Attribute) and node.attr in ("client", "_client")}
         assert not reaches, f"{module} reaches for the tracker's MLflow client"
+
+
+def test_no_test_module_imports_another():
+    """Tests share fixtures (conftest.py) and helpers (tests/support), never one another's modules."""
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        names = imported_names(path, f"tests.{path.stem}")
+        assert not {n for n in names if n.startswith("tests.test_")}, path.name

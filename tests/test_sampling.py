@@ -94,7 +94,7 @@ def test_to_uint8_maps_the_model_scale_to_bytes():
 def test_train_reports_fid_and_kid_and_computes_the_reference_once(tmp_path, monkeypatch):
     import hashlib
 
-    from tests.test_inception import random_fid_state_dict
+    from tests.support.weights import random_fid_state_dict
     from trainer.train import train
 
     weights = tmp_path / "random_inception.pth"
