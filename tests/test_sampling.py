@@ -91,15 +91,10 @@ def test_to_uint8_maps_the_model_scale_to_bytes():
 
 
 @pytest.mark.slow
-def test_train_reports_fid_and_kid_and_computes_the_reference_once(tmp_path, monkeypatch):
-    import hashlib
-
-    from tests.test_inception import random_fid_state_dict
+def test_train_reports_fid_and_kid_and_computes_the_reference_once(tmp_path, monkeypatch, fid_weights):
     from trainer.train import train
 
-    weights = tmp_path / "random_inception.pth"
-    torch.save(random_fid_state_dict(), weights)
-    prefix = hashlib.sha256(weights.read_bytes()).hexdigest()[:8]
+    weights, prefix = fid_weights
     monkeypatch.setenv("DITSWEEP_CACHE", str(tmp_path / "cache"))
     featurized: list[int] = []
     extract = sampling.extract_features

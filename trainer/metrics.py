@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trainer.data import to_unit
 from trainer.diffusion import Denoiser, Schedule, predict_x0, q_sample, spread_timesteps
 from trainer.fid import frechet_distance, kernel_inception_distance  # noqa: F401 - part of this module's API
 
@@ -89,6 +90,7 @@ def one_step_psnr(
             x0_hat = predict_x0(schedule, x_t, t_batch, model(x_t, t_batch, None))
             if clip:
                 x0_hat = x0_hat.clamp(-1.0, 1.0)
+            # Unclamped on purpose (to_unit clamps): the raw estimate is what clip=False scores.
             scores.append(psnr((x0_hat + 1) / 2, (x0 + 1) / 2))
         means.append(torch.cat(scores).mean().item())
     return means

@@ -28,7 +28,7 @@ from PIL import Image
 from trainer.diffusion import Denoiser, Schedule, ddim_sample
 from trainer.fid import cached_reference_stats, extract_features, frechet_distance_of_features
 from trainer.fid import kernel_inception_distance
-from trainer.data import file_sha256
+from trainer.data import file_sha256, to_unit
 from trainer.inception import FIDInceptionV3, fetch_weights, load_fid_inception
 
 GRID_NOISE_SEED = 20240303
@@ -71,8 +71,7 @@ def generate(
 def quantize(samples: torch.Tensor) -> torch.Tensor:
     """Model scale [-1, 1] (n, C, H, W) -> uint8 [0, 255] (n, C, H, W): what a sample written to PNG and
     read back holds (pytorch-fid and clean-fid measure such files), and the type of the data's images."""
-    unit = samples.float().add(1.0).div(2.0).clamp(0.0, 1.0)
-    return unit.mul(255.0).round().to(torch.uint8)
+    return to_unit(samples.float()).mul(255.0).round().to(torch.uint8)
 
 
 def to_uint8(samples: torch.Tensor) -> np.ndarray:

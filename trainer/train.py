@@ -33,6 +33,24 @@ CHECKPOINT_DIR = "checkpoint"  # under the trial's output folder
 CHECKPOINT_FILE = "state.pt"
 PREVIOUS_CHECKPOINT_FILE = "state.prev.pt"
 
+# What `report(metrics, ...)` carries, declared once: the metrics a trial logs, plus the step counter
+# and the PSNR curve record (not metrics: the curve becomes an artifact when the trial ends).
+TRIAL_METRICS = (
+    "loss", "images_per_sec", "psnr_gap", "psnr_train", "psnr_test", "fid", "kid", "kid_std", "resumed_from_step",
+    "mem_copy_fraction", "mem_nn_train", "mem_nn_test",  # trainer.memorization, on the sample grid
+)
+TRIAL_METRIC_PREFIXES = ("attn_",)  # per-block attention locality: attn_distance.block_0, attn_local3.block_0, ...
+STEP, PSNR_CURVE = "step", "psnr_curve"
+
+
+def is_trial_metric(key: str) -> bool:
+    return key in TRIAL_METRICS or key.startswith(TRIAL_METRIC_PREFIXES)
+
+
+def reported(values: dict) -> dict:
+    """The part of a result dict (e.g. Tune's, full of its own bookkeeping) that the trial reported."""
+    return {k: v for k, v in values.items() if is_trial_metric(k) or k in (STEP, PSNR_CURVE)}
+
 
 @dataclass
 class Subsets:
