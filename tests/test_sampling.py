@@ -128,18 +128,13 @@ def test_quantize_is_the_uint8_a_png_round_trip_holds():
 
 
 @pytest.mark.slow
-def test_fid_of_real_images_through_the_sample_path_against_themselves_is_zero(tmp_path, monkeypatch):
+def test_fid_of_real_images_through_the_sample_path_against_themselves_is_zero(tmp_path, monkeypatch, fid_weights):
     """Real images sent the way samples go (model scale, quantized, / 255) and the way the reference goes
     (uint8 / 255) reach Inception as the same tensor, so FID is ~0; a sub-quantum float jitter, which
     unquantized samples would carry into Inception, is removed by the quantization."""
-    import hashlib
-
-    from tests.test_inception import random_fid_state_dict
     from trainer.train import to_model_scale
 
-    weights = tmp_path / "random_inception.pth"
-    torch.save(random_fid_state_dict(), weights)
-    prefix = hashlib.sha256(weights.read_bytes()).hexdigest()[:8]
+    weights, prefix = fid_weights
     monkeypatch.setenv("DITSWEEP_CACHE", str(tmp_path / "cache"))
     real = trainer().subsets.test[:6].cpu()  # uint8 (6, 1, 8, 8) digits
     jitter = (torch.rand(real.shape, generator=torch.Generator().manual_seed(0)) - 0.5) * (0.8 / 127.5)
