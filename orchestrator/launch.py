@@ -197,6 +197,7 @@ def launch(
     plan.force = force
     check_fid_weights(plan.trials)
     _check_storage(storage)
+    _check_storage_is_shared(storage, address)
     tracker = Tracker(tracking_uri)
     experiment = tracker.experiment_id(plan.spec.name)
     plan.cached = tracker.finished_trials(experiment)
@@ -317,6 +318,22 @@ def _check_storage(storage: str | None) -> None:
         fs.ls(path.split("/", 1)[0])
     except Exception as err:  # noqa: BLE001 - any client error means the sweep cannot store results
         raise SpecError(f"storage {storage!r} is not reachable: {type(err).__name__}: {err}") from None
+
+
+def _check_storage_is_shared(storage: str | None, address: str | None) -> None:
+    """On a cluster of several nodes, a local --storage cannot work: a trial moved to another node
+    (after a failure or a resume) could not read the checkpoints its first node wrote."""
+    if not address or (storage and "://" in storage):
+        return
+    from orchestrator.sweep import alive_node_count
+
+    nodes = alive_node_count(address)
+    if nodes > 1:
+        raise SpecError(
+            f"--storage {storage or '(default, local)'!r} is a local folder, but the Ray cluster at {address} has "
+            f"{nodes} nodes: a trial retried on another node could not read its checkpoints; give shared "
+            f"storage such as --storage s3://bucket/prefix"
+        )
 
 
 def _sweep_tags(plan: Plan, storage: str | None) -> dict[str, str]:
