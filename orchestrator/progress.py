@@ -42,6 +42,7 @@ class TrialState:
     started_at: float | None = None
     retries: int = 0
     read_checkpoint: Callable[[str], bytes | None] | None = None  # a file of the latest checkpoint, by name
+    placement: dict[str, str] | None = None  # where it last reported from: node_id, node_ip, device, ...
 
     @property
     def progress(self) -> float:
@@ -151,6 +152,10 @@ class SweepSink:
         self._ensure_run(state)
         if state.run_id and values:
             self.tracker.log_metrics(state.run_id, {**values, "step": step}, step)
+        placement = metrics.get("placement")
+        if state.run_id and placement and placement != state.placement:  # first report, or moved to another node
+            state.placement = placement
+            self.tracker.set_tags(state.run_id, {f"ditsweep.{k}": v for k, v in placement.items()})
 
     def _finish(self, state: TrialState, status: str) -> None:
         state.status = status

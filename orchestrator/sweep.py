@@ -30,6 +30,9 @@ TRIAL_METRICS = (
     "loss", "images_per_sec", "psnr_gap", "psnr_train", "psnr_test", "fid", "kid", "kid_std", "resumed_from_step",
 )
 TRIAL_METRIC_PREFIXES = ("attn_",)  # per-block attention locality: attn_distance.block_0, ...
+# Where a trial runs, sent with every report as flat strings (`placement_node_id`, ...) and handed to
+# the sink as metrics["placement"] = {"node_id": ..., "node_ip": ..., "device": ..., ...}.
+PLACEMENT_PREFIX = "placement_"
 
 
 def is_trial_metric(key: str) -> bool:
@@ -88,25 +91,38 @@ def run_trial(param: dict) -> None:
     import torch
 
     from trainer.config import TrialConfig
-    from trainer.train import train
+    from trainer.train import describe_device, pick_device, train
 
     # Ray logs every checkpoint upload at INFO; ditsweep's own progress already says where trials are.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     record = param["trial"]
     config = TrialConfig.model_validate(record["config"])
     torch.set_num_threads(max(1, int(param["cpus"])))
+    device = pick_device()
+    placement = {f"{PLACEMENT_PREFIX}{k}": v for k, v in {**_node_placement(), **describe_device(device)}.items()}
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report(metrics, checkpoint=checkpoint)
+        tune.report({**metrics, **placement}, checkpoint=checkpoint)
 
     checkpoint = tune.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="ditsweep-trial-") as out:
         if checkpoint is None:
-            train(config, report, out_dir=out)
+            train(config, report, out_dir=out, device=device)
         else:
             with checkpoint.as_directory() as resume_from:
-                train(config, report, out_dir=out, resume_from=resume_from)
+                train(config, report, out_dir=out, resume_from=resume_from, device=device)
+
+
+def _node_placement() -> dict[str, str]:
+    """The Ray node this trial runs on: its id and IP address."""
+    context = ray.get_runtime_context()
+    return {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
+
+def placement_of(result: dict) -> dict[str, str]:
+    """{"node_id": ..., "device": ...} from a Tune result's `placement_*` entries ({} when absent)."""
+    return {k[len(PLACEMENT_PREFIX):]: str(v) for k, v in result.items() if k.startswith(PLACEMENT_PREFIX)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,6 +146,8 @@ class _EventBridge(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         metrics = {k: v for k, v in result.items() if is_trial_metric(k) or k == "psnr_curve"}
         metrics["step"] = result.get("step", result.get("training_iteration", 0))
+        if placement := placement_of(result):
+            metrics["placement"] = placement
         _EVENTS.result(self._key(trial), metrics)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -179,6 +197,12 @@ def init_ray(address: str | None) -> None:
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=True)
     else:
         ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
+
+
+def alive_node_count(address: str) -> int:
+    """How many nodes of the cluster at `address` are alive (connects this process to it)."""
+    init_ray(address)
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
 def _dirname(trial) -> str:

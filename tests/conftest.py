@@ -164,13 +164,23 @@ class RayTestCluster:
 
         script = (
             "import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
-            "print(json.dumps([{'id': n['NodeID'], 'ip': n['NodeManagerAddress'], 'cpu': n['Resources'].get('CPU', 0)}"
+            "print(json.dumps([{'id': n['NodeID'], 'ip': n['NodeManagerAddress'], 'cpu': n['Resources'].get('CPU', 0),"
+            " 'port': n['NodeManagerPort']}"
             " for n in ray.nodes() if n['Alive']]))" % self.address
         )
         done = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             return []
         return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def node_ids(self) -> dict[str, str]:
+        """{node name: Ray node id} of the live nodes, matched by the node manager port each was given."""
+        ports = {}
+        for name, proc in self.nodes.items():
+            for arg in proc.args:
+                if arg.startswith("--node-manager-port="):
+                    ports[int(arg.split("=", 1)[1])] = name
+        return {ports[node["port"]]: node["id"] for node in self.alive_nodes() if node["port"] in ports}
 
     def wait_for_nodes(self, count: int, timeout: float = 180) -> list[dict]:
         import time
@@ -256,6 +266,7 @@ def ray_cluster(s3_server: str) -> Iterator[RayTestCluster]:
     try:
         cluster.start_node("head", ["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
                                     "--num-gpus=0", "--include-dashboard=false",
+                                    "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
                                     f"--ray-client-server-port={_free_port()}", *_node_ports()])
         cluster.wait_for_nodes(1)
         for name in ("worker-1", "worker-2"):
