@@ -116,8 +116,11 @@ def run_trial(param: dict) -> None:
 
 def _node_placement() -> dict[str, str]:
     """The Ray node this trial runs on: its id and IP address."""
-    context = ray.get_runtime_context()
-    return {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+    node_id = ray.get_runtime_context().get_node_id()
+    # The address the node joined the cluster with (`ray start --node-ip-address`), not a guess from
+    # this process's network interfaces.
+    ips = [node["NodeManagerAddress"] for node in ray.nodes() if node["NodeID"] == node_id]
+    return {"node_id": node_id, "node_ip": ips[0] if ips else ray.util.get_node_ip_address()}
 
 
 def placement_of(result: dict) -> dict[str, str]:

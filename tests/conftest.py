@@ -269,10 +269,17 @@ def ray_cluster(s3_server: str) -> Iterator[RayTestCluster]:
                                     "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
                                     f"--ray-client-server-port={_free_port()}", *_node_ports()])
         cluster.wait_for_nodes(1)
-        for name in ("worker-1", "worker-2"):
-            cluster.start_node(name, [f"--address={cluster.address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                                      "--num-gpus=0", *_node_ports()])
-        cluster.wait_for_nodes(3)
+        for count, name in enumerate(("worker-1", "worker-2"), start=2):
+            for attempt in (1, 2):  # on a loaded machine a join can miss the GCS's deadline once
+                cluster.start_node(name, [f"--address={cluster.address}", "--node-ip-address=127.0.0.1",
+                                          "--num-cpus=1", "--num-gpus=0", *_node_ports()])
+                try:
+                    cluster.wait_for_nodes(count)
+                    break
+                except RuntimeError:
+                    cluster.kill_node(name)
+                    if attempt == 2:
+                        raise
         yield cluster
     finally:
         cluster.stop()
