@@ -74,6 +74,7 @@ def test_cuda_placement_names_the_gpu_and_its_memory():
                          "gpu_memory_gb": f"{properties.total_memory / 2**30:.1f}"}
 
 
+@pytest.mark.slow  # the cluster takes 30 s to 2 min to start on 2 shared cores
 def test_local_storage_on_a_multi_node_cluster_is_refused(ray_cluster, tmp_path):
     spec = write_spec(tmp_path, name="localstore")
     result = ditsweep("launch", str(spec), "--address", ray_cluster.address,
