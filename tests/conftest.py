@@ -260,7 +260,8 @@ def ray_cluster(s3_server: str) -> Iterator[RayTestCluster]:
 
     temp_dir = tempfile.mkdtemp(prefix="rc-")  # short: Ray's socket paths must stay under 108 bytes
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
-    env.update(s3_node_environment(s3_server), RAY_AUTH_MODE="disabled")  # the cluster listens on loopback only
+    # No token: a throwaway test cluster (note Ray registers the nodes under the host's IP, not only loopback).
+    env.update(s3_node_environment(s3_server), RAY_AUTH_MODE="disabled")
     port = _free_port()
     cluster = RayTestCluster(f"127.0.0.1:{port}", temp_dir, env)
     try:
