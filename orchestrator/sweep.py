@@ -24,19 +24,12 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
 
+from trainer.train import STEP, reported  # noqa: E402
+
 DEFAULT_STORAGE = "ditsweep_results"
-# Metrics a trial reports; everything else in a Tune result is Tune's own bookkeeping.
-TRIAL_METRICS = (
-    "loss", "images_per_sec", "psnr_gap", "psnr_train", "psnr_test", "fid", "kid", "kid_std", "resumed_from_step",
-)
-TRIAL_METRIC_PREFIXES = ("attn_",)  # per-block attention locality: attn_distance.block_0, ...
 # Where a trial runs, sent with every report as flat strings (`placement_node_id`, ...) and handed to
-# the sink as metrics["placement"] = {"node_id": ..., "node_ip": ..., "device": ..., ...}.
+# the sink's `placed` event as {"node_id": ..., "node_ip": ..., "device": ..., ...}.
 PLACEMENT_PREFIX = "placement_"
-
-
-def is_trial_metric(key: str) -> bool:
-    return key in TRIAL_METRICS or key.startswith(TRIAL_METRIC_PREFIXES)
 
 
 class TrialEvents(Protocol):
@@ -46,6 +39,7 @@ class TrialEvents(Protocol):
     def failed(self, key: str, error: str) -> None: ...
     def retrying(self, key: str, error: str) -> None: ...
     def checkpointed(self, key: str, read: Callable[[str], bytes | None]) -> None: ...
+    def placed(self, key: str, placement: dict[str, str]) -> None: ...
     def tick(self) -> None: ...
 
 
@@ -147,11 +141,11 @@ class _EventBridge(tune.Callback):
         _EVENTS.started(self._key(trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        metrics = {k: v for k, v in result.items() if is_trial_metric(k) or k == "psnr_curve"}
-        metrics["step"] = result.get("step", result.get("training_iteration", 0))
-        if placement := placement_of(result):
-            metrics["placement"] = placement
+        metrics = reported(result)  # everything else in a Tune result is Tune's own bookkeeping
+        metrics[STEP] = result.get(STEP, result.get("training_iteration", 0))
         _EVENTS.result(self._key(trial), metrics)
+        if placement := placement_of(result):
+            _EVENTS.placed(self._key(trial), placement)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         _EVENTS.completed(self._key(trial))
@@ -261,7 +255,7 @@ def run_trials(
     for result in grid:
         if not result.config:
             continue
-        metrics = {k: v for k, v in (result.metrics or {}).items() if is_trial_metric(k) or k in ("psnr_curve", "step")}
+        metrics = reported(result.metrics or {})
         status = "ERROR" if result.error else "TERMINATED"
         outcome[result.config["trial"]["key"]] = TrialOutcome(status, metrics)
     return outcome

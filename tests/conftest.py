@@ -1,15 +1,37 @@
-"""Shared fixtures.
+"""The fixtures every test module shares, one of each: S3 (moto), `mlflow server`, a Ray head,
+a loopback HTTP server, the recorder of network contacts, the stand-in FID weights, a finished
+sweep, and one torch thread. Plain helpers (the tiny config, specs, the CLI) are in tests/support.
 
 S3: a real S3 API (moto's server) on 127.0.0.1, reached by s3fs/boto3 through the standard
-environment variables, exactly as a user's MinIO or AWS endpoint would be.
+environment variables, exactly as a user's MinIO or AWS endpoint would be. Servers are stopped by
+their process id.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import http.server
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
+
+from tests.support.sweeps import ditsweep, free_port, runs_by_role, sqlite_uri, tiny_config, write_spec
 
 
 @pytest.fixture(scope="session")
@@ -65,10 +87,8 @@ def finished_sweep(tmp_path_factory) -> dict:
     the CLI; shared by the tests that read a real sweep (report, MLflow UI)."""
     from mlflow.tracking import MlflowClient
 
-    from tests.sweeps import TINY, ditsweep, runs_by_role, sqlite_uri, write_spec
-
     folder = tmp_path_factory.mktemp("finished_sweep")
-    base = {**TINY, "train": {**TINY["train"], "steps": 2}}
+    base = tiny_config({"train.steps": 2})
     spec = write_spec(folder, name="realsweep", base=base,
                       grid={"attention.placement": ["none", "head"], "seed": [0, 1]})
     launched = ditsweep("launch", str(spec), cwd=folder)
@@ -98,8 +118,198 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-# =============================================================================================
-# A multi-node Ray cluster on 127.0.0.1 (issue #15). Kept as one block at the end of this file.
+# ---------------------------------------------------------------------------------------------
+# `mlflow server`
+
+
+@dataclass
+class MlflowServer:
+    """A real `mlflow server` on a loopback port, which a test may stop and start again on that port."""
+
+    folder: Path
+    port: int = field(default_factory=free_port)
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+             "--artifacts-destination", str(self.folder / "artifacts"), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        self.procs.append(proc)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=2)
+                return
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    self.close()
+                    pytest.fail(f"mlflow server did not answer at {self.url} within {timeout_s:.0f}s")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Kill the running server at once (a crash, as a test of going away wants it)."""
+        proc = self.procs[-1]
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def close(self, grace_s: float = 15.0) -> None:
+        """Stop every server process group this fixture started: SIGTERM, at most `grace_s` to exit,
+        then SIGKILL (gunicorn workers can hang on a signal under load) and a bounded wait."""
+        for proc in self.procs:
+            if proc.poll() is not None:
+                continue
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait(timeout=30)
+            _signal_group(proc, signal.SIGKILL)  # workers of the group that outlived their master
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(proc.pid, signum)
+    except ProcessLookupError:  # the whole group is gone already
+        pass
+
+
+@pytest.fixture
+def mlflow_server_process(tmp_path) -> Iterator[MlflowServer]:
+    folder = tmp_path / "server"
+    folder.mkdir()
+    server = MlflowServer(folder)
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def mlflow_server(mlflow_server_process: MlflowServer) -> str:
+    """The URL of a real `mlflow server` on loopback."""
+    return mlflow_server_process.url
+
+
+@pytest.fixture
+def restartable_mlflow_server(mlflow_server_process: MlflowServer):
+    """(url, start, stop) of a real `mlflow server` that the test can stop and start again on the same port."""
+    return mlflow_server_process.url, mlflow_server_process.start, mlflow_server_process.stop
+
+
+# ---------------------------------------------------------------------------------------------
+# A Ray head on this machine (`ray start --head`): only for tests marked slow
+
+
+RAY_MARKER = "DITSWEEP_TEST_RAY_HEAD"
+
+
+@dataclass(frozen=True)
+class RayHead:
+    address: str  # the dashboard, where jobs are submitted
+    auth: dict[str, str]  # what a user allowed on the cluster has in the environment
+
+    def get(self, path: str):
+        request = urllib.request.Request(
+            self.address + path, headers={"Authorization": f"Bearer {self.auth['RAY_AUTH_TOKEN']}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def jobs(self) -> list[dict]:
+        return self.get("/api/jobs/")
+
+    def driver_resources(self, submission_id: str) -> dict[str, float]:
+        """What the job's driver reserved: its JobSupervisor actor's resources."""
+        actors = self.get("/api/v0/actors?detail=1&limit=1000")["data"]["result"]["result"]
+        (actor,) = [a for a in actors if a["name"] == f"_ray_internal_job_actor_{submission_id}"]
+        return actor["required_resources"]
+
+
+def marked_processes(marker: str, variable: str = RAY_MARKER) -> list[int]:
+    """Live processes whose environment carries variable=marker (zombies have an empty environ)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if f"{variable}={marker}".encode() in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[RayHead]:
+    marker = secrets.token_hex(8)
+    temp_dir = Path(tempfile.gettempdir()) / f"rs-{secrets.token_hex(4)}"  # Ray's socket paths must stay short
+    gcs, dashboard, client, agent = (free_port() for _ in range(4))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env = {
+        **os.environ,
+        **auth,
+        # As in an activated virtual environment: the job's `ditsweep launch` is found on PATH.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        RAY_MARKER: marker,
+    }
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    log = temp_dir.with_suffix(".log")
+    with open(log, "w") as out:
+        head = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+             f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+             f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+             "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", f"--temp-dir={temp_dir}"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    cluster = RayHead(f"http://127.0.0.1:{dashboard}", auth)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                cluster.jobs()  # the job API answers once the dashboard's job module is up
+                break
+            except (OSError, urllib.error.URLError):
+                if head.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"ray head did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(1)
+        assert head.pid in marked_processes(marker)  # else the leak check below would see nothing
+        yield cluster
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        deadline = time.monotonic() + 30
+        while leftovers := marked_processes(marker):  # workers and job drivers in other groups
+            for pid in leftovers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            assert time.monotonic() < deadline, f"Ray processes left running: {leftovers}"
+            time.sleep(0.5)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        log.unlink(missing_ok=True)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """`make test-fast` (-m "not slow") must start no Ray cluster: a test that wants the Ray head is slow."""
+    for item in items:
+        for cluster in ("ray_head", "ray_cluster"):
+            if cluster in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None:
+                raise pytest.UsageError(f"{item.nodeid} uses the {cluster} fixture: mark it @pytest.mark.slow")
+
+
+# ---------------------------------------------------------------------------------------------
+# A multi-node Ray cluster on 127.0.0.1: only for tests marked slow
 #
 # Real `ray start --block` processes, each in a process group of its own: a head that takes no
 # trials (--num-cpus 0, as on KubeRay) and worker nodes of one CPU each, joined to it. Every process
@@ -110,21 +320,6 @@ def one_torch_thread():
 RAY_NODE_MARKER = "DITSWEEP_TEST_RAY_NODE"
 
 
-def _processes_marked(marker: str) -> list[int]:
-    """Live processes whose environment carries RAY_NODE_MARKER=marker (zombies have an empty environ)."""
-    from pathlib import Path
-
-    wanted, found = f"{RAY_NODE_MARKER}={marker}".encode(), []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if wanted in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
 class RayTestCluster:
     """Handle on the running test cluster: its GCS address and one `ray start` process per node."""
 
@@ -132,36 +327,29 @@ class RayTestCluster:
         self.address = address  # host:port of the head's GCS: `--address` for ditsweep and ray
         self.temp_dir = temp_dir
         self.env = env  # the environment the nodes run with (plus their markers)
-        self.nodes: dict[str, object] = {}  # name -> subprocess.Popen of `ray start --block`
+        self.nodes: dict[str, subprocess.Popen] = {}  # name -> `ray start --block`
         self.markers: dict[str, str] = {}
 
     def start_node(self, name: str, args: list[str]) -> None:
-        import secrets
-        import subprocess
-        import sys
-        from pathlib import Path
-
         marker = f"{name}-{secrets.token_hex(6)}"
-        log = open(Path(self.temp_dir).with_suffix(f".{name}.log"), "w")  # noqa: SIM115 - owned by the process
-        self.nodes[name] = subprocess.Popen(
-            [str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats",
-             f"--temp-dir={self.temp_dir}", *args],
-            env={**self.env, RAY_NODE_MARKER: marker}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(self._log_path(name), "w") as log:
+            self.nodes[name] = subprocess.Popen(
+                [str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats",
+                 f"--temp-dir={self.temp_dir}", *args],
+                env={**self.env, RAY_NODE_MARKER: marker}, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.markers[name] = marker
 
-    def log(self, name: str) -> str:
-        from pathlib import Path
+    def _log_path(self, name: str) -> Path:
+        return Path(self.temp_dir).with_suffix(f".{name}.log")
 
-        path = Path(self.temp_dir).with_suffix(f".{name}.log")
+    def log(self, name: str) -> str:
+        path = self._log_path(name)
         return path.read_text()[-3000:] if path.exists() else ""
 
     def alive_nodes(self) -> list[dict]:
         """ray.nodes() of the live nodes, read in a separate process (this one may hold its own Ray)."""
-        import json
-        import subprocess
-        import sys
-
         script = (
             "import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
             "print(json.dumps([{'id': n['NodeID'], 'ip': n['NodeManagerAddress'], 'cpu': n['Resources'].get('CPU', 0),"
@@ -183,8 +371,6 @@ class RayTestCluster:
         return {ports[node["port"]]: node["id"] for node in self.alive_nodes() if node["port"] in ports}
 
     def wait_for_nodes(self, count: int, timeout: float = 180) -> list[dict]:
-        import time
-
         deadline = time.monotonic() + timeout
         while len(nodes := self.alive_nodes()) != count:
             for name, proc in self.nodes.items():
@@ -197,10 +383,6 @@ class RayTestCluster:
 
     def kill_node(self, name: str, timeout: float = 30) -> None:
         """SIGKILL every process of one node (its group, then anything else carrying its marker)."""
-        import os
-        import signal
-        import time
-
         proc = self.nodes[name]
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -208,7 +390,7 @@ class RayTestCluster:
             pass
         proc.wait(timeout=timeout)
         deadline = time.monotonic() + timeout
-        while leftovers := _processes_marked(self.markers[name]):
+        while leftovers := marked_processes(self.markers[name], RAY_NODE_MARKER):
             for pid in leftovers:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -221,21 +403,14 @@ class RayTestCluster:
     def stop(self) -> None:
         for name in reversed(list(self.nodes)):  # workers first, the head last
             self.kill_node(name)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+            self._log_path(name).unlink(missing_ok=True)
 
 
 def _node_ports() -> list[str]:
     """Every port a node listens on, free ones, so the cluster never meets another Ray on this machine."""
     names = ("node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
              "dashboard-agent-grpc-port", "runtime-env-agent-port")
-    return [f"--{name}={_free_port()}" for name in names]
+    return [f"--{name}={free_port()}" for name in names]
 
 
 def s3_node_environment(endpoint: str) -> dict[str, str]:
@@ -250,25 +425,20 @@ def ray_cluster(s3_server: str) -> Iterator[RayTestCluster]:
     """A head with no CPUs and two worker nodes of one CPU each (`worker-1`, `worker-2`) on 127.0.0.1,
     their environment pointed at the session's moto S3 server (see `s3_node_environment`).
 
-    Tests that kill a node should use a cluster of their own (this fixture is module-scoped). All
+    One cluster per module: a test that kills a node leaves it dead for the tests after it. All
     processes are killed by id (and checked gone) afterwards; the temporary folder is removed.
     """
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
-
     temp_dir = tempfile.mkdtemp(prefix="rc-")  # short: Ray's socket paths must stay under 108 bytes
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
-    # No token: a throwaway test cluster (note Ray registers the nodes under the host's IP, not only loopback).
+    # No token: a throwaway cluster on loopback (the `ray_head` fixture tests token auth).
     env.update(s3_node_environment(s3_server), RAY_AUTH_MODE="disabled")
-    port = _free_port()
+    port = free_port()
     cluster = RayTestCluster(f"127.0.0.1:{port}", temp_dir, env)
     try:
         cluster.start_node("head", ["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
                                     "--num-gpus=0", "--include-dashboard=false",
-                                    "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
-                                    f"--ray-client-server-port={_free_port()}", *_node_ports()])
+                                    "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
+                                    f"--ray-client-server-port={free_port()}", *_node_ports()])
         cluster.wait_for_nodes(1)
         for count, name in enumerate(("worker-1", "worker-2"), start=2):
             for attempt in (1, 2):  # on a loaded machine a join can miss the GCS's deadline once
@@ -285,5 +455,96 @@ def ray_cluster(s3_server: str) -> Iterator[RayTestCluster]:
     finally:
         cluster.stop()
         shutil.rmtree(temp_dir, ignore_errors=True)
-        for name in cluster.nodes:
-            Path(temp_dir).with_suffix(f".{name}.log").unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loopback HTTP, and who the code under test tried to reach
+
+
+class RecordingHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder and records each request's path on the server (`server.requests`)."""
+
+    def do_GET(self) -> None:
+        self.server.requests.append(self.path)
+        super().do_GET()
+
+    def do_HEAD(self) -> None:
+        self.server.requests.append(self.path)
+        super().do_HEAD()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@dataclass
+class HttpServer:
+    folder: Path  # what it serves
+    url: str
+    requests: list[str]  # paths asked for, in order
+
+    def __iter__(self):  # `served, base = http_server`
+        return iter((self.folder, self.url))
+
+
+@pytest.fixture
+def http_server(tmp_path) -> Iterator[HttpServer]:
+    """A real HTTP server on loopback serving tmp_path/served, recording the paths asked for."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(RecordingHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.requests = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield HttpServer(served, f"http://127.0.0.1:{server.server_address[1]}", server.requests)
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+class NetworkContacts:
+    """Hosts this process looked up or connected to while recording (Python's audit events
+    `socket.getaddrinfo` and `socket.connect`, which every client library goes through)."""
+
+    def __init__(self):
+        self.hosts: list[str] = []
+        self.recording = False
+
+    def hook(self, event: str, args: tuple) -> None:
+        if not self.recording:
+            return
+        if event == "socket.getaddrinfo":
+            self.hosts.append(str(args[0]))
+        elif event == "socket.connect" and isinstance(args[1], tuple):
+            self.hosts.append(str(args[1][0]))
+
+
+_CONTACTS = NetworkContacts()
+sys.addaudithook(_CONTACTS.hook)  # audit hooks cannot be removed: this one records only inside the fixture
+
+
+@pytest.fixture
+def network_contacts() -> Iterator[NetworkContacts]:
+    _CONTACTS.hosts.clear()
+    _CONTACTS.recording = True
+    try:
+        yield _CONTACTS
+    finally:
+        _CONTACTS.recording = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Stand-in FID weights
+
+
+@pytest.fixture(scope="session")
+def fid_weights(tmp_path_factory) -> tuple[Path, str]:
+    """(path, sha256 prefix) of a random-weights file laid out like pt_inception-2015-12-05-6726825d.pth
+    (the real weights cannot be downloaded in tests)."""
+    import torch
+
+    from tests.support.weights import random_fid_state_dict
+
+    path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
+    torch.save(random_fid_state_dict(), path)
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()[:8]

@@ -4,50 +4,16 @@ no CPUs and two one-CPU worker nodes, checkpoints on S3 (moto's server), trackin
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.sweeps import TINY, ditsweep, free_port, runs_by_role, write_spec
+from tests.support.sweeps import TINY, ditsweep, runs_by_role, write_spec
 
 FOUR_TRIALS = {"attention.placement": ["none", "head"], "seed": [0, 1]}
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on loopback, stopped by its process group (SIGKILL if SIGTERM is slow)."""
-    port, folder = free_port(), tmp_path / "server"
-    folder.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-         "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
-    try:
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail("mlflow server did not start within 180 s")
-                time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 def test_placement_travels_as_flat_result_entries():
