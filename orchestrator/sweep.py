@@ -127,6 +127,11 @@ def placement_of(result: dict) -> dict[str, str]:
 
 
 _EVENTS: TrialEvents | None = None
+# The trials this driver runs. A restored experiment can hold more: Tune's state in remote storage is
+# synced every few seconds, so after the driver dies it may still list a trial as running that had
+# already finished (and is FINISHED in the tracking store); Tune runs such a trial again, but its
+# events are not the sink's.
+_WANTED: frozenset[str] = frozenset()
 
 
 class _EventBridge(tune.Callback):
@@ -134,30 +139,38 @@ class _EventBridge(tune.Callback):
     of the driver process that is running now, never to one restored from a dead driver."""
 
     @staticmethod
-    def _key(trial) -> str:
-        return trial.config["trial"]["key"]
+    def _key(trial) -> str | None:
+        key = trial.config["trial"]["key"]
+        return key if key in _WANTED else None
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        _EVENTS.started(self._key(trial))
+        if key := self._key(trial):
+            _EVENTS.started(key)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if not (key := self._key(trial)):
+            return
         metrics = reported(result)  # everything else in a Tune result is Tune's own bookkeeping
         metrics[STEP] = result.get(STEP, result.get("training_iteration", 0))
-        _EVENTS.result(self._key(trial), metrics)
+        _EVENTS.result(key, metrics)
         if placement := placement_of(result):
-            _EVENTS.placed(self._key(trial), placement)
+            _EVENTS.placed(key, placement)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        _EVENTS.completed(self._key(trial))
+        if key := self._key(trial):
+            _EVENTS.completed(key)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        _EVENTS.retrying(self._key(trial), _error_text(trial))
+        if key := self._key(trial):
+            _EVENTS.retrying(key, _error_text(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        _EVENTS.failed(self._key(trial), _error_text(trial))
+        if key := self._key(trial):
+            _EVENTS.failed(key, _error_text(trial))
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        _EVENTS.checkpointed(self._key(trial), _checkpoint_reader(checkpoint))
+        if key := self._key(trial):
+            _EVENTS.checkpointed(key, _checkpoint_reader(checkpoint))
 
     def on_step_end(self, iteration, trials, **info):
         _EVENTS.tick()
@@ -221,8 +234,8 @@ def run_trials(
     restore: bool = False,
 ) -> dict[str, TrialOutcome]:
     """Run (or with `restore`, continue) the sweep's trials; returns trial key -> outcome."""
-    global _EVENTS
-    _EVENTS = events
+    global _EVENTS, _WANTED
+    _EVENTS, _WANTED = events, frozenset(t.key for t in trials)
     init_ray(address)
     storage_path, fs = resolve_storage(storage)
     trainable = tune.with_resources(run_trial, {"cpu": cpu, "gpu": gpu})
