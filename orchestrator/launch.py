@@ -19,6 +19,7 @@ from orchestrator.plan import (
     build_plan,
     check_fid_weights,
     check_storage,
+    check_storage_is_shared,
     compute_estimate,
     plan_table,
     read_grid,
@@ -41,6 +42,7 @@ def launch(
     grid = read_grid_file(spec_path, overrides)
     check_fid_weights(grid.trials)
     check_storage(storage)
+    check_storage_is_shared(storage, address, _alive_node_count)
     tracker = Tracker(tracking_uri)
     experiment = tracker.experiment_id(grid.spec.name)
     plan = build_plan(grid, tracker.finished_trials(experiment), force)
@@ -84,6 +86,7 @@ def resume(sweep_id: str, *, tracking_uri: str | None = None, address: str | Non
     spec_text = tracker.read_text(parent.run_id, "spec.yaml")
     plan = build_plan(read_grid(spec_text, "the sweep's stored spec", parent.overrides), force=parent.force)
     check_fid_weights(plan.trials)
+    check_storage_is_shared(parent.storage, address, _alive_node_count)
     manifest = json.loads(tracker.read_text(parent.run_id, "trials.json"))
     wanted = {t["key"] for t in manifest if not t.get("cached_run")}
     children = {run.trial_key: run for run in tracker.sweep_trials(parent)}
@@ -126,6 +129,12 @@ def _run(plan: Plan, sink: SweepSink, sweep_id: str, storage: str | None, addres
     if not interrupted:
         _refresh_report(sink.tracker, sweep_id)
     return EXIT_OK if all_finished else EXIT_FAILED
+
+
+def _alive_node_count(address: str) -> int:
+    from orchestrator.sweep import alive_node_count
+
+    return alive_node_count(address)
 
 
 def _refresh_report(tracker: Tracker, sweep_id: str) -> None:

@@ -9,7 +9,7 @@ Nothing here imports MLflow or Ray.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
@@ -114,6 +114,23 @@ def check_storage(storage: str | None) -> None:
         fs.ls(path.split("/", 1)[0])
     except Exception as err:  # noqa: BLE001 - any client error means the sweep cannot store results
         raise SpecError(f"storage {storage!r} is not reachable: {type(err).__name__}: {err}") from None
+
+
+def check_storage_is_shared(storage: str | None, address: str | None, count_nodes: Callable[[str], int]) -> None:
+    """On a cluster of several nodes a local --storage cannot work: a trial moved to another node
+    (after a failure or a resume) could not read the checkpoints its first node wrote.
+
+    `count_nodes(address)` says how many nodes the cluster has; it is asked only for a local storage
+    on a cluster given by --address."""
+    if not address or (storage and "://" in storage):
+        return
+    nodes = count_nodes(address)
+    if nodes > 1:
+        raise SpecError(
+            f"--storage {storage or '(default, local)'!r} is a local folder, but the Ray cluster at {address} has "
+            f"{nodes} nodes: a trial retried on another node could not read its checkpoints; give shared "
+            f"storage such as --storage s3://bucket/prefix"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

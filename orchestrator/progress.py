@@ -14,7 +14,7 @@ from typing import Any, Callable
 from orchestrator.artifacts import trial_artifacts
 from orchestrator.console import ConsoleProgress
 from orchestrator.spec import Trial
-from orchestrator.tracking import FAILED, FINISHED, KILLED, RUNNING, SweepRun, Tracker, TrialRun
+from orchestrator.tracking import FAILED, FINISHED, KILLED, RUNNING, SweepRun, Tracker, TrialRun, placement_tags
 from orchestrator.trial_state import PENDING, TrialState, sweep_status
 from trainer.train import STEP
 
@@ -63,6 +63,13 @@ class SweepSink:
 
     def checkpointed(self, key: str, read: Callable[[str], bytes | None]) -> None:
         self.states[key].read_checkpoint = read
+
+    def placed(self, key: str, placement: dict[str, str]) -> None:
+        """Where the trial reports from; its run's tags follow it when it moves to another node."""
+        state = self.states[key]
+        self._ensure_run(state)
+        if state.run_id and state.place(placement):
+            self.tracker.set_tags(state.run_id, placement_tags(placement))
 
     def tick(self, force: bool = False) -> None:
         self.console.tick(force)

@@ -14,7 +14,7 @@ def status(sweep_id: str | None, tracking_uri: str | None) -> str:
         return sweeps_table(tracker)
     parent = tracker.find_sweep(sweep_id)
     trials = sorted(tracker.sweep_trials(parent), key=lambda r: r.name)
-    rows = [["trial", "status", "step", "loss", "psnr_gap", "key"]]
+    rows = [["trial", "status", "step", "loss", "psnr_gap", "node", "key"]]
     for run in trials:
         m = run.metrics
         rows.append([
@@ -23,10 +23,20 @@ def status(sweep_id: str | None, tracking_uri: str | None) -> str:
             str(int(m["step"])) if "step" in m else "-",
             f"{m['loss']:.4f}" if "loss" in m else "-",
             f"{m['psnr_gap']:.3f}" if "psnr_gap" in m else "-",
+            node_of(run),
             run.trial_key[:10],
         ])
     header = f"sweep {sweep_id} ({parent.status}): {count_states(trials)}"
     return header + "\n" + format_table(rows)
+
+
+def node_of(run: TrialRun) -> str:
+    """Where the trial last ran: its node's IP and the first 8 characters of its Ray node id (nodes
+    can share an IP: several on one machine, or pods behind one address); "-" before its first report."""
+    placement = run.placement
+    if "node_id" not in placement:
+        return "-"
+    return f"{placement.get('node_ip', '?')} {placement['node_id'][:8]}"
 
 
 def sweeps_table(tracker: Tracker) -> str:

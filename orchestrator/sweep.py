@@ -27,6 +27,9 @@ from ray import tune  # noqa: E402
 from trainer.train import STEP, reported  # noqa: E402
 
 DEFAULT_STORAGE = "ditsweep_results"
+# Where a trial runs, sent with every report as flat strings (`placement_node_id`, ...) and handed to
+# the sink's `placed` event as {"node_id": ..., "node_ip": ..., "device": ..., ...}.
+PLACEMENT_PREFIX = "placement_"
 
 
 class TrialEvents(Protocol):
@@ -36,6 +39,7 @@ class TrialEvents(Protocol):
     def failed(self, key: str, error: str) -> None: ...
     def retrying(self, key: str, error: str) -> None: ...
     def checkpointed(self, key: str, read: Callable[[str], bytes | None]) -> None: ...
+    def placed(self, key: str, placement: dict[str, str]) -> None: ...
     def tick(self) -> None: ...
 
 
@@ -81,25 +85,41 @@ def run_trial(param: dict) -> None:
     import torch
 
     from trainer.config import TrialConfig
-    from trainer.train import train
+    from trainer.train import describe_device, pick_device, train
 
     # Ray logs every checkpoint upload at INFO; ditsweep's own progress already says where trials are.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     record = param["trial"]
     config = TrialConfig.model_validate(record["config"])
     torch.set_num_threads(max(1, int(param["cpus"])))
+    device = pick_device()
+    placement = {f"{PLACEMENT_PREFIX}{k}": v for k, v in {**_node_placement(), **describe_device(device)}.items()}
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report(metrics, checkpoint=checkpoint)
+        tune.report({**metrics, **placement}, checkpoint=checkpoint)
 
     checkpoint = tune.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="ditsweep-trial-") as out:
         if checkpoint is None:
-            train(config, report, out_dir=out)
+            train(config, report, out_dir=out, device=device)
         else:
             with checkpoint.as_directory() as resume_from:
-                train(config, report, out_dir=out, resume_from=resume_from)
+                train(config, report, out_dir=out, resume_from=resume_from, device=device)
+
+
+def _node_placement() -> dict[str, str]:
+    """The Ray node this trial runs on: its id and IP address."""
+    node_id = ray.get_runtime_context().get_node_id()
+    # The address the node joined the cluster with (`ray start --node-ip-address`), not a guess from
+    # this process's network interfaces.
+    ips = [node["NodeManagerAddress"] for node in ray.nodes() if node["NodeID"] == node_id]
+    return {"node_id": node_id, "node_ip": ips[0] if ips else ray.util.get_node_ip_address()}
+
+
+def placement_of(result: dict) -> dict[str, str]:
+    """{"node_id": ..., "device": ...} from a Tune result's `placement_*` entries ({} when absent)."""
+    return {k[len(PLACEMENT_PREFIX):]: str(v) for k, v in result.items() if k.startswith(PLACEMENT_PREFIX)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +127,11 @@ def run_trial(param: dict) -> None:
 
 
 _EVENTS: TrialEvents | None = None
+# The trials this driver runs. A restored experiment can hold more: Tune's state in remote storage is
+# synced every few seconds, so after the driver dies it may still list a trial as running that had
+# already finished (and is FINISHED in the tracking store); Tune runs such a trial again, but its
+# events are not the sink's.
+_WANTED: frozenset[str] = frozenset()
 
 
 class _EventBridge(tune.Callback):
@@ -114,28 +139,38 @@ class _EventBridge(tune.Callback):
     of the driver process that is running now, never to one restored from a dead driver."""
 
     @staticmethod
-    def _key(trial) -> str:
-        return trial.config["trial"]["key"]
+    def _key(trial) -> str | None:
+        key = trial.config["trial"]["key"]
+        return key if key in _WANTED else None
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        _EVENTS.started(self._key(trial))
+        if key := self._key(trial):
+            _EVENTS.started(key)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if not (key := self._key(trial)):
+            return
         metrics = reported(result)  # everything else in a Tune result is Tune's own bookkeeping
         metrics[STEP] = result.get(STEP, result.get("training_iteration", 0))
-        _EVENTS.result(self._key(trial), metrics)
+        _EVENTS.result(key, metrics)
+        if placement := placement_of(result):
+            _EVENTS.placed(key, placement)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        _EVENTS.completed(self._key(trial))
+        if key := self._key(trial):
+            _EVENTS.completed(key)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        _EVENTS.retrying(self._key(trial), _error_text(trial))
+        if key := self._key(trial):
+            _EVENTS.retrying(key, _error_text(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        _EVENTS.failed(self._key(trial), _error_text(trial))
+        if key := self._key(trial):
+            _EVENTS.failed(key, _error_text(trial))
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        _EVENTS.checkpointed(self._key(trial), _checkpoint_reader(checkpoint))
+        if key := self._key(trial):
+            _EVENTS.checkpointed(key, _checkpoint_reader(checkpoint))
 
     def on_step_end(self, iteration, trials, **info):
         _EVENTS.tick()
@@ -174,6 +209,12 @@ def init_ray(address: str | None) -> None:
         ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
 
 
+def alive_node_count(address: str) -> int:
+    """How many nodes of the cluster at `address` are alive (connects this process to it)."""
+    init_ray(address)
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 def _dirname(trial) -> str:
     record = trial.config["trial"]
     safe = "".join(c if c.isalnum() or c in "-_=" else "_" for c in record["name"])
@@ -193,8 +234,8 @@ def run_trials(
     restore: bool = False,
 ) -> dict[str, TrialOutcome]:
     """Run (or with `restore`, continue) the sweep's trials; returns trial key -> outcome."""
-    global _EVENTS
-    _EVENTS = events
+    global _EVENTS, _WANTED
+    _EVENTS, _WANTED = events, frozenset(t.key for t in trials)
     init_ray(address)
     storage_path, fs = resolve_storage(storage)
     trainable = tune.with_resources(run_trial, {"cpu": cpu, "gpu": gpu})

@@ -46,6 +46,14 @@ TAG_STORAGE = "ditsweep.storage"
 TAG_OVERRIDES = "ditsweep.overrides"  # JSON list of --set items
 TAG_FORCE = "ditsweep.force"  # "true" or "false"
 TAG_GIT_COMMIT = "ditsweep.git_commit"
+# Where a trial ran (the last node it reported from): its Ray node, the device, and on CUDA the GPU.
+TAG_NODE_ID = "ditsweep.node_id"
+TAG_NODE_IP = "ditsweep.node_ip"
+TAG_DEVICE = "ditsweep.device"  # "cpu" or "cuda:0"
+TAG_GPU_NAME = "ditsweep.gpu_name"
+TAG_GPU_MEMORY_GB = "ditsweep.gpu_memory_gb"
+PLACEMENT_TAGS = {"node_id": TAG_NODE_ID, "node_ip": TAG_NODE_IP, "device": TAG_DEVICE,
+                  "gpu_name": TAG_GPU_NAME, "gpu_memory_gb": TAG_GPU_MEMORY_GB}
 TAG_NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
 TAG_PARENT = "mlflow.parentRunId"
 ERROR_TAG_MAX_CHARS = 5000
@@ -78,6 +86,16 @@ class TrialRun:
     tags: dict[str, str]
     start_time: int | None  # ms since the epoch
     end_time: int | None
+
+    @property
+    def placement(self) -> dict[str, str]:
+        """Where the trial last ran: {"node_id", "node_ip", "device", ...} as far as recorded."""
+        return {key: self.tags[tag] for key, tag in PLACEMENT_TAGS.items() if tag in self.tags}
+
+
+def placement_tags(placement: dict[str, str]) -> dict[str, str]:
+    """A trial's placement ({"node_id": ..., "device": ...}) as run tags; unknown entries are left out."""
+    return {PLACEMENT_TAGS[key]: str(value) for key, value in placement.items() if key in PLACEMENT_TAGS}
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ class TrialState:
     started_at: float | None = None  # time.monotonic()
     retries: int = 0
     read_checkpoint: Callable[[str], bytes | None] | None = None  # a file of the latest checkpoint, by name
+    placement: dict[str, str] | None = None  # where it last reported from: node_id, node_ip, device, ...
 
     @property
     def progress(self) -> float:
@@ -55,6 +56,13 @@ class TrialState:
         if reported.get(PSNR_CURVE):
             self.curve_record = reported[PSNR_CURVE]
         return step, values
+
+    def place(self, placement: dict[str, str]) -> bool:
+        """Take in where the trial reports from; True when that is new (its first report, or another node)."""
+        if placement == self.placement:
+            return False
+        self.placement = dict(placement)
+        return True
 
 
 def sweep_status(states: list[TrialState]) -> str:

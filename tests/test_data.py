@@ -294,6 +294,42 @@ def test_corrupt_remote_folder_is_not_cached(s3_bucket, tmp_path):
     assert load_images(uri, 8, cache_dir=str(cache)).shape == (1, 8, 8, 3)
 
 
+def test_many_object_folder_on_s3_matches_local_bytes_and_order(s3_bucket, tmp_path, monkeypatch):
+    """Fetched concurrently and in slices (4 slices of 64 here), the cached copy holds exactly the
+    remote bytes and the images come back in the local folder's sorted order, odd names included."""
+    import trainer.data
+
+    monkeypatch.setattr(trainer.data, "FETCH_SLICE", 64)
+    rng = np.random.default_rng(5)
+    images = {
+        f"c{i % 3}/{i:04d}{'[x]' if i % 50 == 0 else ''}.png": Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+        for i in range(230)
+    }
+    local = write_folder(tmp_path / "imgs", images)
+    uri = f"s3://{s3_bucket}/many"
+    upload_folder(local, uri)
+    cache = tmp_path / "cache"
+    loaded = load_images(uri, 6, cache_dir=str(cache))
+    expected = np.stack([np.asarray(Image.open(local / name)) for name in sorted(images)])
+    np.testing.assert_array_equal(loaded, expected)
+    (entry,) = (cache / "data").iterdir()
+    copied = sorted(p.relative_to(entry).as_posix() for p in entry.rglob("*.png"))
+    assert copied == sorted(images)
+    assert all((entry / name).read_bytes() == (local / name).read_bytes() for name in images)
+
+
+def test_an_object_that_vanishes_before_its_fetch_is_named(s3_bucket, tmp_path):
+    """Listed but gone when fetched (deleted in between): DataError names the source and the file."""
+    from trainer.data import _fetch_all
+
+    uri = f"s3://{s3_bucket}/imgs"
+    upload_folder(write_folder(tmp_path / "src", {"a.png": solid(RED, 8, 8), "b.png": solid(GREEN, 8, 8)}), uri)
+    fs = s3()
+    with pytest.raises(DataError, match=r"1 object\(s\).*gone\.png \(missing\)") as info:
+        _fetch_all(uri, fs, f"{s3_bucket}/imgs", ["a.png", "gone.png", "b.png"], str(tmp_path / "out"))
+    assert uri in str(info.value)
+
+
 def test_prepare_to_s3_and_load_back(s3_bucket, tmp_path):
     local = write_folder(tmp_path / "src", {"a.png": solid(RED, 16, 16), "b.png": solid(GREEN, 8, 12)})
     src = f"s3://{s3_bucket}/raw"

@@ -203,6 +203,19 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def describe_device(device: torch.device) -> dict[str, str]:
+    """Where a trial computes, for its record: {"device": "cpu"} or "cuda:0" with the GPU's name and memory."""
+    if device.type != "cuda":
+        return {"device": device.type}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    properties = torch.cuda.get_device_properties(index)
+    return {
+        "device": f"cuda:{index}",
+        "gpu_name": properties.name,
+        "gpu_memory_gb": f"{properties.total_memory / 2**30:.1f}",
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: written atomically, the previous one kept as a fallback for a truncated write.
 
