@@ -15,8 +15,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from orchestrator.memory import check_trial_memory, trial_estimates
 from orchestrator.spec import SpecError, SweepSpec, Trial, expand, load_spec, parse_spec
 from trainer.config import flatten
+from trainer.memory import format_bytes
 
 EXIT_OK, EXIT_TRIALS_FAILED = 0, 1
 
@@ -42,6 +44,7 @@ class Plan:
 def load_plan(spec_path: str | Path, overrides: list[str]) -> Plan:
     spec = load_spec(spec_path)
     trials = expand(spec, overrides)
+    check_trial_memory(trials, device="cuda" if spec.resources.gpu else "cpu")  # before check_data decodes
     check_data(trials)
     return Plan(spec=spec, spec_text=Path(spec_path).read_text(), overrides=list(overrides), trials=trials)
 
@@ -83,7 +86,8 @@ def check_fid_weights(trials: list[Trial]) -> None:
 
 def plan_table(plan: Plan) -> str:
     axes = list(plan.spec.grid)
-    header = ["#", *axes, "schedule", "key", "state"]
+    header = ["#", *axes, "schedule", "memory", "key", "state"]
+    memory = trial_estimates(plan.trials, device="cuda" if plan.spec.resources.gpu else "cpu")
     rows = []
     for i, trial in enumerate(plan.trials, 1):
         if trial.key in plan.cached and not plan.force:
@@ -91,7 +95,7 @@ def plan_table(plan: Plan) -> str:
         else:
             state = "rerun" if trial.key in plan.cached else "run"
         values = [_cell(trial.axes[a]) for a in axes]
-        rows.append([str(i), *values, trial.config.schedule, trial.key[:10], state])
+        rows.append([str(i), *values, trial.config.schedule, format_bytes(memory[trial.key].total), trial.key[:10], state])
     return format_table([header, *rows], rule=True)
 
 
