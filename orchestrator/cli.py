@@ -44,6 +44,15 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
     return (BadInput, ClusterError, ConfigError, DataError, ReportError, SpecError, TrackingError, WeightsError)
 
 
+def bounded_message(message: str, lines: int = 10, width: int = 400) -> str:
+    """The last guard on "a message of a few lines": whatever a check quoted, at most `lines` lines of
+    at most `width` characters reach the terminal (checks shorten values themselves; see short_repr)."""
+    kept = [line if len(line) <= width else f"{line[: width - 3]}..." for line in message.splitlines()[:lines]]
+    if len(message.splitlines()) > lines:
+        kept.append(f"... ({len(message.splitlines()) - lines} more lines)")
+    return "\n".join(kept)
+
+
 def handles_bad_input(command: Callable) -> Callable:
     """Turn the errors a user can fix into one line on stderr and exit code 2."""
 
@@ -52,7 +61,7 @@ def handles_bad_input(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except _bad_input_types() as err:
-            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            typer.secho(f"error: {bounded_message(str(err))}", fg=typer.colors.RED, err=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return wrapper

@@ -172,3 +172,10 @@ def test_a_valid_set_still_applies(workdir):
     path = write(workdir, spec_text(grid={"seed": [0, 1]}))
     result = CliRunner().invoke(app, ["plan", str(path), "--set", "train.steps=3"])
     assert result.exit_code == 0, result.output
+
+
+def test_any_bad_input_message_is_bounded_at_the_cli(workdir):
+    # The data code quotes a source as given; the CLI's last guard keeps the line short.
+    message = refused(["prepare-data", "x" * 100_000, "out"], workdir, seconds=5)
+    assert message.startswith("error: data source 'xxx") and len(message) <= len("error: ") + 400
+    assert message.endswith("...")
