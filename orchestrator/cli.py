@@ -13,6 +13,8 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
+from orchestrator.exit_codes import EXIT_BAD_INPUT
+
 app = typer.Typer(
     help="Sweeps of local-attention diffusion transformers on Ray Tune, tracked in MLflow.",
     no_args_is_help=True,
@@ -20,7 +22,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 SetOption = Annotated[
     Optional[list[str]],
@@ -122,9 +123,10 @@ def launch(
 ) -> None:
     """Run a sweep on Ray Tune; every trial becomes an MLflow child run of the sweep's run."""
     from orchestrator import launch as workflow
+    from orchestrator.plan import show_plan
 
     if dry_run:
-        workflow.show_plan(spec, set_ or [], tracking_uri, force=force)
+        show_plan(spec, set_ or [], tracking_uri, force=force)
         return
     raise typer.Exit(workflow.launch(spec, set_ or [], tracking_uri=tracking_uri, storage=storage,
                                      address=address, force=force))
@@ -134,9 +136,9 @@ def launch(
 @handles_bad_input
 def plan(spec: SpecArgument, set_: SetOption = None, tracking_uri: TrackingOption = None) -> None:
     """Print the trials a launch would run (cached or not) and the compute they need. Runs nothing."""
-    from orchestrator import launch as workflow
+    from orchestrator.plan import show_plan
 
-    workflow.show_plan(spec, set_ or [], tracking_uri)
+    show_plan(spec, set_ or [], tracking_uri)
 
 
 @app.command()
@@ -159,9 +161,9 @@ def status(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """List sweeps, or one sweep's trials and their states."""
-    from orchestrator import launch as workflow
+    from orchestrator.status import status as sweep_status
 
-    print(workflow.status(sweep_id, tracking_uri))
+    print(sweep_status(sweep_id, tracking_uri))
 
 
 @app.command("prepare-data")

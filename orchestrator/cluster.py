@@ -25,10 +25,11 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from orchestrator.display import first_line
+from orchestrator.exit_codes import EXIT_FAILED, EXIT_OK
 from orchestrator.k8s import RAYJOB_TEMPLATE, render_rayjob
 from orchestrator.spec import SweepSpec, expand, load_spec
 
-EXIT_OK, EXIT_JOB_FAILED = 0, 1
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 # What --with-code ships: the two packages and the project file beside them.
 SOURCE_ITEMS = ("trainer", "orchestrator", "pyproject.toml")
@@ -74,7 +75,7 @@ def submit(
                 entrypoint_num_gpus=0,
             )
         except (OSError, RuntimeError) as err:
-            raise ClusterError(f"the Ray cluster at {address!r} did not take the job: {_first_line(err)}") from None
+            raise ClusterError(f"the Ray cluster at {address!r} did not take the job: {first_line(err)}") from None
     print(f"submitted Ray job {job_id} to {address}: sweep {spec.name!r}, "
           f"{len(trials)} trial{'s' if len(trials) != 1 else ''}")
     print(f"  entrypoint: {entrypoint}")
@@ -155,7 +156,7 @@ def connect(address: str):
             "cluster's token in RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, default ~/.ray/auth_token)"
         ) from None
     except (OSError, RuntimeError, ValueError) as err:
-        raise ClusterError(f"cannot reach a Ray dashboard at {address!r}: {_first_line(err)}") from None
+        raise ClusterError(f"cannot reach a Ray dashboard at {address!r}: {first_line(err)}") from None
 
 
 def _probe(address: str) -> None:
@@ -193,9 +194,9 @@ def follow_job(client, job_id: str, address: str) -> int:
     except KeyboardInterrupt:
         print(f"\nstopped following; job {job_id} goes on "
               f"(ray job stop --address {address} {job_id} stops it)", file=sys.stderr)
-        return EXIT_JOB_FAILED
+        return EXIT_FAILED
     except Exception as err:  # noqa: BLE001 - a dropped log stream: poll for the end instead
-        print(f"[ditsweep] log stream interrupted ({_first_line(err)}); waiting for the job to end",
+        print(f"[ditsweep] log stream interrupted ({first_line(err)}); waiting for the job to end",
               file=sys.stderr, flush=True)
         stream_broken = True
     info = _wait_until_terminal(client, job_id, address)
@@ -208,7 +209,7 @@ def follow_job(client, job_id: str, address: str) -> int:
         print(f"job {job_id} {info.status}: the driver exited with code {info.driver_exit_code}", file=sys.stderr)
     else:  # it never ran (e.g. its runtime_env failed) or was stopped: Ray says why
         print(f"job {job_id} {info.status}: {info.message or 'no message from Ray'}", file=sys.stderr)
-    return EXIT_JOB_FAILED
+    return EXIT_FAILED
 
 
 def _wait_until_terminal(client, job_id: str, address: str):
@@ -217,16 +218,11 @@ def _wait_until_terminal(client, job_id: str, address: str):
         try:
             info = client.get_job_info(job_id)
         except OSError as err:
-            raise ClusterError(f"lost the Ray dashboard at {address!r} ({_first_line(err)}); the job may "
+            raise ClusterError(f"lost the Ray dashboard at {address!r} ({first_line(err)}); the job may "
                                f"still run: ray job status --address {address} {job_id}") from None
         if info.status.is_terminal():
             return info
         time.sleep(_POLL_S)
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from trainer.attention import GLOBAL  # noqa: E402
 from trainer.metrics import PsnrCurve  # noqa: E402
 
 
@@ -122,7 +123,7 @@ def attention_locality_png(locality: dict[str, list[float]], windows: list[int |
     (bars) and the share of attention inside the 3x3 and 7x7 neighbourhoods; each block is labelled
     with its index and window (G = global)."""
     blocks = list(range(len(locality["distance"])))
-    labels = [f"{b}\n{'G' if w is None else w}" for b, w in zip(blocks, windows)]
+    labels = [f"{b}\n{GLOBAL if w is None else w}" for b, w in zip(blocks, windows)]
     fig, (ax, share_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax.bar(blocks, locality["distance"], color="tab:blue")
     ax.set(xlabel="block (window)", ylabel="mean attention distance (tokens)", title=title)

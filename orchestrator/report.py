@@ -27,8 +27,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from orchestrator.display import show_value
 from orchestrator.spec import axis_label
-from orchestrator.tracking import FINISHED, TAG_TRIAL_KEY, Tracker
+from orchestrator.tracking import FINISHED, Tracker, TrialRun
+from trainer.attention import GLOBAL
 
 SEED_AXES = ("seed", "data.shuffle_seed")  # averaged over, never a configuration of their own
 PLACEMENT_AXES = ("attention.placement", "attention.windows")  # what differs from the baseline
@@ -168,13 +170,6 @@ def _seed_key(trial: TrialResult, axes: list[str]) -> tuple:
     return _axes_key(trial, [a for a in axes if a in SEED_AXES])
 
 
-def show_value(value: Any) -> str:
-    """An axis value as the plan table shows it: windows as 3,5,7 with G for global."""
-    if isinstance(value, list):
-        return ",".join("G" if v is None else str(v) for v in value)
-    return "" if value is None else str(value)
-
-
 def _number(value: float | None, signed: bool = False) -> str:
     if value is None:
         return ""
@@ -286,7 +281,7 @@ def step_curves(rows: list[ConfigRow]) -> dict[str, dict[str, tuple[list[float],
 
 def window_label(schedule: str) -> str | None:
     """`3,5,7,G,G` -> "3,5,7"; all blocks one size -> "5"; no local block -> None (global)."""
-    local = [w for w in schedule.split(",") if w and w != "G"]
+    local = [w for w in schedule.split(",") if w and w != GLOBAL]
     if not local:
         return None
     return local[0] if len(set(local)) == 1 else ",".join(local)
@@ -504,11 +499,11 @@ def write_report(files: dict[str, bytes], out: Path) -> Path:
 def fetch_sweep(tracker: Tracker, sweep_id: str) -> SweepData:
     """The sweep's trials from its trials.json: its own child runs and the cached runs it reused."""
     parent = tracker.find_sweep(sweep_id)
-    parent_id = parent.info.run_id
+    parent_id = parent.run_id
     if "trials.json" not in tracker.artifact_names(parent_id):
         raise ReportError(f"sweep {sweep_id} has no trials.json on its run {parent_id}; it cannot be reported")
     manifest = json.loads(tracker.read_text(parent_id, "trials.json"))
-    children = {run.data.tags[TAG_TRIAL_KEY]: run for run in tracker.sweep_trials(parent)}
+    children = {run.trial_key: run for run in tracker.sweep_trials(parent)}
     trials = []
     for entry in manifest:
         cached = bool(entry.get("cached_run"))
@@ -516,10 +511,10 @@ def fetch_sweep(tracker: Tracker, sweep_id: str) -> SweepData:
         trials.append(_trial_result(tracker, entry, run, cached))
     return SweepData(
         sweep_id=sweep_id,
-        experiment_id=parent.info.experiment_id,
-        experiment_name=tracker.experiment_name(parent.info.experiment_id),
+        experiment_id=parent.experiment_id,
+        experiment_name=tracker.experiment_name(parent.experiment_id),
         parent_run_id=parent_id,
-        status=parent.info.status,
+        status=parent.status,
         axes=list(manifest[0]["axes"]) if manifest else [],
         trials=trials,
         reproducibility=_reproducibility(tracker, trials),
@@ -550,16 +545,16 @@ def _reproducibility(tracker: Tracker, trials: list[TrialResult]) -> dict[str, l
     return scores
 
 
-def _trial_result(tracker: Tracker, entry: dict, run, cached: bool) -> TrialResult:
+def _trial_result(tracker: Tracker, entry: dict, run: TrialRun | None, cached: bool) -> TrialResult:
     if run is None:
         return TrialResult(name=entry["name"], axes=entry["axes"], status=MISSING, cached=cached)
-    run_id = run.info.run_id
+    run_id = run.run_id
     curve = None
-    if run.info.status == FINISHED and "psnr_curve.csv" in tracker.artifact_names(run_id):
+    if run.status == FINISHED and "psnr_curve.csv" in tracker.artifact_names(run_id):
         curve = parse_curve_csv(tracker.read_text(run_id, "psnr_curve.csv"))
     return TrialResult(
-        name=entry["name"], axes=entry["axes"], status=run.info.status, params=dict(run.data.params),
-        metrics=dict(run.data.metrics), curve=curve, run_id=run_id, cached=cached,
+        name=entry["name"], axes=entry["axes"], status=run.status, params=dict(run.params),
+        metrics=dict(run.metrics), curve=curve, run_id=run_id, cached=cached,
     )
 
 

@@ -15,11 +15,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from trainer.attention import schedule_string
 from trainer.config import (
     ConfigError,
     TrialConfig,
     apply_overrides,
     build_config,
+    flatten,
     format_validation_error,
     load_yaml,
     parse_override,
@@ -80,6 +82,11 @@ class Trial:
     def name(self) -> str:
         return run_name(self.axes)
 
+    @property
+    def params(self) -> dict[str, Any]:
+        """The trial's MLflow params: every flattened config key, plus its resolved attention schedule."""
+        return {**flatten(self.config), "attention.schedule": self.config.schedule}
+
 
 def trial_key(config: TrialConfig) -> str:
     """sha256 of the normalized resolved config: equal configs, equal keys, whatever the YAML spelling."""
@@ -99,7 +106,7 @@ _SHORT_LABELS = {
 
 def axis_label(key: str, value: Any) -> str:
     if isinstance(value, list):
-        value = "-".join("G" if v is None else str(v) for v in value)
+        value = schedule_string(value).replace(",", "-")
     if key in _SHORT_LABELS:
         return f"{_SHORT_LABELS[key]}{value}"
     if key in ("attention.placement", "model.size"):
@@ -218,8 +225,6 @@ def _base_tree(spec: SweepSpec, overrides: list[str]) -> dict:
 
 def _resolve_partial(base: dict) -> None:
     """Unknown keys in `base` are reported with their path, before any grid value is tried."""
-    from trainer.config import flatten
-
     for dotted, value in flatten(base).items():
         set_dotted({}, dotted, value)
 

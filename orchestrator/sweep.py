@@ -24,16 +24,9 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
 
+from trainer.train import STEP, reported  # noqa: E402
+
 DEFAULT_STORAGE = "ditsweep_results"
-# Metrics a trial reports; everything else in a Tune result is Tune's own bookkeeping.
-TRIAL_METRICS = (
-    "loss", "images_per_sec", "psnr_gap", "psnr_train", "psnr_test", "fid", "kid", "kid_std", "resumed_from_step",
-)
-TRIAL_METRIC_PREFIXES = ("attn_",)  # per-block attention locality: attn_distance.block_0, ...
-
-
-def is_trial_metric(key: str) -> bool:
-    return key in TRIAL_METRICS or key.startswith(TRIAL_METRIC_PREFIXES)
 
 
 class TrialEvents(Protocol):
@@ -128,8 +121,8 @@ class _EventBridge(tune.Callback):
         _EVENTS.started(self._key(trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        metrics = {k: v for k, v in result.items() if is_trial_metric(k) or k == "psnr_curve"}
-        metrics["step"] = result.get("step", result.get("training_iteration", 0))
+        metrics = reported(result)  # everything else in a Tune result is Tune's own bookkeeping
+        metrics[STEP] = result.get(STEP, result.get("training_iteration", 0))
         _EVENTS.result(self._key(trial), metrics)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -234,7 +227,7 @@ def run_trials(
     for result in grid:
         if not result.config:
             continue
-        metrics = {k: v for k, v in (result.metrics or {}).items() if is_trial_metric(k) or k in ("psnr_curve", "step")}
+        metrics = reported(result.metrics or {})
         status = "ERROR" if result.error else "TERMINATED"
         outcome[result.config["trial"]["key"]] = TrialOutcome(status, metrics)
     return outcome

@@ -31,13 +31,24 @@ import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, Run, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from orchestrator.display import first_line  # noqa: E402
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "mlartifacts"
 
-TAG_ROLE = "ditsweep.role"
+# Every tag ditsweep writes on a run; nothing outside this module spells them.
+TAG_ROLE = "ditsweep.role"  # "sweep" (the parent run) or "trial" (a child run)
 TAG_SWEEP_ID = "ditsweep.sweep_id"
 TAG_TRIAL_KEY = "ditsweep.trial_key"
+TAG_ERROR = "ditsweep.error"  # a failed trial's error
+TAG_SPEC_NAME = "ditsweep.spec_name"
+TAG_STORAGE = "ditsweep.storage"
+TAG_OVERRIDES = "ditsweep.overrides"  # JSON list of --set items
+TAG_FORCE = "ditsweep.force"  # "true" or "false"
+TAG_GIT_COMMIT = "ditsweep.git_commit"
+TAG_NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
 TAG_PARENT = "mlflow.parentRunId"
+ERROR_TAG_MAX_CHARS = 5000
 # The experiment's saved run-table view (MLflow UI "Views" menu and `?viewStateShareKey=`).
 VIEW_KEY = "ditsweep"
 TAG_VIEW = f"mlflow.sharedViewState.{VIEW_KEY}"
@@ -50,8 +61,92 @@ class TrackingError(ValueError):
     """The tracking store cannot be opened or does not hold what was asked for."""
 
 
+# ---------------------------------------------------------------------------------------------
+# What leaves this module: plain ditsweep records, never MLflow objects.
+
+
+@dataclass(frozen=True)
+class TrialRun:
+    """One trial's child run (or a cached run of an earlier sweep)."""
+
+    run_id: str
+    name: str
+    status: str  # FINISHED, FAILED, KILLED or RUNNING
+    trial_key: str
+    params: dict[str, str]
+    metrics: dict[str, float]  # the latest value of each metric
+    tags: dict[str, str]
+    start_time: int | None  # ms since the epoch
+    end_time: int | None
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """A sweep's parent run and what its tags say about how it was launched."""
+
+    run_id: str
+    experiment_id: str
+    sweep_id: str
+    name: str
+    status: str
+    tags: dict[str, str]
+    start_time: int | None  # ms since the epoch
+    end_time: int | None
+
+    @property
+    def spec_name(self) -> str:
+        return self.tags.get(TAG_SPEC_NAME, "")
+
+    @property
+    def storage(self) -> str | None:
+        return self.tags.get(TAG_STORAGE) or None
+
+    @property
+    def overrides(self) -> list[str]:
+        return json.loads(self.tags.get(TAG_OVERRIDES, "[]"))
+
+    @property
+    def force(self) -> bool:
+        return self.tags.get(TAG_FORCE) == "true"
+
+
+def sweep_tags(*, spec_name: str, description: str, storage: str | None, overrides: list[str], force: bool,
+               git_commit: str) -> dict[str, str]:
+    """The tags of a new sweep's parent run (besides its role and id)."""
+    return {
+        TAG_SPEC_NAME: spec_name,
+        TAG_STORAGE: storage or "",
+        TAG_OVERRIDES: json.dumps(overrides),
+        TAG_FORCE: "true" if force else "false",
+        TAG_GIT_COMMIT: git_commit,
+        TAG_NOTE: description,
+    }
+
+
+def _trial_run(run: Run) -> TrialRun:
+    return TrialRun(
+        run_id=run.info.run_id, name=run.info.run_name or "", status=run.info.status,
+        trial_key=run.data.tags.get(TAG_TRIAL_KEY, ""), params=dict(run.data.params),
+        metrics=dict(run.data.metrics), tags=dict(run.data.tags),
+        start_time=run.info.start_time, end_time=run.info.end_time,
+    )
+
+
+def _sweep_run(run: Run) -> SweepRun:
+    return SweepRun(
+        run_id=run.info.run_id, experiment_id=run.info.experiment_id,
+        sweep_id=run.data.tags.get(TAG_SWEEP_ID, ""), name=run.info.run_name or "", status=run.info.status,
+        tags=dict(run.data.tags), start_time=run.info.start_time, end_time=run.info.end_time,
+    )
+
+
 def resolve_tracking_uri(cli_value: str | None = None) -> str:
     return cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def store_missing(uri: str) -> bool:
+    """A local sqlite store that does not exist yet (opening it would create it)."""
+    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
 
 
 def _is_local_store(uri: str) -> bool:
@@ -115,11 +210,11 @@ class Tracker:
     def __init__(self, uri: str | None = None):
         self.uri = resolve_tracking_uri(uri)
         self._check_reachable()
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self._client = MlflowClient(tracking_uri=self.uri)
         try:
-            self.client.search_experiments(max_results=1)
+            self._client.search_experiments(max_results=1)
         except Exception as err:  # noqa: BLE001
-            raise TrackingError(f"cannot open tracking store {self.uri!r}: {_first_line(err)}") from None
+            raise TrackingError(f"cannot open tracking store {self.uri!r}: {first_line(err)}") from None
         self.outbox = Outbox()
 
     def _check_reachable(self) -> None:
@@ -141,52 +236,53 @@ class Tracker:
 
     # -- experiments and sweeps -----------------------------------------------------------------
     def experiment_id(self, name: str, create: bool = True) -> str | None:
-        experiment = self.client.get_experiment_by_name(name)
+        experiment = self._client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
         if not create:
             return None
         location = artifact_root() if _is_local_store(self.uri) else None
-        return self.client.create_experiment(name, artifact_location=location)
+        return self._client.create_experiment(name, artifact_location=location)
 
-    def finished_trials(self, experiment_id: str) -> dict[str, Run]:
+    def finished_trials(self, experiment_id: str) -> dict[str, TrialRun]:
         """trial key -> its FINISHED run, across every sweep of the experiment (the cache)."""
         runs = self._search(
             [experiment_id], f"tags.`{TAG_ROLE}` = 'trial' and attributes.status = 'FINISHED'"
         )
-        return {run.data.tags[TAG_TRIAL_KEY]: run for run in runs if TAG_TRIAL_KEY in run.data.tags}
+        return {run.data.tags[TAG_TRIAL_KEY]: _trial_run(run) for run in runs if TAG_TRIAL_KEY in run.data.tags}
 
     def start_sweep(self, experiment_id: str, sweep_id: str, *, name: str, tags: dict, params: dict,
-                    texts: dict[str, str]) -> str:
-        run = self.client.create_run(
+                    texts: dict[str, str]) -> SweepRun:
+        run = self._client.create_run(
             experiment_id,
             run_name=name,
             tags={TAG_ROLE: "sweep", TAG_SWEEP_ID: sweep_id, **tags},
         )
         run_id = run.info.run_id
-        self.client.log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
+        self._client.log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
         for filename, text in texts.items():
-            self.client.log_text(run_id, text, filename)
-        return run_id
+            self._client.log_text(run_id, text, filename)
+        return _sweep_run(run)
 
-    def find_sweep(self, sweep_id: str) -> Run:
-        experiments = [e.experiment_id for e in self.client.search_experiments()]
+    def find_sweep(self, sweep_id: str) -> SweepRun:
+        experiments = [e.experiment_id for e in self._client.search_experiments()]
         runs = self._search(experiments, f"tags.`{TAG_SWEEP_ID}` = '{sweep_id}' and tags.`{TAG_ROLE}` = 'sweep'")
         if not runs:
             raise TrackingError(f"no sweep with id {sweep_id!r} in {self.uri}; `ditsweep status` lists them")
-        return runs[0]
+        return _sweep_run(runs[0])
 
-    def list_sweeps(self) -> list[Run]:
-        experiments = [e.experiment_id for e in self.client.search_experiments()]
+    def list_sweeps(self) -> list[SweepRun]:
+        experiments = [e.experiment_id for e in self._client.search_experiments()]
         if not experiments:
             return []
-        return self._search(experiments, f"tags.`{TAG_ROLE}` = 'sweep'", order_by=["attributes.start_time DESC"])
+        runs = self._search(experiments, f"tags.`{TAG_ROLE}` = 'sweep'", order_by=["attributes.start_time DESC"])
+        return [_sweep_run(run) for run in runs]
 
-    def sweep_trials(self, sweep: Run) -> list[Run]:
-        sweep_id = sweep.data.tags[TAG_SWEEP_ID]
-        return self._search(
-            [sweep.info.experiment_id], f"tags.`{TAG_SWEEP_ID}` = '{sweep_id}' and tags.`{TAG_ROLE}` = 'trial'"
+    def sweep_trials(self, sweep: SweepRun) -> list[TrialRun]:
+        runs = self._search(
+            [sweep.experiment_id], f"tags.`{TAG_SWEEP_ID}` = '{sweep.sweep_id}' and tags.`{TAG_ROLE}` = 'trial'"
         )
+        return [_trial_run(run) for run in runs]
 
     def read_bytes(self, run_id: str, path: str) -> bytes:
         with tempfile.TemporaryDirectory() as tmp:
@@ -198,24 +294,24 @@ class Tracker:
     def read_text(self, run_id: str, path: str) -> str:
         return self.read_bytes(run_id, path).decode()
 
-    def find_run(self, run_id: str) -> Run | None:
+    def find_run(self, run_id: str) -> TrialRun | None:
         """The run, or None when the store no longer has it (deleted)."""
         try:
-            run = self.client.get_run(run_id)
+            run = self._client.get_run(run_id)
         except mlflow.exceptions.MlflowException:
             return None
-        return None if run.info.lifecycle_stage == "deleted" else run
+        return None if run.info.lifecycle_stage == "deleted" else _trial_run(run)
 
     def experiment_name(self, experiment_id: str) -> str:
-        return self.client.get_experiment(experiment_id).name
+        return self._client.get_experiment(experiment_id).name
 
     def artifact_names(self, run_id: str, folder: str | None = None) -> set[str]:
         """Paths of the artifacts directly under `folder` (the run's root by default)."""
-        return {item.path for item in self.client.list_artifacts(run_id, folder)}
+        return {item.path for item in self._client.list_artifacts(run_id, folder)}
 
     def log_folder(self, run_id: str, folder: Path, artifact_path: str) -> None:
         """Upload every file of a local folder under `artifact_path` (existing files are replaced)."""
-        self.client.log_artifacts(run_id, str(folder), artifact_path)
+        self._client.log_artifacts(run_id, str(folder), artifact_path)
 
     def set_run_table_view(self, experiment_id: str, name: str, params: list[str], metrics: list[str]) -> None:
         """Make the MLflow UI run table show these params and metrics as columns: a saved view that the
@@ -225,46 +321,51 @@ class Tracker:
         state = {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}
         now = _now_ms()
         envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
-        self.client.set_experiment_tag(experiment_id, TAG_VIEW, json.dumps(envelope))
-        self.client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, "custom_model_development")
+        self._client.set_experiment_tag(experiment_id, TAG_VIEW, json.dumps(envelope))
+        self._client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, "custom_model_development")
 
     def experiments_with_view(self) -> list[tuple[str, str]]:
         """(experiment id, name) of the experiments that have the ditsweep run-table view."""
-        return [(e.experiment_id, e.name) for e in self.client.search_experiments() if TAG_VIEW in e.tags]
+        return [(e.experiment_id, e.name) for e in self._client.search_experiments() if TAG_VIEW in e.tags]
+
+    def reopen_run(self, run_id: str) -> None:
+        """Mark a run RUNNING again (a resumed sweep)."""
+        self._client.update_run(run_id, status=RUNNING)
 
     def end_run(self, run_id: str, status: str) -> None:
-        self.outbox.run(f"end run {run_id}", lambda: self.client.set_terminated(run_id, status, _now_ms()))
+        self.outbox.run(f"end run {run_id}", lambda: self._client.set_terminated(run_id, status, _now_ms()))
 
     # -- trials ---------------------------------------------------------------------------------
-    def open_trial(self, sweep: Run, trial_name: str, trial_key: str, params: dict, existing: Run | None) -> str:
+    def open_trial(self, sweep: SweepRun, trial_name: str, trial_key: str, params: dict,
+                   existing: TrialRun | None) -> str:
         """The trial's child run: the existing one when resuming (never a second run), else a new one."""
         if existing is not None:
-            run_id = existing.info.run_id
-            self.outbox.run(f"reopen {trial_name}", lambda: self.client.update_run(run_id, status=RUNNING))
+            run_id = existing.run_id
+            self.outbox.run(f"reopen {trial_name}", lambda: self._client.update_run(run_id, status=RUNNING))
             return run_id
-        run = self.client.create_run(
-            sweep.info.experiment_id,
+        run = self._client.create_run(
+            sweep.experiment_id,
             run_name=trial_name,
             tags={
-                TAG_PARENT: sweep.info.run_id,
+                TAG_PARENT: sweep.run_id,
                 TAG_ROLE: "trial",
-                TAG_SWEEP_ID: sweep.data.tags[TAG_SWEEP_ID],
+                TAG_SWEEP_ID: sweep.sweep_id,
                 TAG_TRIAL_KEY: trial_key,
             },
         )
         params_list = [Param(k, _param_value(v)) for k, v in params.items()]
         for start in range(0, len(params_list), 100):  # log_batch takes at most 100 params a call
-            self.client.log_batch(run.info.run_id, params=params_list[start : start + 100])
+            self._client.log_batch(run.info.run_id, params=params_list[start : start + 100])
         return run.info.run_id
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         now = _now_ms()
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.outbox.run(f"metrics step {step}", lambda: self.client.log_batch(run_id, metrics=batch))
+        self.outbox.run(f"metrics step {step}", lambda: self._client.log_batch(run_id, metrics=batch))
 
     def log_texts(self, run_id: str, texts: dict[str, str]) -> None:
         for filename, text in texts.items():
-            self.outbox.run(f"artifact {filename}", lambda t=text, f=filename: self.client.log_text(run_id, t, f))
+            self.outbox.run(f"artifact {filename}", lambda t=text, f=filename: self._client.log_text(run_id, t, f))
 
     def log_files(self, run_id: str, files: dict[str, bytes]) -> None:
         """Binary artifacts (PNG plots), written from memory through a temporary folder."""
@@ -272,14 +373,18 @@ class Tracker:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / name
                 path.write_bytes(payload)
-                self.client.log_artifact(run_id, str(path))
+                self._client.log_artifact(run_id, str(path))
 
         for name, payload in files.items():
             self.outbox.run(f"artifact {name}", lambda n=name, p=payload: upload(n, p))
 
+    def set_error(self, run_id: str, error: str) -> None:
+        """Keep a failed trial's error on its run (the MLflow UI shows it in the run's tags)."""
+        self.set_tags(run_id, {TAG_ERROR: error[:ERROR_TAG_MAX_CHARS]})
+
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         batch = [RunTag(k, str(v)) for k, v in tags.items()]
-        self.outbox.run("tags", lambda: self.client.log_batch(run_id, tags=batch))
+        self.outbox.run("tags", lambda: self._client.log_batch(run_id, tags=batch))
 
     def flush(self, timeout_s: float = 120.0) -> bool:
         """Deliver pending writes, waiting up to `timeout_s` for the server to come back."""
@@ -295,7 +400,7 @@ class Tracker:
         runs: list[Run] = []
         token = None
         while True:
-            page = self.client.search_runs(
+            page = self._client.search_runs(
                 experiment_ids, filter_string, max_results=1000, order_by=order_by, page_token=token
             )
             runs.extend(page)
@@ -392,8 +497,3 @@ def _stop(server: subprocess.Popen, code: int) -> int:
         except subprocess.TimeoutExpired:
             continue
     return code
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

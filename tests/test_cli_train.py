@@ -17,19 +17,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
+from tests.support.sweeps import set_options, tiny_config
 from trainer.data import load_images
 
 DITSWEEP = Path(sys.executable).with_name("ditsweep")
-TINY = [
-    "--set", "train.steps=2",
-    "--set", "train.batch_size=8",
-    "--set", "data.num_images=16",
-    "--set", "data.test_images=16",
-    "--set", "eval.psnr_gap.images=8",
-    "--set", "eval.psnr_gap.timesteps=2",
-    "--set", "eval.samples.grid=2",
-    "--set", "eval.samples.steps=2",
-]  # fmt: skip
+# The tests' tiny config as --set options, without the keys an empty config must show at their defaults.
+TINY = set_options(tiny_config(
+    {"train.steps": 2}, drop=("model", "train.log_every", "train.warmup_steps", "eval.every"),
+))
 # What the issue ran: an empty config plus these overrides.
 ISSUE_OVERRIDES = [
     "--set", "train.steps=30",

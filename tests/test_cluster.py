@@ -9,17 +9,7 @@ process it started is found by a marker in its environment and checked gone.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shlex
-import shutil
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,119 +19,23 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.k8s_schema import check_kuberay_rules, validate_manifest
+from tests.support.k8s_schema import check_kuberay_rules, validate_manifest
 from orchestrator.cli import app
 from orchestrator.cluster import launch_entrypoint, stage_working_dir
 from orchestrator.k8s import RAYJOB_TEMPLATE
-from tests.sweeps import ditsweep, free_port, runs_by_role, write_spec
+from tests.support.sweeps import ditsweep, free_port, runs_by_role, tiny_config, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {
-    "model": {"size": "DiT-T/1"},
-    "data": {"num_images": 8, "test_images": 8},
-    "train": {"steps": 2, "batch_size": 4, "log_every": 1, "warmup_steps": 0},
-    "eval": {"psnr_gap": {"images": 4, "timesteps": 2}, "samples": {"grid": 2, "steps": 2}},
-}
+TINY = tiny_config(
+    {"data.num_images": 8, "data.test_images": 8, "train.steps": 2, "train.batch_size": 4, "train.log_every": 1,
+     "eval.psnr_gap.images": 4},
+    drop=("eval.every",),
+)
 ONE_TRIAL = {"attention.placement": ["head"]}
-MARKER = "DITSWEEP_TEST_RAY_HEAD"
 
 
 def tiny_spec(folder: Path, name: str, **base_overrides) -> Path:
     return write_spec(folder, name=name, base={**TINY, **base_overrides}, grid=ONE_TRIAL)
-
-
-# ---------------------------------------------------------------------------------------------
-# A Ray head on this machine
-
-
-@dataclass(frozen=True)
-class RayHead:
-    address: str  # the dashboard, where jobs are submitted
-    auth: dict[str, str]  # what a user allowed on the cluster has in the environment
-
-    def get(self, path: str):
-        request = urllib.request.Request(
-            self.address + path, headers={"Authorization": f"Bearer {self.auth['RAY_AUTH_TOKEN']}"}
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
-
-    def jobs(self) -> list[dict]:
-        return self.get("/api/jobs/")
-
-    def driver_resources(self, submission_id: str) -> dict[str, float]:
-        """What the job's driver reserved: its JobSupervisor actor's resources."""
-        actors = self.get("/api/v0/actors?detail=1&limit=1000")["data"]["result"]["result"]
-        (actor,) = [a for a in actors if a["name"] == f"_ray_internal_job_actor_{submission_id}"]
-        return actor["required_resources"]
-
-
-def marked_processes(marker: str) -> list[int]:
-    """Live processes whose environment carries the marker (zombies have an empty environ)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if f"{MARKER}={marker}".encode() in environ.split(b"\0"):
-            found.append(int(entry.name))
-    return found
-
-
-@pytest.fixture(scope="module")
-def ray_head() -> RayHead:
-    marker = secrets.token_hex(8)
-    temp_dir = Path(f"/tmp/rs-{secrets.token_hex(4)}")  # Ray's socket paths must stay short
-    gcs, dashboard, client, agent = (free_port() for _ in range(4))
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    env = {
-        **os.environ,
-        **auth,
-        # As in an activated virtual environment: the job's `ditsweep launch` is found on PATH.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        MARKER: marker,
-    }
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_AUTH_TOKEN_PATH", None)
-    log = temp_dir.with_suffix(".log")
-    with open(log, "w") as out:
-        head = subprocess.Popen(
-            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-             f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-             f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-             "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", f"--temp-dir={temp_dir}"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    cluster = RayHead(f"http://127.0.0.1:{dashboard}", auth)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                cluster.jobs()  # the job API answers once the dashboard's job module is up
-                break
-            except (OSError, urllib.error.URLError):
-                if head.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"ray head did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(1)
-        assert head.pid in marked_processes(marker)  # else the leak check below would see nothing
-        yield cluster
-    finally:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
-        deadline = time.monotonic() + 30
-        while leftovers := marked_processes(marker):  # workers and job drivers in other groups
-            for pid in leftovers:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            assert time.monotonic() < deadline, f"Ray processes left running: {leftovers}"
-            time.sleep(0.5)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        log.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +87,7 @@ def test_a_job_that_fails_on_the_cluster_exits_1(ray_head, tmp_path):
     assert "FAILED: the driver exited with code 2" in result.stderr
 
 
+@pytest.mark.slow
 def test_bad_spec_exits_2_and_submits_nothing(ray_head, tmp_path):
     spec = write_spec(tmp_path, name="bad", grid={"attention.placement": ["head", "sideways"]})
     before = len(ray_head.jobs())
@@ -202,6 +97,7 @@ def test_bad_spec_exits_2_and_submits_nothing(ray_head, tmp_path):
     assert len(ray_head.jobs()) == before
 
 
+@pytest.mark.slow
 def test_a_cluster_that_wants_a_token_is_explained(ray_head, tmp_path):
     spec = tiny_spec(tmp_path, "notoken")
     before = len(ray_head.jobs())

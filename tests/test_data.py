@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import s3fs
 import torch
 from PIL import Image
 
+from tests.support.sweeps import free_port
 from trainer.data import DataError, load_images, pool_sample, prepare_images, split_subsets, to_tensor, to_unit
 
 # ---------------------------------------------------------------------------------------------
@@ -42,12 +42,6 @@ def upload_folder(local: Path, remote: str) -> None:
     for path in sorted(local.rglob("*")):
         if path.is_file():
             fs.put_file(str(path), f"{remote}/{path.relative_to(local).as_posix()}")
-
-
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -342,8 +336,8 @@ def test_prepare_into_missing_bucket_names_the_destination(s3_env, tmp_path):
 
 
 def test_unreachable_endpoint_names_the_uri_quickly(s3_env, tmp_path, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{unused_port()}")
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{unused_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     uri = "s3://some-bucket/data/x.npy"
     start = time.monotonic()
@@ -357,7 +351,7 @@ def test_ditsweep_endpoint_overrides_aws_endpoint(s3_env, s3_bucket, tmp_path, m
     np.save(tmp_path / "x.npy", np.ones((2, 8, 8, 1), np.uint8))
     uri = f"s3://{s3_bucket}/x.npy"
     s3().put_file(str(tmp_path / "x.npy"), uri)
-    dead = f"http://127.0.0.1:{unused_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", dead)
     monkeypatch.setenv("DITSWEEP_S3_ENDPOINT", s3_env)

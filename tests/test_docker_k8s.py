@@ -24,7 +24,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from tests.k8s_schema import (
+from tests.support.k8s_schema import (
     DNS_1035_LABEL,
     check_kuberay_rules,
     crd_validator,

@@ -192,7 +192,8 @@ def test_extract_features_repeats_grayscale_to_rgb():
     np.testing.assert_allclose(
         extract_features(model, gray, batch_size=2, device="cpu"),
         extract_features(model, gray.repeat(1, 3, 1, 1), batch_size=2, device="cpu"),
-        rtol=1e-6,
+        rtol=1e-5,  # float32 features, ReLU means near 0 among them: a relative and an absolute bound
+        atol=1e-6,
     )
 
 

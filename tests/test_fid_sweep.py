@@ -7,38 +7,24 @@ stands in, with `eval.fid.weights_sha256` set to that file's own sha256 prefix.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
-from orchestrator.launch import check_fid_weights
+from orchestrator.plan import check_fid_weights
 from orchestrator.spec import SpecError, expand, load_spec
-from tests.test_inception import random_fid_state_dict
-from tests.sweeps import ditsweep, free_port, runs_by_role, sqlite_uri, write_spec
+from tests.support.sweeps import ditsweep, free_port, runs_by_role, sqlite_uri, tiny_config, write_spec
 from trainer.inception import FID_WEIGHTS_URL
 
-BASE = {
-    "model": {"size": "DiT-T/1"},
-    "data": {"num_images": 16, "test_images": 16},
-    "train": {"steps": 2, "batch_size": 8, "log_every": 1, "warmup_steps": 0},
-    "eval": {
-        "psnr_gap": {"images": 4, "timesteps": 2},
-        "samples": {"grid": 2, "steps": 2},
-        "locality": {"images": 2, "timesteps": [500]},
-    },
-}
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> tuple[Path, str]:
-    """(path, sha256 prefix) of a random-weights file laid out like pt_inception-2015-12-05-6726825d.pth."""
-    path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
-    torch.save(random_fid_state_dict(), path)
-    return path, hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+BASE = tiny_config(
+    {"train.steps": 2, "train.log_every": 1, "eval.psnr_gap.images": 4,
+     "eval.locality": {"images": 2, "timesteps": [500]}},
+    drop=("eval.every",),
+)
+DEFAULT_WEIGHTS_HOST = urlsplit(FID_WEIGHTS_URL).hostname
 
 
 def fid_base(weights: str, sha256_prefix: str = "6726825d") -> dict:
@@ -55,13 +41,23 @@ def trials_of(folder: Path, base: dict):
 # Preflight
 
 
-def test_preflight_accepts_a_local_file_with_the_expected_digest(tmp_path, weights):
-    path, prefix = weights
+def test_the_contact_recorder_sees_a_request(network_contacts, http_server):
+    """The check the two tests below rely on: a request this process makes is recorded."""
+    import urllib.request
+
+    urllib.request.urlopen(http_server.url + "/", timeout=10).read()
+    assert "127.0.0.1" in network_contacts.hosts and http_server.requests == ["/"]
+
+
+def test_preflight_accepts_a_local_file_with_the_expected_digest(tmp_path, fid_weights, network_contacts):
+    path, prefix = fid_weights
     check_fid_weights(trials_of(tmp_path, fid_base(str(path), prefix)))
+    assert DEFAULT_WEIGHTS_HOST not in network_contacts.hosts and not network_contacts.hosts
 
 
-def test_preflight_ignores_trials_without_fid(tmp_path):
+def test_preflight_ignores_trials_without_fid(tmp_path, network_contacts):
     check_fid_weights(trials_of(tmp_path, BASE))  # the default weights URI is never asked
+    assert DEFAULT_WEIGHTS_HOST not in network_contacts.hosts and not network_contacts.hosts
 
 
 def test_preflight_names_a_missing_file_and_how_to_supply_it(tmp_path):
@@ -72,8 +68,8 @@ def test_preflight_names_a_missing_file_and_how_to_supply_it(tmp_path):
     assert str(missing) in message and FID_WEIGHTS_URL in message and "eval.fid.weights=" in message
 
 
-def test_preflight_refuses_a_file_with_the_wrong_digest(tmp_path, weights):
-    path, _ = weights
+def test_preflight_refuses_a_file_with_the_wrong_digest(tmp_path, fid_weights):
+    path, _ = fid_weights
     with pytest.raises(SpecError, match="sha256"):
         check_fid_weights(trials_of(tmp_path, fid_base(str(path))))  # expects 6726825d
 
@@ -93,8 +89,8 @@ def test_launch_with_unreachable_weights_exits_2_before_anything_starts(tmp_path
 
 
 @pytest.mark.slow
-def test_sweep_with_fid_logs_fid_kid_samples_and_locality(tmp_path, weights):
-    path, prefix = weights
+def test_sweep_with_fid_logs_fid_kid_samples_and_locality(tmp_path, fid_weights):
+    path, prefix = fid_weights
     spec = write_spec(tmp_path, name="fidsweep", base=fid_base(str(path), prefix),
                       grid={"attention.placement": ["head"]})
     result = ditsweep("launch", str(spec), cwd=tmp_path, env={"DITSWEEP_CACHE": str(tmp_path / "cache")})

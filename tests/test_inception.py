@@ -7,11 +7,7 @@ shapes stands in for them (with its own sha256 prefix). Forward passes run at 29
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +15,8 @@ import fsspec
 import numpy as np
 import pytest
 import torch
+
+from tests.support.sweeps import free_port
 
 from trainer.fid import extract_features
 from trainer.inception import (
@@ -39,39 +37,13 @@ TORCHVISION_INCEPTION_V3_NO_AUX_PARAMS = 23_834_568
 FID_PARAMS = TORCHVISION_INCEPTION_V3_NO_AUX_PARAMS + 8 * (2048 + 1)
 
 
-def random_fid_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights of the FID file's keys and shapes, scaled so activations stay O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    state_dict = {}
-    for key, shape in expected_state_dict_shapes().items():
-        if key.endswith("conv.weight"):
-            fan_in = shape[1] * shape[2] * shape[3]
-            value = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
-        elif key.endswith("running_var"):
-            value = torch.rand(shape, generator=g) + 0.5
-        elif key.endswith("bn.weight"):
-            value = 1.0 + 0.1 * torch.randn(shape, generator=g)
-        else:  # bn.bias, bn.running_mean, fc.weight, fc.bias
-            value = 0.1 * torch.randn(shape, generator=g)
-        state_dict[key] = value
-    return state_dict
-
-
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
-def weights_file(tmp_path_factory) -> tuple[Path, str]:
-    """(path, sha256 prefix) of a random-weights file laid out like the real one."""
-    path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
-    torch.save(random_fid_state_dict(), path)
-    return path, sha256_of(path)[:8]
-
-
-@pytest.fixture(scope="module")
-def model(weights_file) -> FIDInceptionV3:
-    path, prefix = weights_file
+def model(fid_weights) -> FIDInceptionV3:
+    path, prefix = fid_weights
     return load_fid_inception(str(path), expected_sha256_prefix=prefix)
 
 
@@ -164,8 +136,8 @@ def test_pool_branch_pools_inside_the_image(block, in_channels, pool_channels, h
 # ----------------------------------------------------------------------------------------------
 
 
-def test_loads_file_with_the_table_keys_strictly(weights_file, model):
-    path, _ = weights_file
+def test_loads_file_with_the_table_keys_strictly(fid_weights, model):
+    path, _ = fid_weights
     saved = torch.load(path, weights_only=True)
     assert {k: tuple(v.shape) for k, v in saved.items()} == expected_state_dict_shapes()
     loaded = model.state_dict()
@@ -175,9 +147,9 @@ def test_loads_file_with_the_table_keys_strictly(weights_file, model):
     assert not any(p.requires_grad for p in model.parameters())
 
 
-def test_loads_a_file_that_also_carries_num_batches_tracked(weights_file, tmp_path):
+def test_loads_a_file_that_also_carries_num_batches_tracked(fid_weights, tmp_path):
     # A file saved from nn.BatchNorm2d modules would carry these counters; either form loads.
-    state_dict = torch.load(weights_file[0], weights_only=True)
+    state_dict = torch.load(fid_weights[0], weights_only=True)
     for key in list(state_dict):
         if key.endswith(".bn.running_var"):
             state_dict[key.replace("running_var", "num_batches_tracked")] = torch.tensor(0)
@@ -189,8 +161,8 @@ def test_loads_a_file_that_also_carries_num_batches_tracked(weights_file, tmp_pa
     )
 
 
-def test_refuses_a_file_with_a_missing_key(weights_file, tmp_path):
-    state_dict = torch.load(weights_file[0], weights_only=True)
+def test_refuses_a_file_with_a_missing_key(fid_weights, tmp_path):
+    state_dict = torch.load(fid_weights[0], weights_only=True)
     del state_dict["Mixed_7c.branch_pool.conv.weight"]
     path = tmp_path / "incomplete.pth"
     torch.save(state_dict, path)
@@ -198,8 +170,8 @@ def test_refuses_a_file_with_a_missing_key(weights_file, tmp_path):
         load_fid_inception(str(path), expected_sha256_prefix=sha256_of(path)[:8])
 
 
-def test_refuses_a_file_with_the_wrong_digest(weights_file):
-    path, _ = weights_file
+def test_refuses_a_file_with_the_wrong_digest(fid_weights):
+    path, _ = fid_weights
     digest = sha256_of(path)
     with pytest.raises(WeightsError) as info:
         load_fid_inception(str(path))  # expects the real file's 6726825d
@@ -216,9 +188,9 @@ def test_missing_local_file_names_the_path(tmp_path):
 
 @pytest.mark.parametrize("scheme", ["memory", "file", "http"])
 def test_remote_weights_are_downloaded_once_then_cached(
-    weights_file, memory_fs, tmp_path, scheme, request
+    fid_weights, memory_fs, tmp_path, scheme, request
 ):
-    path, prefix = weights_file
+    path, prefix = fid_weights
     fs, root = memory_fs
     if scheme == "memory":
         remote_path = f"{root}/releases/random_inception.pth"
@@ -274,8 +246,8 @@ def test_missing_remote_file_names_the_uri(memory_fs, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_weights_available_for_a_local_file(weights_file):
-    path, _ = weights_file
+def test_weights_available_for_a_local_file(fid_weights):
+    path, _ = fid_weights
     ok, message = weights_available(str(path))
     assert ok and str(path) in message
 
@@ -295,32 +267,6 @@ def test_weights_available_for_an_existing_fsspec_uri(memory_fs, tmp_path):
     assert not ok and f"memory://{root}/absent.pth" in message
 
 
-def closed_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def http_server(tmp_path):
-    """A real HTTP server on loopback serving tmp_path/served; yields its base URL."""
-    served = tmp_path / "served"
-    served.mkdir()
-    handler = functools.partial(QuietHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield served, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join()
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
 def test_weights_available_asks_an_http_server(http_server, tmp_path):
     served, base = http_server
     (served / FID_WEIGHTS_FILENAME).write_bytes(b"x")
@@ -331,7 +277,7 @@ def test_weights_available_asks_an_http_server(http_server, tmp_path):
 
 
 def test_weights_unavailable_for_an_unreachable_url(tmp_path):
-    url = f"http://127.0.0.1:{closed_loopback_port()}/fid_weights/{FID_WEIGHTS_FILENAME}"
+    url = f"http://127.0.0.1:{free_port()}/fid_weights/{FID_WEIGHTS_FILENAME}"
     start = time.monotonic()
     ok, message = weights_available(url, cache_dir=tmp_path, timeout_s=2.0)
     assert time.monotonic() - start < 5.0

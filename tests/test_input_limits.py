@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 # Imported here, so the timed commands measure the checks, not the first import of torch and MLflow.
 import orchestrator.launch  # noqa: F401
+import orchestrator.plan  # noqa: F401
 import orchestrator.progress  # noqa: F401
 import orchestrator.tracking  # noqa: F401
 from orchestrator.cli import app

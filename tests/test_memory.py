@@ -190,11 +190,11 @@ def test_plan_of_a_huge_image_size_fails_fast_without_allocating(tmp_path, monke
 
 
 def test_the_plan_table_shows_each_trials_estimate(tmp_path):
-    from orchestrator.launch import Plan, plan_table
+    from orchestrator.plan import Grid, build_plan, plan_table
 
     spec = load_spec(write_spec(tmp_path))
     trials = expand(spec, ["eval.psnr_gap.batch_size=8"])
-    table = plan_table(Plan(spec=spec, spec_text="", overrides=[], trials=trials))
+    table = plan_table(build_plan(Grid(spec=spec, spec_text="", overrides=(), trials=tuple(trials))))
     header, _, *rows = table.splitlines()
     assert "memory" in header.split()
     for trial, row in zip(trials, rows):

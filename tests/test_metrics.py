@@ -146,3 +146,43 @@ def test_reproducibility_ignores_the_pixel_scale_and_a_shared_background():
     )
     with pytest.raises(ValueError, match="one shape"):
         reproducibility(unit, unit[:3])
+
+
+# ---------------------------------------------------------------------------------------------
+# clip: raw x0 (Kadkhodaie et al.) or clipped to [-1, 1]
+
+
+def reference_psnr(model, schedule, x0, t, noise, clip):
+    """The one-step PSNR written out in float64: x_t = sqrt(abar) x0 + sqrt(1 - abar) eps,
+    x0_hat = (x_t - sqrt(1 - abar) model(x_t)) / sqrt(abar), optionally clipped, scored on [0, 1]."""
+    abar = float(schedule.alphas_cumprod[t])
+    x_t = abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
+    x0_hat = (x_t - (1 - abar) ** 0.5 * model(x_t, torch.full((x0.shape[0],), t))) / abar**0.5
+    if clip:
+        x0_hat = x0_hat.clamp(-1, 1)
+    mse = ((x0_hat - x0) / 2).pow(2).flatten(1).mean(1)
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_one_step_psnr_scores_the_raw_or_the_clipped_estimate(clip):
+    schedule = linear_schedule(100)
+    x = images(6).double()
+    timesteps = torch.tensor([5, 60, 99])
+    scores = one_step_psnr(shrinking_model, schedule, x, timesteps, 0, batch_size=64, clip=clip)
+    generator = torch.Generator().manual_seed(0)  # the function's noise stream, one draw per timestep
+    expected = [
+        reference_psnr(shrinking_model, schedule, x, t, torch.randn(x.shape, generator=generator).double(), clip)
+        for t in timesteps.tolist()
+    ]
+    assert scores == pytest.approx(expected, rel=1e-9)  # all float64
+
+
+def test_clipping_raises_psnr_at_high_noise_and_the_default_is_raw():
+    schedule = linear_schedule(100)
+    train, test = images(7).double(), images(8).double()
+    raw = psnr_gap_curve(shrinking_model, schedule, train, test, 3, batch_size=64)
+    clipped = psnr_gap_curve(shrinking_model, schedule, train, test, 3, batch_size=64, clip=True)
+    assert raw == psnr_gap_curve(shrinking_model, schedule, train, test, 3, batch_size=64, clip=False)
+    assert clipped.train[-1] > raw.train[-1] + 0.5 and clipped.test[-1] > raw.test[-1] + 0.5
+    assert all(c >= r - 1e-9 for c, r in zip(clipped.train + clipped.test, raw.train + raw.test))

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from tests.sweeps import TINY, ditsweep, free_port, runs_by_role, sqlite_uri, write_spec
+from tests.support.sweeps import ditsweep, free_port, runs_by_role, sqlite_uri, tiny_config, write_spec
 
 runner = CliRunner()
 
@@ -170,7 +170,7 @@ def start_launch(spec: Path, cwd: Path, *args: str, env: dict | None = None) -> 
     )
 
 
-LONGER = {**TINY, "train": {**TINY["train"], "steps": 40, "log_every": 5}, "eval": {**TINY["eval"], "every": 5}}
+LONGER = tiny_config({"train.steps": 40, "train.log_every": 5, "eval.every": 5})
 
 
 def checkpoints(folder: Path, index: int) -> list[Path]:
@@ -241,47 +241,6 @@ def ray_trial_workers() -> list[int]:
         if proc.name.isdigit() and "ImplicitFunc" in cmdline:
             pids.append(int(proc.name))
     return pids
-
-
-@pytest.fixture
-def restartable_mlflow_server(tmp_path):
-    """A real `mlflow server` on loopback that the test can stop and start again on the same port."""
-    import urllib.request
-
-    port = free_port()
-    folder = tmp_path / "server"
-    folder.mkdir()
-    procs: list[subprocess.Popen] = []
-
-    def start() -> None:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-             "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
-        procs.append(proc)
-
-        def healthy() -> bool:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                return True
-            except OSError:
-                return False
-
-        wait_for(healthy, 120, "the mlflow server", proc)
-
-    def stop() -> None:
-        proc = procs[-1]
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-    start()
-    yield f"http://127.0.0.1:{port}", start, stop
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
 
 
 @pytest.mark.slow

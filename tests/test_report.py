@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from orchestrator.cli import app
 from orchestrator.report import TrialResult, configuration_rows, table_csv, window_label, write_report
 from orchestrator.tracking import TrackingError, ui_command
-from tests.sweeps import ditsweep, sqlite_uri
+from tests.support.sweeps import ditsweep, sqlite_uri
 
 PNG = b"\x89PNG\r\n\x1a\n"
 LOCAL = "3,5,7,9,11,13,G,G,G,G,G,G"

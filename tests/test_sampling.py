@@ -91,15 +91,10 @@ def test_to_uint8_maps_the_model_scale_to_bytes():
 
 
 @pytest.mark.slow
-def test_train_reports_fid_and_kid_and_computes_the_reference_once(tmp_path, monkeypatch):
-    import hashlib
-
-    from tests.test_inception import random_fid_state_dict
+def test_train_reports_fid_and_kid_and_computes_the_reference_once(tmp_path, monkeypatch, fid_weights):
     from trainer.train import train
 
-    weights = tmp_path / "random_inception.pth"
-    torch.save(random_fid_state_dict(), weights)
-    prefix = hashlib.sha256(weights.read_bytes()).hexdigest()[:8]
+    weights, prefix = fid_weights
     monkeypatch.setenv("DITSWEEP_CACHE", str(tmp_path / "cache"))
     featurized: list[int] = []
     extract = sampling.extract_features
@@ -122,3 +117,46 @@ def test_train_reports_fid_and_kid_and_computes_the_reference_once(tmp_path, mon
     assert all(np.isfinite([m["fid"], m["kid"], m["kid_std"]]).all() for m in evaluations)
     assert featurized == [2, 2, 2]  # reference and samples, then only the samples: the reference is cached
     assert len(list((tmp_path / "cache" / "fid_stats").glob("*.npz"))) == 1
+
+
+def test_quantize_is_the_uint8_a_png_round_trip_holds():
+    x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 1.5]).view(6, 1, 1, 1)
+    expected = np.clip(np.round((x.numpy() + 1) / 2 * 255), 0, 255).astype(np.uint8)  # written to PNG, read back
+    q = sampling.quantize(x)
+    assert q.dtype == torch.uint8 and q.shape == x.shape
+    assert q.numpy().tolist() == expected.tolist()
+
+
+@pytest.mark.slow
+def test_fid_of_real_images_through_the_sample_path_against_themselves_is_zero(tmp_path, monkeypatch):
+    """Real images sent the way samples go (model scale, quantized, / 255) and the way the reference goes
+    (uint8 / 255) reach Inception as the same tensor, so FID is ~0; a sub-quantum float jitter, which
+    unquantized samples would carry into Inception, is removed by the quantization."""
+    import hashlib
+
+    from tests.test_inception import random_fid_state_dict
+    from trainer.train import to_model_scale
+
+    weights = tmp_path / "random_inception.pth"
+    torch.save(random_fid_state_dict(), weights)
+    prefix = hashlib.sha256(weights.read_bytes()).hexdigest()[:8]
+    monkeypatch.setenv("DITSWEEP_CACHE", str(tmp_path / "cache"))
+    real = trainer().subsets.test[:6].cpu()  # uint8 (6, 1, 8, 8) digits
+    jitter = (torch.rand(real.shape, generator=torch.Generator().manual_seed(0)) - 0.5) * (0.8 / 127.5)
+    as_samples = to_model_scale(real) + jitter  # model scale, within 0.4 of a quantum of the real bytes
+
+    metrics = sampling.fid_and_kid(sampling.quantize(as_samples), real, str(weights), prefix, 3, torch.device("cpu"))
+    network, _ = sampling.fid_network(str(weights), prefix)
+    reference = sampling.extract_features(network, real.float() / 255.0, 3, "cpu")
+    scale = float(np.trace(np.cov(reference.astype(np.float64), rowvar=False)))
+    assert abs(metrics["fid"]) < 1e-9 * scale  # float64 rounding of the same features
+
+    # The same images unquantized (the old path) do not reach Inception as the reference does.
+    unquantized = sampling.extract_features(network, ((as_samples + 1) / 2).clamp(0, 1), 3, "cpu")
+    old_path_fid = sampling.frechet_distance_of_features(unquantized, reference)
+    assert old_path_fid > 1e-6 * scale  # about 1e-4 * scale on x86-64: a hundred times the bound
+
+
+def test_fid_refuses_float_samples(tmp_path):
+    with pytest.raises(ValueError, match="uint8"):
+        sampling.fid_and_kid(torch.rand(2, 1, 8, 8), torch.zeros(2, 1, 8, 8, dtype=torch.uint8), "w", "00000000", 2, "cpu")

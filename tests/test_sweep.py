@@ -11,12 +11,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.sweeps import TINY, ditsweep, free_port, runs_by_role, sqlite_uri, write_spec
+from tests.support.sweeps import ditsweep, free_port, runs_by_role, sqlite_uri, tiny_config, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -101,34 +100,6 @@ def test_failing_trial_is_retried_then_failed_while_others_finish(tmp_path):
     assert runs["sweep"][0].info.status == "FAILED"
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on loopback, stopped by its process id."""
-    port = free_port()
-    folder = tmp_path / "server"
-    folder.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-         "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail("mlflow server did not start")
-            time.sleep(0.5)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-
-
 def test_sweep_against_a_real_mlflow_server(tmp_path, mlflow_server):
     spec = write_spec(tmp_path, name="remote")
     result = ditsweep("launch", str(spec), "--tracking-uri", mlflow_server, cwd=tmp_path)
@@ -177,7 +148,7 @@ def test_unreachable_s3_storage_exits_2(tmp_path, s3_env, monkeypatch):
 
 
 def test_resume_after_the_driver_is_killed(tmp_path):
-    base = {**TINY, "train": {**TINY["train"], "steps": 60, "log_every": 5}, "eval": {**TINY["eval"], "every": 5}}
+    base = tiny_config({"train.steps": 60, "train.log_every": 5, "eval.every": 5})
     spec = write_spec(tmp_path, name="crash", base=base, grid={"attention.placement": ["none", "head", "tail"]})
     driver = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "launch", str(spec)],

@@ -417,3 +417,69 @@ def test_a_remote_source_is_served_from_memory_after_its_first_download(tmp_path
     monkeypatch.setenv("DITSWEEP_CACHE", str(tmp_path / "elsewhere"))  # another disk cache: read again
     cache.get(config)
     assert cache.misses == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation precision: fp32 with autocast off, whatever the training precision.
+
+
+def cpu_bf16():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def bf16_trained() -> Trainer:
+    """A tiny model trained under CPU bf16 autocast (the precision CUDA training uses), EMA = the weights."""
+    config = tiny("train.steps=20", "train.ema=0.0", "eval.psnr_gap.images=8", "eval.psnr_gap.timesteps=5")
+    trainer = Trainer(config, torch.device("cpu"), load_subsets(config, torch.device("cpu")))
+    trainer.autocast = cpu_bf16  # training precision: bf16, as on CUDA
+    for _ in range(config.train.steps):
+        trainer.train_step()
+    return trainer
+
+
+def plain_curve(trainer: Trainer):
+    from trainer.metrics import psnr_gap_curve
+    from trainer.train import to_model_scale
+
+    cfg = trainer.config.eval.psnr_gap
+    return psnr_gap_curve(
+        trainer.ema,
+        trainer.schedule,
+        to_model_scale(trainer.subsets.train[: cfg.images]),
+        to_model_scale(trainer.subsets.test[: cfg.images]),
+        cfg.timesteps,
+        cfg.batch_size,
+    )
+
+
+@pytest.mark.slow
+def test_a_bf16_trained_model_evaluates_in_fp32_even_inside_bf16_autocast(bf16_trained):
+    with cpu_bf16():  # whatever precision surrounds it, evaluation turns autocast off
+        evaluated = bf16_trained.evaluate()
+    fp32 = plain_curve(bf16_trained)  # the same weights, no autocast anywhere
+    assert evaluated.timesteps == fp32.timesteps
+    assert evaluated.train == pytest.approx(fp32.train, rel=1e-6)
+    assert evaluated.test == pytest.approx(fp32.test, rel=1e-6)
+
+    with cpu_bf16():  # the same evaluation forced into bf16: the curve moves, so the check above can fail
+        forced = plain_curve(bf16_trained)
+    moved = max(abs(a - b) for a, b in zip(forced.train + forced.test, fp32.train + fp32.test))
+    # About 3e-3 dB for this barely trained model, 70x the fp32 tolerance above (1e-6 of ~45 dB).
+    assert moved > 1e-3, f"bf16 evaluation moved the PSNR curve by only {moved} dB"
+
+
+@pytest.mark.slow
+def test_locality_and_samples_run_in_fp32_inside_bf16_autocast(bf16_trained, tmp_path):
+    seen: list[torch.dtype] = []
+    handle = bf16_trained.ema.blocks[0].attn.qkv.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    try:
+        with cpu_bf16():
+            bf16_trained.locality()
+            bf16_trained.save_sample_grid(tmp_path)
+        with cpu_bf16():  # the hook does see bf16 when autocast is left on
+            bf16_trained.ema(torch.zeros(1, 1, 8, 8), torch.tensor([5]))
+    finally:
+        handle.remove()
+    assert seen[:-1] and set(seen[:-1]) == {torch.float32}
+    assert seen[-1] == torch.bfloat16

@@ -1,8 +1,8 @@
 """The MLflow UI in a real headless browser, over a store holding a finished tiny sweep.
 
-`ditsweep ui` serves the store on loopback; Debian's chromium (installed here with apt-get when
-missing) is driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`: JSON messages
-ending in NUL on file descriptors 3 and 4), so no driver or extra Python package is needed.
+`ditsweep ui` serves the store on loopback; Debian's chromium (installed by `make browser`, which
+`make test` runs) is driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`: JSON
+messages ending in NUL on file descriptors 3 and 4), so no driver or extra Python package is needed.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sweeps import free_port
+from tests.support.sweeps import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -40,26 +40,13 @@ RUN_NAME_CELLS = (
 )
 
 
-def install_chromium() -> str:
-    """The chromium binary; installed with apt-get when missing. Skips, saying why, when it cannot be."""
-    found = shutil.which(CHROMIUM)
-    if found:
-        return found
-    if os.geteuid() != 0:
-        pytest.skip("chromium is not installed and installing it needs root (`apt-get install -y chromium`)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", CHROMIUM]  # waits out other apt runs
-    for command in (["apt-get", "update"], install):
-        try:
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            pytest.skip(f"chromium is not installed and `{' '.join(command)}` could not run: {err}")
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            pytest.skip(f"chromium is not installed and `{' '.join(command)}` failed: {tail[0]}")
+def find_chromium() -> str:
+    """The chromium binary. `make test` installs it first (`make browser`) where it can; where it
+    could not, this test skips and says why."""
     found = shutil.which(CHROMIUM)
     if not found:
-        pytest.skip("`apt-get install chromium` succeeded but no chromium binary is on PATH")
+        pytest.skip("chromium is not installed: `make browser` installs it with apt-get (needs root and "
+                    "the Debian archive); without it the MLflow UI is not checked in a browser")
     return found
 
 
@@ -188,7 +175,7 @@ def mlflow_ui(finished_sweep, tmp_path):
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    return install_chromium()
+    return find_chromium()
 
 
 @pytest.fixture

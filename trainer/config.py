@@ -15,14 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from trainer.attention import block_windows, schedule_string
-from trainer.inception import FID_WEIGHTS_SHA256_PREFIX
+from trainer.inception import FID_WEIGHTS_SHA256_PREFIX, FID_WEIGHTS_URL
 from trainer.model import parse_size
-
-FID_WEIGHTS_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-    "pt_inception-2015-12-05-6726825d.pth"
-)
-
 
 class ConfigError(ValueError):
     """A configuration the trainer would reject; the message names the field and the value."""
@@ -51,38 +45,59 @@ def _takes_numbers(annotation: Any) -> bool:
 
 
 class ModelConfig(_Section):
-    size: str = Field("DiT-T/1", description="Named size with patch suffix: DiT-T/1, DiT-XS/1, DiT-S/1, DiT-B/2 ...")
-    num_classes: int = Field(0, ge=0, description="Class-conditional when > 0 (labels from the data); 0 = unconditional.")
-    class_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Label drop probability (classifier-free guidance).")
+    size: str = Field(
+        "DiT-T/1",
+        description="named size with a patch suffix: `DiT-T` (12 blocks, width 64, 2 heads; ours, for CPUs), "
+        "`DiT-XS` (12, 252, 4), `DiT-S` (12, 384, 6), `DiT-B` (12, 768, 12); `/1` = patch size 1",
+    )
+    num_classes: int = Field(
+        0, ge=0,
+        description="class-conditional when > 0 (labels from the data); 0 = unconditional",
+    )
+    class_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="label drop probability (classifier-free guidance)")
 
 
 class AttentionConfig(_Section):
     placement: Literal["none", "head", "mix", "tail", "custom"] = Field(
-        "head", description="Where the local windows go: first blocks, last blocks, interleaved, or per block."
+        "head",
+        description="`none` (all global), `head` (windows on the first blocks), `tail` (on the last blocks), `mix` "
+        "(local and global interleaved), `custom` (one entry per block)",
     )
     windows: list[int | None] = Field(
         [3, 5, 7, 9, 11, 13],
-        description="Odd window sizes in tokens; for 'custom' one entry per block, null = global.",
+        description="odd window sizes in tokens; a query sees the k x k tokens centred on it, clipped at the "
+        "border; for `custom` one entry per block with `null` = global",
     )
     backend: Literal["auto", "dense", "banded", "flex"] = Field(
         "auto",
-        description="auto = flex on CUDA, banded elsewhere; dense = masked SDPA (the reference); "
-        "banded = row tiles against the key rows their windows reach (fast on CPU); flex = block-sparse "
-        "FlexAttention (CUDA).",
+        description="`dense` (masked SDPA, the reference), `banded` (row tiles against the key rows their windows "
+        "reach; fast on CPU), `flex` (block-sparse FlexAttention, CUDA); `auto` picks flex on CUDA, "
+        "banded elsewhere",
     )
 
 
 class DataConfig(_Section):
-    source: str = Field("digits", description="Builtin name (digits), an image folder, .npy/.npz, or an fsspec URI.")
-    image_size: int = Field(8, ge=2, description="Images are center-cropped and resized to this square size.")
-    num_images: int | None = Field(None, ge=1, description="Training subset size N (or use fraction).")
-    fraction: float | None = Field(None, gt=0.0, le=1.0, description="Training subset as a share of the pool.")
-    test_images: int = Field(256, ge=1, description="Held-out images, identical for every subset and shuffle.")
-    shuffle_seed: int = Field(0, ge=0, description="Chooses which images form the training subset.")
+    source: str = Field(
+        "digits",
+        description="builtin name, an image folder, a `.npy`/`.npz` uint8 array (N, H, W, C), a folder made by "
+        "`prepare-data`; local path or `s3://` URI (cached locally)",
+    )
+    image_size: int = Field(8, ge=2, description="images are center-cropped and resized to this square size")
+    num_images: int | None = Field(
+        None, ge=1,
+        description="training subset size N (give this or `data.fraction`; neither = the whole pool)",
+    )
+    fraction: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="training subset as a share of the pool, in (0, 1]",
+    )
+    test_images: int = Field(256, ge=1, description="held-out images, the same for every subset and shuffle")
+    shuffle_seed: int = Field(0, ge=0, description="chooses which images form the training subset")
     disjoint: bool = Field(
         False,
-        description="Training subsets of different shuffle_seed values share no image: the pool is cut into "
-        "consecutive shards of the subset size (fixed order) and shuffle_seed s trains on shard s.",
+        description="subsets of different `data.shuffle_seed` share no image: the pool is cut (fixed order) into "
+        "shards of the subset size and seed s trains on shard s; for the reproducibility score of two "
+        "models trained on disjoint data",
     )
 
     @model_validator(mode="after")
@@ -95,60 +110,80 @@ class DataConfig(_Section):
 
 
 class DiffusionConfig(_Section):
-    timesteps: int = Field(1000, ge=2, description="Length of the DDPM schedule.")
-    beta_start: float = Field(1e-4, gt=0.0, lt=1.0)
-    beta_end: float = Field(0.02, gt=0.0, lt=1.0)
+    timesteps: int = Field(1000, ge=2, description="DDPM steps (linear betas)")
+    beta_start: float = Field(1e-4, gt=0.0, lt=1.0, description="first beta")
+    beta_end: float = Field(0.02, gt=0.0, lt=1.0, description="last beta")
 
 
 class TrainConfig(_Section):
-    steps: int = Field(600, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate (constant after warmup).")
-    warmup_steps: int = Field(50, ge=0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    ema: float = Field(0.995, ge=0.0, lt=1.0, description="EMA decay of the weights used for evaluation.")
-    grad_clip: float = Field(1.0, gt=0.0, description="Max global gradient norm.")
-    log_every: int = Field(10, ge=1, description="Steps between loss reports.")
-    compile: bool = Field(False, description="torch.compile the model on CUDA (ignored on CPU, where it does not pay).")
+    steps: int = Field(600, ge=1, description="optimizer steps")
+    batch_size: int = Field(64, ge=1, description="images per step")
+    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate (constant after warmup)")
+    warmup_steps: int = Field(50, ge=0, description="linear warmup")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    ema: float = Field(0.995, ge=0.0, lt=1.0, description="EMA decay of the weights used for evaluation")
+    grad_clip: float = Field(1.0, gt=0.0, description="max global gradient norm")
+    log_every: int = Field(10, ge=1, description="steps between loss reports")
+    compile: bool = Field(
+        False,
+        description="`torch.compile` the model on CUDA (ignored on CPU, where it does not pay)",
+    )
 
 
 class PsnrGapConfig(_Section):
     images: int = Field(128, ge=1, description="Images per side (train and held-out).")
     timesteps: int = Field(10, ge=1, description="Diffusion steps spread over the schedule.")
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="Evaluation batch size.")
+    clip: bool = Field(
+        False,
+        description="Clip the one-step x0 estimate to [-1, 1] before PSNR. false = score the raw estimate, "
+        "as Kadkhodaie et al. 2024 do; true = score the clipped one, which raises PSNR on both sides at high "
+        "noise (where the raw estimate overshoots the data range). Compare only curves of one setting.",
+    )
 
 
 class FidConfig(_Section):
-    enabled: bool = False
-    samples: int = Field(1000, ge=2, description="Generated images (and reference images) for FID/KID.")
-    steps: int = Field(50, ge=1, description="DDIM steps per sample.")
-    batch_size: int = Field(250, ge=1)
-    weights: str = Field(FID_WEIGHTS_URL, description="URI or path of pt_inception-2015-12-05-6726825d.pth.")
+    enabled: bool = Field(False, description="compute FID and KID at each evaluation")
+    samples: int = Field(1000, ge=2, description="generated (and reference) images")
+    steps: int = Field(50, ge=1, description="DDIM steps per sample")
+    batch_size: int = Field(250, ge=1, description="sampling and feature batch size")
+    weights: str = Field(
+        FID_WEIGHTS_URL,
+        description="URI or path of `pt_inception-2015-12-05-6726825d.pth` (sha256 checked, cached); `launch` "
+        "checks it can be had before any trial starts",
+    )
     weights_sha256: str = Field(
-        FID_WEIGHTS_SHA256_PREFIX,
-        pattern=r"^[0-9a-f]{8,64}$",
-        description="Expected sha256 prefix (8+ hex digits) of the weights file; change it only for other "
-        "Inception weights, since FID values are comparable only under the same weights.",
+        FID_WEIGHTS_SHA256_PREFIX, pattern=r"^[0-9a-f]{8,64}$",
+        description="expected sha256 prefix of the weights file; change it only for other Inception weights (FIDs "
+        "are comparable only under the same weights)",
     )
 
 
 class SamplesConfig(_Section):
     grid: int = Field(
-        8, ge=0, description="Side of the sample grid saved at each evaluation (grid^2 images, fixed noise); 0 = none."
+        8, ge=0,
+        description="side of the sample grid (`samples.png`, `samples.npy`: grid² DDIM samples of the EMA model "
+        "from fixed noise) saved at each evaluation and attached to the trial's run; 0 = none",
     )
-    steps: int = Field(50, ge=1, description="DDIM steps per grid sample.")
+    steps: int = Field(50, ge=1, description="DDIM steps per grid sample")
 
 
 class LocalityConfig(_Section):
-    enabled: bool = Field(True, description="Measure how local each block's attention is (attn_* metrics).")
-    images: int = Field(8, ge=1, description="Held-out images the attention maps are computed on.")
+    enabled: bool = Field(
+        True,
+        description="log per-block attention locality: `attn_distance.block_N` (attention-weighted mean query-key "
+        "distance in tokens), `attn_local3.block_N`, `attn_local7.block_N` (share of attention inside "
+        "the 3x3 / 7x7 neighbourhood); blocks numbered from 0; plot `attn_locality.png`",
+    )
+    images: int = Field(8, ge=1, description="held-out images the attention maps are computed on")
     timesteps: list[int] = Field(
-        [100, 500, 900], min_length=1, description="Diffusion steps the held-out images are noised to."
+        [100, 500, 900], min_length=1,
+        description="diffusion steps the held-out images are noised to",
     )
 
 
 class EvalConfig(_Section):
-    every: int = Field(0, ge=0, description="Steps between evaluations and checkpoints; 0 = only at the end.")
+    every: int = Field(0, ge=0, description="steps between evaluations and checkpoints; 0 = only at the end")
     psnr_gap: PsnrGapConfig = PsnrGapConfig()
     fid: FidConfig = FidConfig()
     samples: SamplesConfig = SamplesConfig()
@@ -164,7 +199,7 @@ class TrialConfig(_Section):
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
-    seed: int = Field(0, ge=0, description="Seeds initialization, batches and training noise (evaluation noise is fixed).")
+    seed: int = Field(0, ge=0, description="seeds initialization, batches and training noise")
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrialConfig":

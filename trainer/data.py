@@ -459,8 +459,13 @@ def _remote_errors(uri: str, role: str = "data source") -> Iterator[None]:
         raise DataError(f"cannot access {role} {uri!r}: {type(err).__name__}: {err}. {hint}") from err
 
 
+def default_cache_dir() -> Path:
+    """Where ditsweep keeps downloads (data, weights, FID statistics): `$DITSWEEP_CACHE`, else `~/.cache/ditsweep`."""
+    return Path(os.environ.get("DITSWEEP_CACHE") or Path.home() / ".cache" / "ditsweep")
+
+
 def _cache_entry(uri: str, cache_dir: str | None) -> str:
-    root = cache_dir or os.environ.get("DITSWEEP_CACHE") or os.path.join(Path.home(), ".cache", "ditsweep")
+    root = cache_dir or str(default_cache_dir())
     normalized = uri.rstrip("/")
     key = hashlib.sha256(normalized.encode()).hexdigest()[:16]
     name = normalized.rsplit("/", 1)[-1] or "data"

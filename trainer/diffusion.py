@@ -77,18 +77,80 @@ def _sampling_timesteps(schedule: Schedule, steps: int) -> list[int]:
     return spread_timesteps(schedule, steps).flip(0).tolist() if steps > 1 else [schedule.timesteps - 1]
 
 
-def _reverse_steps(schedule: Schedule, steps: int) -> list[tuple[int, float, float]]:
-    """(t, abar_t, abar_prev) from noisiest to cleanest over `steps` respaced timesteps."""
-    ts = _sampling_timesteps(schedule, steps)
-    abar = schedule.alphas_cumprod
-    return [(t, abar[t].item(), abar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0) for i, t in enumerate(ts)]
-
-
 def _denoised(model: Denoiser, schedule: Schedule, x: torch.Tensor, t: int, y: torch.Tensor | None) -> torch.Tensor:
     """The model's clamped one-step x0 estimate at timestep t."""
     t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
     eps = model(x, t_batch, y).to(x.dtype)
     return predict_x0(schedule, x, t_batch, eps).clamp(-1.0, 1.0)
+
+
+def _abar_prev(schedule: Schedule, t_prev: int) -> float:
+    """abar at the step a reverse step lands on; t_prev = -1 is the clean image (abar = 1)."""
+    return schedule.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0
+
+
+def ddim_step(
+    model: Denoiser,
+    schedule: Schedule,
+    x: torch.Tensor,
+    t: int,
+    t_prev: int,
+    y: torch.Tensor | None = None,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One DDIM update x_t -> x_{t_prev} (Song et al. 2021, eq. 12; t_prev = -1: to the clean image).
+
+    x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z, with
+    sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev) (eq. 16) and `noise` = z
+    (needed when sigma > 0). x0 is the model's estimate clipped to [-1, 1], and eps is re-derived from the
+    clipped x0 so the update stays on the data range; where no clipping happens this is eq. 12 exactly.
+    """
+    a_t, a_prev = schedule.alphas_cumprod[t].item(), _abar_prev(schedule, t_prev)
+    x0 = _denoised(model, schedule, x, t, y)
+    eps = (x - a_t**0.5 * x0) / (1.0 - a_t) ** 0.5
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+    x_prev = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
+    if sigma > 0:
+        if noise is None:
+            raise ValueError(f"a DDIM step with eta={eta} needs noise")
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+def ddpm_step(
+    model: Denoiser,
+    schedule: Schedule,
+    x: torch.Tensor,
+    t: int,
+    t_prev: int,
+    y: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One ancestral step x_t -> x_{t_prev} (Ho et al. 2020): a draw from the posterior q(x_prev | x_t, x0)
+    at the model's clipped x0 estimate, mean and variance of eq. 6-7 with beta = 1 - abar_t / abar_prev
+    (the schedule's beta_t when t_prev = t - 1, the respaced step's beta otherwise). `noise` is the
+    standard normal z of the draw (unused on the last step, t_prev = -1, which returns the mean)."""
+    a_t, a_prev = schedule.alphas_cumprod[t].item(), _abar_prev(schedule, t_prev)
+    x0 = _denoised(model, schedule, x, t, y)
+    beta = 1.0 - a_t / a_prev
+    mean = (a_prev**0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
+    if a_prev >= 1.0:
+        return mean
+    if noise is None:
+        raise ValueError("a DDPM step before the last needs noise")
+    var = beta * (1 - a_prev) / (1 - a_t)
+    return mean + var**0.5 * noise
+
+
+def _reverse_pairs(schedule: Schedule, steps: int) -> list[tuple[int, int]]:
+    """(t, t_prev) from noisiest to cleanest over `steps` respaced timesteps; the last t_prev is -1."""
+    ts = _sampling_timesteps(schedule, steps)
+    return list(zip(ts, ts[1:] + [-1]))
+
+
+def _draw(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
 
 
 @torch.no_grad()
@@ -103,14 +165,9 @@ def ddim_sample(
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021) from x_T = noise over `steps` strided timesteps; eta=0 is deterministic."""
     x = noise
-    for t, a_t, a_prev in _reverse_steps(schedule, steps):
-        x0 = _denoised(model, schedule, x, t, y)
-        # Re-derive eps from the clamped x0 so the update stays on the data manifold.
-        eps = (x - a_t**0.5 * x0) / (1.0 - a_t) ** 0.5
-        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
-        x = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
-        if sigma > 0:
-            x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    for t, t_prev in _reverse_pairs(schedule, steps):
+        z = _draw(x, generator) if eta > 0 and t_prev >= 0 else None
+        x = ddim_step(model, schedule, x, t, t_prev, y, eta, z)
     return x
 
 
@@ -125,14 +182,7 @@ def ddpm_sample(
 ) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020). With fewer steps than T the schedule is respaced."""
     x = noise
-    for t, a_t, a_prev in _reverse_steps(schedule, schedule.timesteps if steps is None else steps):
-        x0 = _denoised(model, schedule, x, t, y)
-        beta = 1.0 - a_t / a_prev  # the respaced step's beta
-        # Posterior q(x_prev | x_t, x0) mean and variance.
-        mean = (a_prev**0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
-        if a_prev < 1.0:
-            var = beta * (1 - a_prev) / (1 - a_t)
-            x = mean + var**0.5 * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        else:
-            x = mean
+    for t, t_prev in _reverse_pairs(schedule, schedule.timesteps if steps is None else steps):
+        z = _draw(x, generator) if t_prev >= 0 else None
+        x = ddpm_step(model, schedule, x, t, t_prev, y, z)
     return x

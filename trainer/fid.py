@@ -23,7 +23,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from trainer.inception import default_cache_dir
+from trainer.data import default_cache_dir
 
 # The largest imaginary part of diag(sqrtm(S1 S2)), relative to its real part, that is rounding
 # noise rather than a sign that the inputs are not covariance matrices.

@@ -18,7 +18,6 @@ ignored).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import tempfile
@@ -35,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.data import default_cache_dir, file_sha256
+
 FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
     "pt_inception-2015-12-05-6726825d.pth"
@@ -48,7 +49,6 @@ FEATURE_DIM = 2048  # pool features after Mixed_7c: the space FID and KID are co
 NUM_CLASSES = 1008  # TF's classifier: 1000 ImageNet classes plus 8 unused
 
 _BN_EPS = 1e-3  # TF's batch norm epsilon in this graph
-_HASH_CHUNK = 1 << 20
 
 
 class WeightsError(ValueError):
@@ -435,11 +435,6 @@ def expected_state_dict_shapes() -> dict[str, tuple[int, ...]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def default_cache_dir() -> Path:
-    """`$DITSWEEP_CACHE`, else `~/.cache/ditsweep`."""
-    return Path(os.environ.get("DITSWEEP_CACHE") or Path.home() / ".cache" / "ditsweep")
-
-
 def cached_weights_path(weights: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the cached copy of the remote file `weights` lives: <cache>/weights/<file name>."""
     name = Path(urllib.parse.urlsplit(weights).path).name
@@ -488,13 +483,13 @@ def fetch_weights(
             raise WeightsError(
                 f"FID Inception weights file {path} does not exist. {_how_to_supply(cache_dir)}"
             )
-        _check_digest(str(path), _sha256_of_file(path), expected_sha256_prefix, cache_dir)
+        _check_digest(str(path), file_sha256(path), expected_sha256_prefix, cache_dir)
         return path
     cached = cached_weights_path(weights, cache_dir)
     if cached.is_file():
         _check_digest(
             f"{cached} (cached copy of {weights}; delete it to download again)",
-            _sha256_of_file(cached),
+            file_sha256(cached),
             expected_sha256_prefix,
             cache_dir,
         )
@@ -544,14 +539,6 @@ def _is_uri(weights: str) -> bool:
     return "://" in weights
 
 
-def _sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_digest(
     source: str, digest: str, expected_prefix: str, cache_dir: str | os.PathLike | None
 ) -> None:
@@ -575,7 +562,7 @@ def _download(
         # multipart); reading the file object would make HTTP ask for byte ranges.
         fs, path = fsspec.core.url_to_fs(uri)
         fs.get_file(path, tmp_name)
-        _check_digest(uri, _sha256_of_file(Path(tmp_name)), expected_prefix, cache_dir)
+        _check_digest(uri, file_sha256(Path(tmp_name)), expected_prefix, cache_dir)
         os.replace(tmp_name, target)
     except WeightsError:
         raise

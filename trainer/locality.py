@@ -12,6 +12,10 @@ block b (numbered from 0, as in the schedule string `3,5,7,G,...`):
 
 A block restricted to a k x k window keeps all its mass inside it, so attn_local3 = 1 for k = 3; a
 global block shows where attention goes when nothing restricts it.
+
+Each query row is normalized by its own total mass in float64 (a float32 softmax row sums to 1 only
+up to rounding), and a share is computed as 1 - (mass outside) / (total mass): a sum of non-negative
+terms subtracted from 1, which IEEE rounding can never push above 1, and whose mean stays <= 1.
 """
 
 from __future__ import annotations
@@ -40,6 +44,22 @@ def token_geometry(grid: tuple[int, int]) -> tuple[torch.Tensor, dict[int, torch
     return distance, near
 
 
+def row_sums(
+    probs: torch.Tensor, distance: torch.Tensor, near: dict[int, torch.Tensor]
+) -> torch.Tensor:
+    """Summed over all query rows of attention maps `probs` (B, heads, N, N): the mean key distance and,
+    per k in NEIGHBOURHOODS, the share of mass inside the k x k neighbourhood; float64 (1 + len(NEIGHBOURHOODS),).
+    Each row is normalized by its own total in float64, and a share is 1 - outside / total, so no row's
+    share exceeds 1 however the float32 softmax rounded (see the module docstring)."""
+    probs = probs.double()
+    total = probs.sum(dim=-1)  # (B, heads, N)
+    out = [(torch.einsum("bhqk,qk->bhq", probs, distance.double()) / total).sum()]
+    for k in NEIGHBOURHOODS:
+        outside = torch.einsum("bhqk,qk->bhq", probs, 1.0 - near[k].double())  # >= 0: a sum of p >= 0
+        out.append((1.0 - outside / total).sum())
+    return torch.stack(out).cpu()
+
+
 @torch.no_grad()
 def attention_locality(
     model: DiT, schedule: Schedule, images: torch.Tensor, timesteps: list[int]
@@ -60,10 +80,7 @@ def attention_locality(
 
     def capture(index: int):
         def hook(module, args) -> None:
-            probs = module.attention_probs(args[0]).double()  # (B, heads, N, N)
-            sums[index, 0] += torch.einsum("bhqk,qk->", probs, distance).item()
-            for j, k in enumerate(NEIGHBOURHOODS, start=1):
-                sums[index, j] += torch.einsum("bhqk,qk->", probs, near[k]).item()
+            sums[index] += row_sums(module.attention_probs(args[0]), distance, near)
 
         return hook
 

@@ -17,12 +17,15 @@ from trainer.attention import attend, check_window, is_global, resolve_backend, 
 
 # name -> (depth, width, heads). XS and S are the paper's sizes (An et al. 2024), B is DiT's.
 # DiT-T is ours: small enough that a 2-core CPU trains it usefully on 8x8 images in minutes, and
-# deep enough (12 blocks) that head / mix / tail placements of six windows all differ.
+# deep enough (12 blocks) that head / mix / tail placements of six windows all differ. DiT-P ("pico")
+# is DiT-T with half the blocks, for `make run`'s laptop budget: three windows still leave head, mix
+# and tail distinct.
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
     "DiT-T": (12, 64, 2),
     "DiT-XS": (12, 252, 4),
     "DiT-S": (12, 384, 6),
     "DiT-B": (12, 768, 12),
+    "DiT-P": (6, 64, 2),
 }
 
 

@@ -28,7 +28,7 @@ from PIL import Image
 from trainer.diffusion import Denoiser, Schedule, ddim_sample
 from trainer.fid import cached_reference_stats, extract_features, frechet_distance_of_features
 from trainer.fid import kernel_inception_distance
-from trainer.data import file_sha256
+from trainer.data import file_sha256, to_unit
 from trainer.inception import FIDInceptionV3, fetch_weights, load_fid_inception
 
 GRID_NOISE_SEED = 20240303
@@ -55,22 +55,28 @@ def generate(
     steps: int,
     batch_size: int,
     device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> torch.Tensor:
     """DDIM samples (eta = 0: deterministic) from CPU `noise` (n, C, H, W), `batch_size` at a time on
-    `device`; returns float32 (n, C, H, W) in [-1, 1] on the CPU."""
+    `device`, each batch under the context `precision()` makes (the trainer passes its fp32 evaluation);
+    returns float32 (n, C, H, W) in [-1, 1] on the CPU."""
     batches = []
     for start in range(0, noise.shape[0], batch_size):
         x_T = noise[start : start + batch_size].to(device)
-        with autocast():
+        with precision():
             batches.append(ddim_sample(model, schedule, x_T, steps).float().clamp(-1.0, 1.0).cpu())
     return torch.cat(batches)
 
 
+def quantize(samples: torch.Tensor) -> torch.Tensor:
+    """Model scale [-1, 1] (n, C, H, W) -> uint8 [0, 255] (n, C, H, W): what a sample written to PNG and
+    read back holds (pytorch-fid and clean-fid measure such files), and the type of the data's images."""
+    return to_unit(samples.float()).mul(255.0).round().to(torch.uint8)
+
+
 def to_uint8(samples: torch.Tensor) -> np.ndarray:
     """Model scale [-1, 1] (n, C, H, W) -> uint8 (n, H, W, C), the layout of `trainer.data` images."""
-    unit = samples.add(1.0).div(2.0).clamp(0.0, 1.0)
-    return unit.mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return quantize(samples).permute(0, 2, 3, 1).numpy()
 
 
 def grid_png(images: np.ndarray, side: int) -> bytes:
@@ -125,8 +131,13 @@ def fid_network(weights: str, sha256_prefix: str) -> tuple[FIDInceptionV3, str]:
 
 
 
+def _unit(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [0, 1], the one way images reach the Inception network."""
+    return images_uint8.float() / 255.0
+
+
 def fid_and_kid(
-    samples_unit: torch.Tensor,
+    samples_uint8: torch.Tensor,
     reference_uint8: torch.Tensor,
     weights: str,
     sha256_prefix: str,
@@ -134,8 +145,14 @@ def fid_and_kid(
     device: torch.device,
     cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, float]:
-    """`fid`, `kid` and `kid_std` of samples (n, C, H, W) in [0, 1] against reference images, uint8
-    (m, C, H, W). The reference features are cached (see the module docstring)."""
+    """`fid`, `kid` and `kid_std` of samples against reference images, both uint8 (n, C, H, W) (`quantize`
+    the samples), so both go through one path to Inception: / 255, then the network. The reference features
+    are cached (see the module docstring)."""
+    if samples_uint8.dtype != torch.uint8 or reference_uint8.dtype != torch.uint8:
+        raise ValueError(
+            f"FID compares uint8 images; got samples {samples_uint8.dtype} and reference {reference_uint8.dtype} "
+            "(quantize samples with trainer.sampling.quantize)"
+        )
     network, weights_sha256 = fid_network(weights, sha256_prefix)
     reference = reference_uint8.cpu()
     key = {
@@ -145,8 +162,8 @@ def fid_and_kid(
         "weights_sha256": weights_sha256,
     }
     _, _, ref_features = cached_reference_stats(
-        key, lambda: extract_features(network, reference.float() / 255.0, batch_size, device), cache_dir
+        key, lambda: extract_features(network, _unit(reference), batch_size, device), cache_dir
     )
-    features = extract_features(network, samples_unit, batch_size, device)
+    features = extract_features(network, _unit(samples_uint8.cpu()), batch_size, device)
     kid, kid_std = kernel_inception_distance(features, ref_features, KID_SUBSETS, KID_SUBSET_SIZE)
     return {"fid": frechet_distance_of_features(features, ref_features), "kid": kid, "kid_std": kid_std}

@@ -21,7 +21,7 @@ import torch
 
 from trainer import data as datalib
 from trainer.config import TrialConfig
-from trainer import sampling
+from trainer import memorization, sampling
 from trainer.diffusion import Schedule, linear_schedule, training_loss
 from trainer.locality import attention_locality
 from trainer.metrics import PsnrCurve, psnr_gap_curve
@@ -32,6 +32,24 @@ Report = Callable[[dict, "str | None"], None]
 CHECKPOINT_DIR = "checkpoint"  # under the trial's output folder
 CHECKPOINT_FILE = "state.pt"
 PREVIOUS_CHECKPOINT_FILE = "state.prev.pt"
+
+# What `report(metrics, ...)` carries, declared once: the metrics a trial logs, plus the step counter
+# and the PSNR curve record (not metrics: the curve becomes an artifact when the trial ends).
+TRIAL_METRICS = (
+    "loss", "images_per_sec", "psnr_gap", "psnr_train", "psnr_test", "fid", "kid", "kid_std", "resumed_from_step",
+    "mem_copy_fraction", "mem_nn_train", "mem_nn_test",  # trainer.memorization, on the sample grid
+)
+TRIAL_METRIC_PREFIXES = ("attn_",)  # per-block attention locality: attn_distance.block_0, attn_local3.block_0, ...
+STEP, PSNR_CURVE = "step", "psnr_curve"
+
+
+def is_trial_metric(key: str) -> bool:
+    return key in TRIAL_METRICS or key.startswith(TRIAL_METRIC_PREFIXES)
+
+
+def reported(values: dict) -> dict:
+    """The part of a result dict (e.g. Tune's, full of its own bookkeeping) that the trial reported."""
+    return {k: v for k, v in values.items() if is_trial_metric(k) or k in (STEP, PSNR_CURVE)}
 
 
 @dataclass
@@ -159,6 +177,26 @@ def load_class_labels(config: TrialConfig, count: int) -> torch.Tensor | None:
 def to_model_scale(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1]."""
     return images.float().div_(127.5).sub_(1.0)
+
+
+@contextlib.contextmanager
+def fp32_evaluation(device: torch.device):
+    """Evaluation precision: autocast off (on the CPU and on `device`) and full-fp32 matmuls and convolutions
+    (no TF32), whatever training uses, restored on exit. The one-step x0 estimate multiplies the model's
+    epsilon error by sqrt(1 - abar_t) / sqrt(abar_t) (157x at t = 999), so rounding epsilon to bf16 would cap
+    the PSNR curve, and CPU (fp32) and GPU (bf16) trials would not compare (`trainer.metrics`)."""
+    matmul_precision = torch.get_float32_matmul_precision()
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with contextlib.ExitStack() as stack:
+            for device_type in sorted({"cpu", device.type}):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            yield
+    finally:
+        torch.set_float32_matmul_precision(matmul_precision)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
 
 
 def pick_device() -> torch.device:
@@ -309,18 +347,23 @@ class Trainer:
         torch._foreach_lerp_(ema_params, params, 1.0 - self.config.train.ema)
 
     def autocast(self):
+        """Training precision: bf16 autocast on CUDA, none elsewhere. Evaluation never uses it (`fp32`)."""
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def fp32(self):
+        """Evaluation precision, whatever the training precision: see `fp32_evaluation`."""
+        return fp32_evaluation(self.device)
+
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> PsnrCurve:
-        """PSNR gap of the EMA model. A class-conditional model is evaluated unconditionally (the null
+        """PSNR gap of the EMA model, in fp32. A class-conditional model is evaluated unconditionally (the null
         class, as psnr_gap_curve calls model(x_t, t, None)), so its gap compares with unconditional trials."""
         cfg = self.config.eval.psnr_gap
         count = min(cfg.images, self.subsets.train.shape[0], self.subsets.test.shape[0])
-        with self.autocast():
+        with self.fp32():
             return psnr_gap_curve(
                 self.ema,
                 self.schedule,
@@ -328,38 +371,51 @@ class Trainer:
                 to_model_scale(self.subsets.test[:count]),
                 cfg.timesteps,
                 cfg.batch_size,
+                cfg.clip,
             )
 
-    def save_sample_grid(self, directory: Path) -> None:
-        """DDIM samples of the EMA model from the fixed grid noise, as samples.png and samples.npy."""
+    def save_sample_grid(self, directory: Path) -> dict[str, float]:
+        """DDIM samples of the EMA model from the fixed grid noise (fp32), as samples.png and samples.npy; returns
+        their memorization metrics (mem_*), with each sample beside its nearest training image saved as
+        nearest_train.png and nearest_train.npy (empty and nothing saved when the grid is off)."""
         side, cfg = self.config.eval.samples.grid, self.config.eval
         if side == 0:
-            return
+            return {}
         noise = sampling.fixed_noise(side * side, self.image_shape, sampling.GRID_NOISE_SEED)
         samples = sampling.generate(
-            self.ema, self.schedule, noise, cfg.samples.steps, cfg.fid.batch_size, self.device, self.autocast
+            self.ema, self.schedule, noise, cfg.samples.steps, cfg.fid.batch_size, self.device, self.fp32
         )
         sampling.save_grid(directory, samples, side)
+        return memorization.save_memorization(
+            directory, sampling.to_uint8(samples), self.subsets.train, self.subsets.test, side
+        )
 
     def fid(self) -> dict[str, float]:
-        """FID and KID of eval.fid.samples DDIM samples of the EMA model (empty when disabled)."""
+        """FID and KID of eval.fid.samples DDIM samples of the EMA model (empty when disabled). Sampling and
+        Inception features run in fp32; the samples are quantized to uint8 first, like the reference images."""
         cfg = self.config.eval.fid
         if not cfg.enabled:
             return {}
         noise = sampling.fixed_noise(cfg.samples, self.image_shape, sampling.FID_NOISE_SEED)
-        samples = sampling.generate(self.ema, self.schedule, noise, cfg.steps, cfg.batch_size, self.device, self.autocast)
-        unit = samples.add(1.0).div(2.0).clamp(0.0, 1.0)
-        return sampling.fid_and_kid(
-            unit, self.subsets.fid_reference, cfg.weights, cfg.weights_sha256, cfg.batch_size, self.device
-        )
+        samples = sampling.generate(self.ema, self.schedule, noise, cfg.steps, cfg.batch_size, self.device, self.fp32)
+        with self.fp32():
+            return sampling.fid_and_kid(
+                sampling.quantize(samples),
+                self.subsets.fid_reference,
+                cfg.weights,
+                cfg.weights_sha256,
+                cfg.batch_size,
+                self.device,
+            )
 
     def locality(self) -> dict[str, float]:
-        """Per-block attention locality of the EMA model on held-out images (empty when disabled)."""
+        """Per-block attention locality of the EMA model on held-out images, in fp32 (empty when disabled)."""
         cfg = self.config.eval.locality
         if not cfg.enabled:
             return {}
         images = to_model_scale(self.subsets.test[: cfg.images])
-        return attention_locality(self.ema, self.schedule, images, list(cfg.timesteps))
+        with self.fp32():
+            return attention_locality(self.ema, self.schedule, images, list(cfg.timesteps))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -443,9 +499,9 @@ def evaluate_and_save(trainer: Trainer, out: Path) -> tuple[dict, str]:
     curve = trainer.evaluate()
     checkpoint_dir = out / CHECKPOINT_DIR
     save_checkpoint(checkpoint_dir, trainer.state_dict())
-    trainer.save_sample_grid(checkpoint_dir)
+    memorized = trainer.save_sample_grid(checkpoint_dir)
     (out / "psnr_curve.csv").write_text(curve.to_csv())
-    metrics = {"step": trainer.step, **curve.summary(), **trainer.fid(), **trainer.locality()}
+    metrics = {"step": trainer.step, **curve.summary(), **memorized, **trainer.fid(), **trainer.locality()}
     return {**metrics, "psnr_curve": curve_record(curve)}, str(checkpoint_dir)
 
 

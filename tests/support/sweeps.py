@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from mlflow.tracking import MlflowClient
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 TINY = {
     "model": {"size": "DiT-T/1"},
@@ -17,6 +21,36 @@ TINY = {
     "train": {"steps": 4, "batch_size": 8, "log_every": 2, "warmup_steps": 0},
     "eval": {"every": 2, "psnr_gap": {"images": 8, "timesteps": 2}, "samples": {"grid": 2, "steps": 2}},
 }
+
+
+def tiny_config(changes: dict[str, Any] | None = None, drop: tuple[str, ...] = ()) -> dict:
+    """The one tiny trial config of the tests (TINY), with dotted keys changed and others dropped
+    (back to their defaults), e.g. tiny_config({"train.steps": 2}, drop=("eval.every",))."""
+    config = copy.deepcopy(TINY)
+    for dotted, value in (changes or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    for dotted in drop:
+        *parents, leaf = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node[key]
+        del node[leaf]
+    return config
+
+
+def set_options(config: dict, prefix: str = "") -> list[str]:
+    """A config as `--set key=value` options of the CLI, leaves in order."""
+    options = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            options += set_options(value, f"{prefix}{key}.")
+        else:
+            options += ["--set", f"{prefix}{key}={value}"]
+    return options
 
 
 def write_spec(folder: Path, name: str = "tiny", grid=None, base=None, **extra) -> Path:

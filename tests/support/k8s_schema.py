@@ -18,7 +18,7 @@ from kubernetes_validate import utils as kubernetes_validate
 
 from orchestrator.k8s import MAX_RAYJOB_NAME_LENGTH
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The oldest and the newest Kubernetes whose schemas the manifests must pass.
 K8S_VERSIONS = ["1.29", kubernetes_validate.latest_version()]
 

@@ -1,0 +1,61 @@
+"""The files a trial's run gets when it ends: its config, its PSNR curve (CSV and plot), the sample
+grid of its latest checkpoint, and its attention-locality plot. Built from the trial's state; the
+sink (orchestrator.progress) hands them to tracking."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import yaml
+
+from orchestrator.trial_state import TrialState
+from trainer.locality import by_block
+from trainer.memorization import PAIRS_NPY, PAIRS_PNG
+from trainer.sampling import GRID_NPY, GRID_PNG
+from trainer.train import parse_curve_record
+
+# Files the trainer writes next to each checkpoint, attached to the trial's run when it ends.
+CHECKPOINT_ARTIFACTS = (GRID_PNG, GRID_NPY, PAIRS_PNG, PAIRS_NPY)
+
+
+@dataclass(frozen=True)
+class RunArtifacts:
+    texts: dict[str, str]  # file name -> text
+    files: dict[str, bytes]  # file name -> bytes (PNG, NPY)
+
+
+def trial_artifacts(state: TrialState) -> RunArtifacts:
+    texts = {"config.yaml": yaml.safe_dump(state.trial.config.model_dump(mode="json"), sort_keys=False)}
+    files: dict[str, bytes] = {}
+    if state.curve_record:
+        from orchestrator.plots import psnr_curve_png
+
+        curve = parse_curve_record(state.curve_record)
+        texts["psnr_curve.csv"] = curve.to_csv()
+        files["psnr_curve.png"] = psnr_curve_png(curve, state.trial.name)
+    return RunArtifacts(texts, {**files, **checkpoint_files(state), **locality_plot(state)})
+
+
+def checkpoint_files(state: TrialState) -> dict[str, bytes]:
+    """The sample grid of the trial's latest checkpoint (absent when sampling is off)."""
+    if state.read_checkpoint is None:
+        return {}
+    files = {}
+    for name in CHECKPOINT_ARTIFACTS:
+        try:
+            payload = state.read_checkpoint(name)
+        except Exception as err:  # noqa: BLE001 - a missing picture must not change the trial's outcome
+            print(f"[ditsweep] could not read {name} of {state.trial.name}: {type(err).__name__}: {err}", flush=True)
+            continue
+        if payload is not None:
+            files[name] = payload
+    return files
+
+
+def locality_plot(state: TrialState) -> dict[str, bytes]:
+    locality = by_block(state.metrics)
+    if not locality:
+        return {}
+    from orchestrator.plots import attention_locality_png
+
+    return {"attn_locality.png": attention_locality_png(locality, state.trial.config.windows, state.trial.name)}

@@ -1,0 +1,50 @@
+"""Text for the terminal, in one place: the column table of `plan` and `status`, axis values as the
+tables show them (windows as 3,5,G), durations, and the first line of an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def format_table(rows: list[list[str]], rule: bool = False) -> str:
+    """Left-aligned columns; with `rule`, a dashed line under the header row."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    if rule:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def show_value(value: Any, none: str = "") -> str:
+    """An axis value as the tables show it: a window list as 3,5,7 with G for global, None as `none`."""
+    if isinstance(value, list):
+        from trainer.attention import schedule_string
+
+        return schedule_string(value)
+    return none if value is None else str(value)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (or its type's name when it has none)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _hms(seconds: float, hours: str, minutes: str, not_finite: str) -> str:
+    """A duration through a format with h, m, s: `hours` from one hour on, else `minutes`."""
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        return not_finite
+    seconds = int(seconds)
+    h, m, s = seconds // 3600, seconds % 3600 // 60, seconds % 60
+    return (hours if h else minutes).format(h=h, m=m, s=s)
+
+
+def duration(seconds: float) -> str:
+    """A long duration for estimates: 2h05m, or 4m07s under an hour; "unknown" when not finite."""
+    return _hms(seconds, "{h}h{m:02d}m", "{m}m{s:02d}s", "unknown")
+
+
+def clock(seconds: float) -> str:
+    """Elapsed or remaining time on a progress line: 1:02:03, or 02:03 under an hour; --:-- when not finite."""
+    return _hms(seconds, "{h}:{m:02d}:{s:02d}", "{m:02d}:{s:02d}", "--:--")

@@ -1,0 +1,5 @@
+"""The exit codes of every `ditsweep` command, declared once."""
+
+EXIT_OK = 0  # done: every trial finished, or the job SUCCEEDED
+EXIT_FAILED = 1  # ran, but some trials failed (or were stopped), or the cluster job FAILED or was STOPPED
+EXIT_BAD_INPUT = 2  # refused before anything started: the message names the field and the value

@@ -1,0 +1,225 @@
+"""What a sweep will run: the frozen `Plan` (the trials of a spec, which of them the tracking store
+already holds, and whether those are rerun), its table, and the compute it needs.
+
+The checks that can refuse a sweep are here too, so that `launch` can run all of them before it
+creates a run or starts Ray: every trial config (in `expand`), the data, the FID weights, the storage.
+Nothing here imports MLflow or Ray.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.display import duration, format_table, show_value
+from orchestrator.memory import check_trial_memory, trial_estimates
+from orchestrator.spec import SpecError, SweepSpec, Trial, expand, load_spec, parse_spec
+from trainer.memory import format_bytes
+
+if TYPE_CHECKING:
+    from orchestrator.tracking import TrialRun
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A spec read and expanded: every trial config validated, not yet looked up in any store."""
+
+    spec: SweepSpec
+    spec_text: str
+    overrides: tuple[str, ...]
+    trials: tuple[Trial, ...]
+
+
+@dataclass(frozen=True)
+class Plan(Grid):
+    """A grid with its cache state: made complete by `build_plan`, never changed."""
+
+    cached: Mapping[str, TrialRun] = field(default_factory=lambda: MappingProxyType({}))  # key -> FINISHED run
+    force: bool = False  # rerun the cached trials too
+
+    @property
+    def to_run(self) -> list[Trial]:
+        return [t for t in self.trials if self.force or t.key not in self.cached]
+
+
+def read_grid(spec_text: str, source: str, overrides: list[str]) -> Grid:
+    """A spec from its text (the copy stored with a sweep's run), its grid expanded and validated."""
+    spec = parse_spec(spec_text, source)
+    return Grid(spec, spec_text, tuple(overrides), tuple(expand(spec, overrides)))
+
+
+def read_grid_file(spec_path: str | Path, overrides: list[str]) -> Grid:
+    """A spec file, its grid expanded and validated, and every trial's data checked."""
+    spec = load_spec(spec_path)
+    grid = Grid(spec, Path(spec_path).read_text(), tuple(overrides), tuple(expand(spec, overrides)))
+    check_trial_memory(grid.trials, device=_device(spec))  # before check_data decodes the images
+    check_data(grid.trials)
+    return grid
+
+
+def build_plan(grid: Grid, cached: Mapping[str, TrialRun] | None = None, force: bool = False) -> Plan:
+    """The one place a Plan is made: the grid's trials with the store's FINISHED runs by trial key."""
+    return Plan(**{f.name: getattr(grid, f.name) for f in fields(Grid)},
+                cached=MappingProxyType(dict(cached or {})), force=force)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before anything starts
+
+
+def _device(spec: SweepSpec) -> str:
+    """Where a trial's tensors live, for the memory estimate: a GPU when the spec asks for one."""
+    return "cuda" if spec.resources.gpu else "cpu"
+
+
+def check_data(trials: tuple[Trial, ...] | list[Trial]) -> None:
+    """Load each distinct data source once and check every trial's subset fits it."""
+    from trainer.data import load_images, split_subsets
+
+    sizes: dict[tuple[str, int], int] = {}
+    for trial in trials:
+        data = trial.config.data
+        source = (data.source, data.image_size)
+        if source not in sizes:
+            sizes[source] = len(load_images(data.source, data.image_size))
+        split_subsets(
+            sizes[source], data.test_images, data.num_images, data.fraction, data.shuffle_seed, disjoint=data.disjoint
+        )
+
+
+def check_fid_weights(trials: tuple[Trial, ...] | list[Trial]) -> None:
+    """Trials with FID need the Inception weights: check now that they can be had, not an hour into a trial.
+
+    A local file must exist and have the expected digest; a URI must be cached or answer. On a remote
+    Ray cluster the same path or URI must also work on the workers.
+    """
+    from trainer.inception import WeightsError, fetch_weights, weights_available
+
+    wanted = {(t.config.eval.fid.weights, t.config.eval.fid.weights_sha256) for t in trials if t.config.eval.fid.enabled}
+    for weights, sha256_prefix in sorted(wanted):
+        ok, explanation = weights_available(weights)
+        if not ok:
+            raise SpecError(f"eval.fid.enabled=true needs the FID Inception weights (eval.fid.weights): {explanation}")
+        if "://" not in weights:  # a local file: its digest is cheap to check here
+            try:
+                fetch_weights(weights, expected_sha256_prefix=sha256_prefix)
+            except WeightsError as err:
+                raise SpecError(f"eval.fid.weights: {err}") from None
+
+
+def check_storage(storage: str | None) -> None:
+    """An s3:// storage must be reachable before anything starts."""
+    if not storage or not storage.startswith("s3://"):
+        return
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(storage)
+        fs.ls(path.split("/", 1)[0])
+    except Exception as err:  # noqa: BLE001 - any client error means the sweep cannot store results
+        raise SpecError(f"storage {storage!r} is not reachable: {type(err).__name__}: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan for people
+
+
+def plan_table(plan: Plan) -> str:
+    axes = list(plan.spec.grid)
+    header = ["#", *axes, "schedule", "memory", "key", "state"]
+    memory = trial_estimates(plan.trials, device=_device(plan.spec))
+    rows = []
+    for i, trial in enumerate(plan.trials, 1):
+        if trial.key in plan.cached and not plan.force:
+            state = "cached"
+        else:
+            state = "rerun" if trial.key in plan.cached else "run"
+        values = [show_value(trial.axes[a], none="None") for a in axes]
+        rows.append([str(i), *values, trial.config.schedule, format_bytes(memory[trial.key].total),
+                     trial.key[:10], state])
+    return format_table([header, *rows], rule=True)
+
+
+def trials_manifest(plan: Plan) -> list[dict[str, Any]]:
+    """trials.json of a sweep's run: every trial, and the run it reuses when cached."""
+    to_run = {t.key for t in plan.to_run}
+    return [
+        {
+            "key": t.key,
+            "name": t.name,
+            "axes": t.axes,
+            "schedule": t.config.schedule,
+            "cached_run": None if t.key in to_run else plan.cached[t.key].run_id,
+        }
+        for t in plan.trials
+    ]
+
+
+def compute_estimate(plan: Plan) -> str:
+    """Training FLOPs (3x forward per image) for the trials that will run, and the time they take
+    on this machine: a few training steps of the first model are timed, the rest scaled by FLOPs."""
+    from trainer.model import build_dit
+
+    flops_per_image: dict[tuple, float] = {}
+    images: dict[tuple, int] = {}
+    calibration: tuple[float, float] | None = None  # (seconds per image, FLOPs per image)
+    for trial in plan.to_run:
+        cfg = trial.config
+        shape = (cfg.model.size, cfg.data.image_size, tuple(cfg.windows))
+        if shape not in flops_per_image:
+            model = build_dit(cfg.model.size, image_size=cfg.data.image_size, in_channels=3, windows=cfg.windows)
+            flops_per_image[shape] = 3.0 * model.flops_per_image()
+            if calibration is None:
+                batch = min(cfg.train.batch_size, 16)
+                calibration = (_seconds_per_image(model, cfg.data.image_size, batch), flops_per_image[shape])
+        images[shape] = images.get(shape, 0) + cfg.train.steps * cfg.train.batch_size
+    flops = sum(flops_per_image[s] * n for s, n in images.items())
+    seconds = flops * calibration[0] / calibration[1] if calibration else 0.0
+    return (
+        f"{len(plan.to_run)} of {len(plan.trials)} trials to run, {flops / 1e12:.2f} TFLOP of training, "
+        f"about {duration(seconds)} of training in one process on this machine (calibrated)"
+    )
+
+
+def _seconds_per_image(model, image_size: int, batch: int) -> float:
+    """Wall time of one training step per image: best of three steps after two warm-up steps
+    (the first steps pay for kernel and thread-pool set-up)."""
+    import torch
+
+    from trainer.diffusion import linear_schedule, training_loss
+
+    schedule = linear_schedule()
+    optimizer = torch.optim.AdamW(model.parameters())
+    x0 = torch.rand(batch, 3, image_size, image_size) * 2 - 1
+    best = float("inf")
+    for attempt in range(4):
+        start = time.perf_counter()
+        loss = training_loss(model, schedule, x0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if attempt >= 2:
+            best = min(best, time.perf_counter() - start)
+    return best / batch
+
+
+def show_plan(spec_path: str | Path, overrides: list[str], tracking_uri: str | None, force: bool = False) -> Plan:
+    """`ditsweep plan`: print the trial table and the compute estimate; touches nothing (no run, no new store)."""
+    from orchestrator.tracking import Tracker, resolve_tracking_uri, store_missing
+
+    grid = read_grid_file(spec_path, overrides)
+    uri = resolve_tracking_uri(tracking_uri)
+    cached = {}
+    if not store_missing(uri):
+        tracker = Tracker(uri)
+        experiment = tracker.experiment_id(grid.spec.name, create=False)
+        cached = tracker.finished_trials(experiment) if experiment else {}
+    plan = build_plan(grid, cached, force)
+    print(f"sweep {plan.spec.name!r}: {plan.spec.description.strip()}".rstrip(": "))
+    print(plan_table(plan))
+    print(compute_estimate(plan))
+    return plan

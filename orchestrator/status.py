@@ -1,0 +1,52 @@
+"""`ditsweep status`: the sweeps of a store, or one sweep's trials and how far each got."""
+
+from __future__ import annotations
+
+import time
+
+from orchestrator.display import format_table
+from orchestrator.tracking import Tracker, TrialRun
+
+
+def status(sweep_id: str | None, tracking_uri: str | None) -> str:
+    tracker = Tracker(tracking_uri)
+    if sweep_id is None:
+        return sweeps_table(tracker)
+    parent = tracker.find_sweep(sweep_id)
+    trials = sorted(tracker.sweep_trials(parent), key=lambda r: r.name)
+    rows = [["trial", "status", "step", "loss", "psnr_gap", "key"]]
+    for run in trials:
+        m = run.metrics
+        rows.append([
+            run.name,
+            run.status,
+            str(int(m["step"])) if "step" in m else "-",
+            f"{m['loss']:.4f}" if "loss" in m else "-",
+            f"{m['psnr_gap']:.3f}" if "psnr_gap" in m else "-",
+            run.trial_key[:10],
+        ])
+    header = f"sweep {sweep_id} ({parent.status}): {count_states(trials)}"
+    return header + "\n" + format_table(rows)
+
+
+def sweeps_table(tracker: Tracker) -> str:
+    sweeps = tracker.list_sweeps()
+    if not sweeps:
+        return f"no sweeps in {tracker.uri}"
+    rows = [["sweep", "spec", "status", "started", "trials"]]
+    for run in sweeps:
+        rows.append([
+            run.sweep_id,
+            run.spec_name,
+            run.status,
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(run.start_time / 1000)),
+            count_states(tracker.sweep_trials(run)),
+        ])
+    return format_table(rows)
+
+
+def count_states(runs: list[TrialRun]) -> str:
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.status] = counts.get(run.status, 0) + 1
+    return ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials"

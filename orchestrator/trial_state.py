@@ -1,0 +1,68 @@
+"""Where each trial of a running sweep stands: PENDING -> RUNNING -> FINISHED, FAILED or KILLED.
+
+Plain state, no output and no tracking: the sweep's sink (orchestrator.progress) moves it on Ray's
+events, the console (orchestrator.console) shows it, the run artifacts (orchestrator.artifacts) are
+built from it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from orchestrator.spec import Trial
+from orchestrator.tracking import FAILED, FINISHED, KILLED, RUNNING
+from trainer.train import PSNR_CURVE, STEP, is_trial_metric
+
+PENDING = "PENDING"
+ENDED = (FINISHED, FAILED, KILLED)
+
+
+@dataclass
+class TrialState:
+    trial: Trial
+    run_id: str | None = None
+    status: str = PENDING  # PENDING, RUNNING, FINISHED, FAILED, KILLED
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)  # the latest value of each trial metric
+    curve_record: str | None = None
+    started_at: float | None = None  # time.monotonic()
+    retries: int = 0
+    read_checkpoint: Callable[[str], bytes | None] | None = None  # a file of the latest checkpoint, by name
+
+    @property
+    def progress(self) -> float:
+        """Share of the trial's training done: 1 when finished, 0 unless running."""
+        if self.status == FINISHED:
+            return 1.0
+        return min(self.step / self.trial.config.train.steps, 1.0) if self.status == RUNNING else 0.0
+
+    @property
+    def trained_all_steps(self) -> bool:
+        return self.step >= self.trial.config.train.steps
+
+    def start(self) -> None:
+        self.status = RUNNING
+        self.started_at = self.started_at or time.monotonic()
+
+    def record(self, reported: dict[str, Any]) -> tuple[int, dict[str, float]]:
+        """Take in what the trial reported; returns (its step, the metrics to log)."""
+        step = int(reported.get(STEP, self.step))
+        self.step = max(self.step, step)
+        values = {k: float(v) for k, v in reported.items() if is_trial_metric(k)}
+        self.metrics.update(values)
+        if reported.get(PSNR_CURVE):
+            self.curve_record = reported[PSNR_CURVE]
+        return step, values
+
+
+def sweep_status(states: list[TrialState]) -> str:
+    """The sweep's run status once its trials ended: FINISHED if all finished, FAILED if one failed, else KILLED."""
+    if all(s.status == FINISHED for s in states):
+        return FINISHED
+    return FAILED if any(s.status == FAILED for s in states) else KILLED
+
+
+def counts(states: list[TrialState]) -> dict[str, int]:
+    return {status: sum(s.status == status for s in states) for status in (PENDING, RUNNING, *ENDED)}

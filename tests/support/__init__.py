@@ -1,0 +1,3 @@
+"""What the tests share besides fixtures (those are in tests/conftest.py): the one tiny trial config,
+sweep specs, running the CLI in a subprocess, reading the store, and the KubeRay schema checks.
+Test modules import from here, never from one another."""

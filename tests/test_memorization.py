@@ -1,0 +1,147 @@
+"""trainer.memorization: nearest-neighbour distances of samples and the d1/d2 < 1/3 copy fraction,
+checked on constructed cases and against scipy's brute-force distances."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.spatial.distance import cdist
+
+from trainer import memorization as mem
+from trainer.config import apply_overrides, build_config
+from trainer.data import load_images
+from trainer.train import Trainer, load_subsets
+
+
+@pytest.fixture(scope="module")
+def digits() -> np.ndarray:
+    """The built-in digits as uint8 (1797, 8, 8, 1)."""
+    return load_images("digits", 8)
+
+
+def reference(samples: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """scipy's Euclidean distances (float64), as RMS on the [0, 1] scale, sorted per sample."""
+    flat = lambda a: a.reshape(len(a), -1).astype(np.float64) / 255.0  # noqa: E731
+    return np.sort(cdist(flat(samples), flat(images)), axis=1) / np.sqrt(samples[0].size)
+
+
+def test_exact_copies_of_training_images_are_memorized(digits):
+    train, test = digits[:32], digits[1000:1256]
+    samples = train[[3, 7, 7, 31, 0]]
+    result = mem.memorization(samples, train, test)
+    assert result.copy_fraction == 1.0
+    assert np.array_equal(result.nn_train, np.zeros(5))  # exactly 0, not merely small
+    assert result.nn_train_index.tolist() == [3, 7, 7, 31, 0]
+    assert (result.nn_test > 0.05).all()
+    assert result.summary() == {
+        "mem_copy_fraction": 1.0,
+        "mem_nn_train": 0.0,
+        "mem_nn_test": pytest.approx(result.nn_test.mean(), rel=1e-12),
+    }
+
+
+def test_held_out_images_are_not_memorized(digits):
+    train, test = digits[:256], digits[1000:1256]
+    samples = digits[1500:1564]  # neither training nor held-out images
+    result = mem.memorization(samples, train, test)
+    assert result.copy_fraction == 0.0
+    held_out = mem.memorization(test[:64], train, test)  # the held-out images themselves
+    assert held_out.copy_fraction == 0.0
+    assert np.array_equal(held_out.nn_test, np.zeros(64)) and (held_out.nn_train > 0).all()
+
+
+def test_slightly_noisy_copies_are_copies_and_blends_are_not(digits):
+    train, test = digits[:64], digits[1000:1064]
+    rng = np.random.default_rng(0)
+    noisy = np.clip(train[:16].astype(int) + rng.integers(-3, 4, train[:16].shape), 0, 255).astype(np.uint8)
+    assert mem.memorization(noisy, train, test).copy_fraction == 1.0
+    blend = ((train[:16].astype(int) + train[16:32].astype(int)) // 2).astype(np.uint8)  # halfway between two
+    assert mem.memorization(blend, train, test).copy_fraction == 0.0
+
+
+def test_distances_match_scipy_across_chunks(digits, monkeypatch):
+    monkeypatch.setattr(mem, "_CHUNK", 7)  # several blocks, the two nearest often in different ones
+    rng = np.random.default_rng(1)
+    samples = rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)
+    samples[:5] = digits[[10, 20, 30, 40, 50]]
+    train, test = digits[:100], digits[1000:1050]
+    result = mem.memorization(samples, train, test)
+    expected_train, expected_test = reference(samples, train), reference(samples, test)
+    np.testing.assert_allclose(result.nn_train, expected_train[:, 0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(result.second_train, expected_train[:, 1], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(result.nn_test, expected_test[:, 0], rtol=1e-12, atol=1e-12)
+    flat = lambda a: a.reshape(len(a), -1).astype(np.float64)  # noqa: E731
+    nearest = cdist(flat(samples), flat(train)).argmin(axis=1)
+    assert np.array_equal(result.nn_train_index, nearest)
+    copies = expected_train[:, 0] / expected_train[:, 1] < 1 / 3
+    assert np.array_equal(result.copies, copies) and copies[:5].all() and not copies[5:].any()
+
+
+def test_rgb_images_and_an_image_size_free_scale():
+    rng = np.random.default_rng(2)
+    train = rng.integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+    shifted = np.clip(train.astype(int) + 51, 0, 255).astype(np.uint8)  # 0.2 brighter where not saturated
+    result = mem.memorization(shifted, train, train)
+    expected = np.sqrt(((shifted.astype(float) - train) / 255.0) ** 2).reshape(10, -1)
+    np.testing.assert_allclose(result.nn_train, np.sqrt((expected**2).mean(axis=1)), rtol=1e-12)
+
+
+def test_one_training_image_reports_distances_but_no_copy_fraction(digits):
+    train, test = digits[:1], digits[1000:1100]
+    result = mem.memorization(digits[[0, 0, 500]], train, test)
+    assert result.copies is None and result.copy_fraction is None
+    assert np.isinf(result.second_train).all()
+    summary = result.summary()
+    assert set(summary) == {"mem_nn_train", "mem_nn_test"}
+    assert summary["mem_nn_train"] == pytest.approx(reference(digits[[500]], train)[0, 0] / 3, rel=1e-12)
+
+
+def test_two_equal_training_images_do_not_make_copies():
+    image = np.full((1, 8, 8, 1), 200, np.uint8)
+    train = np.concatenate([image, image, np.zeros_like(image)])
+    result = mem.memorization(image, train, train[2:])
+    assert result.nn_train[0] == 0 and result.second_train[0] == 0 and result.copy_fraction == 0.0
+
+
+def test_bad_inputs_are_refused(digits):
+    with pytest.raises(ValueError, match="image shape"):
+        mem.memorization(digits[:2], digits[:4, :4], digits[:4])
+    with pytest.raises(ValueError, match="uint8"):
+        mem.memorization(digits[:2].astype(np.float32), digits[:4], digits[:4])
+    with pytest.raises(ValueError, match="at least one"):
+        mem.memorization(digits[:2], digits[:0], digits[:4])
+
+
+def test_pair_grid_puts_each_sample_beside_its_nearest_training_image(digits):
+    train = digits[:16]
+    samples = train[[5, 2, 9]]
+    result = mem.memorization(samples, train, digits[1000:1010])
+    pair_images = mem.pairs(samples, train, result)
+    assert pair_images.shape == (3, 2, 8, 8, 1) and pair_images.dtype == np.uint8
+    assert np.array_equal(pair_images[:, 0], samples) and np.array_equal(pair_images[:, 1], train[[5, 2, 9]])
+    canvas = np.asarray(Image.open(io.BytesIO(mem.pairs_png(pair_images, columns=2))))
+    scale = 8  # 8x8 images upscaled to 64 pixels
+    # Two pairs a row, two rows: width 8 + 2 * (2 * 64 + 2 + 8), height 8 + 2 * (64 + 8).
+    assert canvas.shape == (8 + 2 * (64 + 8), 8 + 2 * (2 * 64 + 2 + 8))
+    second_pair_neighbour = canvas[8 : 8 + 64, 8 + (2 * 64 + 2 + 8) + 64 + 2 :][:, :64]
+    assert np.array_equal(second_pair_neighbour[::scale, ::scale], train[2][..., 0])
+
+
+def test_a_trainer_evaluation_reports_memorization_and_saves_the_pairs(tmp_path, one_torch_thread):
+    config = build_config(
+        apply_overrides({}, ["data.num_images=4", "data.test_images=8", "eval.samples.grid=2", "eval.samples.steps=3"])
+    )
+    trainer = Trainer(config, torch.device("cpu"), load_subsets(config, torch.device("cpu")))
+    metrics = trainer.save_sample_grid(tmp_path)
+    assert set(metrics) == {"mem_copy_fraction", "mem_nn_train", "mem_nn_test"}
+    samples = np.load(tmp_path / "samples.npy")
+    pair_images = np.load(tmp_path / mem.PAIRS_NPY)
+    assert pair_images.shape == (4, 2, 8, 8, 1) and np.array_equal(pair_images[:, 0], samples)
+    train = trainer.subsets.train.permute(0, 2, 3, 1).numpy()
+    nearest = reference(samples, train)[:, 0]
+    assert metrics["mem_nn_train"] == pytest.approx(nearest.mean(), rel=1e-12)
+    assert (tmp_path / mem.PAIRS_PNG).read_bytes().startswith(b"\x89PNG")
