@@ -78,6 +78,16 @@ AddressOption = Annotated[
 ]
 
 
+PendingTimeoutOption = Annotated[
+    float,
+    typer.Option(
+        "--pending-timeout", min=1, metavar="SECONDS",
+        help="Stop the sweep (exit 1, unfinished trials KILLED and resumable) when its trials have waited "
+        "this long for resources with none running.",
+    ),
+]
+
+
 def _print_progress(total_steps: int) -> Callable[[dict, Optional[str]], None]:
     def report(metrics: dict, checkpoint: Optional[str]) -> None:
         parts = [f"step {metrics['step']:>6}/{total_steps}"]
@@ -120,6 +130,7 @@ def launch(
     ] = None,
     address: AddressOption = None,
     force: Annotated[bool, typer.Option("--force", help="Rerun trials that already FINISHED.")] = False,
+    pending_timeout: PendingTimeoutOption = 600.0,
 ) -> None:
     """Run a sweep on Ray Tune; every trial becomes an MLflow child run of the sweep's run."""
     from orchestrator import launch as workflow
@@ -129,7 +140,7 @@ def launch(
         show_plan(spec, set_ or [], tracking_uri, force=force)
         return
     raise typer.Exit(workflow.launch(spec, set_ or [], tracking_uri=tracking_uri, storage=storage,
-                                     address=address, force=force))
+                                     address=address, force=force, pending_timeout_s=pending_timeout))
 
 
 @app.command()
@@ -147,11 +158,13 @@ def resume(
     sweep_id: Annotated[str, typer.Argument(help="The sweep's id (its parent run's ditsweep.sweep_id tag).")],
     tracking_uri: TrackingOption = None,
     address: AddressOption = None,
+    pending_timeout: PendingTimeoutOption = 600.0,
 ) -> None:
     """Continue a sweep whose driver died: finished trials stay, the others continue from checkpoints."""
     from orchestrator import launch as workflow
 
-    raise typer.Exit(workflow.resume(sweep_id, tracking_uri=tracking_uri, address=address))
+    raise typer.Exit(workflow.resume(sweep_id, tracking_uri=tracking_uri, address=address,
+                                     pending_timeout_s=pending_timeout))
 
 
 @app.command()

@@ -134,3 +134,13 @@ def _amounts(request: dict[str, float]) -> str:
 def _describe(node: dict[str, float]) -> str:
     shown = {n: node.get(n, 0.0) for n in SPEC_FIELDS}
     return ", ".join(f"{_number(a)} {n}" for n, a in shown.items())
+
+
+def this_machine() -> Cluster:
+    """In-process Ray: one node, this machine's CPUs and the GPUs torch sees; it never grows."""
+    import os
+
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return Cluster(nodes=[{"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}], local=True)

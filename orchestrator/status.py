@@ -9,7 +9,7 @@ from orchestrator.tracking import Tracker, TrialRun
 
 
 def status(sweep_id: str | None, tracking_uri: str | None) -> str:
-    tracker = Tracker(tracking_uri)
+    tracker = Tracker(tracking_uri, create=False)
     if sweep_id is None:
         return sweeps_table(tracker)
     parent = tracker.find_sweep(sweep_id)
