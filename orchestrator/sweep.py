@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import tempfile
 import threading
@@ -307,6 +308,24 @@ class _StopWhenPendingTooLong(tune.Stopper):
         return bool(_PENDING["expired"])
 
 
+def _fit(tuner: tune.Tuner):
+    """tuner.fit(), raising KeyboardInterrupt after Tune's own graceful stop on Ctrl-C.
+
+    Tune catches the first SIGINT itself (it saves its state and returns normally) and only then puts
+    back the handler it found; the handler in place after fit tells whether that happened."""
+    in_main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if in_main else None
+    grid = tuner.fit()
+    if not in_main:
+        return grid
+    tune_catches = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"
+    interrupted = tune_catches and signal.getsignal(signal.SIGINT) is before
+    signal.signal(signal.SIGINT, before)
+    if interrupted:
+        raise KeyboardInterrupt
+    return grid
+
+
 def _dirname(trial) -> str:
     record = trial.config["trial"]
     safe = "".join(c if c.isalnum() or c in "-_=" else "_" for c in record["name"])
@@ -365,7 +384,7 @@ def run_trials(
                 verbose=0,
             ),
         )
-    grid = tuner.fit()
+    grid = _fit(tuner)
     if _PENDING["expired"]:
         raise PendingTimeout(f"trials waited {pending_timeout_s:g} s for resources with none running")
     outcome: dict[str, TrialOutcome] = {}
