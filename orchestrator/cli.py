@@ -45,6 +45,15 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
     return (BadInput, ClusterError, ConfigError, DataError, ReportError, SpecError, TrackingError, WeightsError)
 
 
+def bounded_message(message: str, lines: int = 10, width: int = 400) -> str:
+    """The last guard on "a message of a few lines": whatever a check quoted, at most `lines` lines of
+    at most `width` characters reach the terminal (checks shorten values themselves; see short_repr)."""
+    kept = [line if len(line) <= width else f"{line[: width - 3]}..." for line in message.splitlines()[:lines]]
+    if len(message.splitlines()) > lines:
+        kept.append(f"... ({len(message.splitlines()) - lines} more lines)")
+    return "\n".join(kept)
+
+
 def handles_bad_input(command: Callable) -> Callable:
     """Turn the errors a user can fix into one line on stderr and exit code 2."""
 
@@ -53,7 +62,7 @@ def handles_bad_input(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except _bad_input_types() as err:
-            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            typer.secho(f"error: {bounded_message(str(err))}", fg=typer.colors.RED, err=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return wrapper
@@ -66,6 +75,16 @@ TrackingOption = Annotated[
 ]
 AddressOption = Annotated[
     Optional[str], typer.Option("--address", help="Join a Ray cluster (auto, ray://host:10001); default in-process.")
+]
+
+
+PendingTimeoutOption = Annotated[
+    float,
+    typer.Option(
+        "--pending-timeout", min=1, metavar="SECONDS",
+        help="Stop the sweep (exit 1, unfinished trials KILLED and resumable) when its trials have waited "
+        "this long for resources with none running.",
+    ),
 ]
 
 
@@ -111,6 +130,7 @@ def launch(
     ] = None,
     address: AddressOption = None,
     force: Annotated[bool, typer.Option("--force", help="Rerun trials that already FINISHED.")] = False,
+    pending_timeout: PendingTimeoutOption = 600.0,
 ) -> None:
     """Run a sweep on Ray Tune; every trial becomes an MLflow child run of the sweep's run."""
     from orchestrator import launch as workflow
@@ -120,7 +140,7 @@ def launch(
         show_plan(spec, set_ or [], tracking_uri, force=force)
         return
     raise typer.Exit(workflow.launch(spec, set_ or [], tracking_uri=tracking_uri, storage=storage,
-                                     address=address, force=force))
+                                     address=address, force=force, pending_timeout_s=pending_timeout))
 
 
 @app.command()
@@ -138,11 +158,13 @@ def resume(
     sweep_id: Annotated[str, typer.Argument(help="The sweep's id (its parent run's ditsweep.sweep_id tag).")],
     tracking_uri: TrackingOption = None,
     address: AddressOption = None,
+    pending_timeout: PendingTimeoutOption = 600.0,
 ) -> None:
     """Continue a sweep whose driver died: finished trials stay, the others continue from checkpoints."""
     from orchestrator import launch as workflow
 
-    raise typer.Exit(workflow.resume(sweep_id, tracking_uri=tracking_uri, address=address))
+    raise typer.Exit(workflow.resume(sweep_id, tracking_uri=tracking_uri, address=address,
+                                     pending_timeout_s=pending_timeout))
 
 
 @app.command()

@@ -18,6 +18,7 @@ class ConsoleProgress:
         self.print_every_s = print_every_s
         self.start = time.monotonic()
         self.last_print = 0.0
+        self.waiting = ""  # what the sweep waits for while no trial runs, e.g. the cluster scaling up
 
     def tick(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -35,6 +36,8 @@ class ConsoleProgress:
             f"[{clock(elapsed)}] {count[FINISHED]}/{len(self.states)} done, {count[RUNNING]} running, "
             f"{count[FAILED]} failed, eta {clock(eta)}"
         ]
+        if self.waiting and count[RUNNING] == 0 and count[FINISHED] + count[FAILED] < len(self.states):
+            parts.append(self.waiting)
         for state in self.states:
             if state.status == RUNNING and state.metrics:
                 loss = state.metrics.get("loss")

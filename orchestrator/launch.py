@@ -13,7 +13,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from orchestrator.exit_codes import EXIT_FAILED, EXIT_OK
+from orchestrator.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from orchestrator.plan import (
     Plan,
     build_plan,
@@ -27,7 +27,11 @@ from orchestrator.plan import (
     trials_manifest,
 )
 from orchestrator.progress import SweepSink
+from orchestrator.resources import Fit, check_trial_fits, this_machine, trial_request
+from orchestrator.spec import SweepSpec
 from orchestrator.tracking import FINISHED, Tracker, new_sweep_id, sweep_tags
+
+DEFAULT_PENDING_TIMEOUT_S = 600.0  # how long trials may wait for resources with none running
 
 
 def launch(
@@ -38,10 +42,12 @@ def launch(
     storage: str | None = None,
     address: str | None = None,
     force: bool = False,
+    pending_timeout_s: float | None = DEFAULT_PENDING_TIMEOUT_S,
 ) -> int:
     grid = read_grid_file(spec_path, overrides)
     check_fid_weights(grid.trials)
     check_storage(storage)
+    fit = check_resources(grid.spec, address)  # joins the cluster: Ray is reached before MLflow is written
     check_storage_is_shared(storage, address, _alive_node_count)
     tracker = Tracker(tracking_uri)
     experiment = tracker.experiment_id(grid.spec.name)
@@ -76,12 +82,14 @@ def launch(
     )
     print(f"sweep {sweep_id}: {len(plan.to_run)} trials to run, tracking {tracker.uri}")
     sink = SweepSink(tracker, parent, plan.to_run, existing={})
-    return _run(plan, sink, sweep_id, storage, address, restore=False)
+    sink.console.waiting = fit.message
+    return _run(plan, sink, sweep_id, storage, address, restore=False, pending_timeout_s=pending_timeout_s)
 
 
-def resume(sweep_id: str, *, tracking_uri: str | None = None, address: str | None = None) -> int:
+def resume(sweep_id: str, *, tracking_uri: str | None = None, address: str | None = None,
+           pending_timeout_s: float | None = DEFAULT_PENDING_TIMEOUT_S) -> int:
     """Continue a sweep whose driver died: finished trials stay, the rest continue from checkpoints."""
-    tracker = Tracker(tracking_uri)
+    tracker = Tracker(tracking_uri, create=False)
     parent = tracker.find_sweep(sweep_id)
     spec_text = tracker.read_text(parent.run_id, "spec.yaml")
     plan = build_plan(read_grid(spec_text, "the sweep's stored spec", parent.overrides), force=parent.force)
@@ -96,17 +104,35 @@ def resume(sweep_id: str, *, tracking_uri: str | None = None, address: str | Non
     if not remaining:
         tracker.end_run(parent.run_id, FINISHED)
         return EXIT_OK
+    fit = check_resources(plan.spec, address)
     tracker.reopen_run(parent.run_id)
     sink = SweepSink(tracker, parent, remaining, existing=children)
-    return _run(plan, sink, sweep_id, parent.storage, address, restore=True)
+    sink.console.waiting = fit.message
+    finished = frozenset(key for key, run in children.items() if run.status == FINISHED)
+    return _run(plan, sink, sweep_id, parent.storage, address, restore=True, finished=finished,
+                pending_timeout_s=pending_timeout_s)
+
+
+def check_resources(spec: SweepSpec, address: str | None) -> Fit:
+    """Can one trial ever get its resources? In-process Ray is this machine (Ray is not started for
+    this); with `address` the cluster is joined (bounded) and its nodes and autoscaler node types asked.
+    Bad input (exit 2) when nothing can ever hold a trial; Fit("after scale-up", message) when only a
+    node the autoscaler can add could."""
+    request = trial_request(spec.resources)
+    if not address:
+        return check_trial_fits(request, this_machine())
+    from orchestrator import sweep as tune_sweep
+
+    tune_sweep.init_ray(address)
+    return check_trial_fits(request, tune_sweep.describe_cluster())
 
 
 def _run(plan: Plan, sink: SweepSink, sweep_id: str, storage: str | None, address: str | None,
-         restore: bool) -> int:
+         restore: bool, finished: frozenset[str] = frozenset(), pending_timeout_s: float | None = None) -> int:
     from orchestrator import sweep as tune_sweep
 
     records = [tune_sweep.TrialRecord(t.key, t.name, t.config.model_dump(mode="json")) for t in sink.trials]
-    interrupted = False
+    interrupted = timed_out = False
     outcome: dict = {}
     try:
         outcome = tune_sweep.run_trials(
@@ -119,14 +145,22 @@ def _run(plan: Plan, sink: SweepSink, sweep_id: str, storage: str | None, addres
             address=address,
             events=sink,
             restore=restore,
+            finished=finished,
+            pending_timeout_s=pending_timeout_s,
         )
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: marking unfinished trials KILLED; `ditsweep resume "
               f"{sweep_id}` continues them", flush=True)
+    except tune_sweep.PendingTimeout as err:
+        timed_out = True
+        print(f"\nstopped: {err} (--pending-timeout {pending_timeout_s:g}); unfinished trials are KILLED "
+              f"and `ditsweep resume {sweep_id}` continues them once the cluster has the resources", flush=True)
     finally:
-        all_finished = sink.close(outcome, interrupted=interrupted)
-    if not interrupted:
+        all_finished = sink.close(outcome, interrupted=interrupted or timed_out)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if not timed_out:
         _refresh_report(sink.tracker, sweep_id)
     return EXIT_OK if all_finished else EXIT_FAILED
 

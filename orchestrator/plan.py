@@ -16,7 +16,9 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.display import duration, format_table, show_value
+from orchestrator.memory import check_trial_memory, trial_estimates
 from orchestrator.spec import SpecError, SweepSpec, Trial, expand, load_spec, parse_spec
+from trainer.memory import format_bytes
 
 if TYPE_CHECKING:
     from orchestrator.tracking import TrialRun
@@ -54,6 +56,7 @@ def read_grid_file(spec_path: str | Path, overrides: list[str]) -> Grid:
     """A spec file, its grid expanded and validated, and every trial's data checked."""
     spec = load_spec(spec_path)
     grid = Grid(spec, Path(spec_path).read_text(), tuple(overrides), tuple(expand(spec, overrides)))
+    check_trial_memory(grid.trials, device=_device(spec))  # before check_data decodes the images
     check_data(grid.trials)
     return grid
 
@@ -66,6 +69,11 @@ def build_plan(grid: Grid, cached: Mapping[str, TrialRun] | None = None, force: 
 
 # ---------------------------------------------------------------------------------------------
 # Checks before anything starts
+
+
+def _device(spec: SweepSpec) -> str:
+    """Where a trial's tensors live, for the memory estimate: a GPU when the spec asks for one."""
+    return "cuda" if spec.resources.gpu else "cpu"
 
 
 def check_data(trials: tuple[Trial, ...] | list[Trial]) -> None:
@@ -139,7 +147,8 @@ def check_storage_is_shared(storage: str | None, address: str | None, count_node
 
 def plan_table(plan: Plan) -> str:
     axes = list(plan.spec.grid)
-    header = ["#", *axes, "schedule", "key", "state"]
+    header = ["#", *axes, "schedule", "memory", "key", "state"]
+    memory = trial_estimates(plan.trials, device=_device(plan.spec))
     rows = []
     for i, trial in enumerate(plan.trials, 1):
         if trial.key in plan.cached and not plan.force:
@@ -147,7 +156,8 @@ def plan_table(plan: Plan) -> str:
         else:
             state = "rerun" if trial.key in plan.cached else "run"
         values = [show_value(trial.axes[a], none="None") for a in axes]
-        rows.append([str(i), *values, trial.config.schedule, trial.key[:10], state])
+        rows.append([str(i), *values, trial.config.schedule, format_bytes(memory[trial.key].total),
+                     trial.key[:10], state])
     return format_table([header, *rows], rule=True)
 
 

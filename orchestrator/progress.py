@@ -30,26 +30,32 @@ class SweepSink:
 
     # -- events from Ray ------------------------------------------------------------------------
     def started(self, key: str) -> None:
-        state = self.states[key]
+        state = self.states.get(key)
+        if state is None:
+            return  # a trial Tune restored that this sweep does not run (the store has it FINISHED)
         state.start()
         self._ensure_run(state)
 
     def result(self, key: str, metrics: dict[str, Any]) -> None:
-        state = self.states[key]
+        state = self.states.get(key)
+        if state is None:
+            return
         if state.status == PENDING:
             self.started(key)
         self._record(state, metrics)
         self.tick()
 
     def completed(self, key: str) -> None:
-        state = self.states[key]
-        if not state.trained_all_steps:
+        state = self.states.get(key)
+        if state is None or not state.trained_all_steps:
             return  # stopped early (interrupt): close() marks it KILLED
         self._finish(state, FINISHED)
         self.console.finished(state)
 
     def failed(self, key: str, error: str) -> None:
-        state = self.states[key]
+        state = self.states.get(key)
+        if state is None:
+            return
         self._ensure_run(state)
         if state.run_id:
             self.tracker.set_error(state.run_id, error)
@@ -57,12 +63,15 @@ class SweepSink:
         self.console.failed(state, error)
 
     def retrying(self, key: str, error: str) -> None:
-        state = self.states[key]
+        state = self.states.get(key)
+        if state is None:
+            return
         state.retries += 1
         self.console.retrying(state, error)
 
     def checkpointed(self, key: str, read: Callable[[str], bytes | None]) -> None:
-        self.states[key].read_checkpoint = read
+        if key in self.states:
+            self.states[key].read_checkpoint = read
 
     def placed(self, key: str, placement: dict[str, str]) -> None:
         """Where the trial reports from; its run's tags follow it when it moves to another node."""

@@ -579,7 +579,7 @@ def publish(tracker: Tracker, sweep_id: str, out: Path | None = None) -> tuple[P
 
 def report(sweep_id: str, out: Path | None, tracking_uri: str | None) -> str:
     """`ditsweep report`: what was written, for the terminal."""
-    tracker = Tracker(tracking_uri)
+    tracker = Tracker(tracking_uri, create=False)
     folder, data = publish(tracker, sweep_id, out)
     names = sorted(p.name for p in folder.iterdir())
     return (f"report of sweep {sweep_id} in {folder}/: {', '.join(names)}\n"

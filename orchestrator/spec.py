@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trainer.attention import schedule_string
@@ -26,7 +25,10 @@ from trainer.config import (
     format_validation_error,
     load_yaml,
     parse_override,
+    parse_yaml_mapping,
     set_dotted,
+    short_repr,
+    short_text,
 )
 
 
@@ -61,10 +63,10 @@ class SweepSpec(BaseModel):
     def _axes_not_empty(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
         for key, values in grid.items():
             if not values:
-                raise ValueError(f"axis grid.{key} is empty; give it at least one value")
+                raise ValueError(f"axis grid.{short_text(key, 100)} is empty; give it at least one value")
             encoded = [json.dumps(v, sort_keys=True) for v in values]
             if len(set(encoded)) != len(encoded):
-                raise ValueError(f"axis grid.{key} repeats a value: {values}")
+                raise ValueError(f"axis grid.{short_text(key, 100)} repeats a value: {short_repr(values)}")
         return grid
 
 
@@ -125,17 +127,15 @@ def load_spec(path: str | Path) -> SweepSpec:
         raw = load_yaml(path)
     except ConfigError as err:
         raise SpecError(str(err)) from None
-    return _validate_spec(raw, f"'{path}'")
+    return _validate_spec(raw, short_repr(str(path)))
 
 
 def parse_spec(text: str, source: str = "spec") -> SweepSpec:
     """A spec from YAML text (e.g. the copy stored with a sweep's MLflow run)."""
     try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise SpecError(f"{source} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{source} must hold a mapping, got {type(raw).__name__}")
+        raw = parse_yaml_mapping(text, source)
+    except ConfigError as err:
+        raise SpecError(str(err)) from None
     return _validate_spec(raw, source)
 
 
@@ -146,46 +146,81 @@ def _validate_spec(raw: dict, source: str) -> SweepSpec:
         raise SpecError(f"invalid spec {source}:\n{format_validation_error(err)}") from None
 
 
-def _resolve(tree: dict, where: str) -> TrialConfig:
-    try:
-        return build_config(tree)
-    except ConfigError as err:
-        raise SpecError(f"{where}:\n{err}") from None
-
-
 def expand(spec: SweepSpec, overrides: list[str] = ()) -> list[Trial]:
-    """Resolve and validate every trial of the grid up front, in a stable order."""
-    base = _base_tree(spec, list(overrides))
+    """Resolve and validate every trial of the grid up front, in a stable order.
+
+    An invalid config is blamed on what made it invalid: a `--set` (when the same grid point is valid
+    without it), else the spec's base (when it is invalid whatever the axis value), else the axis value.
+    """
+    overrides = list(overrides)
+    _base_tree(spec, overrides)
     axes = list(spec.grid)
     for key in axes:  # one axis value at a time first, so an error names exactly that value
         for value in spec.grid[key]:
-            tree = json.loads(json.dumps(base))
-            _set_axis(tree, key, value)
-            _resolve(tree, f"grid.{key}: value {value!r} is not valid")
+            _point_config(spec, overrides, {key: value}, f"grid.{short_text(key, 100)}: value {short_repr(value)} is not valid")
     trials: list[Trial] = []
     for values in itertools.product(*(spec.grid[k] for k in axes)):
         point = dict(zip(axes, values))
-        tree = json.loads(json.dumps(base))
-        for key, value in point.items():
-            _set_axis(tree, key, value)
-        where = "grid point " + ", ".join(f"{k}={v!r}" for k, v in point.items())
-        config = _resolve(tree, f"{where} is not valid")
+        where = "grid point " + ", ".join(f"{short_text(k, 100)}={short_repr(v)}" for k, v in point.items()) if point else "base"
+        config = _point_config(spec, overrides, point, f"{where} is not valid")
         trials.append(Trial(axes=point, config=config, key=trial_key(config)))
     _refuse_duplicates(trials)
     return trials
 
 
-def _base_tree(spec: SweepSpec, overrides: list[str]) -> dict:
-    for item in overrides:
-        key, _ = parse_override(item)
-        if key in spec.grid:
-            raise SpecError(f"--set {key}=... overrides grid axis '{key}'; change the grid instead")
+def _point_config(spec: SweepSpec, overrides: list[str], point: dict[str, Any], where: str) -> TrialConfig:
     try:
-        base = apply_overrides(spec.base, overrides)
-        _resolve_partial(base)
+        return build_config(_point_tree(spec, overrides, point))
+    except ConfigError as err:
+        culprit = _culprit_override(spec, overrides, point)
+        if culprit is not None:
+            raise SpecError(f"--set {short_text(culprit, 100)}: {err}") from None
+        if point and _fails_alike(spec, err):
+            raise SpecError(f"base: {err}") from None
+        raise SpecError(f"{where}:\n{err}") from None
+
+
+def _point_tree(spec: SweepSpec, overrides: list[str], point: dict[str, Any]) -> dict:
+    tree = apply_overrides(spec.base, overrides)
+    for key, value in point.items():
+        _set_axis(tree, key, value)
+    return tree
+
+
+def _culprit_override(spec: SweepSpec, overrides: list[str], point: dict[str, Any]) -> str | None:
+    """The first `--set` whose addition turns this grid point invalid; None when it is invalid without any."""
+    for count in range(len(overrides) + 1):
+        try:
+            build_config(_point_tree(spec, overrides[:count], point))
+        except ConfigError:
+            return overrides[count - 1] if count else None
+    return None
+
+
+def _fails_alike(spec: SweepSpec, err: ConfigError) -> bool:
+    """True when the spec's base alone (no axis value, no --set) fails with the same message: then the base,
+    not the axis value, is wrong."""
+    try:
+        build_config(spec.base)
+    except ConfigError as base_err:
+        return str(base_err) == str(err)
+    return False
+
+
+def _base_tree(spec: SweepSpec, overrides: list[str]) -> dict:
+    try:
+        _resolve_partial(spec.base)
     except ConfigError as err:
         raise SpecError(f"base: {err}") from None
-    return base
+    for item in overrides:
+        try:
+            key, value = parse_override(item)
+            set_dotted({}, key, value)
+        except ConfigError as err:
+            raise SpecError(str(err) if str(err).startswith("--set") else f"--set {short_text(item, 100)}: {err}") from None
+        if key in spec.grid:
+            raise SpecError(f"--set {short_text(key, 100)}=... overrides grid axis {short_repr(key)}; change the grid instead")
+    return apply_overrides(spec.base, overrides)
 
 
 def _resolve_partial(base: dict) -> None:
@@ -198,7 +233,7 @@ def _set_axis(tree: dict, key: str, value: Any) -> None:
     try:
         set_dotted(tree, key, value)
     except ConfigError as err:
-        raise SpecError(f"grid.{key}: {err}") from None
+        raise SpecError(f"grid.{short_text(key, 100)}: {err}") from None
 
 
 def _refuse_duplicates(trials: list[Trial]) -> None:
@@ -206,7 +241,7 @@ def _refuse_duplicates(trials: list[Trial]) -> None:
     for trial in trials:
         if trial.key in seen:
             raise SpecError(
-                f"grid points {seen[trial.key].name!r} and {trial.name!r} resolve to the same config "
+                f"grid points {short_repr(seen[trial.key].name)} and {short_repr(trial.name)} resolve to the same config "
                 "(an axis has no effect under the other values, e.g. windows with placement 'none'); "
                 "split the spec or drop the redundant values"
             )

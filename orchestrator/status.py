@@ -5,11 +5,14 @@ from __future__ import annotations
 import time
 
 from orchestrator.display import format_table
-from orchestrator.tracking import Tracker, TrialRun
+from orchestrator.tracking import Tracker, TrialRun, resolve_tracking_uri, store_missing
 
 
 def status(sweep_id: str | None, tracking_uri: str | None) -> str:
-    tracker = Tracker(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
+    if sweep_id is None and store_missing(uri):
+        return f"no sweeps: no tracking store at {uri!r} yet"  # read-only: the store is not created
+    tracker = Tracker(uri, create=False)
     if sweep_id is None:
         return sweeps_table(tracker)
     parent = tracker.find_sweep(sweep_id)

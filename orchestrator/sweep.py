@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
 import tempfile
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +28,24 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
 
+from orchestrator.resources import Cluster, NodeType  # noqa: E402
+from orchestrator.spec import SpecError  # noqa: E402
 from trainer.train import STEP, reported  # noqa: E402
 
 DEFAULT_STORAGE = "ditsweep_results"
 # Where a trial runs, sent with every report as flat strings (`placement_node_id`, ...) and handed to
 # the sink's `placed` event as {"node_id": ..., "node_ip": ..., "device": ..., ...}.
 PLACEMENT_PREFIX = "placement_"
+CONNECT_TIMEOUT_S = 30.0  # the longest `--address` may take to answer before the sweep is refused
+_QUIET_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.data", "ray.serve", "filelock")
+
+
+class ClusterUnreachable(SpecError):
+    """`--address` names a Ray cluster that does not answer: refused before anything is written."""
+
+
+class PendingTimeout(RuntimeError):
+    """The sweep waited `--pending-timeout` seconds with trials pending and none running."""
 
 
 class TrialEvents(Protocol):
@@ -80,8 +96,9 @@ def resolve_storage(uri: str | None) -> tuple[str, Any]:
 # The trainable: runs on a worker.
 
 
-def run_trial(param: dict) -> None:
-    """One Tune trial: resume from Tune's checkpoint if there is one, report as training goes."""
+def run_trial(param: dict, finished: frozenset[str] = frozenset()) -> None:
+    """One Tune trial: resume from Tune's checkpoint if there is one, report as training goes.
+    A trial the tracking store already has FINISHED (`finished`, restore after a driver died) ends at once."""
     import torch
 
     from trainer.config import TrialConfig
@@ -90,6 +107,8 @@ def run_trial(param: dict) -> None:
     # Ray logs every checkpoint upload at INFO; ditsweep's own progress already says where trials are.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     record = param["trial"]
+    if record["key"] in finished:
+        return
     config = TrialConfig.model_validate(record["config"])
     torch.set_num_threads(max(1, int(param["cpus"])))
     device = pick_device()
@@ -198,13 +217,19 @@ def _checkpoint_reader(checkpoint: tune.Checkpoint) -> Callable[[str], bytes | N
     return read
 
 
-def init_ray(address: str | None) -> None:
+def quiet_ray() -> None:
+    """Ray's own INFO and warning lines never reach a ditsweep user: progress is ditsweep's."""
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="ray")
+
+
+def init_ray(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     if ray.is_initialized():
         return
-    logging.getLogger("ray").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="ray")
+    quiet_ray()
     if address:
-        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=True)
+        connect(address, timeout_s)
     else:
         ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
 
@@ -213,6 +238,133 @@ def alive_node_count(address: str) -> int:
     """How many nodes of the cluster at `address` are alive (connects this process to it)."""
     init_ray(address)
     return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def gcs_address(address: str) -> tuple[str, int]:
+    """(host, port) that must answer for `address`: `auto` is $RAY_ADDRESS or this machine's running
+    head; ray://host[:10001] is the Ray Client server; host:port is the GCS (default port 6379)."""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS") or _local_head_address() or "127.0.0.1:6379"
+    default_port = 10001 if address.startswith("ray://") else 6379
+    hostport = address.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
+    try:
+        return host.strip("[]") or "127.0.0.1", int(port) if port else default_port
+    except ValueError:
+        raise ClusterUnreachable(f"--address {address[:200]!r}: the port {port[:20]!r} is not a number") from None
+
+
+def _local_head_address() -> str | None:
+    """The head `ray start` left on this machine (Ray writes its address to a file in its temp folder)."""
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        found = find_bootstrap_address(None)
+        return next(iter(found), None) if found else None
+    except Exception:  # noqa: BLE001 - Ray's private helper moved: fall back to the default port
+        return None
+
+
+def connect(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Join the cluster at `address`, or raise ClusterUnreachable within about `timeout_s` seconds.
+
+    Ray's own connection retries take minutes for an address that does not answer, so the port is tried
+    first (a few seconds), then `ray.init` runs in a thread this process waits on for at most `timeout_s`.
+    """
+    host, port = gcs_address(address)
+    try:
+        socket.create_connection((host, port), timeout=min(5.0, timeout_s)).close()
+    except OSError as err:
+        raise ClusterUnreachable(
+            f"--address {address[:200]!r}: no Ray cluster answers at {host}:{port} ({err.strerror or err}); "
+            "start it (ray start --head) or pass the address the cluster prints"
+        ) from None
+    error: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=True)
+        except BaseException as err:  # noqa: BLE001 - reported by the waiting thread
+            error.append(err)
+
+    thread = threading.Thread(target=join, name="ray-connect", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise ClusterUnreachable(f"--address {address[:200]!r}: {host}:{port} answers, but Ray did not "
+                                 f"connect within {timeout_s:.0f} s; is it a Ray head of the same Ray version?")
+    if error:
+        first = str(error[0]).strip().splitlines()[0][:300] if str(error[0]).strip() else type(error[0]).__name__
+        raise ClusterUnreachable(f"--address {address[:200]!r}: Ray could not connect: {first}")
+
+
+def describe_cluster() -> Cluster:
+    """The joined cluster as `orchestrator.resources` sees it: the totals of its alive nodes, and the
+    node types its autoscaler may add (none without an autoscaler)."""
+    nodes = [dict(node.get("Resources", {})) for node in ray.nodes() if node.get("Alive")]
+    return Cluster(nodes=nodes, node_types=_autoscaler_node_types())
+
+
+def _autoscaler_node_types() -> dict[str, NodeType]:
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler, or Ray's private API changed: current nodes only
+        return {}
+    if config is None:
+        return {}
+    types = {}
+    for group in getattr(config, "node_group_configs", []):
+        max_count = int(getattr(group, "max_count", 0))
+        types[group.name] = NodeType(dict(group.resources), max_workers=10**6 if max_count < 0 else max_count)
+    return types
+
+
+# Pending trials with none running, seen from Tune's loop in the driver (module state, like _EVENTS:
+# Tune pickles callbacks and stoppers into its experiment state).
+_PENDING = {"timeout_s": None, "since": None, "expired": False}
+
+
+class _PendingWatch(tune.Callback):
+    def on_step_end(self, iteration, trials, **info):
+        timeout_s = _PENDING["timeout_s"]
+        if timeout_s is None:
+            return
+        running = any(t.status == "RUNNING" for t in trials)
+        pending = any(t.status == "PENDING" for t in trials)
+        if running or not pending:
+            _PENDING["since"] = None
+        elif _PENDING["since"] is None:
+            _PENDING["since"] = time.monotonic()
+        elif time.monotonic() - _PENDING["since"] > timeout_s:
+            _PENDING["expired"] = True
+
+
+class _StopWhenPendingTooLong(tune.Stopper):
+    def __call__(self, trial_id, result) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return bool(_PENDING["expired"])
+
+
+def _fit(tuner: tune.Tuner):
+    """tuner.fit(), raising KeyboardInterrupt after Tune's own graceful stop on Ctrl-C.
+
+    Tune catches the first SIGINT itself (it saves its state and returns normally) and only then puts
+    back the handler it found; the handler in place after fit tells whether that happened."""
+    in_main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if in_main else None
+    grid = tuner.fit()
+    if not in_main:
+        return grid
+    tune_catches = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"
+    interrupted = tune_catches and signal.getsignal(signal.SIGINT) is before
+    signal.signal(signal.SIGINT, before)
+    if interrupted:
+        raise KeyboardInterrupt
+    return grid
 
 
 def _dirname(trial) -> str:
@@ -232,13 +384,22 @@ def run_trials(
     address: str | None,
     events: TrialEvents,
     restore: bool = False,
+    finished: frozenset[str] = frozenset(),
+    pending_timeout_s: float | None = None,
 ) -> dict[str, TrialOutcome]:
-    """Run (or with `restore`, continue) the sweep's trials; returns trial key -> outcome."""
+    """Run (or with `restore`, continue) the sweep's trials; returns trial key -> outcome.
+
+    `finished`: trial keys the tracking store already has FINISHED (Tune's saved state can lag it when
+    the driver died): a restored trial with such a key ends at once instead of training again.
+    `pending_timeout_s`: raise PendingTimeout once trials have waited that long with none running.
+    """
     global _EVENTS, _WANTED
     _EVENTS, _WANTED = events, frozenset(t.key for t in trials)
+    _PENDING.update(timeout_s=pending_timeout_s, since=None, expired=False)
     init_ray(address)
     storage_path, fs = resolve_storage(storage)
-    trainable = tune.with_resources(run_trial, {"cpu": cpu, "gpu": gpu})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, finished=frozenset(finished)),
+                                    {"cpu": cpu, "gpu": gpu})
     path = f"{storage_path}/{sweep_id}"
     if restore and tune.Tuner.can_restore(path, storage_filesystem=fs):
         tuner = tune.Tuner.restore(
@@ -259,11 +420,14 @@ def run_trials(
                 storage_filesystem=fs,
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                callbacks=[_EventBridge()],
+                callbacks=[_EventBridge(), _PendingWatch()],
+                stop=_StopWhenPendingTooLong(),
                 verbose=0,
             ),
         )
-    grid = tuner.fit()
+    grid = _fit(tuner)
+    if _PENDING["expired"]:
+        raise PendingTimeout(f"trials waited {pending_timeout_s:g} s for resources with none running")
     outcome: dict[str, TrialOutcome] = {}
     for result in grid:
         if not result.config:

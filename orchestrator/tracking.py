@@ -8,6 +8,7 @@ are kept in an outbox and replayed in order once it answers again, so no result 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import signal
@@ -34,6 +35,18 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from orchestrator.display import first_line  # noqa: E402
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# MLflow's and alembic's INFO lines ("Creating initial MLflow database tables...", "Context impl
+# SQLiteImpl.") are internals: ditsweep prints its own lines. Warnings and errors still show.
+_QUIET_LOGGERS = ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils", "mlflow.tracking",
+                  "mlflow.store", "mlflow.utils")
+
+
+def quiet_mlflow() -> None:
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+quiet_mlflow()
 DEFAULT_ARTIFACT_ROOT = "mlartifacts"
 
 # Every tag ditsweep writes on a run; nothing outside this module spells them.
@@ -225,8 +238,12 @@ class Outbox:
 class Tracker:
     """A handle on one tracking store."""
 
-    def __init__(self, uri: str | None = None):
+    def __init__(self, uri: str | None = None, create: bool = True):
+        """`create=False` for read-only commands: a local store that does not exist is an error, not made."""
         self.uri = resolve_tracking_uri(uri)
+        if not create and store_missing(self.uri):
+            raise TrackingError(f"no tracking store at {self.uri!r} (nothing has been launched here); "
+                                "pass --tracking-uri or run from the folder of the sweep")
         self._check_reachable()
         self._client = MlflowClient(tracking_uri=self.uri)
         try:
@@ -468,7 +485,7 @@ def serve_ui(uri: str | None, host: str, port: int, startup_timeout_s: float = 1
     """Run the MLflow UI in the foreground until Ctrl-C; print its address once it answers."""
     uri = resolve_tracking_uri(uri)
     command = ui_command(uri, host, port)
-    experiments = Tracker(uri).experiments_with_view()
+    experiments = Tracker(uri, create=False).experiments_with_view()
     base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the server too, like Ctrl-C
     # Its own process group: the server, its uvicorn worker and job runner are stopped together.

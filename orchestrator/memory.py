@@ -1,0 +1,89 @@
+"""Refuse a sweep whose trials need more memory than a worker has, before anything decodes or allocates.
+
+The estimate per trial is `trainer.memory.estimate_trial_memory`; this module finds each data source's
+size without decoding it, compares every trial with the memory available and names the numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from orchestrator.spec import SpecError, Trial
+from trainer.config import short_text
+from trainer.memory import MemoryEstimate, estimate_trial_memory, format_bytes, source_shape
+
+# What to change, by the term that dominates the estimate.
+_FIXES = {
+    "data pool": "lower data.image_size, or use a smaller data source (the whole source is decoded, "
+    "whatever data.num_images)",
+    "model state": "choose a smaller model.size",
+    "attention masks": "lower data.image_size, or use attention.backend: banded (or flex on a GPU)",
+    "activations": "lower train.batch_size or data.image_size",
+    "attention scores": "lower train.batch_size or data.image_size, or use attention.backend: banded "
+    "(or flex on a GPU)",
+    "evaluation": "lower eval.psnr_gap.batch_size or eval.fid.batch_size, set eval.locality.enabled: false "
+    "(it writes out tokens x tokens attention maps), or lower data.image_size",
+}
+
+
+class TrialMemoryError(SpecError):
+    """A trial would not fit in a worker's memory; the message names estimate, limit and the fix."""
+
+
+def machine_memory_bytes() -> int:
+    """Total RAM of this machine (what in-process Ray workers share)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return _meminfo_total()
+
+
+def _meminfo_total() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no MemTotal in /proc/meminfo")
+
+
+def trial_estimates(trials: list[Trial], device: str = "cpu") -> dict[str, MemoryEstimate]:
+    """Trial key -> memory estimate; each data source is sized once, from headers or file names."""
+    shapes: dict[str, tuple[int, int]] = {}
+    estimates = {}
+    for trial in trials:
+        data = trial.config.data
+        if data.source not in shapes:
+            shapes[data.source] = source_shape(data.source) or _lower_bound_shape(trial)
+        estimates[trial.key] = estimate_trial_memory(trial.config, *shapes[data.source], device=device)
+    return estimates
+
+
+def _lower_bound_shape(trial: Trial) -> tuple[int, int]:
+    """A source not readable without downloading it: at least its training subset and held-out images."""
+    data = trial.config.data
+    return (data.num_images or 1) + data.test_images, 3
+
+
+def check_trial_memory(
+    trials: list[Trial], available: int | None = None, *, device: str = "cpu", where: str = "this machine"
+) -> dict[str, MemoryEstimate]:
+    """The estimates, or TrialMemoryError for the first trial whose estimate exceeds `available` bytes
+    (default: this machine's RAM); `where` names the limit in the message (e.g. "a node of the cluster")."""
+    available = machine_memory_bytes() if available is None else available
+    estimates = trial_estimates(trials, device)
+    for trial in trials:
+        estimate = estimates[trial.key]
+        if estimate.total > available:
+            raise TrialMemoryError(_too_big_message(trial, estimate, available, where))
+    return estimates
+
+
+def _too_big_message(trial: Trial, estimate: MemoryEstimate, available: int, where: str) -> str:
+    cfg = trial.config
+    biggest = estimate.biggest
+    return (
+        f"trial {short_text(trial.name, 100)} needs about {format_bytes(estimate.total)} of memory, more than the "
+        f"{format_bytes(available)} {where} has; the largest part is {biggest} "
+        f"({format_bytes(estimate.terms[biggest])}) with data.image_size={cfg.data.image_size}, "
+        f"train.batch_size={cfg.train.batch_size}, model.size={cfg.model.size}: {_FIXES[biggest]}"
+    )

@@ -1,0 +1,201 @@
+"""The memory estimate of a trial: its terms against the built model and formulas written out here, its
+total against the peak resident memory of a real run, and the check that refuses a trial too big."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import sklearn.datasets  # noqa: F401  (imported here: the timed plan below measures the check, not this import)
+import yaml
+from typer.testing import CliRunner
+
+import orchestrator.tracking  # noqa: F401  (plan imports it; the timed plan below measures the check)
+from orchestrator.cli import app
+from orchestrator.memory import TrialMemoryError, check_trial_memory, machine_memory_bytes, trial_estimates
+from orchestrator.spec import expand, load_spec
+from trainer.config import build_config
+from trainer.memory import estimate_trial_memory, format_bytes, parameter_count, source_shape
+from trainer.model import build_dit
+
+DIGITS = 1797  # scikit-learn's digits: 8x8 grayscale
+
+
+@pytest.mark.parametrize(
+    ("size", "image_size", "channels", "num_classes"),
+    [("DiT-T/1", 8, 1, 0), ("DiT-XS/2", 16, 3, 10), ("DiT-S/4", 8, 3, 0), ("DiT-T/1", 4, 3, 2)],
+)
+def test_parameter_count_is_the_built_models(size, image_size, channels, num_classes):
+    model = build_dit(size, image_size=image_size, in_channels=channels, windows=[None] * 12, num_classes=num_classes)
+    assert parameter_count(size, image_size, channels, num_classes) == sum(p.numel() for p in model.parameters())
+
+
+def test_model_state_is_five_fp32_copies_of_the_parameters_plus_position_buffers():
+    config = build_config({"model": {"size": "DiT-XS/1"}, "data": {"image_size": 8}})
+    model = build_dit("DiT-XS/1", image_size=8, in_channels=1, windows=config.windows)
+    params = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() for b in model.buffers())
+    # parameters, gradients, AdamW's two moments, EMA weights; the EMA model has its own buffers
+    assert estimate_trial_memory(config, DIGITS, 1).terms["model state"] == 5 * 4 * params + 2 * 4 * buffers
+
+
+def test_dense_attention_scores_are_batch_heads_tokens_squared_per_local_block():
+    config = build_config({
+        "attention": {"backend": "dense", "placement": "head", "windows": [3, 5, 7, 9, 11, 13]},
+        "data": {"image_size": 8},
+        "train": {"batch_size": 32},
+    })
+    tokens, heads, local_blocks = 8 * 8, 2, 6  # DiT-T: 2 heads; on an 8x8 grid a 13-window is still local (< 15)
+    expected = 32 * heads * tokens**2 * 4 * local_blocks
+    assert estimate_trial_memory(config, DIGITS, 1).terms["attention scores"] == expected
+
+
+def test_flex_and_global_attention_keep_no_scores():
+    flex = build_config({"attention": {"backend": "flex"}})
+    assert estimate_trial_memory(flex, DIGITS, 1, device="cuda").terms["attention scores"] == 0
+    none = build_config({"attention": {"placement": "none", "backend": "dense"}})
+    assert estimate_trial_memory(none, DIGITS, 1).terms["attention scores"] == 0
+
+
+def test_banded_scores_are_fewer_than_dense_at_large_grids():
+    base = {"data": {"image_size": 32}, "train": {"batch_size": 8}}
+    dense = build_config({**base, "attention": {"backend": "dense"}})
+    banded = build_config({**base, "attention": {"backend": "banded"}})
+    assert 0 < estimate_trial_memory(banded, DIGITS, 1).terms["attention scores"] < (
+        estimate_trial_memory(dense, DIGITS, 1).terms["attention scores"]
+    )
+
+
+def test_data_pool_is_the_decoded_source_plus_the_subset_copies():
+    config = build_config({"data": {"image_size": 16, "num_images": 100, "test_images": 50}})
+    expected = DIGITS * 16 * 16 + (100 + 50) * 16 * 16
+    assert estimate_trial_memory(config, DIGITS, 1).terms["data pool"] == expected
+
+
+def test_source_shape_reads_headers_not_pixels(tmp_path):
+    import numpy as np
+
+    assert source_shape("digits") == (DIGITS, 1)
+    array = np.zeros((7, 5, 5, 3), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", array)
+    np.savez(tmp_path / "b.npz", images=array, labels=np.arange(7))
+    np.save(tmp_path / "gray.npy", array[..., 0])
+    assert source_shape(str(tmp_path / "a.npy")) == (7, 3)
+    assert source_shape(str(tmp_path / "b.npz")) == (7, 3)
+    assert source_shape(str(tmp_path / "gray.npy")) == (7, 1)
+    assert source_shape(str(tmp_path / "absent.npy")) is None
+
+
+def test_format_bytes():
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(3 * 1024**3) == "3.0 GiB"
+
+
+def test_machine_memory_matches_proc_meminfo():
+    line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal:"))
+    meminfo = int(line.split()[1]) * 1024
+    assert abs(machine_memory_bytes() - meminfo) < 0.05 * meminfo
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimate against a real run
+
+
+MEASURE = textwrap.dedent(
+    """
+    import json, resource, sys
+    import torch
+    torch.set_num_threads(1)
+    from trainer.config import build_config
+    from trainer.train import train
+    config = build_config(json.loads(sys.argv[1]))
+    def rss():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    before = rss()
+    train(config, out_dir=sys.argv[2])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"before": before, "peak": peak}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_estimate_is_within_a_factor_two_of_the_measured_peak(tmp_path):
+    # Big enough that the trial's own memory (~0.5 GiB) dwarfs allocator noise: dense masks on every block.
+    tree = {
+        "attention": {"backend": "dense", "placement": "custom", "windows": [3, 5, 7, 9, 11, 13] * 2},
+        "data": {"image_size": 16, "num_images": 64, "test_images": 64},
+        "train": {"steps": 3, "batch_size": 48, "log_every": 1},
+        "eval": {
+            "psnr_gap": {"images": 16, "timesteps": 2, "batch_size": 16},
+            "samples": {"grid": 0},
+            "locality": {"enabled": False},
+        },
+    }
+    config = build_config(tree)
+    estimate = estimate_trial_memory(config, DIGITS, 1).total
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, json.dumps(tree), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    grown = measured["peak"] - measured["before"]
+    print(f"estimate {format_bytes(estimate)}, measured peak increase {format_bytes(grown)}")
+    assert estimate / 2 <= grown <= estimate * 2, (format_bytes(estimate), format_bytes(grown))
+
+
+# ---------------------------------------------------------------------------------------------
+# The check
+
+
+def write_spec(tmp_path: Path, **base) -> Path:
+    spec = {"name": "t", "base": {"data": {"num_images": 16, "test_images": 16}, **base}, "grid": {"seed": [0, 1]}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_check_names_estimate_limit_biggest_term_and_fix(tmp_path):
+    trials = expand(load_spec(write_spec(tmp_path)))
+    estimate = trial_estimates(trials)[trials[0].key]
+    with pytest.raises(TrialMemoryError) as err:
+        check_trial_memory(trials, available=estimate.total - 1, where="a worker")
+    message = str(err.value)
+    assert format_bytes(estimate.total) in message and format_bytes(estimate.total - 1) in message
+    assert f"the largest part is {estimate.biggest}" in message
+    assert "a worker" in message and "lower" in message or "smaller" in message
+    assert check_trial_memory(trials, available=estimate.total)[trials[0].key] == estimate
+
+
+def test_plan_of_a_huge_image_size_fails_fast_without_allocating(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(tmp_path)
+    start = time.perf_counter()
+    result = CliRunner().invoke(app, ["plan", str(spec), "--set", "data.image_size=4096"])
+    elapsed = time.perf_counter() - start
+    assert result.exit_code == 2, result.output
+    assert elapsed < 5, elapsed
+    assert "needs about" in result.output and "memory" in result.output
+    assert "data.image_size=4096" in result.output and "lower" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
+def test_the_plan_table_shows_each_trials_estimate(tmp_path):
+    from orchestrator.plan import Grid, build_plan, plan_table
+
+    spec = load_spec(write_spec(tmp_path))
+    trials = expand(spec, ["eval.psnr_gap.batch_size=8"])
+    table = plan_table(build_plan(Grid(spec=spec, spec_text="", overrides=(), trials=tuple(trials))))
+    header, _, *rows = table.splitlines()
+    assert "memory" in header.split()
+    for trial, row in zip(trials, rows):
+        assert format_bytes(trial_estimates([trial])[trial.key].total) in row

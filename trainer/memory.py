@@ -1,0 +1,247 @@
+"""How much memory a trial needs, estimated from its config alone (nothing is decoded or allocated).
+
+The estimate is the peak of one `trainer.train` process, in bytes, as a sum of named terms:
+
+- `data pool`: the decoded source as uint8 (count x C x S x S), held for the whole trial (PoolCache),
+  plus the uint8 copies of the training subset and the held-out images gathered from it. Decoding an
+  image folder or resizing an array briefly holds a second copy; that happens before the model exists.
+- `model state`: fp32 parameters, their gradients, AdamW's two moments and the EMA copy (5 x 4 bytes a
+  parameter), plus the position-embedding buffer of the model and of the EMA copy.
+- `attention masks`: the masks the backend caches, one per distinct window (dense: an (N, N) bool;
+  banded: the float (tiles, rows x W, band x W) tile mask).
+- `activations`: what backward keeps per block, ACTIVATION_FACTOR x batch x tokens x width x 4 bytes
+  (layer-norm inputs, modulated inputs, q/k/v, attention output, the MLP's two 4 x width tensors, ...;
+  about 20 widths written out in DiTBlock.forward, rounded up for the copies reshapes make).
+- `attention scores`: the softmax weights each local block keeps for backward, batch x heads x queries x
+  keys x 4 bytes: the dense-mask backend keeps all N x N pairs; the banded backend each tile's band of
+  keys; FlexAttention and global blocks (fused SDPA) keep none.
+- `evaluation`: the largest no-grad batch (PSNR gap, sample grid or FID sampling, with the EMA model):
+  EVAL_ACTIVATION_FACTOR widths per token live in one block at a time, plus one local block's scores;
+  and the attention maps `trainer.locality` writes out for its images (heads x N x N each, in fp32 and
+  float64).
+
+Training and evaluation never overlap (the graph is freed after each step), so the peak is
+data pool + model state + masks + max(activations + attention scores, evaluation).
+The factors are rounded up from reading the model; tests/test_memory.py checks the total against the
+peak resident memory of a real run. Allocator overhead and the Python/torch runtime (~0.3-0.5 GiB)
+are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trainer.config import TrialConfig
+
+FLOAT_BYTES = 4  # training and evaluation state is fp32 (autocast only on CUDA, and only for matmuls)
+ACTIVATION_FACTOR = 24  # widths per token that backward keeps per block (see the module docstring)
+EVAL_ACTIVATION_FACTOR = 12  # widths per token alive in one block of a no-grad forward
+OPTIMIZER_COPIES = 5  # parameters, gradients, AdamW exp_avg and exp_avg_sq, EMA weights
+TIMESTEP_FREQUENCIES = 256  # TimestepEmbedder's frequency_dim
+MLP_RATIO = 4.0
+# trainer.locality per attention-map entry: fp32 scores and probabilities, their float64 copy and the
+# einsum's float64 product; plus its (N, N) float64 distance and neighbourhood maps.
+LOCALITY_BYTES = 24
+LOCALITY_MAPS = 4
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per term (see the module docstring) and the peak they add up to."""
+
+    terms: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        t = self.terms
+        resident = t["data pool"] + t["model state"] + t["attention masks"]
+        return resident + max(t["activations"] + t["attention scores"], t["evaluation"])
+
+    @property
+    def biggest(self) -> str:
+        return max(self.terms, key=self.terms.get)
+
+
+def parameter_count(size: str, image_size: int, channels: int, num_classes: int = 0) -> int:
+    """Parameters of `trainer.model.build_dit(size, image_size, channels, ...)`, counted from its layers."""
+    from trainer.model import parse_size
+
+    depth, width, _, patch = parse_size(size)
+    hidden = int(width * MLP_RATIO)
+    pixels = patch * patch * channels
+
+    def linear(inputs: int, outputs: int) -> int:
+        return inputs * outputs + outputs
+
+    count = linear(pixels, width)  # patch embedding (a conv of kernel = stride = patch)
+    count += linear(TIMESTEP_FREQUENCIES, width) + linear(width, width)  # timestep MLP
+    count += (num_classes + 1) * width if num_classes > 0 else 0  # label table with the null class
+    block = linear(width, 3 * width) + linear(width, width)  # attention qkv, proj
+    block += linear(width, hidden) + linear(hidden, width) + linear(width, 6 * width)  # MLP, adaLN
+    count += depth * block
+    count += linear(width, pixels) + linear(width, 2 * width)  # final layer, its adaLN
+    return count
+
+
+def attention_score_elements(grid: tuple[int, int], window: int | None, backend: str) -> int:
+    """Query-key pairs one local block materializes per image and head under `backend` (resolved:
+    dense, banded or flex); 0 for global attention and for FlexAttention."""
+    from trainer.attention import band_rows_per_tile, is_global
+
+    tokens = grid[0] * grid[1]
+    if window is None or is_global(window, grid) or backend == "flex":
+        return 0
+    rows = band_rows_per_tile(grid, window) if backend == "banded" else None
+    if rows is None:  # dense masking (banded falls back to it when the band covers the grid)
+        return tokens * tokens
+    tiles, band = math.ceil(grid[0] / rows), rows + 2 * (window // 2)
+    return tiles * (rows * grid[1]) * (band * grid[1])
+
+
+def _mask_bytes(grid: tuple[int, int], windows: list[int | None], backend: str) -> int:
+    total = 0
+    for window in set(windows):
+        elements = attention_score_elements(grid, window, backend)
+        if elements == grid[0] * grid[1] * grid[0] * grid[1]:
+            total += elements  # a bool (N, N) mask
+        else:
+            total += elements * FLOAT_BYTES  # the banded tile mask, in the activations' dtype
+    return total
+
+
+def resolved_backend(requested: str, device: str) -> str:
+    """The backend a trial runs with on `device` ("cpu" or "cuda"), as trainer.attention.resolve_backend."""
+    if requested == "auto":
+        return "flex" if device == "cuda" else "banded"
+    return requested
+
+
+def estimate_trial_memory(config: TrialConfig, pool_images: int, channels: int, device: str = "cpu") -> MemoryEstimate:
+    """Peak bytes of one trial of `config` whose data source holds `pool_images` images of `channels`
+    channels, training on `device` ("cpu" or "cuda")."""
+    from trainer.model import parse_size
+
+    data, train, ev = config.data, config.train, config.eval
+    depth, width, heads, patch = parse_size(config.model.size)
+    grid = (data.image_size // patch, data.image_size // patch)
+    tokens = grid[0] * grid[1]
+    backend = resolved_backend(config.attention.backend, device)
+    windows = config.windows
+    image_bytes = channels * data.image_size * data.image_size
+    held_out = min(data.test_images, pool_images)
+    pool_left = max(pool_images - held_out, 0)
+    train_images = min(data.num_images or pool_left, pool_left)
+    if data.fraction is not None:
+        train_images = max(1, round(data.fraction * pool_left))
+    params = parameter_count(config.model.size, data.image_size, channels, config.model.num_classes)
+    scores = [attention_score_elements(grid, w, backend) for w in windows]  # per image and head
+
+    def forward_bytes(batch: int, factor: int) -> int:
+        return batch * tokens * width * factor * FLOAT_BYTES
+
+    eval_batch = ev.psnr_gap.batch_size
+    if ev.samples.grid > 0 or ev.fid.enabled:
+        eval_batch = max(eval_batch, ev.fid.batch_size)  # sample grids and FID both sample in fid.batch_size
+    evaluation = forward_bytes(eval_batch, EVAL_ACTIVATION_FACTOR) + eval_batch * heads * max(scores) * FLOAT_BYTES
+    if ev.locality.enabled:  # trainer.locality writes out every block's full attention map, one block at a time
+        evaluation = max(evaluation, (ev.locality.images * heads + LOCALITY_MAPS) * tokens * tokens * LOCALITY_BYTES)
+    terms = {
+        "data pool": pool_images * image_bytes + (train_images + held_out) * image_bytes,
+        "model state": OPTIMIZER_COPIES * params * FLOAT_BYTES + 2 * tokens * width * FLOAT_BYTES,
+        "attention masks": _mask_bytes(grid, windows, backend),
+        "activations": depth * forward_bytes(train.batch_size, ACTIVATION_FACTOR),
+        "attention scores": train.batch_size * heads * sum(scores) * FLOAT_BYTES,
+        "evaluation": evaluation,
+    }
+    return MemoryEstimate(terms)
+
+
+# ---------------------------------------------------------------------------------------------
+# The size of a data source without decoding it
+
+
+def source_shape(source: str) -> tuple[int, int] | None:
+    """(images, channels) of a data source, read from headers, manifests or file names only; None when
+    that is unknown without downloading it (a remote source not yet in the local cache).
+
+    An image folder is counted by its image files and assumed RGB (3 channels, the upper bound).
+    """
+    from trainer import data as datalib
+
+    try:
+        builtin = datalib._builtin_name(source)
+    except datalib.DataError:
+        return None
+    if builtin is not None:
+        images = datalib._BUILTINS[builtin]()  # builtins are small at their native size
+        return len(images), images.shape[-1]
+    fs, path = datalib._filesystem(source)
+    if not isinstance(fs, datalib.LocalFileSystem):
+        path = datalib._cache_entry(source, None)
+    if not os.path.exists(path):
+        return None
+    return _local_shape(path)
+
+
+def _local_shape(path: str) -> tuple[int, int] | None:
+    from trainer import data as datalib
+
+    if os.path.isdir(path):
+        prepared = os.path.join(path, datalib.IMAGES_NAME)
+        if os.path.exists(os.path.join(path, datalib.MANIFEST_NAME)) and os.path.exists(prepared):
+            return _npy_shape(prepared)
+        return len(datalib._image_names(path)), 3
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npy":
+        return _npy_shape(path)
+    if suffix == ".npz":
+        return _npz_shape(path)
+    return None
+
+
+def _images_shape(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    if len(shape) == 3:
+        return shape[0], 1
+    if len(shape) == 4:
+        return shape[0], shape[-1]
+    return None
+
+
+def _npy_shape(path: str) -> tuple[int, int] | None:
+    try:
+        return _images_shape(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+    except (OSError, ValueError):
+        return None
+
+
+def _npz_shape(path: str) -> tuple[int, int] | None:
+    from trainer import data as datalib
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith(".npy") and n != f"{datalib.LABELS_KEY}.npy"]
+            name = "images.npy" if "images.npy" in names else (names[0] if len(names) == 1 else None)
+            if name is None:
+                return None
+            with archive.open(name) as handle:
+                version = np.lib.format.read_magic(handle)
+                reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, _ = reader(handle)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+    return _images_shape(shape)
+
+
+def format_bytes(count: float) -> str:
+    """1536 -> '1.5 KiB'; binary units, as memory is sold and reported by the kernel."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(count) < 1024 or unit == "PiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} PiB"
