@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.attention import schedule_string
 from trainer.config import (
@@ -47,6 +47,21 @@ class Resources(BaseModel):
         return gpu
 
 
+class Compare(BaseModel):
+    """How `ditsweep report` pairs trials: each configuration against the baseline configuration at the
+    same other axis values, trial by trial on the `pair_on` axes (see orchestrator.compare)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    baseline: dict[str, Any] = Field(
+        default_factory=lambda: {"attention.placement": "none"},
+        description="Grid axis -> value that makes a trial a baseline (default: global attention).",
+    )
+    pair_on: list[str] = Field(
+        default_factory=lambda: ["seed", "data.shuffle_seed"],
+        description="Axes a trial and its baseline share (matched pairs); averaged over, never a configuration.",
+    )
+
+
 class SweepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(min_length=1, description="MLflow experiment name.")
@@ -55,6 +70,7 @@ class SweepSpec(BaseModel):
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted key -> values (cartesian product).")
     resources: Resources = Resources()
     max_failures: int = Field(0, ge=0, description="Retries per trial, each resuming from its last checkpoint.")
+    compare: Compare = Field(default_factory=Compare, description="The report's paired comparison.")
 
     @field_validator("grid")
     @classmethod
@@ -66,6 +82,21 @@ class SweepSpec(BaseModel):
             if len(set(encoded)) != len(encoded):
                 raise ValueError(f"axis grid.{key} repeats a value: {values}")
         return grid
+
+    @model_validator(mode="after")
+    def _compare_names_grid_values(self) -> "SweepSpec":
+        """A `compare` written in the spec must name grid axes and values (the default may not apply)."""
+        if "compare" not in self.model_fields_set:
+            return self
+        for key, value in self.compare.baseline.items():
+            if key not in self.grid:
+                raise ValueError(f"compare.baseline names {key!r}, which is not a grid axis ({', '.join(self.grid)})")
+            if json.dumps(value, sort_keys=True) not in {json.dumps(v, sort_keys=True) for v in self.grid[key]}:
+                raise ValueError(f"compare.baseline.{key} is {value!r}, not one of grid.{key}: {self.grid[key]}")
+        for key in self.compare.pair_on:
+            if key in self.compare.baseline:
+                raise ValueError(f"compare.pair_on names {key!r}, which compare.baseline fixes")
+        return self
 
 
 @dataclass(frozen=True)

@@ -159,14 +159,14 @@ def test_report_table_matches_the_runs_in_mlflow(built_store, tmp_path):
 
     files = {p.name for p in out.iterdir()}
     plots = {"psnr_gap_vs_images.png", "psnr_per_step.png", "fid_vs_window.png", "attention_distance.png"}
-    assert files == {"report.md", "report.csv", "report.html"} | plots
+    assert files == {"report.md", "report.csv", "report.html", "paired.csv", "paired.md"} | plots
     assert all((out / name).read_bytes().startswith(PNG) for name in plots)
     page = (out / "report.html").read_text()
     assert "compare &lt;b&gt;&amp;&lt;/b&gt;" in page and "<b>&</b>" not in page
     assert page.count('src="data:image/png;base64,') == len(plots)
     assert "head·N16·s2: failed" in page and "head·N8·s2: missing" in page
     markdown = (out / "report.md").read_text()
-    assert "| attention.placement | data.num_images | schedule | finished | psnr_gap |" in markdown
+    assert "| attention.placement | data.num_images | schedule | finished | psnr_gap dB |" in markdown
     assert "![" in markdown and "(psnr_gap_vs_images.png)" in markdown
 
     attached = {a.path for a in client.list_artifacts(built_store["parent"], "report")}
