@@ -249,10 +249,11 @@ def paired_metrics(data: SweepData) -> list[str]:
     return [m for m in PAIRED_METRICS if any(m in t.metrics for t in data.trials if t.finished)]
 
 
-def baseline_text(compare: Compare) -> str:
+def baseline_text(compare: Compare, axes: list[str] | None = None) -> str:
     fixed_axes = ", ".join(f"{k} = {show_value(v)}" for k, v in compare.baseline.items())
+    matched = [a for a in compare.pair_on if axes is None or a in axes] or ["nothing (one trial per configuration)"]
     return (f"paired difference (configuration − baseline: {fixed_axes}, at the same other axis values), "
-            f"matched on {', '.join(compare.pair_on)}; mean and {CONFIDENCE:.0%} interval from Student's t "
+            f"matched on {', '.join(matched)}; mean and {CONFIDENCE:.0%} interval from Student's t "
             f"on the paired differences (scipy.stats.t); verdict: lower/higher when the interval excludes 0")
 
 
@@ -515,7 +516,7 @@ def markdown_page(data: SweepData, table: list[list[str]], figs: list[Figure],
     parts = [f"# Sweep {data.sweep_id}", "", summary_line(data), "",
              "Mean ± sample std over seeds and shuffles.", "", table_markdown(table)]
     if paired:
-        parts += [f"Paired table: {baseline_text(data.compare)}.", "", table_markdown(paired)]
+        parts += [f"Paired table: {baseline_text(data.compare, data.axes)}.", "", table_markdown(paired)]
     parts += [f"![{fig.caption}]({fig.filename})\n" for fig in figs]
     for label, files in data.grids.items():
         parts += [f"![{label}: {name}]({grid_filename(label, name)})\n" for name in files]
@@ -545,7 +546,7 @@ def html_page(data: SweepData, table: list[list[str]], figs: list[Figure],
               paired: list[list[str]] | None = None) -> str:
     """One self-contained page: the plots are embedded as base64 PNG."""
     e = html.escape
-    paired_html = (f"<h2>Paired differences against the baseline</h2>\n<p>{e(baseline_text(data.compare))}; "
+    paired_html = (f"<h2>Paired differences against the baseline</h2>\n<p>{e(baseline_text(data.compare, data.axes))}; "
                    f"with one matched pair there is no interval.</p>\n<div class=\"table\">{table_html(paired)}</div>"
                    if paired else "")
     images = "\n".join(
@@ -601,7 +602,7 @@ def build_report(data: SweepData) -> dict[str, bytes]:
     }
     if paired:
         files["paired.csv"] = paired_csv(compared, paired_metrics(data)).encode()
-        files["paired.md"] = (f"{baseline_text(data.compare)}.\n\n" + table_markdown(paired)).encode()
+        files["paired.md"] = (f"{baseline_text(data.compare, data.axes)}.\n\n" + table_markdown(paired)).encode()
     files.update({fig.filename: fig.png for fig in figs})
     for label, grids in data.grids.items():
         files.update({grid_filename(label, name): png for name, png in grids.items()})
