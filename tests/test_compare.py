@@ -172,3 +172,42 @@ def test_interval_is_the_student_t_interval(differences):
     interval = stats.t.interval(0.95, len(differences) - 1, loc=np.mean(differences), scale=stats.sem(differences))
     assert (got.low, got.high) == (pytest.approx(interval[0], rel=1e-9), pytest.approx(interval[1], rel=1e-9))
     assert got.n == len(differences)
+
+
+def test_the_report_shows_one_sample_grid_per_configuration(tmp_path):
+    """samples.png of each configuration's first trial; nearest_train.png only at the smallest N."""
+    import base64
+
+    from PIL import Image
+
+    trials = [({"attention.placement": p, "data.num_images": n, "data.shuffle_seed": s}, {"psnr_gap": 1.0 + s}, "FINISHED")
+              for p in ("none", "head") for n in (4, 64) for s in (0, 1)]
+    uri, client, _ = write_sweep(tmp_path, SPEC, trials)
+    shade = {}
+    for i, run in enumerate(client.search_runs([client.get_experiment_by_name("paired").experiment_id],
+                                               "tags.`ditsweep.role` = 'trial'")):
+        for name in ("samples.png", "nearest_train.png"):
+            value = (7 * i + (3 if name == "samples.png" else 5)) % 256
+            shade[(run.data.params["attention.placement"], run.data.params["data.num_images"],
+                   run.data.params["data.shuffle_seed"], name)] = value
+            path = tmp_path / name
+            Image.fromarray(np.full((8, 8), value, dtype=np.uint8)).save(path)
+            client.log_artifact(run.info.run_id, str(path))
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", "s1", "--out", str(out), "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text()
+    shown = {}
+    for chunk in page.split('<img class="grid" alt="')[1:]:
+        alt, rest = chunk.split('"', 1)
+        payload = rest.split('src="data:image/png;base64,', 1)[1].split('"', 1)[0]
+        pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(payload))).convert("L"))
+        shown[alt] = int(pixels[0, 0])
+    assert shown == {
+        "none·N4 samples.png": shade[("none", "4", "0", "samples.png")],
+        "none·N4 nearest_train.png": shade[("none", "4", "0", "nearest_train.png")],
+        "none·N64 samples.png": shade[("none", "64", "0", "samples.png")],
+        "head·N4 samples.png": shade[("head", "4", "0", "samples.png")],
+        "head·N4 nearest_train.png": shade[("head", "4", "0", "nearest_train.png")],
+        "head·N64 samples.png": shade[("head", "64", "0", "samples.png")],
+    }
