@@ -1,10 +1,11 @@
-"""The files a trial's run gets when it ends: its config, its PSNR curve (CSV and plot), the sample
-grid of its latest checkpoint, and its attention-locality plot. Built from the trial's state; the
+"""The files a trial's run gets when it ends: its config, its PSNR curve (CSV and plot, and as metric
+series with step = diffusion timestep, so MLflow's chart view overlays the curves of several runs), the
+sample grid of its latest checkpoint (also as MLflow images), and its attention-locality plot. Built from the trial's state; the
 sink (orchestrator.progress) hands them to tracking."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -12,28 +13,45 @@ from orchestrator.trial_state import TrialState
 from trainer.locality import by_block
 from trainer.memorization import PAIRS_NPY, PAIRS_PNG
 from trainer.sampling import GRID_NPY, GRID_PNG
-from trainer.train import parse_curve_record
+from trainer.train import PSNR_CURVE, parse_curve_record
 
 # Files the trainer writes next to each checkpoint, attached to the trial's run when it ends.
 CHECKPOINT_ARTIFACTS = (GRID_PNG, GRID_NPY, PAIRS_PNG, PAIRS_NPY)
+# Of those, the pictures that are also logged as MLflow images (the UI's image views across runs).
+IMAGE_ARTIFACTS = (GRID_PNG, PAIRS_PNG)
+# The final evaluation's PSNR per diffusion timestep as metric series: psnr_curve.train, .test, .gap
+CURVE_SERIES = ("train", "test", "gap")
 
 
 @dataclass(frozen=True)
 class RunArtifacts:
     texts: dict[str, str]  # file name -> text
     files: dict[str, bytes]  # file name -> bytes (PNG, NPY)
+    series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> (timestep, value)
+    images: dict[str, bytes] = field(default_factory=dict)  # image key (file name without .png) -> PNG
 
 
 def trial_artifacts(state: TrialState) -> RunArtifacts:
     texts = {"config.yaml": yaml.safe_dump(state.trial.config.model_dump(mode="json"), sort_keys=False)}
     files: dict[str, bytes] = {}
+    series: dict[str, list[tuple[int, float]]] = {}
     if state.curve_record:
         from orchestrator.plots import psnr_curve_png
 
         curve = parse_curve_record(state.curve_record)
         texts["psnr_curve.csv"] = curve.to_csv()
         files["psnr_curve.png"] = psnr_curve_png(curve, state.trial.name)
-    return RunArtifacts(texts, {**files, **checkpoint_files(state), **locality_plot(state)})
+        series = curve_series(curve)
+    checkpoint = checkpoint_files(state)
+    images = {name.removesuffix(".png"): checkpoint[name] for name in IMAGE_ARTIFACTS if name in checkpoint}
+    return RunArtifacts(texts, {**files, **checkpoint, **locality_plot(state)}, series, images)
+
+
+def curve_series(curve) -> dict[str, list[tuple[int, float]]]:
+    """psnr_curve.train / .test / .gap -> [(diffusion timestep, PSNR in dB)]."""
+    values = {"train": curve.train, "test": curve.test, "gap": curve.gap}
+    return {f"{PSNR_CURVE}.{part}": [(int(t), float(v)) for t, v in zip(curve.timesteps, values[part])]
+            for part in CURVE_SERIES}
 
 
 def checkpoint_files(state: TrialState) -> dict[str, bytes]:

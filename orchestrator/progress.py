@@ -112,6 +112,8 @@ class SweepSink:
         artifacts = trial_artifacts(state)
         self.tracker.log_files(state.run_id, artifacts.files)
         self.tracker.log_texts(state.run_id, artifacts.texts)
+        self.tracker.log_series(state.run_id, artifacts.series)
+        self.tracker.log_images(state.run_id, artifacts.images, step=state.step)
         self.tracker.end_run(state.run_id, status)
 
     def close(self, outcome: dict[str, Any], interrupted: bool) -> bool:

@@ -27,15 +27,23 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from orchestrator.compare import CONFIDENCE, Observation, PairedRow, paired_table
 from orchestrator.display import show_value
-from orchestrator.spec import axis_label
+from orchestrator.spec import Compare, SpecError, axis_label, parse_spec
 from orchestrator.tracking import FINISHED, Tracker, TrialRun
 from trainer.attention import GLOBAL
 
 SEED_AXES = ("seed", "data.shuffle_seed")  # averaged over, never a configuration of their own
 PLACEMENT_AXES = ("attention.placement", "attention.windows")  # what differs from the baseline
 SIZE_PARAMS = ("data.num_images", "data.fraction")
-METRICS = ("psnr_gap", "psnr_train", "psnr_test", "fid", "kid")
+METRICS = ("psnr_gap", "mem_copy_fraction", "mem_nn_train", "mem_nn_test", "psnr_train", "psnr_test", "fid", "kid")
+PAIRED_METRICS = ("psnr_gap", "psnr_train", "psnr_test", "mem_copy_fraction", "fid")
+# Decimals per metric, one per column so that numbers line up: dB to 3, fractions to 2.
+DECIMALS = {"psnr_gap": 3, "psnr_train": 3, "psnr_test": 3, "mem_copy_fraction": 2, "mem_nn_train": 3,
+            "mem_nn_test": 3, "fid": 2, "kid": 4}
+UNITS = {"psnr_gap": " dB", "psnr_train": " dB", "psnr_test": " dB"}
+DASH = "—"
+DELTA_PREFIX = "delta"  # the parent run's metrics: delta.<metric>.<configuration>[.lo|.hi|.n]
 ATTENTION_DISTANCE = "attn_distance.block_"  # + block index
 GLOBAL_PLACEMENT = "none"
 MISSING = "MISSING"  # a trial of the manifest without a run (never started, or its run was deleted)
@@ -81,6 +89,9 @@ class SweepData:
     trials: list[TrialResult]
     # Reproducibility (Kadkhodaie et al.) of trials trained on disjoint subsets: configuration -> scores
     reproducibility: dict[str, list[float]] = field(default_factory=dict)
+    compare: Compare = field(default_factory=Compare)  # the spec's pairing (baseline, pair_on)
+    # Sample grids of one trial per configuration: label -> {file name -> PNG}
+    grids: dict[str, dict[str, bytes]] = field(default_factory=dict)
 
 
 @dataclass
@@ -198,21 +209,117 @@ def table_csv(rows: list[ConfigRow], axes: list[str], metrics: list[str]) -> str
     return buffer.getvalue()
 
 
+def fixed(metric: str, value: float | None, signed: bool = False) -> str:
+    """A metric's value with its column's decimals (DECIMALS; 4 significant digits otherwise)."""
+    if value is None:
+        return ""
+    digits = DECIMALS.get(metric)
+    if digits is None:
+        return _number(value, signed)
+    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    return text.replace("-0." + "0" * digits, "0." + "0" * digits) if not signed else text
+
+
 def display_table(rows: list[ConfigRow], axes: list[str], metrics: list[str]) -> list[list[str]]:
-    """Header and rows for people: `mean ± std` per metric, then its paired change against global."""
+    """Header and rows for people: `mean ± std` per metric, each column with its own decimals (the
+    paired changes against the baseline are in the paired table)."""
     header = [*config_axes(axes), "schedule", "finished"]
-    for metric in metrics:
-        header += [metric, f"Δ{metric} vs global"]
+    header += [f"{metric}{UNITS.get(metric, '')}" for metric in metrics]
     table = [header]
     for row in rows:
         cells = [show_value(row.axes[a]) for a in config_axes(axes)]
         cells += [row.schedule, f"{len(row.finished)}/{len(row.trials)}"]
         for metric in metrics:
             mean, std = row.mean.get(metric), row.std.get(metric)
-            cells.append(_number(mean) + (f" ± {_number(std)}" if mean is not None and std is not None else ""))
-            cells.append(_number(row.delta.get(metric), signed=True))
+            cells.append(fixed(metric, mean) + (f" ± {fixed(metric, std)}" if mean is not None and std is not None else ""))
         table.append(cells)
     return table
+
+
+# ---------------------------------------------------------------------------------------------
+# The paired table: every configuration against its baseline (orchestrator.compare)
+
+
+def paired_rows(data: SweepData) -> list[PairedRow]:
+    observations = [Observation(t.axes, t.metrics) for t in data.trials if t.finished]
+    return paired_table(observations, data.axes, data.compare.baseline, data.compare.pair_on, paired_metrics(data))
+
+
+def paired_metrics(data: SweepData) -> list[str]:
+    return [m for m in PAIRED_METRICS if any(m in t.metrics for t in data.trials if t.finished)]
+
+
+def baseline_text(compare: Compare, axes: list[str] | None = None) -> str:
+    fixed_axes = ", ".join(f"{k} = {show_value(v)}" for k, v in compare.baseline.items())
+    matched = [a for a in compare.pair_on if axes is None or a in axes] or ["nothing (one trial per configuration)"]
+    return (f"paired difference (configuration − baseline: {fixed_axes}, at the same other axis values), "
+            f"matched on {', '.join(matched)}; mean and {CONFIDENCE:.0%} interval from Student's t "
+            f"on the paired differences (scipy.stats.t); verdict: lower/higher when the interval excludes 0")
+
+
+def paired_display(rows: list[PairedRow], metrics: list[str]) -> list[list[str]]:
+    """Header and rows: per metric `mean [lo, hi]`, n and a verdict; the baseline row shows —."""
+    axes = list(rows[0].axes) if rows else []
+    header = list(axes)
+    for metric in metrics:
+        header += [f"Δ{metric}{UNITS.get(metric, '')}", f"{metric} {CONFIDENCE:.0%} interval", f"{metric} n",
+                   f"{metric} verdict"]
+    table = [header]
+    for row in rows:
+        cells = [show_value(row.axes[a]) for a in axes]
+        for metric in metrics:
+            diff = row.differences.get(metric)
+            if row.baseline:
+                cells += [DASH, DASH, DASH, "baseline"]
+            elif diff is None:
+                cells += ["", "", "0", "no matched pair"]
+            else:
+                interval = (f"[{fixed(metric, diff.low, True)}, {fixed(metric, diff.high, True)}]"
+                            if diff.low is not None else "")
+                cells += [fixed(metric, diff.mean, True), interval, str(diff.n), diff.verdict]
+        table.append(cells)
+    return table
+
+
+def paired_csv(rows: list[PairedRow], metrics: list[str]) -> str:
+    """Full precision; empty cells where a value does not exist (baseline rows, n = 1 intervals)."""
+    axes = list(rows[0].axes) if rows else []
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*axes, "baseline", *(f"{m}_{p}" for m in metrics for p in ("mean", "lo", "hi", "n", "verdict"))])
+    for row in rows:
+        cells = [show_value(row.axes[a]) for a in axes] + [str(row.baseline).lower()]
+        for metric in metrics:
+            diff = row.differences.get(metric)
+            if diff is None:
+                cells += ["", "", "", "", ""]
+            else:
+                cells += [repr(diff.mean), "" if diff.low is None else repr(diff.low),
+                          "" if diff.high is None else repr(diff.high), str(diff.n), diff.verdict]
+        writer.writerow(cells)
+    return buffer.getvalue()
+
+
+def metric_name_part(text: str) -> str:
+    """A piece of an MLflow metric name: letters, digits, _ - . only."""
+    return "".join(c if c.isalnum() or c in "_-." else "-" for c in text)
+
+
+def delta_metrics(rows: list[PairedRow], baseline: dict[str, Any]) -> dict[str, float]:
+    """The paired table as the parent run's metrics: delta.<metric>.<configuration> (mean), .lo, .hi, .n;
+    the configuration named by its axis values, e.g. delta.psnr_gap.head.N4."""
+    out: dict[str, float] = {}
+    for row in rows:
+        if row.baseline:
+            continue
+        label = ".".join(metric_name_part(axis_label(k, v)) for k, v in row.axes.items())
+        for metric, diff in row.differences.items():
+            name = f"{DELTA_PREFIX}.{metric}.{label}"
+            out[name] = diff.mean
+            out[f"{name}.n"] = float(diff.n)
+            if diff.low is not None and diff.high is not None:
+                out[f"{name}.lo"], out[f"{name}.hi"] = diff.low, diff.high
+    return out
 
 
 def table_markdown(table: list[list[str]]) -> str:
@@ -400,18 +507,48 @@ def summary_line(data: SweepData) -> str:
             f"{finished} of {len(data.trials)} trials finished; parent run `{data.parent_run_id}`.")
 
 
-def markdown_page(data: SweepData, table: list[list[str]], figs: list[Figure]) -> str:
+def grid_filename(label: str, name: str) -> str:
+    return f"grid_{metric_name_part(label)}_{name}"
+
+
+def markdown_page(data: SweepData, table: list[list[str]], figs: list[Figure],
+                  paired: list[list[str]] | None = None) -> str:
     parts = [f"# Sweep {data.sweep_id}", "", summary_line(data), "",
-             "Mean ± sample std over seeds and shuffles; Δ: paired change against global attention "
-             "(placement none) at the same data size and seeds.", "", table_markdown(table)]
+             "Mean ± sample std over seeds and shuffles.", "", table_markdown(table)]
+    if paired:
+        parts += [f"Paired table: {baseline_text(data.compare, data.axes)}.", "", table_markdown(paired)]
     parts += [f"![{fig.caption}]({fig.filename})\n" for fig in figs]
+    for label, files in data.grids.items():
+        parts += [f"![{label}: {name}]({grid_filename(label, name)})\n" for name in files]
     parts += [f"- {line}" for line in notes(data)]
     return "\n".join(parts).rstrip() + "\n"
 
 
-def html_page(data: SweepData, table: list[list[str]], figs: list[Figure]) -> str:
+def grids_html(data: SweepData) -> str:
+    """One sample grid per configuration (its first trial), with the nearest training images beside
+    the samples where the report fetched them (the smallest data size)."""
+    e = html.escape
+    if not data.grids:
+        return ""
+    figures_html = []
+    for label, files in data.grids.items():
+        images = "".join(
+            f'<img class="grid" alt="{e(label)} {e(name)}" title="{e(name)}" '
+            f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+            for name, png in files.items()
+        )
+        caption = label + (" — samples | each sample beside its nearest training image" if len(files) > 1 else "")
+        figures_html.append(f"<figure>{images}<figcaption>{e(caption)}</figcaption></figure>")
+    return "<h2>Samples</h2>\n<p>One sample grid per configuration (its first seed and shuffle, fixed noise).</p>\n" + "\n".join(figures_html)
+
+
+def html_page(data: SweepData, table: list[list[str]], figs: list[Figure],
+              paired: list[list[str]] | None = None) -> str:
     """One self-contained page: the plots are embedded as base64 PNG."""
     e = html.escape
+    paired_html = (f"<h2>Paired differences against the baseline</h2>\n<p>{e(baseline_text(data.compare, data.axes))}; "
+                   f"with one matched pair there is no interval.</p>\n<div class=\"table\">{table_html(paired)}</div>"
+                   if paired else "")
     images = "\n".join(
         f'<figure><img alt="{e(fig.caption)}" src="data:image/png;base64,{base64.b64encode(fig.png).decode()}">'
         f"<figcaption>{e(fig.caption)}</figcaption></figure>"
@@ -431,16 +568,20 @@ th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; white
 th {{ background: #f3f3f3; }}
 figure {{ display: inline-block; margin: 1em 1em 0 0; vertical-align: top; }}
 img {{ max-width: 100%; }}
+img.grid {{ image-rendering: pixelated; width: 256px; margin-right: 0.5em; }}
 </style>
 </head>
 <body>
 <h1>{e(f"Sweep {data.sweep_id}")}</h1>
 <p>{e(summary_line(data).replace("`", ""))}</p>
-<p>Mean ± sample standard deviation over seeds and shuffles; Δ: paired change against global attention
-(placement none) at the same data size and seeds. Generated {e(datetime.now().strftime("%Y-%m-%d %H:%M"))}.</p>
+<p>Mean ± sample standard deviation over seeds and shuffles; mem_copy_fraction: the share of samples whose
+nearest training image is much closer than the second nearest (Carlini et al. 2023). Generated
+{e(datetime.now().strftime("%Y-%m-%d %H:%M"))}.</p>
 <div class="table">{table_html(table)}</div>
+{paired_html}
 <ul>{note_items}</ul>
 {images}
+{grids_html(data)}
 </body>
 </html>
 """
@@ -452,17 +593,27 @@ def build_report(data: SweepData) -> dict[str, bytes]:
     metrics = present_metrics(data.trials)
     table = display_table(rows, data.axes, metrics)
     figs = figures(rows)
+    compared = paired_rows(data)
+    paired = paired_display(compared, paired_metrics(data)) if compared else None
     files = {
-        "report.md": markdown_page(data, table, figs).encode(),
+        "report.md": markdown_page(data, table, figs, paired).encode(),
         "report.csv": table_csv(rows, data.axes, metrics).encode(),
-        "report.html": html_page(data, table, figs).encode(),
+        "report.html": html_page(data, table, figs, paired).encode(),
     }
+    if paired:
+        files["paired.csv"] = paired_csv(compared, paired_metrics(data)).encode()
+        files["paired.md"] = (f"{baseline_text(data.compare, data.axes)}.\n\n" + table_markdown(paired)).encode()
     files.update({fig.filename: fig.png for fig in figs})
+    for label, grids in data.grids.items():
+        files.update({grid_filename(label, name): png for name, png in grids.items()})
     return files
 
 
+REPORT_FILES = ("report.md", "report.csv", "report.html", "paired.csv", "paired.md")
+
+
 def is_report_file(path: Path) -> bool:
-    return path.is_file() and (path.name in ("report.md", "report.csv", "report.html") or path.suffix == ".png")
+    return path.is_file() and (path.name in REPORT_FILES or path.suffix == ".png")
 
 
 def write_report(files: dict[str, bytes], out: Path) -> Path:
@@ -518,7 +669,42 @@ def fetch_sweep(tracker: Tracker, sweep_id: str) -> SweepData:
         axes=list(manifest[0]["axes"]) if manifest else [],
         trials=trials,
         reproducibility=_reproducibility(tracker, trials),
+        compare=_compare_of(tracker, parent_id),
+        grids=_sample_grids(tracker, trials, list(manifest[0]["axes"]) if manifest else []),
     )
+
+
+def _compare_of(tracker: Tracker, parent_id: str) -> Compare:
+    """The pairing the sweep's spec asked for (its stored spec.yaml); the default when it has none."""
+    if "spec.yaml" not in tracker.artifact_names(parent_id):
+        return Compare()
+    try:
+        return parse_spec(tracker.read_text(parent_id, "spec.yaml"), "the sweep's spec.yaml").compare
+    except SpecError:
+        return Compare()
+
+
+def _sample_grids(tracker: Tracker, trials: list[TrialResult], axes: list[str]) -> dict[str, dict[str, bytes]]:
+    """Configuration label -> the sample grid of its first finished trial, with the nearest-training
+    grid too at the smallest data size."""
+    from trainer.memorization import PAIRS_PNG
+    from trainer.sampling import GRID_PNG
+
+    rows = configuration_rows(trials, axes)
+    sizes = [size[0] for row in rows if (size := data_size(row)) is not None]
+    smallest = min(sizes) if sizes else None
+    grids: dict[str, dict[str, bytes]] = {}
+    for row in rows:
+        first = next((t for t in row.finished if t.run_id), None)
+        if first is None:
+            continue
+        names = tracker.artifact_names(first.run_id)
+        size = data_size(row)
+        wanted = [GRID_PNG] + ([PAIRS_PNG] if size is not None and size[0] == smallest else [])
+        files = {name: tracker.read_bytes(first.run_id, name) for name in wanted if name in names}
+        if files:
+            grids[row_label(row)] = files
+    return grids
 
 
 def _reproducibility(tracker: Tracker, trials: list[TrialResult]) -> dict[str, list[float]]:
@@ -572,6 +758,11 @@ def publish(tracker: Tracker, sweep_id: str, out: Path | None = None) -> tuple[P
     data = fetch_sweep(tracker, sweep_id)
     folder = write_report(build_report(data), out or REPORTS_DIR / sweep_id)
     tracker.log_folder(data.parent_run_id, folder, REPORT_ARTIFACT_DIR)
+    compared = paired_rows(data)
+    if compared:
+        deltas = list(delta_metrics(compared, data.compare.baseline).items())
+        for start in range(0, len(deltas), 500):  # MLflow takes at most 1000 metrics a batch
+            tracker.log_metrics(data.parent_run_id, dict(deltas[start : start + 500]), step=0)
     params = [*data.axes, "attention.schedule"]
     tracker.set_run_table_view(data.experiment_id, RUN_TABLE_VIEW, params, present_metrics(data.trials))
     return folder, data

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.attention import schedule_string
 from trainer.config import (
@@ -49,6 +49,21 @@ class Resources(BaseModel):
         return gpu
 
 
+class Compare(BaseModel):
+    """How `ditsweep report` pairs trials: each configuration against the baseline configuration at the
+    same other axis values, trial by trial on the `pair_on` axes (see orchestrator.compare)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    baseline: dict[str, Any] = Field(
+        default_factory=lambda: {"attention.placement": "none"},
+        description="Grid axis -> value that makes a trial a baseline (default: global attention).",
+    )
+    pair_on: list[str] = Field(
+        default_factory=lambda: ["seed", "data.shuffle_seed"],
+        description="Axes a trial and its baseline share (matched pairs); averaged over, never a configuration.",
+    )
+
+
 class SweepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(min_length=1, description="MLflow experiment name.")
@@ -57,6 +72,7 @@ class SweepSpec(BaseModel):
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted key -> values (cartesian product).")
     resources: Resources = Resources()
     max_failures: int = Field(0, ge=0, description="Retries per trial, each resuming from its last checkpoint.")
+    compare: Compare = Field(default_factory=Compare, description="The report's paired comparison.")
 
     @field_validator("grid")
     @classmethod
@@ -68,6 +84,21 @@ class SweepSpec(BaseModel):
             if len(set(encoded)) != len(encoded):
                 raise ValueError(f"axis grid.{short_text(key, 100)} repeats a value: {short_repr(values)}")
         return grid
+
+    @model_validator(mode="after")
+    def _compare_names_grid_values(self) -> "SweepSpec":
+        """A `compare` written in the spec must name grid axes and values (the default may not apply)."""
+        if "compare" not in self.model_fields_set:
+            return self
+        for key, value in self.compare.baseline.items():
+            if key not in self.grid:
+                raise ValueError(f"compare.baseline names {short_repr(key)}, which is not a grid axis ({short_text(', '.join(self.grid), 200)})")
+            if json.dumps(value, sort_keys=True) not in {json.dumps(v, sort_keys=True) for v in self.grid[key]}:
+                raise ValueError(f"compare.baseline.{short_text(key, 100)} is {short_repr(value)}, not one of grid.{short_text(key, 100)}: {short_repr(self.grid[key])}")
+        for key in self.compare.pair_on:
+            if key in self.compare.baseline:
+                raise ValueError(f"compare.pair_on names {short_repr(key)}, which compare.baseline fixes")
+        return self
 
 
 @dataclass(frozen=True)

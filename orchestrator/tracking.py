@@ -7,6 +7,7 @@ are kept in an outbox and replayed in order once it answers again, so no result 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -412,6 +413,29 @@ class Tracker:
 
         for name, payload in files.items():
             self.outbox.run(f"artifact {name}", lambda n=name, p=payload: upload(n, p))
+
+    def log_series(self, run_id: str, series: dict[str, list[tuple[int, float]]]) -> None:
+        """Metric series whose step is not a training step (e.g. PSNR per diffusion timestep): MLflow's
+        chart view plots them against their step and overlays the selected runs."""
+        now = _now_ms()
+        batch = [Metric(key, float(value), now, int(step)) for key, points in series.items() for step, value in points]
+        for start in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics a batch
+            part = batch[start : start + 1000]
+            self.outbox.run("metric series", lambda p=part: self._client.log_batch(run_id, metrics=p))
+
+    def log_images(self, run_id: str, images: dict[str, bytes], step: int) -> None:
+        """PNG pictures as MLflow images under `key` (the UI's image grid, compared across runs). A
+        picture that does not decode is skipped with a message (it is still a plain artifact)."""
+        from PIL import Image, UnidentifiedImageError
+
+        for key, payload in images.items():
+            try:
+                with Image.open(io.BytesIO(payload)) as opened:
+                    picture = opened.convert("RGB")
+            except (UnidentifiedImageError, OSError) as err:
+                print(f"[ditsweep] {key} is not a readable picture, not logged as an MLflow image: {err}", flush=True)
+                continue
+            self.outbox.run(f"image {key}", lambda k=key, p=picture: self._client.log_image(run_id, p, key=k, step=step))
 
     def set_error(self, run_id: str, error: str) -> None:
         """Keep a failed trial's error on its run (the MLflow UI shows it in the run's tags)."""

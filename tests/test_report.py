@@ -159,14 +159,14 @@ def test_report_table_matches_the_runs_in_mlflow(built_store, tmp_path):
 
     files = {p.name for p in out.iterdir()}
     plots = {"psnr_gap_vs_images.png", "psnr_per_step.png", "fid_vs_window.png", "attention_distance.png"}
-    assert files == {"report.md", "report.csv", "report.html"} | plots
+    assert files == {"report.md", "report.csv", "report.html", "paired.csv", "paired.md"} | plots
     assert all((out / name).read_bytes().startswith(PNG) for name in plots)
     page = (out / "report.html").read_text()
     assert "compare &lt;b&gt;&amp;&lt;/b&gt;" in page and "<b>&</b>" not in page
     assert page.count('src="data:image/png;base64,') == len(plots)
     assert "head·N16·s2: failed" in page and "head·N8·s2: missing" in page
     markdown = (out / "report.md").read_text()
-    assert "| attention.placement | data.num_images | schedule | finished | psnr_gap |" in markdown
+    assert "| attention.placement | data.num_images | schedule | finished | psnr_gap dB |" in markdown
     assert "![" in markdown and "(psnr_gap_vs_images.png)" in markdown
 
     attached = {a.path for a in client.list_artifacts(built_store["parent"], "report")}
@@ -294,6 +294,32 @@ def test_report_of_a_real_sweep(finished_sweep, tmp_path):
     assert {"report.md", "report.csv", "report.html", "psnr_gap_vs_images.png", "psnr_per_step.png"} <= {
         p.name for p in out.iterdir()}
     assert (out / "psnr_gap_vs_images.png").read_bytes().startswith(PNG)
+
+    # MLflow-native: each trial's PSNR per diffusion timestep as metric series, step = timestep,
+    # the same numbers as its psnr_curve.csv.
+    for trial in trials:
+        run_id = trial.info.run_id
+        curve = list(csv.DictReader(io.StringIO(
+            Path(client.download_artifacts(run_id, "psnr_curve.csv", str(tmp_path / run_id))).read_text())))
+        for column, name in (("psnr_train", "train"), ("psnr_test", "test"), ("psnr_gap", "gap")):
+            history = sorted(client.get_metric_history(run_id, f"psnr_curve.{name}"), key=lambda m: m.step)
+            assert [m.step for m in history] == [int(r["timestep"]) for r in curve]
+            assert [m.value for m in history] == pytest.approx([float(r[column]) for r in curve], rel=1e-5, abs=1e-5)
+
+    # The paired table: head against none, matched on the seed, against scipy's paired t interval.
+    from scipy import stats
+
+    by_seed = {(r.data.params["attention.placement"], r.data.params["seed"]): r.data.metrics["psnr_gap"] for r in trials}
+    differences = [by_seed[("head", s)] - by_seed[("none", s)] for s in ("0", "1")]
+    half = stats.t.ppf(0.975, 1) * stats.sem(differences)  # 0 when both seeds differ alike (t.interval: nan)
+    low, high = np.mean(differences) - half, np.mean(differences) + half
+    paired = {r["attention.placement"]: r for r in csv.DictReader(io.StringIO((out / "paired.csv").read_text()))}
+    assert paired["none"]["baseline"] == "true"
+    assert int(paired["head"]["psnr_gap_n"]) == 2
+    assert float(paired["head"]["psnr_gap_lo"]) == pytest.approx(low, rel=1e-5, abs=1e-6)
+    assert float(paired["head"]["psnr_gap_hi"]) == pytest.approx(high, rel=1e-5, abs=1e-6)
+    parent_metrics = client.get_run(finished_sweep["parent_run_id"]).data.metrics
+    assert parent_metrics["delta.psnr_gap.head"] == pytest.approx(float(np.mean(differences)), rel=1e-5, abs=1e-6)
 
 
 def test_reproducibility_of_disjoint_pairs_is_reported(tmp_path):

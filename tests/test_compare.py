@@ -1,0 +1,213 @@
+"""The paired table of `ditsweep report`: every configuration against its baseline, matched on seeds and
+shuffles, with a Student-t interval. Runs are written to a real MLflow sqlite store the way the driver
+writes them, and the report's numbers are checked against scipy.stats computed here on the same runs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+
+import numpy as np
+import pytest
+import yaml
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from scipy import stats
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.compare import paired_difference
+from orchestrator.spec import SpecError, parse_spec
+from tests.support.sweeps import sqlite_uri
+
+AXES = ("attention.placement", "data.num_images", "data.shuffle_seed")
+
+
+def write_sweep(folder, spec: dict, trials: list[tuple[dict, dict, str]]) -> tuple[str, MlflowClient, str]:
+    """A parent run with spec.yaml and trials.json, and one child run per (axes, metrics, status)."""
+    uri = sqlite_uri(folder)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("paired", artifact_location=(folder / "art").as_uri())
+    parent = client.create_run(experiment, run_name="sweep", tags={"ditsweep.role": "sweep", "ditsweep.sweep_id": "s1"})
+    parent_id = parent.info.run_id
+    manifest = []
+    for i, (axes, metrics, status) in enumerate(trials):
+        key = f"k{i}"
+        manifest.append({"key": key, "name": key, "axes": axes, "schedule": "", "cached_run": None})
+        run = client.create_run(experiment, run_name=key, tags={
+            "mlflow.parentRunId": parent_id, "ditsweep.role": "trial", "ditsweep.sweep_id": "s1",
+            "ditsweep.trial_key": key})
+        client.log_batch(run.info.run_id, metrics=[Metric(k, v, 0, 1) for k, v in metrics.items()],
+                         params=[Param(k, str(v)) for k, v in axes.items()])
+        client.set_terminated(run.info.run_id, status)
+    client.log_text(parent_id, json.dumps(manifest), "trials.json")
+    client.log_text(parent_id, yaml.safe_dump(spec), "spec.yaml")
+    client.set_terminated(parent_id, "FINISHED")
+    return uri, client, parent_id
+
+
+def grid_trials(seed: int) -> list[tuple[dict, dict, str]]:
+    """none/head/tail x N4/N64 x 4 shuffles. head lowers the gap by ~1 dB at N4 (clear), tail differs by
+    noise; at N64 tail has a single finished shuffle (n = 1)."""
+    rng = random.Random(seed)
+    trials = []
+    for placement in ("none", "head", "tail"):
+        for n in (4, 64):
+            for shuffle in range(4):
+                base = (5.0 if n == 4 else 0.1) + 0.3 * shuffle  # a shuffle effect the pairing removes
+                shift = {"none": 0.0, "head": -1.0 if n == 4 else 0.0, "tail": 0.0}[placement]
+                gap = base + shift + rng.gauss(0, 0.1)
+                train = 20 + gap / 2 + rng.gauss(0, 0.05)
+                metrics = {"psnr_gap": gap, "psnr_train": train, "psnr_test": train - gap,
+                           "mem_copy_fraction": rng.random()}
+                status = "FAILED" if placement == "tail" and n == 64 and shuffle > 0 else "FINISHED"
+                trials.append(({"attention.placement": placement, "data.num_images": n,
+                                "data.shuffle_seed": shuffle}, metrics, status))
+    return trials
+
+
+def expected(trials, baseline: str, config: tuple, metric: str):
+    """(n, mean, lo, hi) by scipy.stats.ttest_rel on the finished matched pairs."""
+    done = {(a["attention.placement"], a["data.num_images"], a["data.shuffle_seed"]): m
+            for a, m, status in trials if status == "FINISHED"}
+    placement, n = config
+    pairs = [(done[(placement, n, s)][metric], done[(baseline, n, s)][metric])
+             for s in range(4) if (placement, n, s) in done and (baseline, n, s) in done]
+    x, y = np.array(pairs).T
+    if len(pairs) < 2:
+        return len(pairs), float(np.mean(x - y)), None, None
+    interval = stats.ttest_rel(x, y).confidence_interval(0.95)
+    return len(pairs), float(np.mean(x - y)), float(interval.low), float(interval.high)
+
+
+def read_paired(folder) -> dict[tuple, dict[str, str]]:
+    rows = csv.DictReader(io.StringIO((folder / "paired.csv").read_text()))
+    return {(r["attention.placement"], int(r["data.num_images"])): r for r in rows}
+
+
+SPEC = {"name": "paired", "grid": {"attention.placement": ["none", "head", "tail"], "data.num_images": [4, 64],
+                                    "data.shuffle_seed": [0, 1, 2, 3]}}
+
+
+def test_paired_table_matches_scipy_on_a_real_store(tmp_path):
+    trials = grid_trials(0)
+    uri, client, parent_id = write_sweep(tmp_path, SPEC, trials)
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", "s1", "--out", str(out), "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    paired = read_paired(out)
+    assert paired[("none", 4)]["baseline"] == "true" and paired[("none", 4)]["psnr_gap_mean"] == ""
+    verdicts = {}
+    for config in [("head", 4), ("head", 64), ("tail", 4), ("tail", 64)]:
+        for metric in ("psnr_gap", "psnr_train", "psnr_test", "mem_copy_fraction"):
+            n, mean, lo, hi = expected(trials, "none", config, metric)
+            row = paired[config]
+            assert int(row[f"{metric}_n"]) == n
+            assert float(row[f"{metric}_mean"]) == pytest.approx(mean, rel=1e-6, abs=1e-9)
+            if lo is None:
+                assert row[f"{metric}_lo"] == row[f"{metric}_hi"] == ""
+                assert row[f"{metric}_verdict"] == "needs >= 2 matched pairs"
+            else:
+                assert float(row[f"{metric}_lo"]) == pytest.approx(lo, rel=1e-6)
+                assert float(row[f"{metric}_hi"]) == pytest.approx(hi, rel=1e-6)
+                want = "lower" if hi < 0 else "higher" if lo > 0 else "no clear difference"
+                assert row[f"{metric}_verdict"] == want
+            verdicts[(config, metric)] = row[f"{metric}_verdict"]
+    # The constructed effect: head lowers the gap at N4 (a clear shift), tail at N64 has one pair.
+    assert verdicts[(("head", 4), "psnr_gap")] == "lower"
+    assert verdicts[(("tail", 64), "psnr_gap")] == "needs >= 2 matched pairs"
+
+    # The same table on the sweep's parent run, as metrics.
+    parent = client.get_run(parent_id).data.metrics
+    n, mean, lo, hi = expected(trials, "none", ("head", 4), "psnr_gap")
+    assert parent["delta.psnr_gap.head.N4"] == pytest.approx(mean, rel=1e-6)
+    assert parent["delta.psnr_gap.head.N4.lo"] == pytest.approx(lo, rel=1e-6)
+    assert parent["delta.psnr_gap.head.N4.hi"] == pytest.approx(hi, rel=1e-6)
+    assert parent["delta.psnr_gap.head.N4.n"] == n
+    assert "delta.psnr_gap.tail.N64.lo" not in parent and parent["delta.psnr_gap.tail.N64.n"] == 1
+    attached = {a.path for a in client.list_artifacts(parent_id, "report")}
+    assert {"report/paired.csv", "report/paired.md"} <= attached
+
+    # For people: the Student-t note, the baseline's dashes, dB to 3 decimals.
+    page = (out / "report.html").read_text()
+    assert "Student" in page and "scipy.stats.t" in page
+    markdown = (out / "report.md").read_text()
+    baseline_line = next(line for line in markdown.splitlines() if line.startswith("| none | 4 |") and "—" in line)
+    assert "+0" not in baseline_line
+    head_line = next(line for line in markdown.splitlines() if line.startswith("| head | 4 |") and "[" in line)
+    assert f"{mean:+.3f}" in head_line and f"[{lo:+.3f}, {hi:+.3f}]" in head_line
+
+
+def test_the_baseline_and_pairing_come_from_the_spec(tmp_path):
+    """compare: {baseline: {attention.placement: tail}}: every configuration against tail."""
+    trials = grid_trials(1)
+    spec = {**SPEC, "compare": {"baseline": {"attention.placement": "tail"}, "pair_on": ["data.shuffle_seed"]}}
+    uri, _, _ = write_sweep(tmp_path, spec, trials)
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", "s1", "--out", str(out), "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    paired = read_paired(out)
+    assert paired[("tail", 4)]["baseline"] == "true" and paired[("none", 4)]["baseline"] == "false"
+    n, mean, lo, hi = expected(trials, "tail", ("head", 4), "psnr_gap")
+    assert (int(paired[("head", 4)]["psnr_gap_n"]), float(paired[("head", 4)]["psnr_gap_lo"])) == (n, pytest.approx(lo))
+    assert paired[("none", 64)]["psnr_gap_n"] == "1"
+
+
+def test_compare_names_grid_axes_and_values():
+    grid = "name: a\ngrid: {attention.placement: [none, head], seed: [0, 1]}\n"
+    with pytest.raises(SpecError, match=r"compare.baseline.attention.placement is 'tail'"):
+        parse_spec(grid + "compare: {baseline: {attention.placement: tail}}")
+    with pytest.raises(SpecError, match=r"'model.size', which is not a grid axis"):
+        parse_spec(grid + "compare: {baseline: {model.size: DiT-T/1}}")
+    with pytest.raises(SpecError, match=r"compare.typo"):
+        parse_spec(grid + "compare: {typo: 1}")
+    assert parse_spec(grid).compare.baseline == {"attention.placement": "none"}
+
+
+@pytest.mark.parametrize("differences", [[0.5, 0.7, 0.2], [-1.0, 1.0], [-2.0, -1.5, -1.7, -2.2]])
+def test_interval_is_the_student_t_interval(differences):
+    got = paired_difference(differences)
+    interval = stats.t.interval(0.95, len(differences) - 1, loc=np.mean(differences), scale=stats.sem(differences))
+    assert (got.low, got.high) == (pytest.approx(interval[0], rel=1e-9), pytest.approx(interval[1], rel=1e-9))
+    assert got.n == len(differences)
+
+
+def test_the_report_shows_one_sample_grid_per_configuration(tmp_path):
+    """samples.png of each configuration's first trial; nearest_train.png only at the smallest N."""
+    import base64
+
+    from PIL import Image
+
+    trials = [({"attention.placement": p, "data.num_images": n, "data.shuffle_seed": s}, {"psnr_gap": 1.0 + s}, "FINISHED")
+              for p in ("none", "head") for n in (4, 64) for s in (0, 1)]
+    uri, client, _ = write_sweep(tmp_path, SPEC, trials)
+    shade = {}
+    for i, run in enumerate(client.search_runs([client.get_experiment_by_name("paired").experiment_id],
+                                               "tags.`ditsweep.role` = 'trial'")):
+        for name in ("samples.png", "nearest_train.png"):
+            value = (7 * i + (3 if name == "samples.png" else 5)) % 256
+            shade[(run.data.params["attention.placement"], run.data.params["data.num_images"],
+                   run.data.params["data.shuffle_seed"], name)] = value
+            path = tmp_path / name
+            Image.fromarray(np.full((8, 8), value, dtype=np.uint8)).save(path)
+            client.log_artifact(run.info.run_id, str(path))
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", "s1", "--out", str(out), "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text()
+    shown = {}
+    for chunk in page.split('<img class="grid" alt="')[1:]:
+        alt, rest = chunk.split('"', 1)
+        payload = rest.split('src="data:image/png;base64,', 1)[1].split('"', 1)[0]
+        pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(payload))).convert("L"))
+        shown[alt] = int(pixels[0, 0])
+    assert shown == {
+        "none·N4 samples.png": shade[("none", "4", "0", "samples.png")],
+        "none·N4 nearest_train.png": shade[("none", "4", "0", "nearest_train.png")],
+        "none·N64 samples.png": shade[("none", "64", "0", "samples.png")],
+        "head·N4 samples.png": shade[("head", "4", "0", "samples.png")],
+        "head·N4 nearest_train.png": shade[("head", "4", "0", "nearest_train.png")],
+        "head·N64 samples.png": shade[("head", "64", "0", "samples.png")],
+    }
