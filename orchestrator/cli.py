@@ -45,7 +45,7 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
     return (BadInput, ClusterError, ConfigError, DataError, ReportError, SpecError, TrackingError, WeightsError)
 
 
-def bounded_message(message: str, lines: int = 10, width: int = 400) -> str:
+def bounded_message(message: str, lines: int = 10, width: int = 1000) -> str:
     """The last guard on "a message of a few lines": whatever a check quoted, at most `lines` lines of
     at most `width` characters reach the terminal (checks shorten values themselves; see short_repr)."""
     kept = [line if len(line) <= width else f"{line[: width - 3]}..." for line in message.splitlines()[:lines]]
