@@ -1,7 +1,13 @@
 """Ray Job submission and KubeRay manifests: `ditsweep submit` and `ditsweep render-k8s`.
 
 A submitted job runs `ditsweep launch SPEC --address auto` as the sweep's driver inside the cluster,
-with the spec (and, with `with_code`, the source) shipped as the job's working_dir. The job carries
+with the spec (and, with `with_code`, the source) shipped as the job's working_dir.
+
+Resources are checked before the job goes: a trial that one of the cluster's current nodes can hold
+is submitted at once. Otherwise only the cluster knows whether its autoscaler can add a node that
+holds it (node types live in the head's GCS, which the dashboard does not show), so the job is
+submitted and `submit` waits, bounded, for the driver's own check (`launch` runs it before any MLflow
+run exists): a refusal there is exit 2 here, with the driver's message. The job carries
 no secrets: its entrypoint, runtime_env and metadata are readable by anyone who can list the
 cluster's jobs, so S3 keys, MLflow credentials and database passwords must come from the cluster's
 own environment (on Kubernetes, the Secrets of docker/kuberay/secrets.example.yaml).
@@ -26,8 +32,9 @@ from urllib.parse import urlsplit
 import yaml
 
 from orchestrator.display import first_line
-from orchestrator.exit_codes import EXIT_FAILED, EXIT_OK
+from orchestrator.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from orchestrator.k8s import RAYJOB_TEMPLATE, render_rayjob
+from orchestrator.resources import Cluster, ResourcesError, check_trial_fits, trial_request
 from orchestrator.spec import SweepSpec, expand, load_spec
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +43,10 @@ SOURCE_ITEMS = ("trainer", "orchestrator", "pyproject.toml")
 # `scheme://user:password@host`: a password inside a URI.
 _URI_PASSWORD = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
 _POLL_S = 2.0
+# How long `submit` waits for the driver's resource check when no current node holds a trial.
+PREFLIGHT_WAIT_S = 180.0
+# The line `launch` prints once every check has passed and the sweep's run exists.
+_ACCEPTED = re.compile(r"^sweep \S+: \d+ trials? to run", re.MULTILINE)
 
 
 class ClusterError(ValueError):
@@ -65,6 +76,7 @@ def submit(
     with tempfile.TemporaryDirectory(prefix="ditsweep-job-") as working_dir:
         stage_working_dir(spec_path, Path(working_dir), with_code)
         client = connect(address)
+        fits_now = fits_a_current_node(spec, address)
         try:
             job_id = client.submit_job(
                 entrypoint=entrypoint,
@@ -82,7 +94,63 @@ def submit(
     print(f"  logs:   ray job logs --follow --address {address} {job_id}   (or submit with --follow)")
     print(f"  status: ray job status --address {address} {job_id}")
     print(f"  stop:   ray job stop --address {address} {job_id}", flush=True)
-    return follow_job(client, job_id, address) if follow else EXIT_OK
+    if follow:
+        return follow_job(client, job_id, address)
+    return EXIT_OK if fits_now else await_preflight(client, job_id, address)
+
+
+def fits_a_current_node(spec: SweepSpec, address: str) -> bool:
+    """Can one of the cluster's alive nodes hold a trial? Asked through the dashboard's state API."""
+    from ray.util.state import list_nodes
+
+    try:
+        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], timeout=30,
+                           raise_on_missing_output=False)
+    except Exception as err:  # noqa: BLE001 - Ray raises its own exception types here
+        raise ClusterError(f"the Ray dashboard at {address!r} did not list its nodes: {first_line(err)}") from None
+    cluster = Cluster(nodes=[{k: float(v) for k, v in dict(n.resources_total).items()} for n in nodes])
+    try:
+        return check_trial_fits(trial_request(spec.resources), cluster).when == "now"
+    except ResourcesError:  # no current node; whether a node type could is the driver's call
+        print(f"no current node of the cluster holds a trial ({_asked(spec)}); submitting, then waiting up to "
+              f"{PREFLIGHT_WAIT_S:.0f} s for the driver to check what the cluster's autoscaler can add",
+              file=sys.stderr, flush=True)
+        return False
+
+
+def _asked(spec: SweepSpec) -> str:
+    return f"resources.cpu={spec.resources.cpu:g}, resources.gpu={spec.resources.gpu:g}"
+
+
+def await_preflight(client, job_id: str, address: str, wait_s: float = PREFLIGHT_WAIT_S) -> int:
+    """The driver's verdict on resources: EXIT_BAD_INPUT (its message printed) when it refused the
+    sweep, EXIT_OK once it accepted it (or after `wait_s` with no verdict yet, saying so)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            info = client.get_job_info(job_id)
+            logs = client.get_job_logs(job_id)
+        except OSError as err:
+            raise ClusterError(f"lost the Ray dashboard at {address!r} ({first_line(err)}); the job may "
+                               f"still run: ray job status --address {address} {job_id}") from None
+        if _ACCEPTED.search(logs):
+            print(f"job {job_id}: the driver accepted the sweep and waits for the cluster to scale up", flush=True)
+            return EXIT_OK
+        if info.status == "SUCCEEDED":  # e.g. every trial had FINISHED already
+            print(f"job {job_id} SUCCEEDED", flush=True)
+            return EXIT_OK
+        if info.status.is_terminal():
+            if info.driver_exit_code == EXIT_BAD_INPUT:
+                lines = [line for line in logs.splitlines() if line.strip()][-5:]
+                print(f"job {job_id} refused by its driver:", *lines, sep="\n  ", file=sys.stderr, flush=True)
+                return EXIT_BAD_INPUT
+            print(f"job {job_id} {info.status} before its sweep started (driver exit code "
+                  f"{info.driver_exit_code}): ray job logs --address {address} {job_id}", file=sys.stderr)
+            return EXIT_FAILED
+        time.sleep(_POLL_S)
+    print(f"job {job_id}: no word from its driver in {wait_s:.0f} s (its environment may still be set up); "
+          f"follow it: ray job logs --follow --address {address} {job_id}", file=sys.stderr, flush=True)
+    return EXIT_OK
 
 
 def _validated(spec_path: str | Path, overrides: list[str]) -> tuple[SweepSpec, list]:

@@ -81,6 +81,8 @@ def launch(
         },
     )
     print(f"sweep {sweep_id}: {len(plan.to_run)} trials to run, tracking {tracker.uri}")
+    if fit.message:
+        print(fit.message, flush=True)
     sink = SweepSink(tracker, parent, plan.to_run, existing={})
     sink.console.waiting = fit.message
     return _run(plan, sink, sweep_id, storage, address, restore=False, pending_timeout_s=pending_timeout_s)

@@ -214,6 +214,7 @@ RAY_MARKER = "DITSWEEP_TEST_RAY_HEAD"
 class RayHead:
     address: str  # the dashboard, where jobs are submitted
     auth: dict[str, str]  # what a user allowed on the cluster has in the environment
+    gcs_address: str  # host:port of the head's GCS: `launch --address` joins the cluster here
 
     def get(self, path: str):
         request = urllib.request.Request(
@@ -271,7 +272,7 @@ def ray_head() -> Iterator[RayHead]:
              "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", f"--temp-dir={temp_dir}"],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    cluster = RayHead(f"http://127.0.0.1:{dashboard}", auth)
+    cluster = RayHead(f"http://127.0.0.1:{dashboard}", auth, f"127.0.0.1:{gcs}")
     try:
         deadline = time.monotonic() + 180
         while True:

@@ -9,7 +9,10 @@ process it started is found by a marker in its environment and checked gone.
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +109,74 @@ def test_a_cluster_that_wants_a_token_is_explained(ray_head, tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     assert ray_head.address in result.stderr and "RAY_AUTH_MODE=token" in result.stderr
     assert len(ray_head.jobs()) == before
+
+
+@pytest.mark.slow
+def test_submit_of_a_trial_no_node_can_hold_is_refused_by_the_drivers_check(ray_head, tmp_path):
+    """The head has 2 CPUs, no GPU and no autoscaler: a GPU trial can never run. `submit` cannot see
+    autoscaler node types through the dashboard, so it waits for the driver's own check and passes
+    its refusal on as exit 2; no MLflow run was made."""
+    spec = write_spec(tmp_path, name="wantsgpu", base=TINY, grid=ONE_TRIAL, resources={"cpu": 1, "gpu": 1})
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = ditsweep("submit", str(spec), "--address", ray_head.address, "--tracking-uri", tracking,
+                      cwd=tmp_path, env=ray_head.auth)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no current node of the cluster holds a trial (resources.cpu=1, resources.gpu=1)" in result.stderr
+    assert "resources.gpu=1 but no node of the cluster, current or one its autoscaler can add, has a GPU" \
+        in result.stderr
+    (job,) = [j for j in ray_head.jobs() if j["metadata"].get("ditsweep.spec") == "wantsgpu"]
+    assert job["status"] == "FAILED" and job["driver_exit_code"] == 2
+    assert not (tmp_path / "mlflow.db").exists()  # refused before the tracking store was touched
+
+
+# Written into the head's GCS the way an autoscaler reports its node types (KubeRay worker groups):
+# a GPU group that may grow from 0 to 2 nodes of 4 CPUs and 1 GPU.
+_REPORT_GPU_GROUP = """
+import sys
+import ray
+from ray.core.generated import autoscaler_pb2
+from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+ray.init(address=sys.argv[1], log_to_driver=False, include_dashboard=False)
+key, namespace = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
+if sys.argv[2] == "put":
+    config = autoscaler_pb2.ClusterConfig()
+    group = config.node_group_configs.add(name="gpu-workers", min_count=0, max_count=2)
+    group.resources["CPU"], group.resources["GPU"] = 4, 1
+    _internal_kv_put(key, config.SerializeToString(), namespace=namespace)
+else:
+    _internal_kv_del(key, namespace=namespace)
+"""
+
+
+@pytest.mark.slow
+def test_launch_on_a_cluster_waits_for_a_gpu_its_autoscaler_can_add_then_times_out(ray_head, tmp_path):
+    """--address of a real head: without node types a GPU trial is refused (exit 2, nothing written);
+    with a GPU worker group reported by the autoscaler it is accepted, the progress line says what it
+    waits for, and --pending-timeout ends the sweep with its runs KILLED (resumable)."""
+    spec = write_spec(tmp_path, name="scaleup", base=TINY, grid=ONE_TRIAL, resources={"cpu": 1, "gpu": 1})
+    launch = ("launch", str(spec), "--address", ray_head.gcs_address, "--pending-timeout", "5")
+    refused = ditsweep(*launch, cwd=tmp_path, env=ray_head.auth)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "resources.gpu=1 but no node of the cluster, current or one its autoscaler can add, has a GPU" \
+        in refused.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+    def report(action: str) -> None:
+        done = subprocess.run([sys.executable, "-c", _REPORT_GPU_GROUP, ray_head.gcs_address, action],
+                              env={**os.environ, **ray_head.auth}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    report("put")
+    try:
+        waited = ditsweep(*launch, cwd=tmp_path, env=ray_head.auth)
+    finally:
+        report("delete")
+    assert waited.returncode == 1, waited.stdout + waited.stderr
+    assert "waiting for 1 GPU: the cluster is scaling up (node type gpu-workers)" in waited.stdout
+    assert "--pending-timeout 5" in waited.stdout and "ditsweep resume" in waited.stdout
+    runs = runs_by_role(MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "scaleup")
+    assert [r.info.status for r in runs["sweep"]] == ["KILLED"]
+    assert [r.info.status for r in runs["trial"]] in ([], ["KILLED"])  # never started, or marked KILLED
 
 
 @pytest.mark.parametrize("address", [f"http://127.0.0.1:{free_port()}", "ray://127.0.0.1:10001"])
