@@ -210,3 +210,44 @@ def test_mlflow_ui_lists_the_sweep_and_its_trials(chromium, finished_sweep, mlfl
     shot = browser.screenshot(tmp_path / "mlflow_ui_runs.png")
     print(f"screenshot of the MLflow UI: {shot}")
     assert shot.stat().st_size > 10_000
+
+
+def test_mlflow_compare_view_and_metric_chart_overlay_two_trials(chromium, finished_sweep, mlflow_ui, browser,
+                                                                 tmp_path):
+    """Two trials in MLflow's compare view, then the chart its metric links open (MLflow's metric page):
+    their per-timestep PSNR series (train, held-out, gap; step = diffusion timestep) overlaid on one
+    plot. A screenshot of each is kept."""
+    from urllib.parse import quote
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.support.sweeps import sqlite_uri
+
+    client = MlflowClient(tracking_uri=sqlite_uri(finished_sweep["folder"]))
+    experiment = finished_sweep["experiment_id"]
+    trials = client.search_runs([experiment], "tags.`ditsweep.role` = 'trial'", order_by=["attributes.run_name"])
+    two = [run.info.run_id for run in trials[:2]]
+    names = [run.info.run_name for run in trials[:2]]
+    last_t = max(m.step for m in client.get_metric_history(two[0], "psnr_curve.gap"))
+    base = f"http://127.0.0.1:{mlflow_ui['port']}"
+    browser.page("Emulation.setDeviceMetricsOverride", width=1600, height=1200, deviceScaleFactor=1, mobile=False)
+
+    runs, experiments = quote(json.dumps(two)), quote(json.dumps([experiment]))
+    browser.page("Page.navigate", url=f"{base}/#/compare-runs?runs={runs}&experiments={experiments}")
+    browser.wait_for_text(["Comparing 2 Runs", *names, "Metrics", "Parameters"], timeout=90)
+    shot = browser.screenshot(tmp_path / "mlflow_compare_two_trials.png")
+    print(f"screenshot of MLflow's compare view: {shot}")
+    assert shot.stat().st_size > 10_000
+
+    # The URL MLflow's compare view links each metric to ("Plot chart"), with all three curves selected.
+    curves = ["psnr_curve.train", "psnr_curve.test", "psnr_curve.gap"]
+    query = (f"runs={runs}&metric={quote(json.dumps(curves[2]))}&experiments={experiments}"
+             f"&plot_metric_keys={quote(json.dumps(curves))}&plot_layout={{}}&x_axis=step&y_axis_scale=linear"
+             f"&line_smoothness=1&show_point=false&deselected_curves=[]&last_linear_y_axis_range=[]")
+    browser.page("Page.navigate", url=f"{base}/#/metric?{query}")
+    legend = [f"{name} ({curve})" for name in names for curve in curves]  # one line per run and curve
+    body = browser.wait_for_text(["Completed Runs", "2/2", *legend, f"(step={last_t})"], timeout=90)
+    assert body.count(f"(step={last_t})") >= len(legend)  # every series reaches the last timestep
+    chart = browser.screenshot(tmp_path / "mlflow_psnr_curves_two_trials.png")
+    print(f"screenshot of the overlaid PSNR curves: {chart}")
+    assert chart.stat().st_size > 20_000
