@@ -69,6 +69,13 @@ def paired_difference(differences: list[float], confidence: float = CONFIDENCE) 
     return PairedDifference(n, mean, mean - half, mean + half)
 
 
+def mean_interval(values: list[float], confidence: float = CONFIDENCE) -> PairedDifference:
+    """Mean and Student-t interval of one configuration's values over its seeds and shuffles (the
+    one-sample form of the same formula: mean ± t_{0.975, n-1} · s / sqrt(n)); no interval for n < 2.
+    For the PSNR gap each value is itself a paired difference (train - held-out, same noise)."""
+    return paired_difference(values, confidence)
+
+
 @dataclass(frozen=True)
 class PairedRow:
     """One configuration of the paired table; `baseline` rows carry no differences."""

@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from orchestrator.compare import CONFIDENCE, Observation, PairedRow, paired_table
+from orchestrator.compare import CONFIDENCE, Observation, PairedDifference, PairedRow, mean_interval, paired_table
 from orchestrator.display import show_value
 from orchestrator.spec import Compare, SpecError, axis_label, parse_spec
 from orchestrator.tracking import FINISHED, Tracker, TrialRun
@@ -38,6 +38,8 @@ PLACEMENT_AXES = ("attention.placement", "attention.windows")  # what differs fr
 SIZE_PARAMS = ("data.num_images", "data.fraction")
 METRICS = ("psnr_gap", "mem_copy_fraction", "mem_nn_train", "mem_nn_test", "psnr_train", "psnr_test", "fid", "kid")
 PAIRED_METRICS = ("psnr_gap", "psnr_train", "psnr_test", "mem_copy_fraction", "fid")
+# Metrics whose per-configuration mean also gets its 95% Student-t interval over seeds and shuffles.
+INTERVAL_METRICS = ("psnr_gap", "fid")
 # Decimals per metric, one per column so that numbers line up: dB to 3, fractions to 2.
 DECIMALS = {"psnr_gap": 3, "psnr_train": 3, "psnr_test": 3, "mem_copy_fraction": 2, "mem_nn_train": 3,
             "mem_nn_test": 3, "fid": 2, "kid": 4}
@@ -103,6 +105,7 @@ class ConfigRow:
     mean: dict[str, float]
     std: dict[str, float | None]  # None with a single finished trial
     delta: dict[str, float | None]  # paired change against global attention; None without a baseline
+    interval: dict[str, PairedDifference]  # INTERVAL_METRICS -> mean and 95% interval over the finished trials
 
     @property
     def finished(self) -> list[TrialResult]:
@@ -139,13 +142,17 @@ def configuration_rows(trials: list[TrialResult], axes: list[str]) -> list[Confi
         mean: dict[str, float] = {}
         std: dict[str, float | None] = {}
         delta: dict[str, float | None] = {}
+        interval: dict[str, PairedDifference] = {}
         for metric in metrics:
             values = [t.metrics[metric] for t in done if metric in t.metrics]
             if values:
                 mean[metric] = statistics.fmean(values)
                 std[metric] = statistics.stdev(values) if len(values) > 1 else None
+                if metric in INTERVAL_METRICS:
+                    interval[metric] = mean_interval(values)
             delta[metric] = paired_change(done, baselines, axes, metric)
-        rows.append(ConfigRow({a: members[0].axes.get(a) for a in config_axes(axes)}, members, mean, std, delta))
+        rows.append(ConfigRow({a: members[0].axes.get(a) for a in config_axes(axes)}, members, mean, std, delta,
+                              interval))
     return rows
 
 
@@ -191,6 +198,8 @@ def csv_header(axes: list[str], metrics: list[str]) -> list[str]:
     columns = [*config_axes(axes), "schedule", "finished", "trials"]
     for metric in metrics:
         columns += [f"{metric}_mean", f"{metric}_std", f"{metric}_change_vs_global"]
+        if metric in INTERVAL_METRICS:
+            columns += [f"{metric}_ci95_low", f"{metric}_ci95_high"]
     return columns
 
 
@@ -203,8 +212,11 @@ def table_csv(rows: list[ConfigRow], axes: list[str], metrics: list[str]) -> str
         cells = [show_value(row.axes[a]) for a in config_axes(axes)]
         cells += [row.schedule, str(len(row.finished)), str(len(row.trials))]
         for metric in metrics:
-            for value in (row.mean.get(metric), row.std.get(metric), row.delta.get(metric)):
-                cells.append("" if value is None else repr(value))
+            values = [row.mean.get(metric), row.std.get(metric), row.delta.get(metric)]
+            if metric in INTERVAL_METRICS:
+                interval = row.interval.get(metric)
+                values += [interval.low, interval.high] if interval else [None, None]
+            cells += ["" if value is None else repr(value) for value in values]
         writer.writerow(cells)
     return buffer.getvalue()
 
@@ -224,7 +236,10 @@ def display_table(rows: list[ConfigRow], axes: list[str], metrics: list[str]) ->
     """Header and rows for people: `mean ± std` per metric, each column with its own decimals (the
     paired changes against the baseline are in the paired table)."""
     header = [*config_axes(axes), "schedule", "finished"]
-    header += [f"{metric}{UNITS.get(metric, '')}" for metric in metrics]
+    for metric in metrics:
+        header.append(f"{metric}{UNITS.get(metric, '')}")
+        if metric in INTERVAL_METRICS:
+            header.append(f"{metric} {CONFIDENCE:.0%} interval")
     table = [header]
     for row in rows:
         cells = [show_value(row.axes[a]) for a in config_axes(axes)]
@@ -232,8 +247,19 @@ def display_table(rows: list[ConfigRow], axes: list[str], metrics: list[str]) ->
         for metric in metrics:
             mean, std = row.mean.get(metric), row.std.get(metric)
             cells.append(fixed(metric, mean) + (f" ± {fixed(metric, std)}" if mean is not None and std is not None else ""))
+            if metric in INTERVAL_METRICS:
+                cells.append(interval_text(metric, row.interval.get(metric)))
         table.append(cells)
     return table
+
+
+def interval_text(metric: str, interval: PairedDifference | None) -> str:
+    """'[a, b]' in the metric's decimals; 'needs >= 2 trials' where there is one."""
+    if interval is None:
+        return ""
+    if interval.low is None or interval.high is None:
+        return "needs >= 2 trials"
+    return f"[{fixed(metric, interval.low)}, {fixed(metric, interval.high)}]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,7 +540,8 @@ def grid_filename(label: str, name: str) -> str:
 def markdown_page(data: SweepData, table: list[list[str]], figs: list[Figure],
                   paired: list[list[str]] | None = None) -> str:
     parts = [f"# Sweep {data.sweep_id}", "", summary_line(data), "",
-             "Mean ± sample std over seeds and shuffles.", "", table_markdown(table)]
+             "Mean ± sample std over seeds and shuffles; the 95% intervals are Student-t intervals of the mean "
+             "over them (scipy.stats.t).", "", table_markdown(table)]
     if paired:
         parts += [f"Paired table: {baseline_text(data.compare, data.axes)}.", "", table_markdown(paired)]
     parts += [f"![{fig.caption}]({fig.filename})\n" for fig in figs]
@@ -574,7 +601,8 @@ img.grid {{ image-rendering: pixelated; width: 256px; margin-right: 0.5em; }}
 <body>
 <h1>{e(f"Sweep {data.sweep_id}")}</h1>
 <p>{e(summary_line(data).replace("`", ""))}</p>
-<p>Mean ± sample standard deviation over seeds and shuffles; mem_copy_fraction: the share of samples whose
+<p>Mean ± sample standard deviation over seeds and shuffles; the 95% intervals are Student-t intervals
+of the mean over them (scipy.stats.t); mem_copy_fraction: the share of samples whose
 nearest training image is much closer than the second nearest (Carlini et al. 2023). Generated
 {e(datetime.now().strftime("%Y-%m-%d %H:%M"))}.</p>
 <div class="table">{table_html(table)}</div>

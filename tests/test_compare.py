@@ -119,6 +119,23 @@ def test_paired_table_matches_scipy_on_a_real_store(tmp_path):
     assert verdicts[(("head", 4), "psnr_gap")] == "lower"
     assert verdicts[(("tail", 64), "psnr_gap")] == "needs >= 2 matched pairs"
 
+    # Each configuration's own gap: its mean and the 95% Student-t interval over its finished shuffles,
+    # against scipy's one-sample t interval on the same runs (report.csv; report.md shows it rounded).
+    table = {(r["attention.placement"], int(r["data.num_images"])): r
+             for r in csv.DictReader(io.StringIO((out / "report.csv").read_text()))}
+    for config in [("none", 4), ("head", 4), ("tail", 4), ("tail", 64)]:
+        gaps = np.array([m["psnr_gap"] for a, m, status in trials if status == "FINISHED"
+                         and (a["attention.placement"], a["data.num_images"]) == config])
+        row = table[config]
+        if len(gaps) < 2:
+            assert row["psnr_gap_ci95_low"] == row["psnr_gap_ci95_high"] == ""
+            continue
+        low, high = stats.t.interval(0.95, len(gaps) - 1, loc=gaps.mean(), scale=stats.sem(gaps))
+        assert float(row["psnr_gap_ci95_low"]) == pytest.approx(low, rel=1e-6)
+        assert float(row["psnr_gap_ci95_high"]) == pytest.approx(high, rel=1e-6)
+    markdown = (out / "report.md").read_text()
+    assert "| psnr_gap 95% interval |" in markdown and "needs >= 2 trials" in markdown  # tail at N64
+
     # The same table on the sweep's parent run, as metrics.
     parent = client.get_run(parent_id).data.metrics
     n, mean, lo, hi = expected(trials, "none", ("head", 4), "psnr_gap")
@@ -136,7 +153,8 @@ def test_paired_table_matches_scipy_on_a_real_store(tmp_path):
     markdown = (out / "report.md").read_text()
     baseline_line = next(line for line in markdown.splitlines() if line.startswith("| none | 4 |") and "—" in line)
     assert "+0" not in baseline_line
-    head_line = next(line for line in markdown.splitlines() if line.startswith("| head | 4 |") and "[" in line)
+    # The paired table's row (the configuration table's row has an interval too, but no verdict).
+    head_line = next(line for line in markdown.splitlines() if line.startswith("| head | 4 |") and "lower" in line)
     assert f"{mean:+.3f}" in head_line and f"[{lo:+.3f}, {hi:+.3f}]" in head_line
 
 
