@@ -38,6 +38,7 @@ Failures of any kind (missing path, unreadable files, wrong arrays, S3 errors) r
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import io
@@ -51,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fsspec
+import fsspec.asyn
 import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
@@ -69,7 +71,7 @@ DISJOINT_SHARD_SEED = 1
 _MAX_NAMED = 5  # file names quoted in one error message
 # Downloading a remote folder: objects requested at once, and names per slice (the contents of one
 # slice are held in memory before they are written: 1,024 small images are a few MiB).
-FETCH_THREADS = 32
+FETCH_THREADS = 32  # requests in flight (on fsspec's event loop for S3; threads for other filesystems)
 FETCH_SLICE = 1024
 
 
@@ -549,20 +551,39 @@ def _fetch_all(uri: str, fs: fsspec.AbstractFileSystem, root: str, names: list[s
 def _fetch_slice(fs: fsspec.AbstractFileSystem, root: str, names: list[str]) -> tuple[list[bytes], dict[str, str]]:
     """Contents of `root`/name for each name, in order, and {name: why} for those that failed."""
 
-    def fetch(name: str) -> bytes | BaseException:
-        try:
-            return fs.cat_file(f"{root}/{name}")
-        except Exception as err:  # noqa: BLE001 - reported by name below
-            return err
+    paths = [f"{root}/{name}" for name in names]
+    if getattr(fs, "async_impl", False):  # s3fs, gcsfs, ...: the requests in flight on fsspec's own event loop
+        results = fsspec.asyn.sync(fs.loop, _cat_concurrently, fs, paths)
+    else:
 
-    with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(names)), thread_name_prefix="ditsweep-fetch") as pool:
-        results = list(pool.map(fetch, names))
+        def fetch(path: str) -> bytes | BaseException:
+            try:
+                return fs.cat_file(path)
+            except Exception as err:  # noqa: BLE001 - reported by name below
+                return err
+
+        with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(names)), thread_name_prefix="ditsweep-fetch") as pool:
+            results = list(pool.map(fetch, paths))
     failed = {
         name: ("missing" if isinstance(result, FileNotFoundError) else f"{type(result).__name__}: {result}")
         for name, result in zip(names, results)
         if isinstance(result, BaseException)
     }
     return [r for r in results if not isinstance(r, BaseException)], failed
+
+
+async def _cat_concurrently(fs: fsspec.asyn.AsyncFileSystem, paths: list[str]) -> list[bytes | BaseException]:
+    """Each path's contents or its error, FETCH_THREADS requests in flight (no threads: one event loop)."""
+    in_flight = asyncio.Semaphore(FETCH_THREADS)
+
+    async def fetch(path: str) -> bytes | BaseException:
+        async with in_flight:
+            try:
+                return await fs._cat_file(path)
+            except Exception as err:  # noqa: BLE001 - reported by name by the caller
+                return err
+
+    return await asyncio.gather(*(fetch(path) for path in paths))
 
 
 def _remote_selection(names: list[str]) -> list[str]:
