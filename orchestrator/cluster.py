@@ -7,7 +7,8 @@ Resources are checked before the job goes: a trial that one of the cluster's cur
 is submitted at once. Otherwise only the cluster knows whether its autoscaler can add a node that
 holds it (node types live in the head's GCS, which the dashboard does not show), so the job is
 submitted and `submit` waits, bounded, for the driver's own check (`launch` runs it before any MLflow
-run exists): a refusal there is exit 2 here, with the driver's message. The job carries
+run exists): a refusal there is exit 2 here, with the driver's message (with `follow`, the streamed
+logs show it and the FAILED job is exit 1). The job carries
 no secrets: its entrypoint, runtime_env and metadata are readable by anyone who can list the
 cluster's jobs, so S3 keys, MLflow credentials and database passwords must come from the cluster's
 own environment (on Kubernetes, the Secrets of docker/kuberay/secrets.example.yaml).
@@ -76,7 +77,7 @@ def submit(
     with tempfile.TemporaryDirectory(prefix="ditsweep-job-") as working_dir:
         stage_working_dir(spec_path, Path(working_dir), with_code)
         client = connect(address)
-        fits_now = fits_a_current_node(spec, address)
+        fits_now = fits_a_current_node(spec, address, follow)
         try:
             job_id = client.submit_job(
                 entrypoint=entrypoint,
@@ -99,21 +100,25 @@ def submit(
     return EXIT_OK if fits_now else await_preflight(client, job_id, address)
 
 
-def fits_a_current_node(spec: SweepSpec, address: str) -> bool:
-    """Can one of the cluster's alive nodes hold a trial? Asked through the dashboard's state API."""
+def fits_a_current_node(spec: SweepSpec, address: str, follow: bool = False) -> bool:
+    """Can one of the cluster's alive nodes hold a trial? Asked through the dashboard's state API;
+    False (the driver decides) when no current node can, or when the dashboard does not say."""
     from ray.util.state import list_nodes
 
+    then = ("its logs show the driver's check of what the cluster's autoscaler can add" if follow else
+            f"then waiting up to {PREFLIGHT_WAIT_S:.0f} s for the driver to check what the cluster's autoscaler can add")
     try:
-        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], timeout=30,
+        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], limit=10_000, timeout=30,
                            raise_on_missing_output=False)
     except Exception as err:  # noqa: BLE001 - Ray raises its own exception types here
-        raise ClusterError(f"the Ray dashboard at {address!r} did not list its nodes: {first_line(err)}") from None
+        print(f"the Ray dashboard at {address} did not list its nodes ({first_line(err)}); submitting, {then}",
+              file=sys.stderr, flush=True)
+        return False
     cluster = Cluster(nodes=[{k: float(v) for k, v in dict(n.resources_total).items()} for n in nodes])
     try:
         return check_trial_fits(trial_request(spec.resources), cluster).when == "now"
     except ResourcesError:  # no current node; whether a node type could is the driver's call
-        print(f"no current node of the cluster holds a trial ({_asked(spec)}); submitting, then waiting up to "
-              f"{PREFLIGHT_WAIT_S:.0f} s for the driver to check what the cluster's autoscaler can add",
+        print(f"no current node of the cluster holds a trial ({_asked(spec)}); submitting, {then}",
               file=sys.stderr, flush=True)
         return False
 
@@ -130,11 +135,13 @@ def await_preflight(client, job_id: str, address: str, wait_s: float = PREFLIGHT
         try:
             info = client.get_job_info(job_id)
             logs = client.get_job_logs(job_id)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:
             raise ClusterError(f"lost the Ray dashboard at {address!r} ({first_line(err)}); the job may "
                                f"still run: ray job status --address {address} {job_id}") from None
-        if _ACCEPTED.search(logs):
-            print(f"job {job_id}: the driver accepted the sweep and waits for the cluster to scale up", flush=True)
+        accepted = _ACCEPTED.search(logs)
+        if accepted:
+            waiting = [line for line in logs[accepted.end():].splitlines() if line.startswith("waiting for ")]
+            print(f"job {job_id}: the driver accepted the sweep" + (f"; {waiting[0]}" if waiting else ""), flush=True)
             return EXIT_OK
         if info.status == "SUCCEEDED":  # e.g. every trial had FINISHED already
             print(f"job {job_id} SUCCEEDED", flush=True)

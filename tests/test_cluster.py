@@ -172,7 +172,9 @@ def test_launch_on_a_cluster_waits_for_a_gpu_its_autoscaler_can_add_then_times_o
     finally:
         report("delete")
     assert waited.returncode == 1, waited.stdout + waited.stderr
-    assert "waiting for 1 GPU: the cluster is scaling up (node type gpu-workers)" in waited.stdout
+    waiting = "waiting for 1 GPU: the cluster is scaling up (node type gpu-workers)"
+    assert waiting in waited.stdout.splitlines()  # said at once, then on the progress lines:
+    assert any(line.startswith("[") and line.endswith(f"| {waiting}") for line in waited.stdout.splitlines())
     assert "--pending-timeout 5" in waited.stdout and "ditsweep resume" in waited.stdout
     runs = runs_by_role(MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "scaleup")
     assert [r.info.status for r in runs["sweep"]] == ["KILLED"]
