@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 # The exact torch pin: a range admitting newer releases pulls several GB of CUDA wheels on CPU boxes.
 TORCH  ?= torch==2.13.0
 SPEC   ?= search_spaces/placement.yaml
+# Test processes: two keep both cores of a 2-core machine busy while one test waits on Ray or a server.
+TEST_WORKERS ?= 2
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 
 .PHONY: run test test-fast browser install install-dev bench bench-gpu clean
@@ -29,7 +31,7 @@ run: install
 	$(VENV)/bin/ditsweep launch $(SPEC)
 
 test: install-dev browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # Chromium for tests/test_ui_browser.py: installed with apt-get where this user can (root, Debian
 # archive reachable); otherwise a note, and that test skips saying why. Never fails `make test`.
@@ -44,7 +46,7 @@ browser:
 	  fi; }
 
 test-fast: install-dev
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
 
 bench: install
 	$(PY) benchmarks/attention.py

@@ -46,6 +46,8 @@ _URI_PASSWORD = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
 _POLL_S = 2.0
 # How long `submit` waits for the driver's resource check when no current node holds a trial.
 PREFLIGHT_WAIT_S = 180.0
+# After a followed job's log stream closes, the longest its status may take to read as ended.
+SETTLE_WAIT_S = 120.0
 # The line `launch` prints once every check has passed and the sweep's run exists.
 _ACCEPTED = re.compile(r"^sweep \S+: \d+ trials? to run", re.MULTILINE)
 
@@ -132,12 +134,7 @@ def await_preflight(client, job_id: str, address: str, wait_s: float = PREFLIGHT
     sweep, EXIT_OK once it accepted it (or after `wait_s` with no verdict yet, saying so)."""
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        try:
-            info = client.get_job_info(job_id)
-            logs = client.get_job_logs(job_id)
-        except (OSError, RuntimeError) as err:
-            raise ClusterError(f"lost the Ray dashboard at {address!r} ({first_line(err)}); the job may "
-                               f"still run: ray job status --address {address} {job_id}") from None
+        info, logs = _job_state(client, job_id, address, with_logs=True)
         accepted = _ACCEPTED.search(logs)
         if accepted:
             waiting = [line for line in logs[accepted.end():].splitlines() if line.startswith("waiting for ")]
@@ -274,7 +271,9 @@ def follow_job(client, job_id: str, address: str) -> int:
         print(f"[ditsweep] log stream interrupted ({first_line(err)}); waiting for the job to end",
               file=sys.stderr, flush=True)
         stream_broken = True
-    info = _wait_until_terminal(client, job_id, address)
+    # A broken stream leaves a running sweep to wait for (each poll bounded by the dashboard answering);
+    # a closed one means the job ended, and its status only has to catch up.
+    info = _wait_until_terminal(client, job_id, address, None if stream_broken else SETTLE_WAIT_S)
     if stream_broken:
         print(client.get_job_logs(job_id)[printed:], end="", flush=True)
     if info.status == "SUCCEEDED":
@@ -287,17 +286,25 @@ def follow_job(client, job_id: str, address: str) -> int:
     return EXIT_FAILED
 
 
-def _wait_until_terminal(client, job_id: str, address: str):
-    """The log stream closes when the job ends; its status may lag behind for a moment."""
-    while True:
-        try:
-            info = client.get_job_info(job_id)
-        except OSError as err:
-            raise ClusterError(f"lost the Ray dashboard at {address!r} ({first_line(err)}); the job may "
-                               f"still run: ray job status --address {address} {job_id}") from None
-        if info.status.is_terminal():
-            return info
+def _wait_until_terminal(client, job_id: str, address: str, wait_s: float | None):
+    """Poll until the job has ended: at most `wait_s` seconds (None: as long as the job runs, while
+    the dashboard answers)."""
+    deadline = None if wait_s is None else time.monotonic() + wait_s
+    while not (info := _job_state(client, job_id, address)[0]).status.is_terminal():
+        if deadline is not None and time.monotonic() > deadline:
+            raise ClusterError(f"job {job_id}'s logs ended but Ray still reports it {info.status} after "
+                               f"{wait_s:.0f} s: ray job status --address {address} {job_id}")
         time.sleep(_POLL_S)
+    return info
+
+
+def _job_state(client, job_id: str, address: str, with_logs: bool = False):
+    """(job info, its logs so far or None), or ClusterError naming the dashboard if it stopped answering."""
+    try:
+        return client.get_job_info(job_id), client.get_job_logs(job_id) if with_logs else None
+    except (OSError, RuntimeError) as err:
+        raise ClusterError(f"lost the Ray dashboard at {address!r} ({first_line(err)}); the job may "
+                           f"still run: ray job status --address {address} {job_id}") from None
 
 
 # ---------------------------------------------------------------------------------------------

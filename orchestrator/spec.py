@@ -27,6 +27,7 @@ from trainer.config import (
     parse_override,
     parse_yaml_mapping,
     set_dotted,
+    short_path,
     short_repr,
     short_text,
 )
@@ -158,7 +159,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         raw = load_yaml(path)
     except ConfigError as err:
         raise SpecError(str(err)) from None
-    return _validate_spec(raw, short_repr(str(path)))
+    return _validate_spec(raw, short_path(path))
 
 
 def parse_spec(text: str, source: str = "spec") -> SweepSpec:

@@ -181,6 +181,15 @@ def store_missing(uri: str) -> bool:
     return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
 
 
+def _store_uri(uri: str) -> str:
+    """The URI MLflow is handed: a relative sqlite path made absolute. MLflow keeps one store per URI
+    string for the life of the process, so `sqlite:///mlflow.db` would otherwise stay bound to the
+    folder it was first opened in (`self.uri` keeps the form the user gave, for messages)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
 def _is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/", ".")) or "://" not in uri
 
@@ -246,7 +255,7 @@ class Tracker:
             raise TrackingError(f"no tracking store at {self.uri!r} (nothing has been launched here); "
                                 "pass --tracking-uri or run from the folder of the sweep")
         self._check_reachable()
-        self._client = MlflowClient(tracking_uri=self.uri)
+        self._client = MlflowClient(tracking_uri=_store_uri(self.uri))
         try:
             self._client.search_experiments(max_results=1)
         except Exception as err:  # noqa: BLE001
@@ -323,7 +332,7 @@ class Tracker:
     def read_bytes(self, run_id: str, path: str) -> bytes:
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=path, dst_path=tmp, tracking_uri=self.uri
+                run_id=run_id, artifact_path=path, dst_path=tmp, tracking_uri=_store_uri(self.uri)
             )
             return Path(local).read_bytes()
 

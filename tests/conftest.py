@@ -301,12 +301,23 @@ def ray_head() -> Iterator[RayHead]:
         log.unlink(missing_ok=True)
 
 
+# Tests that share one expensive fixture run on the same xdist worker (`make test` runs two, with
+# `--dist loadgroup`), so each is built once: a Ray head or cluster per module, one finished sweep.
+SHARED_FIXTURES = ("ray_head", "ray_cluster", "finished_sweep")
+
+
 def pytest_collection_modifyitems(items) -> None:
-    """`make test-fast` (-m "not slow") must start no Ray cluster: a test that wants the Ray head is slow."""
+    """`make test-fast` (-m "not slow") must start no Ray cluster: a test that wants the Ray head is slow.
+
+    Slow tests go first, so the two workers of `make test` are not left with one long test at the end."""
     for item in items:
         for cluster in ("ray_head", "ray_cluster"):
             if cluster in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None:
                 raise pytest.UsageError(f"{item.nodeid} uses the {cluster} fixture: mark it @pytest.mark.slow")
+        shared = [name for name in SHARED_FIXTURES if name in getattr(item, "fixturenames", ())]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """`ditsweep submit` against a real Ray head on this machine, `ditsweep render-k8s`, and a sweep
-whose data, checkpoints and MLflow artifacts all live on S3 (moto's server on loopback).
+whose data, checkpoints and MLflow artifacts all live on S3 (moto's server on loopback), with no
+credential written anywhere.
 
 The head is `ray start --head --block` in a process group of its own, with token authentication
 (Ray's default) and its dashboard on 127.0.0.1; it is killed by process id afterwards, and every
@@ -180,9 +181,29 @@ def test_launch_on_a_cluster_waits_for_a_gpu_its_autoscaler_can_add_then_times_o
     assert [r.info.status for r in runs["sweep"]] == ["KILLED"]
     assert [r.info.status for r in runs["trial"]] in ([], ["KILLED"])  # never started, or marked KILLED
 
+def test_a_job_whose_status_never_ends_after_its_logs_is_not_waited_for_forever():
+    """No Ray head can be made to keep a finished job RUNNING, so a stand-in client whose job does."""
+    from ray.job_submission import JobStatus
 
-@pytest.mark.parametrize("address", [f"http://127.0.0.1:{free_port()}", "ray://127.0.0.1:10001"])
+    from orchestrator.cluster import ClusterError, _wait_until_terminal
+
+    class StuckJob:
+        polls = 0
+
+        def get_job_info(self, job_id):
+            self.polls += 1
+            return type("Info", (), {"status": JobStatus.RUNNING})()
+
+    client = StuckJob()
+    with pytest.raises(ClusterError, match=r"raysubmit_1's logs ended but Ray still reports it RUNNING after 0 s"):
+        _wait_until_terminal(client, "raysubmit_1", "http://127.0.0.1:8265", wait_s=0.01)
+    assert client.polls >= 1
+
+
+
+@pytest.mark.parametrize("address", ["http://127.0.0.1:{port}", "ray://127.0.0.1:10001"], ids=["dashboard", "ray-client"])
 def test_unreachable_address_exits_2_naming_it(tmp_path, address):
+    address = address.format(port=free_port())  # chosen when the test runs: collection must not vary
     spec = tiny_spec(tmp_path, "nowhere")
     result = CliRunner().invoke(app, ["submit", str(spec), "--address", address])
     assert result.exit_code == 2, result.output
@@ -258,8 +279,19 @@ def test_render_k8s_refuses_a_bad_spec_or_name(tmp_path):
 # Everything on S3
 
 
+# What a user's environment holds. The sweep really uses the AWS ones (moto takes any key); none may
+# be written to the store, the results, S3 or the terminal.
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIAFAKEKEY0DITSWEEP",
+    "AWS_SECRET_ACCESS_KEY": "fakeSecretValue+DitSweep/123456",
+    "AWS_SESSION_TOKEN": "fakeSessionTokenDitSweep987",
+    "MLFLOW_TRACKING_PASSWORD": "fakeTrackingPasswordDitSweep",
+    "MLFLOW_TRACKING_TOKEN": "fakeTrackingTokenDitSweep",
+}
+
+
 @pytest.mark.slow
-def test_sweep_with_data_checkpoints_and_artifacts_on_s3(tmp_path, s3_bucket, s3_env):
+def test_sweep_with_data_checkpoints_and_artifacts_on_s3_and_no_credentials_anywhere(tmp_path, s3_bucket, s3_env):
     import s3fs
 
     images = tmp_path / "png"
@@ -271,24 +303,36 @@ def test_sweep_with_data_checkpoints_and_artifacts_on_s3(tmp_path, s3_bucket, s3
         "DITSWEEP_ARTIFACT_ROOT": f"s3://{s3_bucket}/mlartifacts",
         "MLFLOW_S3_ENDPOINT_URL": s3_env,
         "DITSWEEP_CACHE": str(tmp_path / "cache"),
+        **SECRETS,
     }
     prepared = ditsweep("prepare-data", str(images), f"s3://{s3_bucket}/data", "--image-size", "8",
                         cwd=tmp_path, env=env)
     assert prepared.returncode == 0, prepared.stdout + prepared.stderr
 
+    storage = f"s3://{s3_bucket}/results"
     spec = tiny_spec(tmp_path, "s3all", data={**TINY["data"], "source": f"s3://{s3_bucket}/data"})
-    result = ditsweep("launch", str(spec), "--storage", f"s3://{s3_bucket}/results", cwd=tmp_path, env=env)
+    result = ditsweep("launch", str(spec), "--storage", storage, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
 
     runs = runs_by_role(MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "s3all")
     (trial,) = runs["trial"]
     assert trial.info.status == "FINISHED" and "psnr_gap" in trial.data.metrics
     assert trial.info.artifact_uri.startswith(f"s3://{s3_bucket}/mlartifacts/")
+    assert runs["sweep"][0].data.tags["ditsweep.storage"] == storage
     sweep_id = runs["sweep"][0].data.tags["ditsweep.sweep_id"]
-    stored = s3fs.S3FileSystem(skip_instance_cache=True).find(s3_bucket)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    stored = fs.find(s3_bucket)
     assert {f"{s3_bucket}/data/images.npy", f"{s3_bucket}/data/manifest.json"} <= set(stored)
     assert any(p.startswith(f"{s3_bucket}/results/{sweep_id}/") and "/checkpoint_" in p and p.endswith("state.pt")
                for p in stored), stored
     trial_artifacts = trial.info.artifact_uri.removeprefix("s3://")
     assert {f"{trial_artifacts}/config.yaml", f"{trial_artifacts}/psnr_curve.csv"} <= set(stored)
     assert not (tmp_path / "mlartifacts").exists() and not (tmp_path / "ditsweep_results").exists()
+
+    written = {str(path): path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    written |= {f"s3://{key}": fs.cat_file(key) for key in stored}
+    leaks = [f"{where}: {name}" for where, payload in written.items()
+             for name, value in SECRETS.items() if value.encode() in payload]
+    output = prepared.stdout + prepared.stderr + result.stdout + result.stderr
+    leaks += [f"output: {name}" for name, value in SECRETS.items() if value in output]
+    assert not leaks, leaks

@@ -269,6 +269,12 @@ def test_malformed_yaml_is_refused_naming_the_file(tmp_path):
     path.write_text("train: {steps: [1,\n")
     with pytest.raises(ConfigError, match="broken.yaml' is not valid YAML"):
         load_yaml(path)
+    deep = tmp_path / ("d" * 120) / "broken.yaml"  # a long path keeps its end: the file's name
+    deep.parent.mkdir()
+    deep.write_text("train: {steps: [1,\n")
+    with pytest.raises(ConfigError, match=r"^'\.\.\.d+/broken\.yaml' is not valid YAML") as refused:
+        load_yaml(deep)
+    assert len(str(refused.value).split(" is not")[0]) <= 82
 
 
 def test_missing_yaml_file_is_refused(tmp_path):

@@ -59,6 +59,25 @@ def test_digits_load_as_uint8_full_range():
     np.testing.assert_array_equal(load_images("builtin:digits", 8), images)
 
 
+def test_digits_are_scikit_learns_read_without_importing_it():
+    """The bundled table is read directly (no 4 s sklearn import in each trial); it must be exactly
+    what `sklearn.datasets.load_digits` returns: levels 0..16 scaled to 0..255, labels aligned."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from trainer.data import load_labels
+
+    reference = load_digits()
+    expected = np.rint(reference.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    np.testing.assert_array_equal(load_images("digits", 8), expected)
+    np.testing.assert_array_equal(load_labels("digits"), reference.target)
+    probe = "import sys; from trainer.data import load_images; load_images('digits', 8); print('sklearn' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stdout + done.stderr
+
+
 def test_digits_upsample_to_16():
     images = load_images("digits", 16)
     assert images.shape == (1797, 16, 16, 1) and images.dtype == np.uint8

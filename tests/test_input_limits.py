@@ -11,10 +11,14 @@ import yaml
 from typer.testing import CliRunner
 
 # Imported here, so the timed commands measure the checks, not the first import of torch and MLflow.
+import orchestrator.cluster  # noqa: F401
 import orchestrator.launch  # noqa: F401
 import orchestrator.plan  # noqa: F401
 import orchestrator.progress  # noqa: F401
+import orchestrator.report  # noqa: F401
 import orchestrator.tracking  # noqa: F401
+import trainer.inception  # noqa: F401
+import trainer.train  # noqa: F401
 from orchestrator.cli import app
 from trainer.config import MAX_YAML_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES
 

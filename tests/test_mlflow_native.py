@@ -81,3 +81,18 @@ def test_a_picture_that_does_not_decode_is_only_an_artifact(tmp_path, capsys):
     tracker.log_images(run.run_id, {"samples": b"not a png"}, step=1)
     assert "samples is not a readable picture" in capsys.readouterr().out
     assert not tracker.outbox.pending  # nothing left to retry forever
+
+
+def test_the_default_store_is_the_one_in_the_current_folder_each_time(tmp_path, monkeypatch):
+    """MLflow keeps one store per URI string for the life of a process: the default relative
+    `sqlite:///mlflow.db` must still open the current folder's file after the folder changes."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in ("first", "second"):
+        folder = tmp_path / name
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        tracker = Tracker()
+        assert tracker.uri == "sqlite:///mlflow.db"  # as the user gave it, for messages
+        tracker.experiment_id(f"experiment-{name}")
+        names = {e.name for e in MlflowClient(tracking_uri=sqlite_uri(folder)).search_experiments()}
+        assert names == {"Default", f"experiment-{name}"}

@@ -116,7 +116,8 @@ def test_four_trials_spread_survive_a_lost_node_and_a_killed_driver(ray_cluster,
     worker under a trial that has a checkpoint is killed (every process of that node) and the trial
     continues on the other worker from that checkpoint; then the driver itself is killed and `resume`
     finishes the sweep. Each trial ends with exactly one FINISHED run; `status` names its node."""
-    base = {**TINY, "train": {**TINY["train"], "steps": 30, "log_every": 5}, "eval": {**TINY["eval"], "every": 10}}
+    base = {**TINY, "train": {**TINY["train"], "steps": 30, "log_every": 5},
+            "eval": {**TINY["eval"], "every": 10, "locality": {"enabled": False}}}
     spec = write_spec(tmp_path, name="cluster", base=base, grid=FOUR_TRIALS, max_failures=3)
     cluster = ["--address", ray_cluster.address, "--tracking-uri", mlflow_server]
     driver = subprocess.Popen(

@@ -11,27 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from typer.testing import CliRunner
 
-from orchestrator.cli import app
-from tests.support.sweeps import ditsweep, free_port, runs_by_role, sqlite_uri, tiny_config, write_spec
+from tests.support.sweeps import ditsweep, free_port, invoke, runs_by_role, sqlite_uri, tiny_config, tree, write_spec
 
-runner = CliRunner()
 # What MLflow and alembic print at INFO when they create a store; never on a ditsweep terminal.
 INTERNAL_LINES = ("Context impl", "Will assume", "Creating initial MLflow database tables", "INFO ")
-
-
-def tree(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
-
-
-def invoke(tmp_path: Path, monkeypatch, *args: str):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    before = tree(tmp_path)
-    result = runner.invoke(app, list(args))
-    return result, tree(tmp_path) - before
 
 
 def this_machine_gpus() -> int:

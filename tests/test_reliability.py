@@ -17,24 +17,12 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from typer.testing import CliRunner
 
-from orchestrator.cli import app
-from tests.support.sweeps import ditsweep, free_port, runs_by_role, sqlite_uri, tiny_config, write_spec
-
-runner = CliRunner()
-
-
-def tree(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+from tests.support.sweeps import ditsweep, free_port, invoke, runs_by_role, sqlite_uri, tiny_config, write_spec
 
 
 def launch_in_process(tmp_path: Path, monkeypatch, *args: str):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    before = tree(tmp_path)
-    result = runner.invoke(app, ["launch", *args])
-    return result, tree(tmp_path) - before
+    return invoke(tmp_path, monkeypatch, "launch", *args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +159,11 @@ def start_launch(spec: Path, cwd: Path, *args: str, env: dict | None = None) -> 
     )
 
 
-LONGER = tiny_config({"train.steps": 40, "train.log_every": 5, "eval.every": 5})
+# A trial long enough to be broken mid-way: a checkpoint every 5 steps. Attention locality (a figure
+# per trial) is left out: these tests are about what survives a fault, not what is measured.
+LONGER = tiny_config({"train.steps": 40, "train.log_every": 5, "eval.every": 5, "eval.locality.enabled": False})
+# Ctrl-C needs less: it lands on the second checkpoint, with steps to go.
+SHORTER = tiny_config({"train.steps": 20, "train.log_every": 5, "eval.every": 5, "eval.locality.enabled": False})
 
 
 def checkpoints(folder: Path, index: int) -> list[Path]:
@@ -180,7 +172,7 @@ def checkpoints(folder: Path, index: int) -> list[Path]:
 
 @pytest.mark.slow
 def test_ctrl_c_marks_unfinished_trials_killed_and_resume_continues_them(tmp_path):
-    spec = write_spec(tmp_path, name="interrupt", base=LONGER, grid={"attention.placement": ["none", "head", "tail"]})
+    spec = write_spec(tmp_path, name="interrupt", base=SHORTER, grid={"attention.placement": ["none", "head", "tail"]})
     driver = start_launch(spec, tmp_path)
     try:
         wait_for(lambda: checkpoints(tmp_path, 1), 240, "a checkpoint", driver)
@@ -233,7 +225,7 @@ def result_rows(folder: Path, key: str) -> int:
 @pytest.mark.slow
 def test_resume_after_the_driver_died_just_after_a_trial_finished_trains_no_trial_twice(tmp_path):
     # One trial at a time (all CPUs each), so the first FINISHED run comes while the second still trains.
-    spec = write_spec(tmp_path, name="killdone", base=tiny_config({"train.steps": 8}), grid={"attention.placement": ["none", "head"]},
+    spec = write_spec(tmp_path, name="killdone", base=tiny_config({"train.steps": 8, "eval.locality.enabled": False}), grid={"attention.placement": ["none", "head"]},
                       resources={"cpu": os.cpu_count()})
     uri = sqlite_uri(tmp_path)
     driver = start_launch(spec, tmp_path)
@@ -248,7 +240,9 @@ def test_resume_after_the_driver_died_just_after_a_trial_finished_trains_no_tria
     done = client.get_run(finished_trial_ids(tmp_path / "mlflow.db")[0])
     key = done.data.tags["ditsweep.trial_key"]
     rows_before = result_rows(tmp_path, key)
-    sweep_id = runs_by_role(client, "killdone")["sweep"][0].data.tags["ditsweep.sweep_id"]
+    (sweep,) = runs_by_role(client, "killdone")["sweep"]
+    assert sweep.info.status == "RUNNING"  # left as the driver died
+    sweep_id = sweep.data.tags["ditsweep.sweep_id"]
 
     resumed = ditsweep("resume", sweep_id, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -259,6 +253,7 @@ def test_resume_after_the_driver_died_just_after_a_trial_finished_trains_no_tria
     assert result_rows(tmp_path, key) == rows_before  # the finished trial did not train again
     again = client.get_run(done.info.run_id)
     assert again.info.end_time == done.info.end_time
+    assert client.get_run(sweep.info.run_id).info.status == "FINISHED"
 
 
 @pytest.mark.slow
@@ -267,7 +262,7 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path):
     driver = start_launch(spec, tmp_path)
     try:
         wait_for(lambda: checkpoints(tmp_path, 2), 240, "a third checkpoint", driver)
-        workers = ray_trial_workers()
+        workers = ray_trial_workers(driver.pid)
         assert workers, "no Ray worker found"
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
@@ -285,21 +280,38 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path):
     assert resumed >= 5 and resumed % 5 == 0, resumed
 
 
-def ray_trial_workers() -> list[int]:
-    """Process ids of Ray workers running a trial (their titles name the trainable's actor)."""
-    pids = []
+def ray_trial_workers(driver: int) -> list[int]:
+    """Process ids of the Ray workers running a trial of the sweep whose driver is process `driver`
+    (descendants of it: its in-process Ray's raylet starts them; their titles name the trainable's
+    actor). Other sweeps on this machine, such as parallel tests', are left alone."""
+    parents = {}
     for proc in Path("/proc").iterdir():
         try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+
+    def descends_from_driver(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == driver:
+                return True
+        return False
+
+    pids = []
+    for pid in parents:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if proc.name.isdigit() and "ImplicitFunc" in cmdline:
-            pids.append(int(proc.name))
+        if "ImplicitFunc" in cmdline and descends_from_driver(pid):
+            pids.append(pid)
     return pids
 
 
 @pytest.mark.slow
 def test_tracking_server_going_away_loses_no_results(tmp_path, restartable_mlflow_server):
+    """A sweep tracked by a real `mlflow server` that is killed mid-sweep and started again."""
     url, start, stop = restartable_mlflow_server
     spec = write_spec(tmp_path, name="flaky", base=LONGER, grid={"attention.placement": ["none", "head"]})
     driver = start_launch(spec, tmp_path, "--tracking-uri", url)
@@ -325,29 +337,10 @@ def test_tracking_server_going_away_loses_no_results(tmp_path, restartable_mlflo
         assert run.data.metrics["step"] == 40 and "psnr_gap" in run.data.metrics
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
         assert steps == list(range(5, 41, 5)), steps  # every report arrived, none twice
-    assert runs["sweep"][0].info.status == "FINISHED"
-
-
-@pytest.mark.slow
-def test_no_credentials_reach_the_store_results_or_logs(tmp_path):
-    secrets = {
-        "AWS_ACCESS_KEY_ID": "AKIAFAKEKEY0DITSWEEP",
-        "AWS_SECRET_ACCESS_KEY": "fakeSecretValue+DitSweep/123456",
-        "AWS_SESSION_TOKEN": "fakeSessionTokenDitSweep987",
-        "MLFLOW_TRACKING_PASSWORD": "fakeTrackingPasswordDitSweep",
-        "MLFLOW_TRACKING_TOKEN": "fakeTrackingTokenDitSweep",
-    }
-    spec = write_spec(tmp_path, name="secrets", grid={"attention.placement": ["head"]})
-    result = ditsweep("launch", str(spec), cwd=tmp_path, env=secrets)
-    assert result.returncode == 0, result.stdout + result.stderr
-    leaks = []
-    for path in tmp_path.rglob("*"):
-        if path.is_file():
-            payload = path.read_bytes()
-            leaks += [f"{path}: {name}" for name, value in secrets.items() if value.encode() in payload]
-    logs = result.stdout + result.stderr
-    leaks += [f"output: {name}" for name, value in secrets.items() if value in logs]
-    assert not leaks, leaks
+    assert runs["sweep"][0].info.status == "FINISHED" and len(runs["sweep"]) == 1
+    artifacts = {a.path for a in client.list_artifacts(runs["trial"][0].info.run_id)}
+    assert {"config.yaml", "psnr_curve.csv"} <= artifacts  # uploaded through the server
+    assert not (tmp_path / "mlflow.db").exists()  # nothing went to the embedded store
 
 
 @pytest.mark.slow
@@ -355,7 +348,8 @@ def test_64_trial_grid_finishes_without_duplicates(tmp_path):
     minimal = {
         "data": {"num_images": 4, "test_images": 4},
         "train": {"steps": 1, "batch_size": 2, "log_every": 1, "warmup_steps": 0},
-        "eval": {"psnr_gap": {"images": 2, "timesteps": 1}, "samples": {"grid": 2, "steps": 2}},
+        "eval": {"psnr_gap": {"images": 2, "timesteps": 1}, "samples": {"grid": 2, "steps": 2},
+                 "locality": {"enabled": False}},
     }
     spec = write_spec(tmp_path, name="load", base=minimal, grid={"seed": list(range(64))})
     result = ditsweep("launch", str(spec), cwd=tmp_path, timeout=900)

@@ -310,6 +310,13 @@ def short_repr(value: Any, limit: int = _SHORT_REPR) -> str:
     return f"{text[: limit - 3]}... ({len(text)} characters)"
 
 
+def short_path(path: str | Path, limit: int = _SHORT_REPR) -> str:
+    """A file path quoted in an error message: whole when short, else its end, where the file's own
+    name is (a deep temporary or cluster folder must not push the name out of the message)."""
+    text = str(path)
+    return repr(text) if len(text) <= limit else repr(f"...{text[-(limit - 3):]}")
+
+
 def short_text(text: str, limit: int = 200) -> str:
     """One line of at most about `limit` characters (for messages quoting foreign text, e.g. a YAML error)."""
     line = " ".join(str(text).split())
@@ -405,7 +412,7 @@ def yaml_problem(err: yaml.YAMLError) -> str:
 def read_yaml_text(path: str | Path) -> str:
     """The text of a YAML file: an existing file of at most MAX_YAML_BYTES, valid UTF-8 (size checked first)."""
     path = Path(path)
-    shown = short_repr(str(path))
+    shown = short_path(path)
     if not path.is_file():
         raise ConfigError(f"config file {shown} does not exist")
     size = path.stat().st_size
@@ -439,7 +446,7 @@ def parse_yaml_mapping(text: str, source: str) -> dict:
 
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping (bounded size, UTF-8, bounded depth); an empty file is an empty mapping."""
-    return parse_yaml_mapping(read_yaml_text(path), short_repr(str(path)))
+    return parse_yaml_mapping(read_yaml_text(path), short_path(path))
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:

@@ -95,3 +95,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tree(folder: Path) -> set[str]:
+    """Every file and folder under `folder`, relative to it."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def invoke(folder: Path, monkeypatch, *args: str):
+    """Run the CLI in this process, in `folder`, with no tracking URI or Ray address from the
+    environment: (typer's Result, paths it created). For commands that start no Ray here (bad input,
+    plan, status, a launch with nothing to run, ...): no process start, no second import of torch."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    monkeypatch.chdir(folder)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    before = tree(folder)
+    result = CliRunner().invoke(app, list(args))
+    return result, tree(folder) - before
