@@ -301,22 +301,32 @@ def ray_head() -> Iterator[RayHead]:
         log.unlink(missing_ok=True)
 
 
-# Tests that share one expensive fixture run on the same xdist worker (`make test` runs two, with
-# `--dist loadgroup`), so each is built once: a Ray head or cluster per module, one finished sweep.
-SHARED_FIXTURES = ("ray_head", "ray_cluster", "finished_sweep")
+def _xdist_group(item) -> str | None:
+    """Tests that share an expensive fixture run on the same xdist worker (`make test` runs two, with
+    `--dist loadgroup`), so it is built once: the finished sweep (session), and per module a Ray head
+    or cluster, a trained model or a built store (any module-scoped fixture)."""
+    definitions = getattr(item, "_fixtureinfo", None)
+    scopes = {name: defs[-1].scope for name, defs in (definitions.name2fixturedefs.items() if definitions else ())
+              if defs}
+    if scopes.get("finished_sweep") == "session":
+        return "finished_sweep"
+    if "module" in scopes.values():
+        return item.module.__name__
+    return None
 
 
 def pytest_collection_modifyitems(items) -> None:
     """`make test-fast` (-m "not slow") must start no Ray cluster: a test that wants the Ray head is slow.
 
-    Slow tests go first, so the two workers of `make test` are not left with one long test at the end."""
+    Slow tests go first, so the two workers of `make test` are not left with one long test at the end
+    (a group's tests still run together on one worker, so a module fixture is built once)."""
     for item in items:
         for cluster in ("ray_head", "ray_cluster"):
             if cluster in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None:
                 raise pytest.UsageError(f"{item.nodeid} uses the {cluster} fixture: mark it @pytest.mark.slow")
-        shared = [name for name in SHARED_FIXTURES if name in getattr(item, "fixturenames", ())]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(shared[0]))
+        group = _xdist_group(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
 
 
