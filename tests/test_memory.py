@@ -199,3 +199,31 @@ def test_the_plan_table_shows_each_trials_estimate(tmp_path):
     assert "memory" in header.split()
     for trial, row in zip(trials, rows):
         assert format_bytes(trial_estimates([trial])[trial.key].total) in row
+
+
+def test_the_plans_calibration_step_updates_weights_as_torch_adamw_does():
+    """The estimate times AdamW's update written out (no torch.optim import in `plan`): two steps of
+    it leave the same weights as torch.optim.AdamW(lr=1e-4, weight_decay=0.01) from the same start."""
+    import copy
+
+    import torch
+
+    from orchestrator.plan import CalibrationStep
+    from trainer.diffusion import linear_schedule, training_loss
+    from trainer.model import build_dit
+
+    torch.manual_seed(0)
+    model = build_dit("DiT-T/1", image_size=8, in_channels=3, windows=[3] + [None] * 11)
+    reference, start = copy.deepcopy(model), copy.deepcopy(model)
+    step = CalibrationStep(model, image_size=8, batch=4)
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-4, weight_decay=0.01)
+    for seed in (1, 2):  # the loss draws noise and timesteps: the same draws on both sides
+        torch.manual_seed(seed)
+        step()
+        torch.manual_seed(seed)
+        optimizer.zero_grad(set_to_none=True)
+        training_loss(reference, linear_schedule(), step.x0).backward()
+        optimizer.step()
+    for ours, theirs in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(after, before) for after, before in zip(model.parameters(), start.parameters()))
