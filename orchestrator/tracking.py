@@ -255,7 +255,8 @@ class Tracker:
             raise TrackingError(f"no tracking store at {self.uri!r} (nothing has been launched here); "
                                 "pass --tracking-uri or run from the folder of the sweep")
         self._check_reachable()
-        self._client = MlflowClient(tracking_uri=_store_uri(self.uri))
+        self._store = _store_uri(self.uri)  # what MLflow is handed
+        self._client = MlflowClient(tracking_uri=self._store)
         try:
             self._client.search_experiments(max_results=1)
         except Exception as err:  # noqa: BLE001
@@ -332,7 +333,7 @@ class Tracker:
     def read_bytes(self, run_id: str, path: str) -> bytes:
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=path, dst_path=tmp, tracking_uri=_store_uri(self.uri)
+                run_id=run_id, artifact_path=path, dst_path=tmp, tracking_uri=self._store
             )
             return Path(local).read_bytes()
 
