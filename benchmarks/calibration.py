@@ -1,12 +1,12 @@
-"""The plan's time estimate without torch.optim: its calibration step against a real AdamW step.
+"""The plan's time estimate without torch.optim: its calibration step against a torch.optim AdamW step.
 
     python benchmarks/calibration.py
 
-`plan` and `launch` time a few training steps to estimate a sweep's duration. They write AdamW's
-update out (orchestrator.plan.CalibrationStep) instead of using torch.optim, whose first use
-imports torch's compiler stack (about 4 s of CPU). This times that step against forward + backward
-+ `torch.optim.AdamW.step()` on the same model shapes, interleaved, best of N, and prints the ratio
-per model (target: within 5% of 1).
+`plan` and `launch` time a few training steps to estimate a sweep's duration, with the trainer's own
+AdamW (trainer.optim: torch's fused AdamW kernel called without torch.optim, whose first use imports
+torch's compiler stack, 2 to 3 s of CPU). This times that step (orchestrator.plan.CalibrationStep)
+against forward + backward + `torch.optim.AdamW(fused=True).step()` on the same model shapes,
+interleaved, best of N, and prints the ratio per model (target: within 5% of 1).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main() -> None:
         model = build_dit(size, image_size=image, in_channels=3, windows=[3, 5, 7] + [None] * (blocks - 3))
         written_out = CalibrationStep(model, image, batch)
         reference = copy.deepcopy(model)
-        optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-4, weight_decay=0.01)
+        optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
         schedule = linear_schedule()
 
         def torch_step() -> None:

@@ -216,42 +216,26 @@ def _seconds_per_image(model, image_size: int, batch: int) -> float:
 
 
 class CalibrationStep:
-    """One training step as the estimate times it: forward, backward and AdamW's update.
-
-    The update is written out (the same elementwise work as torch's single-tensor AdamW, Loshchilov &
-    Hutter 2019) rather than run through `torch.optim`, whose first use imports torch's compiler
-    stack: about 4 s of CPU in every `plan` and `launch` for this one estimate. benchmarks/calibration.py
-    times it against a real torch.optim.AdamW step (within a few percent, benchmarks/RESULTS.md)."""
+    """One training step as the trainer takes it: forward, backward and the trainer's AdamW update
+    (trainer.optim, which leaves torch.optim and its compiler imports out of `plan` and `launch`)."""
 
     def __init__(self, model, image_size: int, batch: int) -> None:
         import torch
 
         from trainer.diffusion import linear_schedule
+        from trainer.optim import AdamW
 
         self.model = model
         self.schedule = linear_schedule()
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        # Per parameter, as torch keeps them: a step count (a tensor) and the two moment estimates.
-        self.state = [(torch.zeros(()), torch.zeros_like(p), torch.zeros_like(p)) for p in self.params]
+        self.optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
         self.x0 = torch.rand(batch, 3, image_size, image_size) * 2 - 1
 
     def __call__(self) -> None:
-        import torch
-
         from trainer.diffusion import training_loss
 
-        self.model.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         training_loss(self.model, self.schedule, self.x0).backward()
-        lr, beta1, beta2, eps, decay = 1e-4, 0.9, 0.999, 1e-8, 0.01
-        with torch.no_grad():
-            for p, (step, mean, square) in zip(self.params, self.state):
-                step += 1
-                t = float(step)
-                p.mul_(1 - lr * decay)  # decoupled weight decay
-                mean.lerp_(p.grad, 1 - beta1)
-                square.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denom = (square.sqrt() / (1 - beta2**t) ** 0.5).add_(eps)
-                p.addcdiv_(mean, denom, value=-lr / (1 - beta1**t))
+        self.optimizer.step()
 
 
 def show_plan(spec_path: str | Path, overrides: list[str], tracking_uri: str | None, force: bool = False) -> Plan:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.tracking import server_environment
 from tests.support.sweeps import ditsweep, free_port, runs_by_role, sqlite_uri, tiny_config, write_spec
 
 
@@ -139,6 +140,7 @@ class MlflowServer:
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
              "--artifacts-destination", str(self.folder / "artifacts"), "--workers", "1"],
+            env=server_environment(),  # as ditsweep's UI and the Kubernetes manifest run it: no job workers
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         self.procs.append(proc)

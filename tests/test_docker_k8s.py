@@ -227,6 +227,12 @@ def test_mlflow_server_accepts_the_service_names_clients_use():
     assert not security.is_allowed_host_header(allowed, "attacker.example:5000")
 
 
+def test_mlflow_server_runs_without_job_workers_like_the_ui():
+    container = the_doc("mlflow.yaml", "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"  # MLflow's default is true
+
+
 # ---------------------------------------------------------------------------------------------
 # Versions the images pin
 

@@ -202,8 +202,9 @@ def test_the_plan_table_shows_each_trials_estimate(tmp_path):
 
 
 def test_the_plans_calibration_step_updates_weights_as_torch_adamw_does():
-    """The estimate times AdamW's update written out (no torch.optim import in `plan`): two steps of
-    it leave the same weights as torch.optim.AdamW(lr=1e-4, weight_decay=0.01) from the same start."""
+    """The estimate times the trainer's step, AdamW from trainer.optim (no torch.optim import in `plan`):
+    two steps of it leave the same weights as torch.optim.AdamW(lr=1e-4, weight_decay=0.01) from the
+    same start (torch's default foreach update: equal up to rounding)."""
     import copy
 
     import torch

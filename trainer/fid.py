@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 from torch import nn
 
@@ -101,6 +100,8 @@ def frechet_distance_of_features(feats1: np.ndarray, feats2: np.ndarray) -> floa
 
 
 def _sqrtm(matrix: np.ndarray) -> np.ndarray:
+    import scipy.linalg  # here, not at the top: every trial worker imports this module, few compute FID
+
     with warnings.catch_warnings():
         # A singular product is expected (fewer images than dimensions); checked by the caller.
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)

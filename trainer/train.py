@@ -26,6 +26,7 @@ from trainer.diffusion import Schedule, linear_schedule, training_loss
 from trainer.locality import attention_locality
 from trainer.metrics import PsnrCurve, psnr_gap_curve
 from trainer.model import DiT, build_dit
+from trainer.optim import AdamW
 
 Report = Callable[[dict, "str | None"], None]
 
@@ -273,13 +274,9 @@ class Trainer:
         ).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         # Fused AdamW: one kernel over all parameters instead of a chain of foreach ops, the same
-        # update rule; 2.6x faster on CPU for DiT-XS/1 (benchmarks/train_step.py, RESULTS.md).
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=config.train.lr,
-            weight_decay=config.train.weight_decay,
-            fused=device.type in ("cpu", "cuda"),
-        )
+        # update rule; 2.6x faster on CPU for DiT-XS/1 (benchmarks/train_step.py, RESULTS.md). Run
+        # without torch.optim, which would import torch's compiler in every trial (trainer/optim.py).
+        self.optimizer = AdamW(self.model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
         self.schedule: Schedule = linear_schedule(
             config.diffusion.timesteps, config.diffusion.beta_start, config.diffusion.beta_end
         )
