@@ -14,9 +14,10 @@ from trainer.attention import GLOBAL  # noqa: E402
 from trainer.metrics import PsnrCurve  # noqa: E402
 
 
-def to_png(fig) -> bytes:
+def to_png(fig, crop: bool = True) -> bytes:
+    """The figure as PNG bytes; `crop` trims it to what was drawn (one more drawing pass)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight" if crop else None)
     plt.close(fig)
     return buf.getvalue()
 
@@ -31,8 +32,11 @@ def psnr_curve_png(curve: PsnrCurve, title: str) -> bytes:
     gap_ax.plot(curve.timesteps, curve.gap, marker="o", ms=3, color="tab:red")
     gap_ax.axhline(0.0, color="grey", lw=0.8)
     gap_ax.set(xlabel="diffusion step t", ylabel="PSNR gap (dB)", title="generalization gap")
-    fig.tight_layout()
-    return to_png(fig)
+    # Fixed margins (they fit tick labels like -12.5), neither tight_layout nor cropping: each is one
+    # more text-measuring pass, and together they more than double the time of a figure the driver
+    # draws for every finished trial (0.17 against 0.40 s of CPU here).
+    fig.subplots_adjust(left=0.075, right=0.985, bottom=0.15, top=0.9, wspace=0.3)
+    return to_png(fig, crop=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,5 +138,5 @@ def attention_locality_png(locality: dict[str, list[float]], windows: list[int |
     share_ax.legend(fontsize="small")
     for axis in (ax, share_ax):
         axis.set_xticks(blocks, labels, fontsize="small")
-    fig.tight_layout()
-    return to_png(fig)
+    fig.subplots_adjust(left=0.07, right=0.985, bottom=0.2, top=0.9, wspace=0.25)  # per trial: as psnr_curve_png
+    return to_png(fig, crop=False)
