@@ -146,11 +146,12 @@ class Browser:
         os.close(self._receive)
 
 
-@pytest.fixture
-def mlflow_ui(finished_sweep, tmp_path):
-    """`ditsweep ui` on a free loopback port; yields the lines it printed once the UI answered."""
+@pytest.fixture(scope="module")
+def mlflow_ui(finished_sweep, tmp_path_factory):
+    """`ditsweep ui` on a free loopback port, one for this module's tests (they only read through it);
+    yields the lines it printed once the UI answered."""
     port = free_port()
-    log = tmp_path / "ditsweep-ui.log"  # a file, not a pipe: nobody must have to drain the server's log
+    log = tmp_path_factory.mktemp("ui") / "ditsweep-ui.log"  # a file, not a pipe: nobody must have to drain the server's log
     with log.open("w") as sink:
         proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)],
