@@ -164,7 +164,7 @@ def start_launch(spec: Path, cwd: Path, *args: str, env: dict | None = None) -> 
 # A trial long enough to be broken mid-way: a checkpoint every 5 steps. Attention locality (a figure
 # per trial) is left out: these tests are about what survives a fault, not what is measured.
 LONGER = tiny_config({"train.steps": 40, "train.log_every": 5, "eval.every": 5, "eval.locality.enabled": False})
-# Ctrl-C needs less: it lands on the second checkpoint, with steps to go.
+# The killed-workers-then-Ctrl-C sweep needs less: its faults land from the second checkpoint on, with steps to go.
 SHORTER = tiny_config({"train.steps": 20, "train.log_every": 5, "eval.every": 5, "eval.locality.enabled": False})
 
 
@@ -173,18 +173,32 @@ def checkpoints(folder: Path, index: int) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_ctrl_c_marks_unfinished_trials_killed_and_resume_continues_them(tmp_path):
-    spec = write_spec(tmp_path, name="interrupt", base=SHORTER, grid={"attention.placement": ["none", "head", "tail"]})
+def test_killed_workers_retry_from_checkpoints_then_ctrl_c_and_resume_finish_every_trial(tmp_path):
+    """One sweep (3 trials, 2 CPUs) broken twice. The running trials' Ray workers are SIGKILLed after a
+    checkpoint: Tune retries each from its checkpoint (`max_failures`), not from step 0. Then Ctrl-C:
+    exit 130, unfinished trials KILLED, nothing left RUNNING; `ditsweep resume` continues them to the end."""
+    spec = write_spec(tmp_path, name="interrupt", base=SHORTER, grid={"attention.placement": ["none", "head", "tail"]},
+                      max_failures=2)
+    store = tmp_path / "mlflow.db"
     driver = start_launch(spec, tmp_path)
     try:
         wait_for(lambda: checkpoints(tmp_path, 1), 240, "a checkpoint", driver)
-        driver.send_signal(signal.SIGINT)
+        workers = ray_trial_workers(driver.pid)
+        assert workers, "no Ray worker found"
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: restored_steps(store), 240, "a trial restored from its checkpoint", driver)
+        driver.send_signal(signal.SIGINT)  # the restored trials have steps to go: 20, from step 5 or 10
         output, _ = driver.communicate(timeout=120)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
+    # From a checkpoint (every 5 steps), not from step 0. Which one depends on whether Tune had
+    # registered the checkpoint being uploaded when the worker died.
+    restored = restored_steps(store)
+    assert restored and all(step >= 5 and step % 5 == 0 for step in restored.values()), restored
     assert driver.returncode == 130, output  # the shell's convention for an interrupted command
-    assert "ditsweep resume" in output
+    assert "retry" in output and "ditsweep resume" in output
     assert "Context impl" not in output and "Creating initial MLflow" not in output, output
     client = MlflowClient(tracking_uri=sqlite_uri(tmp_path))
     runs = runs_by_role(client, "interrupt")
@@ -198,8 +212,23 @@ def test_ctrl_c_marks_unfinished_trials_killed_and_resume_continues_them(tmp_pat
     runs = runs_by_role(client, "interrupt")
     assert len(runs["trial"]) == 3
     assert {r.info.status for r in runs["trial"]} == {"FINISHED"}
+    assert all(r.data.metrics["step"] == 20 for r in runs["trial"])
     resumed_steps = [r.data.metrics.get("resumed_from_step") for r in runs["trial"]]
     assert any(s and s >= 5 for s in resumed_steps), resumed_steps  # continued, not restarted
+
+
+def restored_steps(store: Path) -> dict[str, float]:
+    """Run id -> the first `resumed_from_step` a trial logged (read with sqlite3, as finished_trial_ids)."""
+    if not store.exists():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+            rows = db.execute(
+                "SELECT run_uuid, value FROM metrics WHERE key = 'resumed_from_step' ORDER BY timestamp DESC"
+            ).fetchall()
+    except sqlite3.OperationalError:
+        return {}
+    return dict(rows)  # ordered newest first, so each run keeps its oldest value
 
 
 def finished_trial_ids(store: Path) -> list[str]:
@@ -257,30 +286,6 @@ def test_resume_after_the_driver_died_just_after_a_trial_finished_trains_no_tria
     again = client.get_run(done.info.run_id)
     assert again.info.end_time == done.info.end_time
     assert client.get_run(sweep.info.run_id).info.status == "FINISHED"
-
-
-@pytest.mark.slow
-def test_killed_worker_resumes_from_its_checkpoint(tmp_path):
-    spec = write_spec(tmp_path, name="workerkill", base=LONGER, grid={"attention.placement": ["head"]}, max_failures=2)
-    driver = start_launch(spec, tmp_path)
-    try:
-        wait_for(lambda: checkpoints(tmp_path, 2), 240, "a third checkpoint", driver)
-        workers = ray_trial_workers(driver.pid)
-        assert workers, "no Ray worker found"
-        for pid in workers:
-            os.kill(pid, signal.SIGKILL)
-        output, _ = driver.communicate(timeout=240)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-    assert driver.returncode == 0, output
-    run = runs_by_role(MlflowClient(tracking_uri=sqlite_uri(tmp_path)), "workerkill")["trial"][0]
-    assert run.info.status == "FINISHED"
-    assert run.data.metrics["step"] == 40
-    # From a checkpoint (every 5 steps), not from step 0. Which one depends on whether Tune had
-    # registered the checkpoint being uploaded when the worker died.
-    resumed = run.data.metrics["resumed_from_step"]
-    assert resumed >= 5 and resumed % 5 == 0, resumed
 
 
 def ray_trial_workers(driver: int) -> list[int]:
