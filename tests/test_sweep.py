@@ -52,28 +52,29 @@ def test_sweep_tracks_every_trial_and_caches_finished_ones(tmp_path, monkeypatch
     assert "nothing to run" in again.output and written == set()
     assert len(runs_by_role(client, "tiny")["sweep"]) == 1
 
-    # plan shows both trials as cached; adding an axis value runs only the new trial.
+    # plan shows both trials as cached; with a third axis value only the new trial is to run.
     plan, _ = invoke(tmp_path, monkeypatch, "plan", str(spec))
     assert plan.exit_code == 0 and plan.output.count("cached") == 2, plan.output
     bigger = write_spec(tmp_path, grid={"attention.placement": ["none", "head", "tail"]})
-    third = ditsweep("launch", str(bigger), cwd=tmp_path)
-    assert third.returncode == 0, third.stdout + third.stderr
+    plan, _ = invoke(tmp_path, monkeypatch, "plan", str(bigger))
+    assert plan.exit_code == 0 and plan.output.count("cached") == 2, plan.output
+    assert "1 of 3 trials to run" in plan.output, plan.output
+
+    # --force reruns a finished trial as a new run and leaves the finished one as it was; the new
+    # axis value in the same spec runs once.
+    head_and_tail = write_spec(tmp_path, grid={"attention.placement": ["head", "tail"]})
+    first = next(r for r in runs["trial"] if r.info.run_name == "head")
+    forced = ditsweep("launch", str(head_and_tail), "--force", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stdout + forced.stderr
     runs = runs_by_role(client, "tiny")
     assert len(runs["sweep"]) == 2
-    assert sorted(r.info.run_name for r in runs["trial"]) == ["head", "none", "tail"]
+    assert sorted(r.info.run_name for r in runs["trial"]) == ["head", "head", "none", "tail"]
+    assert {r.info.status for r in runs["trial"]} == {"FINISHED"}
+    kept = client.get_run(first.info.run_id)
+    assert kept.info.status == "FINISHED" and kept.data.metrics == first.data.metrics
 
     status, _ = invoke(tmp_path, monkeypatch, "status", sweep_id)
     assert status.exit_code == 0 and "FINISHED" in status.output and "head" in status.output
-
-    # --force reruns a finished trial as a new run and leaves the finished one as it was.
-    only_head = write_spec(tmp_path, grid={"attention.placement": ["head"]})
-    first = next(r for r in runs["trial"] if r.info.run_name == "head")
-    forced = ditsweep("launch", str(only_head), "--force", cwd=tmp_path)
-    assert forced.returncode == 0, forced.stdout + forced.stderr
-    heads = [r for r in runs_by_role(client, "tiny")["trial"] if r.info.run_name == "head"]
-    assert len(heads) == 2
-    kept = client.get_run(first.info.run_id)
-    assert kept.info.status == "FINISHED" and kept.data.metrics == first.data.metrics
 
 
 def test_bad_spec_exits_2_and_creates_nothing(tmp_path):
