@@ -45,6 +45,24 @@ def test_updates_weights_as_torch_adamw_does(fused):
     assert all(not torch.equal(a, b) for a, b in zip(ours_model.parameters(), start.parameters()))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_fused_kernel_on_cuda_updates_weights_as_torch_adamw_does():
+    ours_model, theirs_model = _model().cuda(), _model().cuda()
+    ours = AdamW(ours_model.parameters(), lr=1e-3, weight_decay=0.05)
+    assert ours.fused and ours.state[0]["step"].device.type == "cuda"  # torch keeps fused step counts on the device
+    theirs = torch.optim.AdamW(theirs_model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
+    for model, optimizer in ((ours_model, ours), (theirs_model, theirs)):
+        generator = torch.Generator(device="cuda").manual_seed(1)
+        for lr in LRS:
+            optimizer.param_groups[0]["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            model(torch.randn(5, 6, device="cuda", generator=generator)).pow(2).mean().backward()
+            optimizer.step()
+    for mine, reference in zip(ours_model.parameters(), theirs_model.parameters()):
+        assert torch.equal(mine, reference)
+
+
 def test_a_parameter_without_a_gradient_is_left_alone():
     model = _model()
     frozen = model[0].weight
