@@ -317,6 +317,7 @@ def _xdist_group(item) -> str | None:
     return None
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the xdist_group markers
 def pytest_collection_modifyitems(items) -> None:
     """`make test-fast` (-m "not slow") must start no Ray cluster: a test that wants the Ray head is slow.
 
@@ -330,6 +331,20 @@ def pytest_collection_modifyitems(items) -> None:
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
+
+
+def pytest_configure(config) -> None:
+    """Under `--dist loadgroup`, pytest-xdist (3.8) sends a group's tests to one worker by rewriting
+    their old `_nodeid` attribute, which pytest 9.2 no longer reads: every shared cluster, sweep and
+    model would be built once per worker, silently. Refuse that pairing, naming the fix."""
+    if config.getoption("dist", "no") != "loadgroup":
+        return
+    major, minor = (int(part) for part in pytest.__version__.split(".")[:2])
+    if (major, minor) >= (9, 2):
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} with --dist loadgroup: pytest-xdist cannot keep grouped tests on one "
+            "worker; install the versions pyproject.toml allows (make install-dev)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
