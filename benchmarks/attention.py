@@ -69,13 +69,13 @@ def describe(side: int, window: int, backend: str) -> str:
     return backend
 
 
-def attention_ops(device: torch.device, repeats: int) -> None:
+def attention_ops(device: torch.device, repeats: int, grids: tuple[int, ...] = GRIDS) -> None:
     local = resolve_backend("auto", device)
     print(f"attention op, forward + backward, {HEADS} heads x {HEAD_DIM}, ~{TOKENS_PER_CALL} tokens per call; "
           f"time / global time (best of {repeats}, interleaved); auto = {local}")
     print(f"{'grid':>6} {'window':>6} {'global ms':>10} {'dense':>7} {'auto':>7}  auto path")
     worst = 0.0
-    for side in GRIDS:
+    for side in grids:
         for window in WINDOWS:
             best = best_times(op_candidates(side, window, device), repeats, warmup=1, device=device)
             auto = best.get(local, best["dense"]) / best["global"]
@@ -107,13 +107,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed training steps of each model")
     parser.add_argument("--batch-size", type=int, default=4, help="training batch for the step comparison")
     parser.add_argument("--skip-ops", action="store_true", help="only the training-step comparison")
+    parser.add_argument("--grids", type=int, nargs="+", default=list(GRIDS), help="grid sides of the op table")
     add_device_options(parser, threads_help="torch threads (0 = torch's default; 1 = a 1-CPU trial)")
     args = parser.parse_args()
     device = device_from(args)
 
     print(f"machine: {machine(device)}")
     if not args.skip_ops:
-        attention_ops(device, args.repeats)
+        attention_ops(device, args.repeats, tuple(args.grids))
     best, cpu = training_steps(device, args.steps, args.batch_size)
     local = resolve_backend("auto", device)
     print(f"DiT-XS/1 32x32 training step, batch {args.batch_size}, best of {args.steps} (interleaved): "

@@ -68,20 +68,26 @@ def measure(config: TrialConfig, device: torch.device, args: argparse.Namespace)
     inception = FIDInceptionV3().eval()
     locality_images = to_model_scale(trainer.subsets.test[:8])
 
+    # Evaluation runs in fp32 with autocast off, whatever the training precision (DESIGN.md's
+    # measurement rules; `Trainer.fp32`): on CUDA that is the slower side, and it is what a trial pays.
     def psnr() -> None:  # 2 sides x batch images x 1 timestep
-        with trainer.autocast():
+        with trainer.fp32():
             psnr_gap_curve(ema, schedule, images, images, 1, batch)
 
     def ddim() -> None:  # batch images x 2 steps
-        with trainer.autocast():
+        with trainer.fp32():
             ddim_sample(ema, schedule, noise, 2)
+
+    def locality() -> None:
+        with trainer.fp32():
+            attention_locality(ema, schedule, locality_images, [500])
 
     candidates = {
         "train": trainer.train_step,
         "psnr": psnr,
         "ddim": ddim,
         "inception": lambda: extract_features(inception, unit, args.inception_batch, device),
-        "locality": lambda: attention_locality(ema, schedule, locality_images, [500]),
+        "locality": locality,
     }
     best = best_times(candidates, args.repeats, warmup=1, device=device)
     return UnitCosts(
@@ -160,9 +166,11 @@ def main() -> None:
     parser.add_argument("--spec", default=str(_common.ROOT / "search_spaces/paper/placement_xs.yaml"))
     parser.add_argument("--placement", default="head", help="the grid point to price (placement axis)")
     parser.add_argument("--num-images", type=int, default=10000, help="the grid point to price (N)")
-    parser.add_argument("--train-batch", type=int, default=8, help="training batch of the measurement")
-    parser.add_argument("--eval-batch", type=int, default=16, help="evaluation batch of the measurement")
-    parser.add_argument("--inception-batch", type=int, default=16)
+    parser.add_argument("--train-batch", type=int, default=0,
+                        help="training batch of the measurement (0 = 8 on CPU, the spec's on CUDA)")
+    parser.add_argument("--eval-batch", type=int, default=0,
+                        help="evaluation batch of the measurement (0 = 16 on CPU, the spec's PSNR batch on CUDA)")
+    parser.add_argument("--inception-batch", type=int, default=0, help="0 = 16 on CPU, the spec's FID batch on CUDA")
     parser.add_argument("--repeats", type=int, default=3)
     add_device_options(parser)
     args = parser.parse_args()
@@ -173,6 +181,11 @@ def main() -> None:
     base.setdefault("attention", {})["placement"] = args.placement
     base.setdefault("data", {})["num_images"] = args.num_images
     config = build_config(base)
+    # A GPU at batch 8 measures kernel launches, not work: there the spec's own batch sizes are used.
+    on_gpu = device.type == "cuda"
+    args.train_batch = args.train_batch or (config.train.batch_size if on_gpu else 8)
+    args.eval_batch = args.eval_batch or (config.eval.psnr_gap.batch_size if on_gpu else 16)
+    args.inception_batch = args.inception_batch or (config.eval.fid.batch_size if on_gpu else 16)
     costs, _ = measure(config, device, args)
 
     print(f"machine: {machine(device)}")

@@ -11,7 +11,10 @@ each trains for --seconds; the images/s of all of them are summed. The same is d
 process that has the whole device (on CPU: all threads; k processes get threads / k each).
 Single and packed runs alternate --rounds times; the best of each is kept.
 
-Prints, last: `packed_over_single=...` (target on CUDA, DiT-XS/1: >= 2.0).
+With several --packed values (`--packed 2 4 8`) each k is measured in every round and the k with the
+highest summed throughput is named: the `resources.gpu` fraction a spec should ask for is 1/k.
+
+Prints, last: `packed_over_single=...` for the best k (target on CUDA, DiT-XS/1: >= 2.0).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def run_group(args: argparse.Namespace, count: int, threads: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--packed", type=int, default=2, help="trials sharing the device (k)")
+    parser.add_argument("--packed", type=int, nargs="+", default=[2], help="trials sharing the device (k), one or more")
     parser.add_argument("--size", default="DiT-XS/1")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=0, help="per trial; 0 = 8 on CPU, 128 on CUDA")
@@ -88,18 +91,26 @@ def main() -> None:
 
     threads = args.threads or os.cpu_count() or 1
     # On CUDA each process keeps a thread or two for the host side; on CPU the cores are split.
-    single_threads, packed_threads = (2, 2) if args.device == "cuda" else (threads, max(1, threads // args.packed))
-    best = {"single": 0.0, "packed": 0.0}
+    def packed_threads(k: int) -> int:
+        return 2 if args.device == "cuda" else max(1, threads // k)
+
+    single_threads = 2 if args.device == "cuda" else threads
+    best = {k: 0.0 for k in [1, *args.packed]}
     for round_ in range(args.rounds):
-        best["single"] = max(best["single"], run_group(args, 1, single_threads))
-        best["packed"] = max(best["packed"], run_group(args, args.packed, packed_threads))
-        print(f"round {round_ + 1}: single {best['single']:.2f} images/s, "
-              f"{args.packed} packed {best['packed']:.2f} images/s (best so far)", flush=True)
+        best[1] = max(best[1], run_group(args, 1, single_threads))
+        for k in args.packed:
+            best[k] = max(best[k], run_group(args, k, packed_threads(k)))
+        print(f"round {round_ + 1}: " + ", ".join(f"{k} x {best[k]:.2f} images/s" for k in best)
+              + " (summed over the trials, best so far)", flush=True)
     print(f"machine: {machine(args.device)}")
     print(f"{args.size} at {args.image_size}x{args.image_size}, batch {args.batch_size} per trial, "
           f"{args.seconds:.0f} s per run; single: 1 trial x {single_threads} threads; "
-          f"packed: {args.packed} trials x {packed_threads} threads")
-    print(f"packed_over_single={best['packed'] / best['single']:.3f}")
+          f"packed: k trials x {packed_threads(args.packed[0])} threads each")
+    for k in args.packed:
+        print(f"  k={k}: {best[k]:.2f} images/s, {best[k] / best[1]:.3f}x one trial alone")
+    top = max(args.packed, key=lambda k: best[k])
+    print(f"best_k={top} (resources.gpu: {1 / top:g} on this device)")
+    print(f"packed_over_single={best[top] / best[1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from trainer.attention import (
     band_rows_per_tile,
     banded_attention,
     block_windows,
+    flex_head_dim,
     resolve_backend,
     schedule_string,
     window_mask,
@@ -167,17 +168,22 @@ def test_window_covering_grid_equals_global_attention():
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("grid, window", [((8, 8), 3), ((6, 4), 5)])
-def test_flex_matches_dense_forward_on_cpu(grid, window):
+@pytest.mark.parametrize("grid, window, head_dim", [((8, 8), 3, 16), ((6, 4), 5, 16), ((8, 8), 5, 21)])
+def test_flex_matches_dense_forward_on_cpu(grid, window, head_dim):
     # FlexAttention has no backward on CPU (torch raises NotImplementedError), so forward only here;
-    # gradients are compared on CUDA in test_flex_matches_dense_on_cuda.
-    q, k, v = (t.detach() for t in random_qkv(grid))
+    # gradients are compared on CUDA in tests/test_gpu.py. Head dim 21 takes the zero-padded path
+    # (padded to 32, scale kept at 1/sqrt(21)), as DiT-XS/1's 63 does.
+    q, k, v = (t.detach() for t in random_qkv(grid, head_dim=head_dim))
     dense = attend(q, k, v, window, grid, "dense")
     try:
         flex = attend(q, k, v, window, grid, "flex")
     except NotImplementedError as error:  # older torch in our range (2.5) has no CPU flex forward
         pytest.skip(f"FlexAttention forward is not implemented on CPU in torch {torch.__version__}: {error}")
     torch.testing.assert_close(flex, dense, atol=1e-5, rtol=0)
+
+
+def test_flex_head_dim_rounds_up_to_a_power_of_two():
+    assert [flex_head_dim(d) for d in (1, 16, 17, 32, 63, 64, 65, 72)] == [16, 16, 32, 32, 64, 64, 128, 128]
 
 
 @pytest.mark.gpu

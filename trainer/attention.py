@@ -143,8 +143,7 @@ def attend(
         mask = _dense_mask(grid, window, q.device)  # (N, N), broadcast over batch and heads
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, head_dim)
     if backend == "flex":
-        block_mask = _flex_block_mask(grid, window, q.device)
-        return _flex_kernel(q.device.type)(q, k, v, block_mask=block_mask)  # (B, heads, N, head_dim)
+        return flex_windowed(q, k, v, window, grid)  # (B, heads, N, head_dim)
     raise ValueError(f"attend() needs a resolved backend ('dense', 'banded' or 'flex'), got {backend!r}")
 
 
@@ -168,11 +167,47 @@ def _flex_block_mask(grid: Grid, window: int, device: torch.device) -> BlockMask
     return create_block_mask(local, None, None, tokens, tokens, device=device)
 
 
+def flex_windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, grid: Grid) -> torch.Tensor:
+    """Windowed attention through FlexAttention; q, k, v (B, heads, N, head_dim).
+
+    Head dims that are not a power of two (DiT-XS/1: 252 / 4 = 63) are zero-padded to the next one:
+    FlexAttention's kernels tile the head dim in powers of two, and some torch releases in our range
+    refuse other sizes outright. Zero columns change no dot product q.k, and the padded output
+    columns (zero weights times zero values) are dropped; the softmax scale stays 1/sqrt(head_dim).
+    """
+    head_dim = q.shape[-1]
+    padded = flex_head_dim(head_dim)
+    block_mask = _flex_block_mask(grid, window, q.device)
+    kernel = _flex_kernel(q.device.type)
+    if padded == head_dim:
+        return kernel(q, k, v, block_mask=block_mask)
+    q, k, v = (F.pad(t, (0, padded - head_dim)) for t in (q, k, v))
+    out = kernel(q, k, v, block_mask=block_mask, scale=1.0 / math.sqrt(head_dim))
+    return out[..., :head_dim]
+
+
+def flex_head_dim(head_dim: int) -> int:
+    """The head dim FlexAttention runs at: `head_dim` rounded up to a power of two (at least 16)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+# Each window is its own mask function, so the compiled kernel is specialized once per window,
+# dtype (bf16 training, fp32 evaluation) and grad mode: the paper's six windows need 24 variants,
+# beyond dynamo's default budget of 8 per function, past which it would silently run eager
+# FlexAttention (the full score matrix, every tile computed).
+FLEX_RECOMPILE_LIMIT = 64
+
+
 @functools.lru_cache(maxsize=None)
 def _flex_kernel(device_type: str):
     # Eager flex_attention materializes the full score matrix; only the compiled kernel is
     # block-sparse. Compile on CUDA; on CPU eager is kept for forward-only checks against dense.
-    return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
+    if device_type != "cuda":
+        return flex_attention
+    import torch._dynamo  # only on CUDA: importing the compiler costs seconds of CPU per process
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
+    return torch.compile(flex_attention)
 
 
 # ---- banded: row tiles against the key rows they can reach -------------------------------------
