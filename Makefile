@@ -58,7 +58,7 @@ bench-gpu: install-dev
 	$(PY) -m pytest -m gpu
 	$(PY) benchmarks/attention.py --device cuda
 	$(PY) benchmarks/train_step.py --size DiT-S/1 --image-size 32 --placement head --device cuda --batch-size 128 --compile --steps 10
-	$(PY) benchmarks/gpu_packing.py --device cuda --packed 4
+	$(PY) benchmarks/gpu_packing.py --device cuda --packed 2 4 8
 	$(PY) benchmarks/eval_cost.py --device cuda
 
 clean:

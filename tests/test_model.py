@@ -174,3 +174,41 @@ def test_use_attention_backend_switches_and_validates():
     assert model.attention_backend == "dense"
     with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
         model.use_attention_backend("fast")
+
+
+def test_compiled_flex_model_reads_prepared_block_masks_and_matches_dense(recwarn):
+    """`torch.compile` of a model on FlexAttention must not trace the block masks' construction (dynamo
+    warned, on CUDA, that it traced straight through the lru_cache that held them, rebuilding every mask
+    in every forward): `prepare_attention` builds them first and the graph reads them as constants.
+    Traced here by dynamo with a backend that keeps the graph and runs it eagerly (forward only:
+    FlexAttention has no CPU backward). Same outputs as dense attention, and a smaller graph than
+    when the masks are left to be built during tracing."""
+    import torch._dynamo
+
+    from trainer import attention
+
+    flex = tiny_dit(windows=(3, 5, None))
+    perturb_(flex)
+    dense = tiny_dit(windows=(3, 5, None), attention_backend="dense")
+    dense.load_state_dict(flex.state_dict())
+    flex.use_attention_backend("flex")
+    x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([10, 500])
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    with torch.no_grad():
+        expected = dense(x, t)
+        for prepared in (False, True):
+            attention._FLEX_MASKS.clear()
+            if prepared:
+                flex.prepare_attention(torch.device("cpu"))
+            torch._dynamo.reset()
+            out = torch.compile(flex, backend=keep_graph, fullgraph=True)(x, t)
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    unprepared_nodes, prepared_nodes = graphs
+    assert prepared_nodes < unprepared_nodes, graphs  # the masks' construction is out of the graph
+    traced_through = [str(w.message) for w in recwarn if "lru_cache" in str(w.message)]
+    assert not traced_through, traced_through

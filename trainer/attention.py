@@ -153,8 +153,23 @@ def _dense_mask(grid: Grid, window: int, device: torch.device) -> torch.Tensor:
     return window_mask(grid[0], grid[1], window).to(device)
 
 
-@functools.lru_cache(maxsize=64)
-def _flex_block_mask(grid: Grid, window: int, device: torch.device) -> BlockMask:
+# Block masks, built once per (grid, window, device). A plain table, not functools.lru_cache: dynamo
+# traces straight through an lru_cache wrapper (rebuilding the mask inside every compiled forward),
+# while an entry already in this table is read as a constant of the graph. `DiT.prepare_attention`
+# fills it before `torch.compile` traces the model.
+_FLEX_MASKS: dict[tuple[Grid, int, str], BlockMask] = {}
+
+
+def flex_block_mask(grid: Grid, window: int, device: torch.device | str) -> BlockMask:
+    """FlexAttention's block mask for `window` on `grid`, on `device` (built on first use, then kept)."""
+    key = (grid, window, str(device))
+    mask = _FLEX_MASKS.get(key)
+    if mask is None:
+        mask = _FLEX_MASKS[key] = _build_flex_block_mask(grid, window, torch.device(device))
+    return mask
+
+
+def _build_flex_block_mask(grid: Grid, window: int, device: torch.device) -> BlockMask:
     width, radius = grid[1], window // 2
 
     def local(batch, head, q_idx, kv_idx):  # same rule as window_mask, on flat token indices
@@ -177,8 +192,10 @@ def flex_windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
     """
     head_dim = q.shape[-1]
     padded = flex_head_dim(head_dim)
-    block_mask = _flex_block_mask(grid, window, q.device)
-    kernel = _flex_kernel(q.device.type)
+    block_mask = flex_block_mask(grid, window, q.device)
+    # Inside a model being compiled, flex_attention is compiled with the rest of the graph; called
+    # eagerly (evaluation, an uncompiled model) it goes through our own compiled kernel.
+    kernel = flex_attention if torch.compiler.is_compiling() else _flex_kernel(q.device.type)
     if padded == head_dim:
         return kernel(q, k, v, block_mask=block_mask)
     q, k, v = (F.pad(t, (0, padded - head_dim)) for t in (q, k, v))

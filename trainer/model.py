@@ -13,7 +13,15 @@ import re
 import torch
 import torch.nn as nn
 
-from trainer.attention import attend, check_window, is_global, resolve_backend, schedule_string, window_mask
+from trainer.attention import (
+    attend,
+    check_window,
+    flex_block_mask,
+    is_global,
+    resolve_backend,
+    schedule_string,
+    window_mask,
+)
 
 # name -> (depth, width, heads). XS and S are the paper's sizes (An et al. 2024), B is DiT's.
 # DiT-T is ours: small enough that a 2-core CPU trains it usefully on 8x8 images in minutes, and
@@ -263,6 +271,15 @@ class DiT(nn.Module):
         resolve_backend(name, "cpu")  # fail fast on an unknown name
         self.attention_backend = name
         self._backends.clear()
+
+    def prepare_attention(self, device: torch.device) -> None:
+        """Build what the attention backend keeps per window (FlexAttention's block masks) for `device`
+        now, eagerly: `torch.compile` then reads them as constants instead of tracing their construction."""
+        if self._backend_for(device) != "flex":
+            return
+        for block in self.blocks:
+            if not is_global(block.attn.window, self.grid):
+                flex_block_mask(self.grid, block.attn.window, device)
 
     def _backend_for(self, device: torch.device) -> str:
         if device.type not in self._backends:

@@ -288,6 +288,7 @@ class Trainer:
         self.forward = self.model
         if config.train.compile and device.type == "cuda":
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.model.prepare_attention(device)
             self.forward = torch.compile(self.model)
 
     # -- state ----------------------------------------------------------------------------------
