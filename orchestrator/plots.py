@@ -75,6 +75,39 @@ def psnr_gap_vs_images_png(series: dict[str, list[Point]], xlabel: str) -> bytes
     return to_png(fig)
 
 
+def forest_png(groups: dict[str, list[tuple[str, float, float | None, float | None, str]]], xlabel: str) -> bytes:
+    """A forest plot: one line per comparison (its mean and interval; a hollow dot without an interval),
+    grouped by N with the group's name above it, and a zero line. Filled dots: the verdict says the
+    comparison differs; grey: it does not."""
+    lines = sum(len(rows) + 1 for rows in groups.values())
+    fig, ax = plt.subplots(figsize=(7.0, 0.8 + 0.32 * lines))
+    y, ticks, labels, headings = 0, [], [], []
+    for group, rows in groups.items():
+        ticks.append(y)
+        labels.append(group)
+        headings.append(len(labels) - 1)
+        ax.axhline(y, color="#eee", lw=8, zorder=0)  # a band behind the group's name
+        y -= 1
+        for label, mean, low, high, verdict in rows:
+            decided = verdict in ("lower", "higher")
+            color = "tab:red" if decided else "tab:grey"
+            if low is not None and high is not None:
+                ax.plot([low, high], [y, y], color=color, lw=2)
+            ax.plot([mean], [y], "o", color=color, mfc=color if low is not None else "white", ms=6)
+            ticks.append(y)
+            labels.append(label)
+            y -= 1
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_yticks(ticks, labels, fontsize="small")
+    for index in headings:
+        ax.get_yticklabels()[index].set_fontweight("bold")
+    ax.set_ylim(y + 0.5, 0.5)
+    ax.set(xlabel=xlabel, title="Paired differences against the baseline (95% intervals)")
+    ax.grid(axis="x", color="#ddd", lw=0.6)
+    fig.tight_layout()
+    return to_png(fig)
+
+
 def psnr_per_step_png(panels: dict[str, dict[str, tuple[list[float], list[float], list[float]]]]) -> bytes:
     """Train (solid) and held-out (dashed) PSNR of the one-step denoiser per diffusion step; one panel
     per data size, one colour per configuration, each curve the mean over seeds."""

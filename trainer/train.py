@@ -38,7 +38,7 @@ PREVIOUS_CHECKPOINT_FILE = "state.prev.pt"
 # and the PSNR curve record (not metrics: the curve becomes an artifact when the trial ends).
 TRIAL_METRICS = (
     "loss", "images_per_sec", "psnr_gap", "psnr_train", "psnr_test", "fid", "kid", "kid_std", "resumed_from_step",
-    "mem_copy_fraction", "mem_nn_train", "mem_nn_test",  # trainer.memorization, on the sample grid
+    "mem_copy_fraction", "mem_nn_train", "mem_nn_test", "mem_closer_to_train",  # trainer.memorization, sample grid
 )
 TRIAL_METRIC_PREFIXES = ("attn_",)  # per-block attention locality: attn_distance.block_0, attn_local3.block_0, ...
 STEP, PSNR_CURVE = "step", "psnr_curve"
