@@ -773,8 +773,8 @@ def publish(tracker: Tracker, sweep_id: str, out: Path | None = None) -> tuple[P
         deltas = list(paired.delta_metrics(compared.rows).items())
         for start in range(0, len(deltas), 500):  # MLflow takes at most 1000 metrics a batch
             tracker.log_metrics(data.parent_run_id, dict(deltas[start : start + 500]), step=0)
-    params = [*data.axes, "attention.schedule"]
-    tracker.set_run_table_view(data.experiment_id, RUN_TABLE_VIEW, params, present_metrics(data.trials))
+    tracker.set_run_table_view(data.experiment_id, RUN_TABLE_VIEW, data.axes, present_metrics(data.trials),
+                               ["attention.schedule"])
     return folder, data
 
 

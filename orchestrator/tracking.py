@@ -359,12 +359,17 @@ class Tracker:
         """Upload every file of a local folder under `artifact_path` (existing files are replaced)."""
         self._client.log_artifacts(run_id, str(folder), artifact_path)
 
-    def set_run_table_view(self, experiment_id: str, name: str, params: list[str], metrics: list[str]) -> None:
-        """Make the MLflow UI run table show these params and metrics as columns: a saved view that the
-        UI lists under "Views" and opens from `runs_page_url`. Marks the experiment as model training
-        so the UI does not open it as a GenAI experiment."""
-        columns = [f"params.`{key}`" for key in params] + [f"metrics.`{key}`" for key in metrics]
-        state = {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}
+    def set_run_table_view(self, experiment_id: str, name: str, params: list[str], metrics: list[str],
+                           more_params: list[str] = ()) -> None:
+        """Make the MLflow UI run table show the trials (not the collapsed sweep rows) with these params,
+        then these metrics, then `more_params` as the first columns: a saved view that the UI lists under
+        "Views" and opens from `runs_page_url`. Marks the experiment as model training (MLflow 3's
+        `mlflow.experimentKind`) so the UI does not open it as a GenAI experiment."""
+        columns = ([f"params.`{key}`" for key in params] + [f"metrics.`{key}`" for key in metrics]
+                   + [f"params.`{key}`" for key in more_params])
+        # Ordered by run name (not by start time, which nests the trials under collapsed sweep rows).
+        state = {"selectedColumns": columns, "columnOrder": columns, "orderByKey": "tags.`mlflow.runName`",
+                 "orderByAsc": True, "searchFilter": f"tags.`{TAG_ROLE}` = 'trial'"}
         now = _now_ms()
         envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
         self._client.set_experiment_tag(experiment_id, TAG_VIEW, json.dumps(envelope))
