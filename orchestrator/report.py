@@ -270,7 +270,7 @@ class PairedTables:
                  "", table_markdown(self.primary)]
         if self.secondary:
             parts += [f"Secondary metrics ({paired.UNADJUSTED}):", "", table_markdown(self.secondary)]
-        return "\n".join(parts)
+        return "\n".join(parts).rstrip() + "\n"
 
 
 def paired_tables(data: SweepData) -> PairedTables | None:
@@ -593,7 +593,8 @@ def forest_figure(compared: PairedTables | None) -> list[Figure]:
     from orchestrator import plots
 
     return [Figure(FOREST_PNG, "Paired difference in PSNR gap (configuration − baseline) with its 95% interval "
-                   "(per comparison), grouped by training images N; zero line: no difference",
+                   "(per comparison), grouped by training images N; red: a Holm-adjusted verdict (lower/higher), grey: no "
+                   "clear difference, hollow: one pair (no interval); zero line: no difference",
                    plots.forest_png(compared.forest, "Δ PSNR gap, configuration − baseline (dB)"))]
 
 
