@@ -68,29 +68,28 @@ def grid_trials(seed: int) -> list[tuple[dict, dict, str]]:
     return trials
 
 
-def expected(trials, baseline: str, config: tuple, metric: str):
-    """(n, mean, lo, hi) by scipy.stats.ttest_rel on the finished matched pairs."""
+def matched_pairs(trials, baseline: str, config: tuple, metric: str) -> np.ndarray:
+    """(2, n): the configuration's and the baseline's values on the finished matched pairs."""
     done = {(a["attention.placement"], a["data.num_images"], a["data.shuffle_seed"]): m
             for a, m, status in trials if status == "FINISHED"}
     placement, n = config
     pairs = [(done[(placement, n, s)][metric], done[(baseline, n, s)][metric])
              for s in range(4) if (placement, n, s) in done and (baseline, n, s) in done]
-    x, y = np.array(pairs).T
-    if len(pairs) < 2:
-        return len(pairs), float(np.mean(x - y)), None, None
+    return np.array(pairs).T
+
+
+def expected(trials, baseline: str, config: tuple, metric: str):
+    """(n, mean, lo, hi) by scipy.stats.ttest_rel on the finished matched pairs."""
+    x, y = matched_pairs(trials, baseline, config, metric)
+    if len(x) < 2:
+        return len(x), float(np.mean(x - y)), None, None
     interval = stats.ttest_rel(x, y).confidence_interval(0.95)
-    return len(pairs), float(np.mean(x - y)), float(interval.low), float(interval.high)
+    return len(x), float(np.mean(x - y)), float(interval.low), float(interval.high)
 
 
 def expected_p(trials, baseline: str, config: tuple, metric: str) -> float:
     """scipy.stats.ttest_rel's two-sided p value on the finished matched pairs."""
-    done = {(a["attention.placement"], a["data.num_images"], a["data.shuffle_seed"]): m
-            for a, m, status in trials if status == "FINISHED"}
-    placement, n = config
-    pairs = [(done[(placement, n, s)][metric], done[(baseline, n, s)][metric])
-             for s in range(4) if (placement, n, s) in done and (baseline, n, s) in done]
-    x, y = np.array(pairs).T
-    return float(stats.ttest_rel(x, y).pvalue)
+    return float(stats.ttest_rel(*matched_pairs(trials, baseline, config, metric)).pvalue)
 
 
 def holm_by_hand(p_values: list[float]) -> list[float]:
