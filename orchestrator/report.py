@@ -83,7 +83,7 @@ class SampleGrid:
 
     label: str
     configuration: str
-    size: str
+    size: str  # e.g. "N = 16", "fraction = 0.05"; empty when the sweep has no size
     files: dict[str, bytes]  # file name -> PNG
 
 
@@ -513,7 +513,7 @@ def grids_html(data: SweepData) -> str:
     sizes = list(dict.fromkeys(g.size for g in data.grids))
     configurations = list(dict.fromkeys(g.configuration for g in data.grids))
     cell = {(g.configuration, g.size): g for g in data.grids}
-    head = "".join(f"<th>N = {e(size)}</th>" if size else "<th>samples</th>" for size in sizes)
+    head = "".join(f"<th>{e(size or 'samples')}</th>" for size in sizes)
     body = []
     for configuration in configurations:
         cells = []
@@ -713,8 +713,8 @@ def _sample_grids(tracker: Tracker, trials: list[TrialResult], axes: list[str]) 
         wanted = [GRID_PNG] + ([PAIRS_PNG] if size is not None and size[0] == smallest else [])
         files = {name: tracker.read_bytes(first.run_id, name) for name in wanted if name in names}
         if files:
-            grids.append(SampleGrid(row_label(row), row_label(row, SIZE_PARAMS + SEED_AXES),
-                                    "" if size is None else f"{size[0]:g}", files))
+            size_text = "" if size is None else f"{'N' if size[1].endswith('N') else 'fraction'} = {size[0]:g}"
+            grids.append(SampleGrid(row_label(row), row_label(row, SIZE_PARAMS + SEED_AXES), size_text, files))
     return grids
 
 

@@ -252,6 +252,11 @@ def test_the_report_shows_one_sample_grid_per_configuration(tmp_path):
     result = CliRunner().invoke(app, ["report", "s1", "--out", str(out), "--tracking-uri", uri])
     assert result.exit_code == 0, result.output
     page = (out / "report.html").read_text()
+    # One size, a configuration x N layout: a row per configuration, a column per N, each grid labelled.
+    layout = page.split('<table class="grids">', 1)[1].split("</table>", 1)[0]
+    assert "<th>N = 4</th><th>N = 64</th>" in layout
+    assert [row.split("</th>", 1)[0] for row in layout.split("<tr><th>")[2:]] == ["none", "head"]
+    assert layout.count("<figcaption>") == 4 and "img.grid { image-rendering: pixelated; width: 160px; }" in page
     shown = {}
     for chunk in page.replace('<img class="pairs" alt="', '<img class="grid" alt="').split('<img class="grid" alt="')[1:]:
         alt, rest = chunk.split('"', 1)
