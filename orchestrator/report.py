@@ -19,6 +19,7 @@ import html
 import io
 import itertools
 import json
+import math
 import secrets
 import shutil
 import statistics
@@ -147,8 +148,8 @@ def configuration_rows(trials: list[TrialResult], axes: list[str]) -> list[Confi
         mean: dict[str, float] = {}
         std: dict[str, float | None] = {}
         interval: dict[str, PairedDifference] = {}
-        for metric in metrics:
-            values = [t.metrics[metric] for t in done if metric in t.metrics]
+        for metric in metrics:  # a non-finite value (NaN) is left out, and `notes` names it
+            values = [t.metrics[metric] for t in done if metric in t.metrics and math.isfinite(t.metrics[metric])]
             if values:
                 mean[metric] = statistics.fmean(values)
                 std[metric] = statistics.stdev(values) if len(values) > 1 else None
@@ -456,6 +457,9 @@ def notes(data: SweepData) -> list[str]:
     """Trials left out of the statistics, and where cached results came from."""
     lines = reproducibility_lines(data)
     lines += [f"{t.name}: {t.status.lower()}, not in the statistics" for t in data.trials if not t.finished]
+    lines += [f"{t.name}: {metric} is {value}, left out of the statistics (its pairs are dropped and counted)"
+              for t in data.trials if t.finished for metric, value in t.metrics.items()
+              if metric in METRICS and not math.isfinite(value)]
     cached = sum(t.cached for t in data.trials)
     if cached:
         lines.append(f"{cached} trial(s) reuse FINISHED runs of earlier sweeps of experiment {data.experiment_name!r}")

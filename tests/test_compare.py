@@ -297,6 +297,23 @@ def test_a_nan_pair_is_dropped_and_counted():
     assert rows[1].differences["psnr_gap"].dropped == 1 and rows[1].differences["psnr_gap"].n == 0
 
 
+def test_a_report_with_a_nan_metric_drops_that_pair_and_says_so(tmp_path):
+    trials = grid_trials(2)
+    axes, metrics, status = trials[0]  # none, N4, shuffle 0: the baseline of head's and tail's shuffle 0
+    assert (axes["attention.placement"], axes["data.num_images"], axes["data.shuffle_seed"]) == ("none", 4, 0)
+    trials[0] = (axes, {**metrics, "psnr_gap": float("nan")}, status)
+    uri, _, _ = write_sweep(tmp_path, SPEC, trials)
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", "s1", "--out", str(out), "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    head = read_paired(out)[("head", 4)]
+    assert (head["psnr_gap_n"], head["psnr_gap_dropped"], head["psnr_train_dropped"]) == ("3", "1", "0")
+    finite = [m["psnr_gap"] for a, m, s in trials if (a["attention.placement"], a["data.num_images"]) == ("none", 4)][1:]
+    table = {(r["attention.placement"], r["data.num_images"]): r for r in csv.DictReader(io.StringIO((out / "report.csv").read_text()))}
+    assert float(table[("none", "4")]["psnr_gap_mean"]) == pytest.approx(np.mean(finite), rel=1e-9)
+    assert "psnr_gap is nan, left out of the statistics" in (out / "report.md").read_text()
+
+
 def test_holm_matches_the_method_written_out():
     rng = np.random.default_rng(5)
     for m in (1, 2, 5, 12):
