@@ -75,6 +75,7 @@ ERROR_TAG_MAX_CHARS = 5000
 VIEW_KEY = "ditsweep"
 TAG_VIEW = f"mlflow.sharedViewState.{VIEW_KEY}"
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's "model training" experiment type (its UI's enum)
 
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 
@@ -288,7 +289,9 @@ class Tracker:
         if not create:
             return None
         location = artifact_root() if _is_local_store(self.uri) else None
-        return self._client.create_experiment(name, artifact_location=location)
+        # Model training from the start, so the MLflow UI never opens a sweep's experiment as a GenAI one.
+        return self._client.create_experiment(name, artifact_location=location,
+                                              tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
 
     def finished_trials(self, experiment_id: str) -> dict[str, TrialRun]:
         """trial key -> its FINISHED run, across every sweep of the experiment (the cache)."""
@@ -373,7 +376,7 @@ class Tracker:
         now = _now_ms()
         envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
         self._client.set_experiment_tag(experiment_id, TAG_VIEW, json.dumps(envelope))
-        self._client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, "custom_model_development")
+        self._client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
 
     def experiments_with_view(self) -> list[tuple[str, str]]:
         """(experiment id, name) of the experiments that have the ditsweep run-table view."""

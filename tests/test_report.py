@@ -241,6 +241,15 @@ def test_a_report_failure_only_warns_at_sweep_end(monkeypatch, capsys):
     assert "warning: could not build the report of sweep s1: RuntimeError: disk full" in capsys.readouterr().out
 
 
+def test_a_new_experiment_is_model_training(tmp_path):
+    """MLflow 3's UI opens an experiment without a kind as GenAI; ditsweep's are model training."""
+    from orchestrator.tracking import Tracker
+
+    uri = sqlite_uri(tmp_path)
+    experiment = Tracker(uri).experiment_id("kinds")
+    assert MlflowClient(tracking_uri=uri).get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_ui_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DITSWEEP_ARTIFACT_ROOT", raising=False)
