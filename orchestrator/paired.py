@@ -32,7 +32,9 @@ def configuration_label(axes: dict[str, Any]) -> str:
 
 
 def interval_cell(metric: str, diff: PairedDifference) -> str:
-    """`+0.123 [-0.050, +0.296]`; the mean alone when there is no interval."""
+    """`+0.123 [-0.050, +0.296]`; the mean alone when there is no interval; empty without a finite pair."""
+    if diff.n == 0:
+        return ""
     mean = fixed(metric, diff.mean, True)
     if diff.low is None or diff.high is None:
         return mean

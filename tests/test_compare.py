@@ -295,6 +295,11 @@ def test_a_nan_pair_is_dropped_and_counted():
                          Observation({"p": "head", "s": 0}, {"psnr_gap": float("nan")})],
                         ["p", "s"], {"p": "none"}, ["s"], ["psnr_gap"])
     assert rows[1].differences["psnr_gap"].dropped == 1 and rows[1].differences["psnr_gap"].n == 0
+    from orchestrator import paired
+
+    assert paired.primary_table(rows, ["4", "4"])[1:] == [
+        ["head", "4", "0", "", "needs >= 2 matched pairs; 1 non-finite pair(s) dropped"]]
+    assert paired.delta_metrics(rows) == {"delta.psnr_gap.head.n": 0.0, "delta.psnr_gap.head.dropped": 1.0}
 
 
 def test_a_report_with_a_nan_metric_drops_that_pair_and_says_so(tmp_path):
@@ -311,7 +316,10 @@ def test_a_report_with_a_nan_metric_drops_that_pair_and_says_so(tmp_path):
     finite = [m["psnr_gap"] for a, m, s in trials if (a["attention.placement"], a["data.num_images"]) == ("none", 4)][1:]
     table = {(r["attention.placement"], r["data.num_images"]): r for r in csv.DictReader(io.StringIO((out / "report.csv").read_text()))}
     assert float(table[("none", "4")]["psnr_gap_mean"]) == pytest.approx(np.mean(finite), rel=1e-9)
-    assert "psnr_gap is nan, left out of the statistics" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "psnr_gap is nan, left out of the statistics" in markdown
+    assert "1 non-finite pair(s) dropped" in next(line for line in markdown.splitlines() if line.startswith("| head | 4 | 3 |"))
+    assert "nan" not in (out / "paired.md").read_text()
 
 
 def test_holm_matches_the_method_written_out():
