@@ -298,8 +298,8 @@ def test_a_nan_pair_is_dropped_and_counted():
     from orchestrator import paired
 
     assert paired.primary_table(rows, ["4", "4"])[1:] == [
-        ["head", "4", "0", "", "needs >= 2 matched pairs; 1 non-finite pair(s) dropped"]]
-    assert paired.delta_metrics(rows) == {"delta.psnr_gap.head.n": 0.0, "delta.psnr_gap.head.dropped": 1.0}
+        ["p=head", "4", "0", "", "needs >= 2 matched pairs; 1 non-finite pair(s) dropped"]]
+    assert paired.delta_metrics(rows) == {"delta.psnr_gap.p-head.n": 0.0, "delta.psnr_gap.p-head.dropped": 1.0}
 
 
 def test_a_report_with_a_nan_metric_drops_that_pair_and_says_so(tmp_path):
