@@ -123,7 +123,7 @@ def holm(p_values: list[float]) -> list[float]:
 def mean_interval(values: list[float], confidence: float = CONFIDENCE) -> PairedDifference:
     """Mean and Student-t interval of one configuration's values over its seeds and shuffles (the
     one-sample form of the same formula: mean ± t_{0.975, n-1} · s / sqrt(n)); no interval for n < 2.
-    For the PSNR gap each value is itself a paired difference (train - held-out, same noise)."""
+    For the PSNR gap each value is a difference of means (train images - the fixed held-out images)."""
     return paired_difference(values, confidence)
 
 

@@ -1,4 +1,4 @@
-"""trainer.metrics: PSNR, the PSNR curve record, and the PSNR gap's shared-noise protocol."""
+"""trainer.metrics: PSNR, the PSNR curve record, and the PSNR gap's noise protocol (each image its own fixed noise)."""
 
 from __future__ import annotations
 
