@@ -4,7 +4,7 @@ PSNR gap (Kadkhodaie et al. 2024, used by An et al. 2024): noise a clean image t
 in one step (x0 from the predicted epsilon), and compare PSNR on training versus held-out images.
 A model that memorizes its training set denoises those images far better than unseen ones. Each image
 is noised with its own fixed noise, a function of its identity (its index in the data source) and the
-timestep (`image_noise`), so a fixed set of held-out images scores the same in every trial; two
+timestep (`image_noise`), so a fixed set of held-out images scores the same in every trial; in a trial two
 different images never share noise (sharing it would not make them a pair).
 By default the raw x0 estimate is scored, as Kadkhodaie et al. do; `clip=True` clips it to the data
 range [-1, 1] first, which raises PSNR on both sides at high noise (where the raw estimate overshoots).
