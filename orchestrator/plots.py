@@ -42,7 +42,7 @@ def psnr_curve_png(curve: PsnrCurve, title: str) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Sweep comparisons (orchestrator.report builds the series; these only draw them)
 
-Point = tuple[float, float, float | None]  # x, mean, standard deviation over seeds (None: one seed)
+Point = tuple[float, float, float | None]  # x, mean, error bar half-height (None: one seed)
 
 
 def _errorbar(ax, points: list, label: str, **style) -> None:
@@ -69,7 +69,8 @@ def psnr_gap_vs_images_png(series: dict[str, list[Point]], xlabel: str) -> bytes
     ax.set_xticks(sizes, [f"{size:g}" for size in sizes])  # label the sizes that were run, not powers of 10
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.axhline(0.0, color="grey", lw=0.8)
-    ax.set(xlabel=xlabel, ylabel="PSNR gap, train - held-out (dB)", title="Generalization gap against data size")
+    ax.set(xlabel=f"{xlabel} (log scale)", ylabel="PSNR gap, train - held-out (dB)",
+           title="Generalization gap against data size (95% intervals)")
     _legend(ax, len(series))
     fig.tight_layout()
     return to_png(fig)

@@ -320,7 +320,8 @@ def data_size(row: ConfigRow) -> tuple[float, str] | None:
 
 
 def gap_vs_size(rows: list[ConfigRow]) -> tuple[str, dict[str, list[tuple[float, float, float | None]]]]:
-    """x label and, per configuration without its size, (size, mean gap, std) points."""
+    """x label and, per configuration without its size, (size, mean gap, half-width of its 95% Student-t
+    interval over seeds and shuffles; None with one trial) points."""
     series: dict[str, list] = {}
     xlabel = "training images N"
     for row in rows:
@@ -328,7 +329,9 @@ def gap_vs_size(rows: list[ConfigRow]) -> tuple[str, dict[str, list[tuple[float,
         if size is None or "psnr_gap" not in row.mean:
             continue
         xlabel = size[1]
-        series.setdefault(row_label(row, SIZE_PARAMS), []).append((size[0], row.mean["psnr_gap"], row.std["psnr_gap"]))
+        interval = row.interval["psnr_gap"]
+        half = None if interval.high is None else (interval.high - interval.low) / 2
+        series.setdefault(row_label(row, SIZE_PARAMS), []).append((size[0], row.mean["psnr_gap"], half))
     return xlabel, series
 
 
@@ -408,7 +411,8 @@ def figures(rows: list[ConfigRow]) -> list[Figure]:
     xlabel, gap_series = gap_vs_size(rows)
     if gap_series:
         out.append(Figure("psnr_gap_vs_images.png", "PSNR gap (train - held-out) against the number of "
-                          "training images, per placement; error bars: std over seeds and shuffles",
+                          "training images (log axis), per configuration; error bars: 95% Student-t interval over seeds and "
+                          "shuffles (none with one trial)",
                           plots.psnr_gap_vs_images_png(gap_series, xlabel)))
     panels = step_curves(rows)
     if panels:
