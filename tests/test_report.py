@@ -215,6 +215,21 @@ def test_the_table_has_no_second_pairing():
     assert [r["psnr_gap_std"] for r in table] == [repr(float(np.std([1.0, 2.0], ddof=1))), ""]
 
 
+def test_gap_vs_n_points_carry_the_95_percent_interval():
+    from scipy import stats
+
+    from orchestrator.report import gap_vs_size
+
+    trials = [TrialResult(f"head·N{n}·s{s}", {"attention.placement": "head", "data.num_images": n, "seed": s},
+                          "FINISHED", params={"attention.placement": "head"}, metrics={"psnr_gap": gap})
+              for n, s, gap in ((4, 0, 3.0), (4, 1, 4.0), (4, 2, 4.5), (64, 0, 0.2))]
+    xlabel, series = gap_vs_size(configuration_rows(trials, ["attention.placement", "data.num_images", "seed"]))
+    low, high = stats.t.interval(0.95, 2, loc=np.mean([3.0, 4.0, 4.5]), scale=stats.sem([3.0, 4.0, 4.5]))
+    assert xlabel == "training images N"
+    assert series["head"][0] == (4.0, pytest.approx(23 / 6), pytest.approx((high - low) / 2, rel=1e-9))
+    assert series["head"][1] == (64.0, 0.2, None)  # one trial: no interval
+
+
 def test_window_label():
     assert window_label(LOCAL) == "3,5,7,9,11,13"
     assert window_label("5,5,5,G") == "5"
