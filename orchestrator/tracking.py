@@ -76,6 +76,7 @@ VIEW_KEY = "ditsweep"
 TAG_VIEW = f"mlflow.sharedViewState.{VIEW_KEY}"
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's "model training" experiment type (its UI's enum)
+UI_WORKFLOW = "machine_learning"  # the MLflow 3 UI's "Model training" workspace (query parameter workflowType)
 
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 
@@ -494,7 +495,10 @@ def artifact_root() -> str:
 
 def runs_page_url(base_url: str, experiment_id: str) -> str:
     """The experiment's run table in the MLflow UI, opened on the ditsweep view."""
-    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+    # workflowType: MLflow 3's UI opens in its GenAI workspace unless the link (or the browser's last
+    # choice) says model training; the query parameter wins over the browser's memory.
+    return (f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+            f"&workflowType={UI_WORKFLOW}")
 
 
 # ---------------------------------------------------------------------------------------------
