@@ -1,4 +1,7 @@
-"""Paired comparisons of configurations against a baseline, with Student-t intervals.
+"""Paired comparisons of configurations against a baseline, with Student-t intervals and Holm's adjustment.
+
+The one pairing engine of ditsweep: the report's paired table, forest plot and the parent run's
+`delta.*` metrics all come from `paired_table`.
 
 Each configuration (a grid point without its pairing axes, e.g. `seed`, `data.shuffle_seed`) is compared
 with the baseline configuration at the same other axis values (e.g. `attention.placement: none` at the
@@ -7,15 +10,24 @@ seed or the training subset alone does to a metric. The differences d_1..d_n giv
 
     mean = (1/n) sum d_i,   95% interval = mean ± t_{0.975, n-1} · s / sqrt(n)
 
-(Student 1908; the paired t interval, as `scipy.stats.ttest_rel(...).confidence_interval()`), and a
-verdict in plain words: "lower" or "higher" when the interval excludes 0, else "no clear difference".
-With one matched pair there is no interval.
+(Student 1908; the paired t interval, as `scipy.stats.ttest_rel(...).confidence_interval()`), its
+two-sided p value 2·(1 − F_t(|mean| / (s / sqrt(n)); n − 1)), and a verdict in plain words: "lower" or
+"higher" when the interval excludes 0, else "no clear difference". With one matched pair there is no
+interval; when every difference is equal (s = 0: the interval has zero width) there is no verdict either,
+since the data say nothing about the spread. A pair whose difference is not finite (NaN, inf) is dropped
+and counted (`dropped`).
+
+Several comparisons of the primary metric are one family: `holm` adjusts their p values (Holm 1979, the
+step-down Bonferroni method, as `statsmodels.stats.multitest.multipletests(method="holm")`), and their
+verdicts then read "lower"/"higher" only where the adjusted p value is below 1 − confidence. The
+intervals stay per comparison.
 
 Pure functions of plain values: no MLflow, no Ray.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -23,8 +35,10 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 CONFIDENCE = 0.95
+PRIMARY_METRIC = "psnr_gap"  # its verdicts across a report's comparisons are Holm-adjusted
 LOWER, HIGHER, UNCLEAR = "lower", "higher", "no clear difference"
 NEEDS_PAIRS = "needs >= 2 matched pairs"
+NO_SPREAD = "no verdict: all differences equal"
 
 
 @dataclass(frozen=True)
@@ -43,11 +57,24 @@ class PairedDifference:
     mean: float
     low: float | None  # the interval's bounds; None with fewer than 2 pairs
     high: float | None
+    p_value: float | None = None  # two-sided paired t test of mean = 0; None without a spread (n < 2 or s = 0)
+    dropped: int = 0  # pairs left out because their difference was not finite (NaN, inf)
+    adjusted_p: float | None = None  # Holm-adjusted p value, where this is one of a family (`holm_adjusted`)
+    family: int = 0  # the number of comparisons in that family
+
+    @property
+    def zero_width(self) -> bool:
+        return self.low is not None and self.low == self.high
 
     @property
     def verdict(self) -> str:
         if self.low is None or self.high is None:
             return NEEDS_PAIRS
+        if self.zero_width:
+            return NO_SPREAD
+        if self.adjusted_p is not None:
+            decided = self.adjusted_p < 1 - CONFIDENCE
+            return UNCLEAR if not decided else LOWER if self.mean < 0 else HIGHER
         if self.high < 0:
             return LOWER
         if self.low > 0:
@@ -56,25 +83,47 @@ class PairedDifference:
 
 
 def paired_difference(differences: list[float], confidence: float = CONFIDENCE) -> PairedDifference:
-    """Mean and Student-t interval of paired differences: mean ± t_{(1+confidence)/2, n-1} · s / sqrt(n).
-    The t quantile is scipy.special's inverse Student t CDF, the function scipy.stats.t.ppf calls
+    """Mean and Student-t interval of paired differences: mean ± t_{(1+confidence)/2, n-1} · s / sqrt(n),
+    and the two-sided p value of the paired t test. Non-finite differences are dropped and counted.
+    The t quantile and CDF are scipy.special's Student t functions, the ones scipy.stats.t calls
     (scipy.stats itself costs a second or more of imports in every process that reports)."""
-    from scipy.special import stdtrit
+    from scipy.special import stdtr, stdtrit
 
-    n = len(differences)
-    if n == 0:
+    if not differences:
         raise ValueError("no matched pairs")
-    mean = statistics.fmean(differences)
+    finite = [d for d in differences if math.isfinite(d)]
+    dropped = len(differences) - len(finite)
+    n = len(finite)
+    if n == 0:  # every pair dropped: nothing to estimate
+        return PairedDifference(0, math.nan, None, None, dropped=dropped)
+    mean = statistics.fmean(finite)
     if n < 2:
-        return PairedDifference(n, mean, None, None)
-    half = float(stdtrit(n - 1, 0.5 + confidence / 2)) * statistics.stdev(differences) / math.sqrt(n)
-    return PairedDifference(n, mean, mean - half, mean + half)
+        return PairedDifference(n, mean, None, None, dropped=dropped)
+    sem = statistics.stdev(finite) / math.sqrt(n)
+    if sem == 0:  # every difference equal: a zero-width interval, no p value
+        return PairedDifference(n, mean, mean, mean, dropped=dropped)
+    half = float(stdtrit(n - 1, 0.5 + confidence / 2)) * sem
+    p_value = 2.0 * float(stdtr(n - 1, -abs(mean) / sem))
+    return PairedDifference(n, mean, mean - half, mean + half, p_value, dropped)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p values (Holm 1979), in the order given: with p_(1) <= ... <= p_(m),
+    adjusted p_(i) = max over j <= i of min(1, (m - j + 1) · p_(j))."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
 
 
 def mean_interval(values: list[float], confidence: float = CONFIDENCE) -> PairedDifference:
     """Mean and Student-t interval of one configuration's values over its seeds and shuffles (the
     one-sample form of the same formula: mean ± t_{0.975, n-1} · s / sqrt(n)); no interval for n < 2.
-    For the PSNR gap each value is itself a paired difference (train - held-out, same noise)."""
+    For the PSNR gap each value is a difference of means (train images - the fixed held-out images)."""
     return paired_difference(values, confidence)
 
 
@@ -96,12 +145,16 @@ def is_baseline(axes: dict[str, Any], baseline: dict[str, Any]) -> bool:
 
 
 def paired_table(observations: list[Observation], axes: list[str], baseline: dict[str, Any],
-                 pair_on: list[str], metrics: list[str]) -> list[PairedRow]:
+                 pair_on: list[str], metrics: list[str], primary: str | None = PRIMARY_METRIC) -> list[PairedRow]:
     """Every configuration (grid order) against the baseline at the same other axis values.
 
     `axes` are the grid's axes; `baseline` fixes some of them (e.g. {"attention.placement": "none"});
-    trials are matched on the `pair_on` axes. Empty when no trial is a baseline.
+    trials are matched on the `pair_on` axes. Empty when no trial is a baseline (or the baseline is
+    empty: no paired comparison). The `primary` metric's comparisons that have a p value are one family,
+    Holm-adjusted (`holm_adjusted`).
     """
+    if not baseline:
+        return []
     config_axes = [a for a in axes if a not in pair_on]
     context_axes = [a for a in config_axes if a not in baseline]
     pair_axes = [a for a in axes if a in pair_on]
@@ -129,4 +182,18 @@ def paired_table(observations: list[Observation], axes: list[str], baseline: dic
             if values:
                 differences[metric] = paired_difference(values)
         rows.append(PairedRow(config, False, differences))
-    return rows
+    return holm_adjusted(rows, primary) if primary else rows
+
+
+def holm_adjusted(rows: list[PairedRow], metric: str) -> list[PairedRow]:
+    """The rows with `metric`'s differences Holm-adjusted as one family: every comparison of it that has a
+    p value (n >= 2 and a spread); the others keep their verdict ("needs >= 2 matched pairs", "no verdict")."""
+    members = [(i, row.differences[metric]) for i, row in enumerate(rows)
+               if metric in row.differences and row.differences[metric].p_value is not None]
+    adjusted = holm([diff.p_value for _, diff in members])
+    out = list(rows)
+    for (index, diff), p in zip(members, adjusted):
+        row = out[index]
+        changed = dataclasses.replace(diff, adjusted_p=p, family=len(members))
+        out[index] = dataclasses.replace(row, differences={**row.differences, metric: changed})
+    return out

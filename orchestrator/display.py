@@ -1,5 +1,6 @@
-"""Text for the terminal, in one place: the column table of `plan` and `status`, axis values as the
-tables show them (windows as 3,5,G), durations, and the first line of an error.
+"""Text for the terminal and the report, in one place: the column table of `plan` and `status`, axis
+values as the tables show them (windows as 3,5,G), metric values with their column's decimals,
+durations, and the first line of an error.
 """
 
 from __future__ import annotations
@@ -23,6 +24,36 @@ def show_value(value: Any, none: str = "") -> str:
 
         return schedule_string(value)
     return none if value is None else str(value)
+
+
+# Decimals per metric, one per column so that numbers line up: dB to 3, fractions to 2.
+DECIMALS = {"psnr_gap": 3, "psnr_train": 3, "psnr_test": 3, "mem_copy_fraction": 2, "mem_nn_train": 3,
+            "mem_nn_test": 3, "mem_closer_to_train": 2, "fid": 2, "kid": 4}
+UNITS = {"psnr_gap": " dB", "psnr_train": " dB", "psnr_test": " dB"}
+DASH = "—"
+
+
+def significant(value: float | None, signed: bool = False) -> str:
+    """4 significant digits; empty for None."""
+    if value is None:
+        return ""
+    return f"{value:+.4g}" if signed else f"{value:.4g}"
+
+
+def fixed(metric: str, value: float | None, signed: bool = False) -> str:
+    """A metric's value with its column's decimals (DECIMALS; 4 significant digits otherwise)."""
+    if value is None:
+        return ""
+    digits = DECIMALS.get(metric)
+    if digits is None:
+        return significant(value, signed)
+    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    return text.replace("-0." + "0" * digits, "0." + "0" * digits) if not signed else text
+
+
+def metric_name_part(text: str) -> str:
+    """A piece of an MLflow metric or file name: letters, digits, _ - . only."""
+    return "".join(c if c.isalnum() or c in "_-." else "-" for c in text)
 
 
 def first_line(err: BaseException) -> str:

@@ -42,7 +42,7 @@ def psnr_curve_png(curve: PsnrCurve, title: str) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Sweep comparisons (orchestrator.report builds the series; these only draw them)
 
-Point = tuple[float, float, float | None]  # x, mean, standard deviation over seeds (None: one seed)
+Point = tuple[float, float, float | None]  # x, mean, error bar half-height (None: one seed)
 
 
 def _errorbar(ax, points: list, label: str, **style) -> None:
@@ -69,8 +69,42 @@ def psnr_gap_vs_images_png(series: dict[str, list[Point]], xlabel: str) -> bytes
     ax.set_xticks(sizes, [f"{size:g}" for size in sizes])  # label the sizes that were run, not powers of 10
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.axhline(0.0, color="grey", lw=0.8)
-    ax.set(xlabel=xlabel, ylabel="PSNR gap, train - held-out (dB)", title="Generalization gap against data size")
+    ax.set(xlabel=f"{xlabel} (log scale)", ylabel="PSNR gap, train - held-out (dB)",
+           title="Generalization gap against data size (95% intervals)")
     _legend(ax, len(series))
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def forest_png(groups: dict[str, list[tuple[str, float, float | None, float | None, str]]], xlabel: str) -> bytes:
+    """A forest plot: one line per comparison (its mean and interval; a hollow dot without an interval),
+    grouped by N with the group's name above it, and a zero line. Filled dots: the verdict says the
+    comparison differs; grey: it does not."""
+    lines = sum(len(rows) + 1 for rows in groups.values())
+    fig, ax = plt.subplots(figsize=(7.0, 0.8 + 0.32 * lines))
+    y, ticks, labels, headings = 0, [], [], []
+    for group, rows in groups.items():
+        ticks.append(y)
+        labels.append(group)
+        headings.append(len(labels) - 1)
+        ax.axhline(y, color="#eee", lw=8, zorder=0)  # a band behind the group's name
+        y -= 1
+        for label, mean, low, high, verdict in rows:
+            decided = verdict in ("lower", "higher")
+            color = "tab:red" if decided else "tab:grey"
+            if low is not None and high is not None:
+                ax.plot([low, high], [y, y], color=color, lw=2)
+            ax.plot([mean], [y], "o", color=color, mfc=color if low is not None else "white", ms=6)
+            ticks.append(y)
+            labels.append(label)
+            y -= 1
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_yticks(ticks, labels, fontsize="small")
+    for index in headings:
+        ax.get_yticklabels()[index].set_fontweight("bold")
+    ax.set_ylim(y + 0.5, 0.5)
+    ax.set(xlabel=xlabel, title="Paired differences against the baseline (95% intervals)")
+    ax.grid(axis="x", color="#ddd", lw=0.6)
     fig.tight_layout()
     return to_png(fig)
 

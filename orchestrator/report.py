@@ -1,9 +1,10 @@
 """A sweep's comparison report: one table row per configuration, plots, and one HTML page.
 
 A configuration is a grid point without its seed-like axes (`seed`, `data.shuffle_seed`): its numbers
-are the mean and the sample standard deviation over those seeds and shuffles. The paired change of a
-configuration compares each of its trials with the global-attention trial (placement `none`) that has
-the same seeds and the same other axes (placement and windows aside), and averages over the seeds.
+are the mean and the sample standard deviation over those seeds and shuffles. Every comparison of a
+configuration with its baseline (the spec's `compare:`) comes from one pairing engine,
+`orchestrator.compare`, shown by `orchestrator.paired`: the compact primary table, the forest plot, the
+full paired.csv and the parent run's `delta.*` metrics.
 
 The table, plot series and pages are pure functions of `SweepData`; `fetch_sweep` reads a sweep from
 MLflow (through orchestrator.tracking) and `publish` writes the files and attaches them to the sweep's
@@ -18,6 +19,7 @@ import html
 import io
 import itertools
 import json
+import math
 import secrets
 import shutil
 import statistics
@@ -27,27 +29,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from orchestrator import paired
 from orchestrator.compare import CONFIDENCE, Observation, PairedDifference, PairedRow, mean_interval, paired_table
-from orchestrator.display import show_value
+from orchestrator.display import DASH, UNITS, fixed, metric_name_part, show_value
 from orchestrator.spec import Compare, SpecError, axis_label, parse_spec
 from orchestrator.tracking import FINISHED, Tracker, TrialRun
 from trainer.attention import GLOBAL
 
 SEED_AXES = ("seed", "data.shuffle_seed")  # averaged over, never a configuration of their own
-PLACEMENT_AXES = ("attention.placement", "attention.windows")  # what differs from the baseline
-SIZE_PARAMS = ("data.num_images", "data.fraction")
-METRICS = ("psnr_gap", "mem_copy_fraction", "mem_nn_train", "mem_nn_test", "psnr_train", "psnr_test", "fid", "kid")
-PAIRED_METRICS = ("psnr_gap", "psnr_train", "psnr_test", "mem_copy_fraction", "fid")
+SIZE_PARAMS = paired.SIZE_AXES
+METRICS = ("psnr_gap", "mem_copy_fraction", "mem_closer_to_train", "mem_nn_train", "mem_nn_test", "psnr_train",
+           "psnr_test", "fid", "kid")
+PAIRED_METRICS = ("psnr_gap", "psnr_train", "psnr_test", "mem_copy_fraction", "mem_closer_to_train", "fid")
 # Metrics whose per-configuration mean also gets its 95% Student-t interval over seeds and shuffles.
 INTERVAL_METRICS = ("psnr_gap", "fid")
-# Decimals per metric, one per column so that numbers line up: dB to 3, fractions to 2.
-DECIMALS = {"psnr_gap": 3, "psnr_train": 3, "psnr_test": 3, "mem_copy_fraction": 2, "mem_nn_train": 3,
-            "mem_nn_test": 3, "fid": 2, "kid": 4}
-UNITS = {"psnr_gap": " dB", "psnr_train": " dB", "psnr_test": " dB"}
-DASH = "—"
-DELTA_PREFIX = "delta"  # the parent run's metrics: delta.<metric>.<configuration>[.lo|.hi|.n]
 ATTENTION_DISTANCE = "attn_distance.block_"  # + block index
-GLOBAL_PLACEMENT = "none"
+FOREST_PNG = "forest_psnr_gap.png"
 MISSING = "MISSING"  # a trial of the manifest without a run (never started, or its run was deleted)
 REPORT_ARTIFACT_DIR = "report"
 REPORTS_DIR = Path("reports")
@@ -81,6 +78,17 @@ class TrialResult:
 
 
 @dataclass
+class SampleGrid:
+    """The sample grid (and, at the smallest N, the nearest-training pairs) of one configuration's first
+    finished trial: `label` names the configuration, `configuration` and `size` place it in the layout."""
+
+    label: str
+    configuration: str
+    size: str  # e.g. "N = 16", "fraction = 0.05"; empty when the sweep has no size
+    files: dict[str, bytes]  # file name -> PNG
+
+
+@dataclass
 class SweepData:
     sweep_id: str
     experiment_id: str
@@ -92,8 +100,8 @@ class SweepData:
     # Reproducibility (Kadkhodaie et al.) of trials trained on disjoint subsets: configuration -> scores
     reproducibility: dict[str, list[float]] = field(default_factory=dict)
     compare: Compare = field(default_factory=Compare)  # the spec's pairing (baseline, pair_on)
-    # Sample grids of one trial per configuration: label -> {file name -> PNG}
-    grids: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    # Sample grids of one trial per configuration
+    grids: list[SampleGrid] = field(default_factory=list)
 
 
 @dataclass
@@ -104,7 +112,6 @@ class ConfigRow:
     trials: list[TrialResult]  # all of the configuration's trials, finished or not
     mean: dict[str, float]
     std: dict[str, float | None]  # None with a single finished trial
-    delta: dict[str, float | None]  # paired change against global attention; None without a baseline
     interval: dict[str, PairedDifference]  # INTERVAL_METRICS -> mean and 95% interval over the finished trials
 
     @property
@@ -135,69 +142,31 @@ def configuration_rows(trials: list[TrialResult], axes: list[str]) -> list[Confi
     for trial in trials:
         groups.setdefault(_axes_key(trial, config_axes(axes)), []).append(trial)
     metrics = present_metrics(trials)
-    baselines = _baselines(trials, axes)
     rows = []
     for members in groups.values():
         done = [t for t in members if t.finished]
         mean: dict[str, float] = {}
         std: dict[str, float | None] = {}
-        delta: dict[str, float | None] = {}
         interval: dict[str, PairedDifference] = {}
-        for metric in metrics:
-            values = [t.metrics[metric] for t in done if metric in t.metrics]
+        for metric in metrics:  # a non-finite value (NaN) is left out, and `notes` names it
+            values = [t.metrics[metric] for t in done if metric in t.metrics and math.isfinite(t.metrics[metric])]
             if values:
                 mean[metric] = statistics.fmean(values)
                 std[metric] = statistics.stdev(values) if len(values) > 1 else None
                 if metric in INTERVAL_METRICS:
                     interval[metric] = mean_interval(values)
-            delta[metric] = paired_change(done, baselines, axes, metric)
-        rows.append(ConfigRow({a: members[0].axes.get(a) for a in config_axes(axes)}, members, mean, std, delta,
-                              interval))
+        rows.append(ConfigRow({a: members[0].axes.get(a) for a in config_axes(axes)}, members, mean, std, interval))
     return rows
-
-
-def paired_change(trials: list[TrialResult], baselines: dict[tuple, TrialResult], axes: list[str],
-                  metric: str) -> float | None:
-    """Mean over seeds of metric(trial) - metric(global-attention trial with the same seeds)."""
-    differences = []
-    for trial in trials:
-        baseline = baselines.get((_context_key(trial, axes), _seed_key(trial, axes)))
-        if baseline is not None and metric in trial.metrics and metric in baseline.metrics:
-            differences.append(trial.metrics[metric] - baseline.metrics[metric])
-    return statistics.fmean(differences) if differences else None
-
-
-def _baselines(trials: list[TrialResult], axes: list[str]) -> dict[tuple, TrialResult]:
-    """(other axes, seeds) -> the finished global-attention trial there."""
-    return {
-        (_context_key(t, axes), _seed_key(t, axes)): t
-        for t in trials
-        if t.finished and t.placement == GLOBAL_PLACEMENT
-    }
 
 
 def _axes_key(trial: TrialResult, names: list[str]) -> tuple:
     return tuple(json.dumps(trial.axes.get(name), sort_keys=True) for name in names)
 
 
-def _context_key(trial: TrialResult, axes: list[str]) -> tuple:
-    return _axes_key(trial, [a for a in config_axes(axes) if a not in PLACEMENT_AXES])
-
-
-def _seed_key(trial: TrialResult, axes: list[str]) -> tuple:
-    return _axes_key(trial, [a for a in axes if a in SEED_AXES])
-
-
-def _number(value: float | None, signed: bool = False) -> str:
-    if value is None:
-        return ""
-    return f"{value:+.4g}" if signed else f"{value:.4g}"
-
-
 def csv_header(axes: list[str], metrics: list[str]) -> list[str]:
     columns = [*config_axes(axes), "schedule", "finished", "trials"]
     for metric in metrics:
-        columns += [f"{metric}_mean", f"{metric}_std", f"{metric}_change_vs_global"]
+        columns += [f"{metric}_mean", f"{metric}_std"]
         if metric in INTERVAL_METRICS:
             columns += [f"{metric}_ci95_low", f"{metric}_ci95_high"]
     return columns
@@ -212,24 +181,13 @@ def table_csv(rows: list[ConfigRow], axes: list[str], metrics: list[str]) -> str
         cells = [show_value(row.axes[a]) for a in config_axes(axes)]
         cells += [row.schedule, str(len(row.finished)), str(len(row.trials))]
         for metric in metrics:
-            values = [row.mean.get(metric), row.std.get(metric), row.delta.get(metric)]
+            values = [row.mean.get(metric), row.std.get(metric)]
             if metric in INTERVAL_METRICS:
                 interval = row.interval.get(metric)
                 values += [interval.low, interval.high] if interval else [None, None]
             cells += ["" if value is None else repr(value) for value in values]
         writer.writerow(cells)
     return buffer.getvalue()
-
-
-def fixed(metric: str, value: float | None, signed: bool = False) -> str:
-    """A metric's value with its column's decimals (DECIMALS; 4 significant digits otherwise)."""
-    if value is None:
-        return ""
-    digits = DECIMALS.get(metric)
-    if digits is None:
-        return _number(value, signed)
-    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-    return text.replace("-0." + "0" * digits, "0." + "0" * digits) if not signed else text
 
 
 def display_table(rows: list[ConfigRow], axes: list[str], metrics: list[str]) -> list[list[str]]:
@@ -267,6 +225,7 @@ def interval_text(metric: str, interval: PairedDifference | None) -> str:
 
 
 def paired_rows(data: SweepData) -> list[PairedRow]:
+    """Every configuration against the spec's baseline (orchestrator.compare): the one pairing of the report."""
     observations = [Observation(t.axes, t.metrics) for t in data.trials if t.finished]
     return paired_table(observations, data.axes, data.compare.baseline, data.compare.pair_on, paired_metrics(data))
 
@@ -275,77 +234,54 @@ def paired_metrics(data: SweepData) -> list[str]:
     return [m for m in PAIRED_METRICS if any(m in t.metrics for t in data.trials if t.finished)]
 
 
+def paired_sizes(data: SweepData, rows: list[PairedRow]) -> list[str]:
+    """Each paired row's training-set size as text: its size axis, else the param of a trial it holds."""
+    sizes = []
+    for row in rows:
+        size = next((row.axes[a] for a in SIZE_PARAMS if row.axes.get(a) is not None), None)
+        if size is None:
+            trial = next((t for t in data.trials if t.params and all(
+                json.dumps(t.axes.get(k), sort_keys=True) == json.dumps(v, sort_keys=True) for k, v in row.axes.items())),
+                None)
+            size = next((trial.params[a] for a in SIZE_PARAMS if trial and trial.params.get(a) not in (None, "None", "")),
+                        None)
+        sizes.append("" if size is None else show_value(size))
+    return sizes
+
+
 def baseline_text(compare: Compare, axes: list[str] | None = None) -> str:
     fixed_axes = ", ".join(f"{k} = {show_value(v)}" for k, v in compare.baseline.items())
     matched = [a for a in compare.pair_on if axes is None or a in axes] or ["nothing (one trial per configuration)"]
     return (f"paired difference (configuration − baseline: {fixed_axes}, at the same other axis values), "
             f"matched on {', '.join(matched)}; mean and {CONFIDENCE:.0%} interval from Student's t "
-            f"on the paired differences (scipy.stats.t); verdict: lower/higher when the interval excludes 0")
+            f"on the paired differences (scipy.stats.t)")
 
 
-def paired_display(rows: list[PairedRow], metrics: list[str]) -> list[list[str]]:
-    """Header and rows: per metric `mean [lo, hi]`, n and a verdict; the baseline row shows —."""
-    axes = list(rows[0].axes) if rows else []
-    header = list(axes)
-    for metric in metrics:
-        header += [f"Δ{metric}{UNITS.get(metric, '')}", f"{metric} {CONFIDENCE:.0%} interval", f"{metric} n",
-                   f"{metric} verdict"]
-    table = [header]
-    for row in rows:
-        cells = [show_value(row.axes[a]) for a in axes]
-        for metric in metrics:
-            diff = row.differences.get(metric)
-            if row.baseline:
-                cells += [DASH, DASH, DASH, "baseline"]
-            elif diff is None:
-                cells += ["", "", "0", "no matched pair"]
-            else:
-                interval = (f"[{fixed(metric, diff.low, True)}, {fixed(metric, diff.high, True)}]"
-                            if diff.low is not None else "")
-                cells += [fixed(metric, diff.mean, True), interval, str(diff.n), diff.verdict]
-        table.append(cells)
-    return table
+@dataclass
+class PairedTables:
+    """The paired comparison as the report shows it (orchestrator.paired)."""
+
+    rows: list[PairedRow]
+    primary: list[list[str]]  # one row per comparison of psnr_gap, Holm-adjusted verdicts
+    secondary: list[list[str]] | None  # the other metrics, 95% per comparison, unadjusted
+    forest: dict[str, list]  # N label -> (configuration, mean, lo, hi, verdict)
+
+    def markdown(self, data: SweepData) -> str:
+        parts = [f"Paired table: {baseline_text(data.compare, data.axes)}.", "", paired.multiplicity_text(self.rows),
+                 "", table_markdown(self.primary)]
+        if self.secondary:
+            parts += [f"Secondary metrics ({paired.UNADJUSTED}):", "", table_markdown(self.secondary)]
+        return "\n".join(parts).rstrip() + "\n"
 
 
-def paired_csv(rows: list[PairedRow], metrics: list[str]) -> str:
-    """Full precision; empty cells where a value does not exist (baseline rows, n = 1 intervals)."""
-    axes = list(rows[0].axes) if rows else []
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*axes, "baseline", *(f"{m}_{p}" for m in metrics for p in ("mean", "lo", "hi", "n", "verdict"))])
-    for row in rows:
-        cells = [show_value(row.axes[a]) for a in axes] + [str(row.baseline).lower()]
-        for metric in metrics:
-            diff = row.differences.get(metric)
-            if diff is None:
-                cells += ["", "", "", "", ""]
-            else:
-                cells += [repr(diff.mean), "" if diff.low is None else repr(diff.low),
-                          "" if diff.high is None else repr(diff.high), str(diff.n), diff.verdict]
-        writer.writerow(cells)
-    return buffer.getvalue()
-
-
-def metric_name_part(text: str) -> str:
-    """A piece of an MLflow metric name: letters, digits, _ - . only."""
-    return "".join(c if c.isalnum() or c in "_-." else "-" for c in text)
-
-
-def delta_metrics(rows: list[PairedRow], baseline: dict[str, Any]) -> dict[str, float]:
-    """The paired table as the parent run's metrics: delta.<metric>.<configuration> (mean), .lo, .hi, .n;
-    the configuration named by its axis values, e.g. delta.psnr_gap.head.N4."""
-    out: dict[str, float] = {}
-    for row in rows:
-        if row.baseline:
-            continue
-        label = ".".join(metric_name_part(axis_label(k, v)) for k, v in row.axes.items())
-        for metric, diff in row.differences.items():
-            name = f"{DELTA_PREFIX}.{metric}.{label}"
-            out[name] = diff.mean
-            out[f"{name}.n"] = float(diff.n)
-            if diff.low is not None and diff.high is not None:
-                out[f"{name}.lo"], out[f"{name}.hi"] = diff.low, diff.high
-    return out
+def paired_tables(data: SweepData) -> PairedTables | None:
+    rows = paired_rows(data)
+    if not rows:
+        return None
+    sizes = paired_sizes(data, rows)
+    metrics = paired_metrics(data)
+    secondary = paired.secondary_table(rows, sizes, metrics) if len(metrics) > 1 else None
+    return PairedTables(rows, paired.primary_table(rows, sizes), secondary, paired.forest_series(rows, sizes))
 
 
 def table_markdown(table: list[list[str]]) -> str:
@@ -384,7 +320,8 @@ def data_size(row: ConfigRow) -> tuple[float, str] | None:
 
 
 def gap_vs_size(rows: list[ConfigRow]) -> tuple[str, dict[str, list[tuple[float, float, float | None]]]]:
-    """x label and, per configuration without its size, (size, mean gap, std) points."""
+    """x label and, per configuration without its size, (size, mean gap, half-width of its 95% Student-t
+    interval over seeds and shuffles; None with one trial) points."""
     series: dict[str, list] = {}
     xlabel = "training images N"
     for row in rows:
@@ -392,7 +329,9 @@ def gap_vs_size(rows: list[ConfigRow]) -> tuple[str, dict[str, list[tuple[float,
         if size is None or "psnr_gap" not in row.mean:
             continue
         xlabel = size[1]
-        series.setdefault(row_label(row, SIZE_PARAMS), []).append((size[0], row.mean["psnr_gap"], row.std["psnr_gap"]))
+        interval = row.interval["psnr_gap"]
+        half = None if interval.high is None else (interval.high - interval.low) / 2
+        series.setdefault(row_label(row, SIZE_PARAMS), []).append((size[0], row.mean["psnr_gap"], half))
     return xlabel, series
 
 
@@ -472,7 +411,8 @@ def figures(rows: list[ConfigRow]) -> list[Figure]:
     xlabel, gap_series = gap_vs_size(rows)
     if gap_series:
         out.append(Figure("psnr_gap_vs_images.png", "PSNR gap (train - held-out) against the number of "
-                          "training images, per placement; error bars: std over seeds and shuffles",
+                          "training images (log axis), per configuration; error bars: 95% Student-t interval over seeds and "
+                          "shuffles (none with one trial)",
                           plots.psnr_gap_vs_images_png(gap_series, xlabel)))
     panels = step_curves(rows)
     if panels:
@@ -521,6 +461,9 @@ def notes(data: SweepData) -> list[str]:
     """Trials left out of the statistics, and where cached results came from."""
     lines = reproducibility_lines(data)
     lines += [f"{t.name}: {t.status.lower()}, not in the statistics" for t in data.trials if not t.finished]
+    lines += [f"{t.name}: {metric} is {value}, left out of the statistics (its pairs are dropped and counted)"
+              for t in data.trials if t.finished for metric, value in t.metrics.items()
+              if metric in METRICS and not math.isfinite(value)]
     cached = sum(t.cached for t in data.trials)
     if cached:
         lines.append(f"{cached} trial(s) reuse FINISHED runs of earlier sweeps of experiment {data.experiment_name!r}")
@@ -537,45 +480,78 @@ def grid_filename(label: str, name: str) -> str:
     return f"grid_{metric_name_part(label)}_{name}"
 
 
+MEMORIZATION_NOTE = (
+    "mem_copy_fraction: the share of samples whose nearest training image is much closer than the second "
+    "nearest (d1/d2 < 1/3; Yoon et al. 2023, Gu et al. 2023); mem_closer_to_train: the share of samples nearer "
+    "to a training image than to any of as many held-out images (size-matched references: 0.5 = no "
+    "preference, 1 = every sample nearer to the training set); mem_nn_train, mem_nn_test: mean RMS distance to "
+    "the nearest training image and to the nearest of the size-matched held-out images.")
+
+
 def markdown_page(data: SweepData, table: list[list[str]], figs: list[Figure],
-                  paired: list[list[str]] | None = None) -> str:
+                  compared: PairedTables | None = None) -> str:
     parts = [f"# Sweep {data.sweep_id}", "", summary_line(data), "",
              "Mean ± sample std over seeds and shuffles; the 95% intervals are Student-t intervals of the mean "
-             "over them (scipy.stats.t).", "", table_markdown(table)]
-    if paired:
-        parts += [f"Paired table: {baseline_text(data.compare, data.axes)}.", "", table_markdown(paired)]
+             f"over them (scipy.stats.t). {MEMORIZATION_NOTE}", "", table_markdown(table)]
+    if compared:
+        parts += [compared.markdown(data)]
     parts += [f"![{fig.caption}]({fig.filename})\n" for fig in figs]
-    for label, files in data.grids.items():
-        parts += [f"![{label}: {name}]({grid_filename(label, name)})\n" for name in files]
+    for grid in data.grids:
+        parts += [f"![{grid.label}: {name}]({grid_filename(grid.label, name)})\n" for name in grid.files]
     parts += [f"- {line}" for line in notes(data)]
     return "\n".join(parts).rstrip() + "\n"
 
 
+def _img(grid: "SampleGrid", name: str, css: str) -> str:
+    e = html.escape
+    payload = base64.b64encode(grid.files[name]).decode()
+    return (f'<img class="{css}" alt="{e(grid.label)} {e(name)}" title="{e(name)}" '
+            f'src="data:image/png;base64,{payload}">')
+
+
 def grids_html(data: SweepData) -> str:
-    """One sample grid per configuration (its first trial), with the nearest training images beside
-    the samples where the report fetched them (the smallest data size)."""
+    """The sample grids at one size in a configuration x N layout, each labelled; below them, at the
+    smallest N, each sample beside its nearest training image."""
+    from trainer.memorization import PAIRS_PNG
+    from trainer.sampling import GRID_PNG
+
     e = html.escape
     if not data.grids:
         return ""
-    figures_html = []
-    for label, files in data.grids.items():
-        images = "".join(
-            f'<img class="grid" alt="{e(label)} {e(name)}" title="{e(name)}" '
-            f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-            for name, png in files.items()
-        )
-        caption = label + (" — samples | each sample beside its nearest training image" if len(files) > 1 else "")
-        figures_html.append(f"<figure>{images}<figcaption>{e(caption)}</figcaption></figure>")
-    return "<h2>Samples</h2>\n<p>One sample grid per configuration (its first seed and shuffle, fixed noise).</p>\n" + "\n".join(figures_html)
+    sizes = list(dict.fromkeys(g.size for g in data.grids))
+    configurations = list(dict.fromkeys(g.configuration for g in data.grids))
+    cell = {(g.configuration, g.size): g for g in data.grids}
+    head = "".join(f"<th>{e(size or 'samples')}</th>" for size in sizes)
+    body = []
+    for configuration in configurations:
+        cells = []
+        for size in sizes:
+            grid = cell.get((configuration, size))
+            cells.append("<td></td>" if grid is None or GRID_PNG not in grid.files else
+                         f"<td><figure>{_img(grid, GRID_PNG, 'grid')}<figcaption>{e(grid.label)}</figcaption>"
+                         "</figure></td>")
+        body.append(f"<tr><th>{e(configuration)}</th>{''.join(cells)}</tr>")
+    pairs = "".join(f"<figure>{_img(g, PAIRS_PNG, 'pairs')}<figcaption>{e(g.label)}: each sample (left) beside its "
+                    "nearest training image</figcaption></figure>" for g in data.grids if PAIRS_PNG in g.files)
+    return ("<h2>Samples</h2>\n<p>One sample grid per configuration (its first seed and shuffle, the same fixed "
+            "noise everywhere), rows: configuration, columns: training images N.</p>\n"
+            f'<table class="grids"><thead><tr><th>configuration</th>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table>\n" + (f"<h3>Nearest training images (smallest N)</h3>\n{pairs}"
+                                                             if pairs else ""))
 
 
 def html_page(data: SweepData, table: list[list[str]], figs: list[Figure],
-              paired: list[list[str]] | None = None) -> str:
-    """One self-contained page: the plots are embedded as base64 PNG."""
+              compared: PairedTables | None = None) -> str:
+    """One self-contained page that reads at 1400 px without sideways scrolling: the plots are embedded
+    as base64 PNG, table cells wrap."""
     e = html.escape
-    paired_html = (f"<h2>Paired differences against the baseline</h2>\n<p>{e(baseline_text(data.compare, data.axes))}; "
-                   f"with one matched pair there is no interval.</p>\n<div class=\"table\">{table_html(paired)}</div>"
-                   if paired else "")
+    paired_html = ""
+    if compared:
+        paired_html = (f"<h2>Paired differences against the baseline</h2>\n<p>{e(baseline_text(data.compare, data.axes))}."
+                       f"</p>\n<p>{e(paired.multiplicity_text(compared.rows))}</p>\n{table_html(compared.primary)}")
+        if compared.secondary:
+            paired_html += (f"\n<h3>Secondary metrics ({e(paired.UNADJUSTED)})</h3>\n{table_html(compared.secondary)}"
+                            "\n<p>Every metric with its p values and dropped pairs: paired.csv.</p>")
     images = "\n".join(
         f'<figure><img alt="{e(fig.caption)}" src="data:image/png;base64,{base64.b64encode(fig.png).decode()}">'
         f"<figcaption>{e(fig.caption)}</figcaption></figure>"
@@ -588,24 +564,27 @@ def html_page(data: SweepData, table: list[list[str]], figs: list[Figure],
 <meta charset="utf-8">
 <title>{e(f"ditsweep report {data.sweep_id}")}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
-div.table {{ overflow-x: auto; }}
-table {{ border-collapse: collapse; font-size: 0.9em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; white-space: nowrap; }}
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1360px; }}
+table {{ border-collapse: collapse; font-size: 0.85em; max-width: 100%; margin: 0.5em 0 1em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; overflow-wrap: anywhere; }}
 th {{ background: #f3f3f3; }}
-figure {{ display: inline-block; margin: 1em 1em 0 0; vertical-align: top; }}
+td:first-child, th:first-child {{ text-align: left; }}
+figure {{ display: inline-block; margin: 0.5em 1em 0 0; vertical-align: top; }}
+figcaption {{ font-size: 0.85em; max-width: 640px; }}
 img {{ max-width: 100%; }}
-img.grid {{ image-rendering: pixelated; width: 256px; margin-right: 0.5em; }}
+img.grid {{ image-rendering: pixelated; width: 160px; }}
+img.pairs {{ image-rendering: pixelated; width: 320px; }}
+table.grids td {{ text-align: center; }}
+table.grids figure {{ margin: 0; }}
 </style>
 </head>
 <body>
 <h1>{e(f"Sweep {data.sweep_id}")}</h1>
 <p>{e(summary_line(data).replace("`", ""))}</p>
 <p>Mean ± sample standard deviation over seeds and shuffles; the 95% intervals are Student-t intervals
-of the mean over them (scipy.stats.t); mem_copy_fraction: the share of samples whose
-nearest training image is much closer than the second nearest (Carlini et al. 2023). Generated
+of the mean over them (scipy.stats.t). {e(MEMORIZATION_NOTE)} Generated
 {e(datetime.now().strftime("%Y-%m-%d %H:%M"))}.</p>
-<div class="table">{table_html(table)}</div>
+{table_html(table)}
 {paired_html}
 <ul>{note_items}</ul>
 {images}
@@ -615,25 +594,36 @@ nearest training image is much closer than the second nearest (Carlini et al. 20
 """
 
 
+def forest_figure(compared: PairedTables | None) -> list[Figure]:
+    """The forest plot of the primary metric's paired differences, when there is one."""
+    if not compared or not compared.forest:
+        return []
+    from orchestrator import plots
+
+    return [Figure(FOREST_PNG, "Paired difference in PSNR gap (configuration − baseline) with its 95% interval "
+                   "(per comparison), grouped by training images N; red: a Holm-adjusted verdict (lower/higher), grey: no "
+                   "clear difference, hollow: one pair (no interval); zero line: no difference",
+                   plots.forest_png(compared.forest, "Δ PSNR gap, configuration − baseline (dB)"))]
+
+
 def build_report(data: SweepData) -> dict[str, bytes]:
-    """File name -> contents: report.md, report.csv, report.html and the PNG plots."""
+    """File name -> contents: report.md, report.csv, report.html, paired.csv/.md and the PNG plots."""
     rows = configuration_rows(data.trials, data.axes)
     metrics = present_metrics(data.trials)
     table = display_table(rows, data.axes, metrics)
-    figs = figures(rows)
-    compared = paired_rows(data)
-    paired = paired_display(compared, paired_metrics(data)) if compared else None
+    compared = paired_tables(data)
+    figs = forest_figure(compared) + figures(rows)
     files = {
-        "report.md": markdown_page(data, table, figs, paired).encode(),
+        "report.md": markdown_page(data, table, figs, compared).encode(),
         "report.csv": table_csv(rows, data.axes, metrics).encode(),
-        "report.html": html_page(data, table, figs, paired).encode(),
+        "report.html": html_page(data, table, figs, compared).encode(),
     }
-    if paired:
-        files["paired.csv"] = paired_csv(compared, paired_metrics(data)).encode()
-        files["paired.md"] = (f"{baseline_text(data.compare, data.axes)}.\n\n" + table_markdown(paired)).encode()
+    if compared:
+        files["paired.csv"] = paired.paired_csv(compared.rows, paired_metrics(data)).encode()
+        files["paired.md"] = compared.markdown(data).encode()
     files.update({fig.filename: fig.png for fig in figs})
-    for label, grids in data.grids.items():
-        files.update({grid_filename(label, name): png for name, png in grids.items()})
+    for grid in data.grids:
+        files.update({grid_filename(grid.label, name): png for name, png in grid.files.items()})
     return files
 
 
@@ -712,16 +702,16 @@ def _compare_of(tracker: Tracker, parent_id: str) -> Compare:
         return Compare()
 
 
-def _sample_grids(tracker: Tracker, trials: list[TrialResult], axes: list[str]) -> dict[str, dict[str, bytes]]:
-    """Configuration label -> the sample grid of its first finished trial, with the nearest-training
-    grid too at the smallest data size."""
+def _sample_grids(tracker: Tracker, trials: list[TrialResult], axes: list[str]) -> list[SampleGrid]:
+    """The sample grid of each configuration's first finished trial, with the nearest-training grid too
+    at the smallest data size."""
     from trainer.memorization import PAIRS_PNG
     from trainer.sampling import GRID_PNG
 
     rows = configuration_rows(trials, axes)
     sizes = [size[0] for row in rows if (size := data_size(row)) is not None]
     smallest = min(sizes) if sizes else None
-    grids: dict[str, dict[str, bytes]] = {}
+    grids = []
     for row in rows:
         first = next((t for t in row.finished if t.run_id), None)
         if first is None:
@@ -731,7 +721,8 @@ def _sample_grids(tracker: Tracker, trials: list[TrialResult], axes: list[str]) 
         wanted = [GRID_PNG] + ([PAIRS_PNG] if size is not None and size[0] == smallest else [])
         files = {name: tracker.read_bytes(first.run_id, name) for name in wanted if name in names}
         if files:
-            grids[row_label(row)] = files
+            size_text = "" if size is None else f"{'N' if size[1].endswith('N') else 'fraction'} = {size[0]:g}"
+            grids.append(SampleGrid(row_label(row), row_label(row, SIZE_PARAMS + SEED_AXES), size_text, files))
     return grids
 
 
@@ -786,13 +777,13 @@ def publish(tracker: Tracker, sweep_id: str, out: Path | None = None) -> tuple[P
     data = fetch_sweep(tracker, sweep_id)
     folder = write_report(build_report(data), out or REPORTS_DIR / sweep_id)
     tracker.log_folder(data.parent_run_id, folder, REPORT_ARTIFACT_DIR)
-    compared = paired_rows(data)
+    compared = paired_tables(data)
     if compared:
-        deltas = list(delta_metrics(compared, data.compare.baseline).items())
+        deltas = list(paired.delta_metrics(compared.rows).items())
         for start in range(0, len(deltas), 500):  # MLflow takes at most 1000 metrics a batch
             tracker.log_metrics(data.parent_run_id, dict(deltas[start : start + 500]), step=0)
-    params = [*data.axes, "attention.schedule"]
-    tracker.set_run_table_view(data.experiment_id, RUN_TABLE_VIEW, params, present_metrics(data.trials))
+    tracker.set_run_table_view(data.experiment_id, RUN_TABLE_VIEW, data.axes, present_metrics(data.trials),
+                               ["attention.schedule"])
     return folder, data
 
 

@@ -57,7 +57,7 @@ class Compare(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     baseline: dict[str, Any] = Field(
         default_factory=lambda: {"attention.placement": "none"},
-        description="Grid axis -> value that makes a trial a baseline (default: global attention).",
+        description="Grid axis -> value that makes a trial a baseline (default: global attention); {} for no paired comparison.",
     )
     pair_on: list[str] = Field(
         default_factory=lambda: ["seed", "data.shuffle_seed"],
@@ -88,7 +88,8 @@ class SweepSpec(BaseModel):
 
     @model_validator(mode="after")
     def _compare_names_grid_values(self) -> "SweepSpec":
-        """A `compare` written in the spec must name grid axes and values (the default may not apply)."""
+        """A `compare` written in the spec must name grid axes and values (the default may not apply:
+        `expand` checks that it matches a trial)."""
         if "compare" not in self.model_fields_set:
             return self
         for key, value in self.compare.baseline.items():
@@ -197,7 +198,27 @@ def expand(spec: SweepSpec, overrides: list[str] = ()) -> list[Trial]:
         config = _point_config(spec, overrides, point, f"{where} is not valid")
         trials.append(Trial(axes=point, config=config, key=trial_key(config)))
     _refuse_duplicates(trials)
+    _refuse_unmatched_baseline(spec)
     return trials
+
+
+def _refuse_unmatched_baseline(spec: SweepSpec) -> None:
+    """The default baseline (global attention) must match a trial when the grid varies attention or the
+    baseline's own axis; otherwise the report's paired table would be empty, silently (a grid over, say,
+    the learning rate alone has nothing to compare). `compare: {baseline: {}}` asks for no paired table."""
+    baseline = spec.compare.baseline
+    if "compare" in spec.model_fields_set or not baseline:
+        return  # a written compare names grid values (checked when the spec is read)
+    encoded = {k: {json.dumps(x, sort_keys=True) for x in spec.grid.get(k, [])} for k in baseline}
+    if all(json.dumps(v, sort_keys=True) in encoded[k] for k, v in baseline.items()):
+        return
+    if any(k in spec.grid for k in baseline) or any(a.startswith("attention.") for a in spec.grid):
+        wanted = ", ".join(f"{k} = {short_repr(v)}" for k, v in baseline.items())
+        raise SpecError(
+            f"the default compare baseline ({wanted}) matches no trial of the grid "
+            f"({short_text(', '.join(spec.grid), 200)}); add `compare: {{baseline: {{AXIS: VALUE}}}}` naming the "
+            f"grid value to compare against (or `compare: {{baseline: {{}}}}` for no paired table)"
+        )
 
 
 def _point_config(spec: SweepSpec, overrides: list[str], point: dict[str, Any], where: str) -> TrialConfig:

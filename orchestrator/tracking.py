@@ -75,6 +75,8 @@ ERROR_TAG_MAX_CHARS = 5000
 VIEW_KEY = "ditsweep"
 TAG_VIEW = f"mlflow.sharedViewState.{VIEW_KEY}"
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's "model training" experiment type (its UI's enum)
+UI_WORKFLOW = "machine_learning"  # the MLflow 3 UI's "Model training" workspace (query parameter workflowType)
 
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 
@@ -288,7 +290,9 @@ class Tracker:
         if not create:
             return None
         location = artifact_root() if _is_local_store(self.uri) else None
-        return self._client.create_experiment(name, artifact_location=location)
+        # Model training from the start, so the MLflow UI never opens a sweep's experiment as a GenAI one.
+        return self._client.create_experiment(name, artifact_location=location,
+                                              tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
 
     def finished_trials(self, experiment_id: str) -> dict[str, TrialRun]:
         """trial key -> its FINISHED run, across every sweep of the experiment (the cache)."""
@@ -359,16 +363,21 @@ class Tracker:
         """Upload every file of a local folder under `artifact_path` (existing files are replaced)."""
         self._client.log_artifacts(run_id, str(folder), artifact_path)
 
-    def set_run_table_view(self, experiment_id: str, name: str, params: list[str], metrics: list[str]) -> None:
-        """Make the MLflow UI run table show these params and metrics as columns: a saved view that the
-        UI lists under "Views" and opens from `runs_page_url`. Marks the experiment as model training
-        so the UI does not open it as a GenAI experiment."""
-        columns = [f"params.`{key}`" for key in params] + [f"metrics.`{key}`" for key in metrics]
-        state = {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}
+    def set_run_table_view(self, experiment_id: str, name: str, params: list[str], metrics: list[str],
+                           more_params: list[str] = ()) -> None:
+        """Make the MLflow UI run table show the trials (not the collapsed sweep rows) with these params,
+        then these metrics, then `more_params` as the first columns: a saved view that the UI lists under
+        "Views" and opens from `runs_page_url`. Marks the experiment as model training (MLflow 3's
+        `mlflow.experimentKind`) so the UI does not open it as a GenAI experiment."""
+        columns = ([f"params.`{key}`" for key in params] + [f"metrics.`{key}`" for key in metrics]
+                   + [f"params.`{key}`" for key in more_params])
+        # Ordered by run name (not by start time, which nests the trials under collapsed sweep rows).
+        state = {"selectedColumns": columns, "columnOrder": columns, "orderByKey": "tags.`mlflow.runName`",
+                 "orderByAsc": True, "searchFilter": f"tags.`{TAG_ROLE}` = 'trial'"}
         now = _now_ms()
         envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
         self._client.set_experiment_tag(experiment_id, TAG_VIEW, json.dumps(envelope))
-        self._client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, "custom_model_development")
+        self._client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
 
     def experiments_with_view(self) -> list[tuple[str, str]]:
         """(experiment id, name) of the experiments that have the ditsweep run-table view."""
@@ -486,7 +495,10 @@ def artifact_root() -> str:
 
 def runs_page_url(base_url: str, experiment_id: str) -> str:
     """The experiment's run table in the MLflow UI, opened on the ditsweep view."""
-    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+    # workflowType: MLflow 3's UI opens in its GenAI workspace unless the link (or the browser's last
+    # choice) says model training; the query parameter wins over the browser's memory.
+    return (f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+            f"&workflowType={UI_WORKFLOW}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.compare import paired_difference
+from orchestrator.compare import NO_SPREAD, Observation, holm, paired_difference, paired_table
 from orchestrator.spec import SpecError, parse_spec
 from tests.support.sweeps import sqlite_uri
 
@@ -68,18 +68,40 @@ def grid_trials(seed: int) -> list[tuple[dict, dict, str]]:
     return trials
 
 
-def expected(trials, baseline: str, config: tuple, metric: str):
-    """(n, mean, lo, hi) by scipy.stats.ttest_rel on the finished matched pairs."""
+def matched_pairs(trials, baseline: str, config: tuple, metric: str) -> np.ndarray:
+    """(2, n): the configuration's and the baseline's values on the finished matched pairs."""
     done = {(a["attention.placement"], a["data.num_images"], a["data.shuffle_seed"]): m
             for a, m, status in trials if status == "FINISHED"}
     placement, n = config
     pairs = [(done[(placement, n, s)][metric], done[(baseline, n, s)][metric])
              for s in range(4) if (placement, n, s) in done and (baseline, n, s) in done]
-    x, y = np.array(pairs).T
-    if len(pairs) < 2:
-        return len(pairs), float(np.mean(x - y)), None, None
+    return np.array(pairs).T
+
+
+def expected(trials, baseline: str, config: tuple, metric: str):
+    """(n, mean, lo, hi) by scipy.stats.ttest_rel on the finished matched pairs."""
+    x, y = matched_pairs(trials, baseline, config, metric)
+    if len(x) < 2:
+        return len(x), float(np.mean(x - y)), None, None
     interval = stats.ttest_rel(x, y).confidence_interval(0.95)
-    return len(pairs), float(np.mean(x - y)), float(interval.low), float(interval.high)
+    return len(x), float(np.mean(x - y)), float(interval.low), float(interval.high)
+
+
+def expected_p(trials, baseline: str, config: tuple, metric: str) -> float:
+    """scipy.stats.ttest_rel's two-sided p value on the finished matched pairs."""
+    return float(stats.ttest_rel(*matched_pairs(trials, baseline, config, metric)).pvalue)
+
+
+def holm_by_hand(p_values: list[float]) -> list[float]:
+    """Holm (1979) written out independently: for each p, the largest over the hypotheses ranked at or
+    below it of min(1, (m - rank + 1) p), ranks from 1 in ascending order."""
+    m = len(p_values)
+    ranked = sorted(p_values)
+    out = []
+    for p in p_values:
+        rank = ranked.index(p) + 1
+        out.append(max(min(1.0, (m - j + 1) * ranked[j - 1]) for j in range(1, rank + 1)))
+    return out
 
 
 def read_paired(folder) -> dict[tuple, dict[str, str]]:
@@ -99,8 +121,12 @@ def test_paired_table_matches_scipy_on_a_real_store(tmp_path):
     assert result.exit_code == 0, result.output
     paired = read_paired(out)
     assert paired[("none", 4)]["baseline"] == "true" and paired[("none", 4)]["psnr_gap_mean"] == ""
+    configs = [("head", 4), ("head", 64), ("tail", 4), ("tail", 64)]
+    # The primary metric's family: the comparisons with >= 2 pairs, Holm-adjusted together.
+    family = [c for c in configs if expected(trials, "none", c, "psnr_gap")[2] is not None]
+    adjusted = dict(zip(family, holm_by_hand([expected_p(trials, "none", c, "psnr_gap") for c in family])))
     verdicts = {}
-    for config in [("head", 4), ("head", 64), ("tail", 4), ("tail", 64)]:
+    for config in configs:
         for metric in ("psnr_gap", "psnr_train", "psnr_test", "mem_copy_fraction"):
             n, mean, lo, hi = expected(trials, "none", config, metric)
             row = paired[config]
@@ -112,7 +138,14 @@ def test_paired_table_matches_scipy_on_a_real_store(tmp_path):
             else:
                 assert float(row[f"{metric}_lo"]) == pytest.approx(lo, rel=1e-6)
                 assert float(row[f"{metric}_hi"]) == pytest.approx(hi, rel=1e-6)
-                want = "lower" if hi < 0 else "higher" if lo > 0 else "no clear difference"
+                assert float(row[f"{metric}_p"]) == pytest.approx(expected_p(trials, "none", config, metric), rel=1e-6)
+                if metric == "psnr_gap":  # primary: decided by the Holm-adjusted p value
+                    assert float(row[f"{metric}_p_holm"]) == pytest.approx(adjusted[config], rel=1e-6)
+                    decided = adjusted[config] < 0.05
+                    want = "no clear difference" if not decided else "lower" if mean < 0 else "higher"
+                else:  # secondary: 95% per comparison, unadjusted
+                    assert row[f"{metric}_p_holm"] == ""
+                    want = "lower" if hi < 0 else "higher" if lo > 0 else "no clear difference"
                 assert row[f"{metric}_verdict"] == want
             verdicts[(config, metric)] = row[f"{metric}_verdict"]
     # The constructed effect: head lowers the gap at N4 (a clear shift), tail at N64 has one pair.
@@ -143,19 +176,23 @@ def test_paired_table_matches_scipy_on_a_real_store(tmp_path):
     assert parent["delta.psnr_gap.head.N4.lo"] == pytest.approx(lo, rel=1e-6)
     assert parent["delta.psnr_gap.head.N4.hi"] == pytest.approx(hi, rel=1e-6)
     assert parent["delta.psnr_gap.head.N4.n"] == n
+    assert parent["delta.psnr_gap.head.N4.p_holm"] == pytest.approx(adjusted[("head", 4)], rel=1e-6)
     assert "delta.psnr_gap.tail.N64.lo" not in parent and parent["delta.psnr_gap.tail.N64.n"] == 1
     attached = {a.path for a in client.list_artifacts(parent_id, "report")}
-    assert {"report/paired.csv", "report/paired.md"} <= attached
+    assert {"report/paired.csv", "report/paired.md", "report/forest_psnr_gap.png"} <= attached
 
-    # For people: the Student-t note, the baseline's dashes, dB to 3 decimals.
+    # For people: the Student-t note, Holm named, the secondary metrics labelled, dB to 3 decimals.
     page = (out / "report.html").read_text()
-    assert "Student" in page and "scipy.stats.t" in page
+    assert "Student" in page and "scipy.stats.t" in page and "Holm-adjusted" in page
+    assert "Secondary metrics (95% per comparison, unadjusted)" in page
+    assert 'alt="Paired difference in PSNR gap' in page  # the forest plot, embedded
     markdown = (out / "report.md").read_text()
-    baseline_line = next(line for line in markdown.splitlines() if line.startswith("| none | 4 |") and "—" in line)
-    assert "+0" not in baseline_line
-    # The paired table's row (the configuration table's row has an interval too, but no verdict).
-    head_line = next(line for line in markdown.splitlines() if line.startswith("| head | 4 |") and "lower" in line)
-    assert f"{mean:+.3f}" in head_line and f"[{lo:+.3f}, {hi:+.3f}]" in head_line
+    # The compact primary table: configuration, N, n, Δ [interval], verdict; the baseline has no row.
+    assert "| configuration | N | n | Δpsnr_gap dB [95% interval] | verdict (Holm-adjusted) |" in markdown
+    head_line = next(line for line in markdown.splitlines() if line.startswith("| head | 4 | 4 |"))
+    assert f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" in head_line and "| lower (p_Holm = " in head_line
+    assert not any(line.startswith("| none | 4 | ") and "Holm" in line for line in markdown.splitlines())
+    assert (out / "forest_psnr_gap.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_the_baseline_and_pairing_come_from_the_spec(tmp_path):
@@ -215,8 +252,13 @@ def test_the_report_shows_one_sample_grid_per_configuration(tmp_path):
     result = CliRunner().invoke(app, ["report", "s1", "--out", str(out), "--tracking-uri", uri])
     assert result.exit_code == 0, result.output
     page = (out / "report.html").read_text()
+    # One size, a configuration x N layout: a row per configuration, a column per N, each grid labelled.
+    layout = page.split('<table class="grids">', 1)[1].split("</table>", 1)[0]
+    assert "<th>N = 4</th><th>N = 64</th>" in layout
+    assert [row.split("</th>", 1)[0] for row in layout.split("<tr><th>")[2:]] == ["none", "head"]
+    assert layout.count("<figcaption>") == 4 and "img.grid { image-rendering: pixelated; width: 160px; }" in page
     shown = {}
-    for chunk in page.split('<img class="grid" alt="')[1:]:
+    for chunk in page.replace('<img class="pairs" alt="', '<img class="grid" alt="').split('<img class="grid" alt="')[1:]:
         alt, rest = chunk.split('"', 1)
         payload = rest.split('src="data:image/png;base64,', 1)[1].split('"', 1)[0]
         pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(payload))).convert("L"))
@@ -229,3 +271,98 @@ def test_the_report_shows_one_sample_grid_per_configuration(tmp_path):
         "head·N4 nearest_train.png": shade[("head", "4", "0", "nearest_train.png")],
         "head·N64 samples.png": shade[("head", "64", "0", "samples.png")],
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Degenerate differences, Holm, and baselines that match no trial
+
+
+def test_a_zero_width_interval_gives_no_verdict():
+    """Every difference equal (s = 0, as mem_copy_fraction's 1/64 steps often are): the interval has zero
+    width, so no verdict and no p value, however far from 0 the mean is."""
+    got = paired_difference([1 / 64, 1 / 64, 1 / 64])
+    assert (got.low, got.high, got.p_value) == (1 / 64, 1 / 64, None)
+    assert got.verdict == NO_SPREAD
+
+
+def test_a_nan_pair_is_dropped_and_counted():
+    got = paired_difference([0.5, float("nan"), 0.7, 0.2])
+    want = paired_difference([0.5, 0.7, 0.2])
+    assert (got.n, got.dropped, got.mean, got.low) == (3, 1, want.mean, want.low)
+    lost = paired_difference([float("nan"), float("inf")])
+    assert (lost.n, lost.dropped, lost.verdict) == (0, 2, "needs >= 2 matched pairs")
+    rows = paired_table([Observation({"p": "none", "s": 0}, {"psnr_gap": 1.0}),
+                         Observation({"p": "head", "s": 0}, {"psnr_gap": float("nan")})],
+                        ["p", "s"], {"p": "none"}, ["s"], ["psnr_gap"])
+    assert rows[1].differences["psnr_gap"].dropped == 1 and rows[1].differences["psnr_gap"].n == 0
+    from orchestrator import paired
+
+    assert paired.primary_table(rows, ["4", "4"])[1:] == [
+        ["p=head", "4", "0", "", "needs >= 2 matched pairs; 1 non-finite pair(s) dropped"]]
+    assert paired.delta_metrics(rows) == {"delta.psnr_gap.p-head.n": 0.0, "delta.psnr_gap.p-head.dropped": 1.0}
+
+
+def test_a_report_with_a_nan_metric_drops_that_pair_and_says_so(tmp_path):
+    trials = grid_trials(2)
+    axes, metrics, status = trials[0]  # none, N4, shuffle 0: the baseline of head's and tail's shuffle 0
+    assert (axes["attention.placement"], axes["data.num_images"], axes["data.shuffle_seed"]) == ("none", 4, 0)
+    trials[0] = (axes, {**metrics, "psnr_gap": float("nan")}, status)
+    uri, _, _ = write_sweep(tmp_path, SPEC, trials)
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", "s1", "--out", str(out), "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    head = read_paired(out)[("head", 4)]
+    assert (head["psnr_gap_n"], head["psnr_gap_dropped"], head["psnr_train_dropped"]) == ("3", "1", "0")
+    finite = [m["psnr_gap"] for a, m, s in trials if (a["attention.placement"], a["data.num_images"]) == ("none", 4)][1:]
+    table = {(r["attention.placement"], r["data.num_images"]): r for r in csv.DictReader(io.StringIO((out / "report.csv").read_text()))}
+    assert float(table[("none", "4")]["psnr_gap_mean"]) == pytest.approx(np.mean(finite), rel=1e-9)
+    markdown = (out / "report.md").read_text()
+    assert "psnr_gap is nan, left out of the statistics" in markdown
+    assert "1 non-finite pair(s) dropped" in next(line for line in markdown.splitlines() if line.startswith("| head | 4 | 3 |"))
+    assert "nan" not in (out / "paired.md").read_text()
+
+
+def test_holm_matches_the_method_written_out():
+    rng = np.random.default_rng(5)
+    for m in (1, 2, 5, 12):
+        p = list(rng.uniform(0, 0.1, m))
+        assert holm(p) == pytest.approx(holm_by_hand(p), rel=1e-12)
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])  # 3·0.01, max(2·0.03, ·), 1·0.04 -> 0.06
+
+
+def test_pairs_use_only_seeds_both_sides_have_and_no_baseline_gives_no_table():
+    trials = [Observation({"p": "head", "s": 0}, {"g": 1.0}), Observation({"p": "head", "s": 1}, {"g": 2.0}),
+              Observation({"p": "none", "s": 0}, {"g": 4.0})]
+    head = paired_table(trials, ["p", "s"], {"p": "none"}, ["s"], ["g"])[0]
+    assert (head.differences["g"].n, head.differences["g"].mean) == (1, -3.0)
+    assert paired_table(trials[:2], ["p", "s"], {"p": "none"}, ["s"], ["g"]) == []
+    assert paired_table(trials, ["p", "s"], {}, ["s"], ["g"]) == []  # compare: {baseline: {}}
+
+
+@pytest.mark.parametrize("command", ["plan", "launch"])
+def test_a_default_baseline_that_matches_no_trial_is_refused(tmp_path, monkeypatch, command):
+    from tests.support.sweeps import invoke, write_spec
+
+    spec = write_spec(tmp_path, grid={"attention.windows": [[3], [5]], "data.shuffle_seed": [0, 1]})
+    result, created = invoke(tmp_path, monkeypatch, command, str(spec))
+    assert result.exit_code == 2, result.output
+    assert "default compare baseline (attention.placement = 'none') matches no trial" in result.output
+    assert created == set()  # nothing written
+    fixed = write_spec(tmp_path, grid={"attention.windows": [[3], [5]], "data.shuffle_seed": [0, 1]},
+                       compare={"baseline": {"attention.windows": [5]}})
+    result, _ = invoke(tmp_path, monkeypatch, "plan", str(fixed))
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("name", ["window_size.yaml", "paper/window_size_xs.yaml"])
+def test_window_size_specs_compare_against_the_window_that_covers_the_grid(name):
+    from pathlib import Path
+
+    from orchestrator.spec import expand, load_spec
+
+    spec = load_spec(Path(__file__).parents[1] / "search_spaces" / name)
+    trials = expand(spec)
+    baselines = [t for t in trials if t.axes["attention.windows"] == spec.compare.baseline["attention.windows"]]
+    assert baselines and len(baselines) < len(trials)
+    side = spec.base["data"]["image_size"]
+    assert all(w >= 2 * side - 1 for w in spec.compare.baseline["attention.windows"])  # global on this grid

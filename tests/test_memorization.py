@@ -41,6 +41,7 @@ def test_exact_copies_of_training_images_are_memorized(digits):
         "mem_copy_fraction": 1.0,
         "mem_nn_train": 0.0,
         "mem_nn_test": pytest.approx(result.nn_test.mean(), rel=1e-12),
+        "mem_closer_to_train": 1.0,
     }
 
 
@@ -73,12 +74,69 @@ def test_distances_match_scipy_across_chunks(digits, monkeypatch):
     expected_train, expected_test = reference(samples, train), reference(samples, test)
     np.testing.assert_allclose(result.nn_train, expected_train[:, 0], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(result.second_train, expected_train[:, 1], rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(result.nn_test, expected_test[:, 0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(result.nn_test, expected_test[:, 0], rtol=1e-12, atol=1e-12)  # M = 50: all of test
     flat = lambda a: a.reshape(len(a), -1).astype(np.float64)  # noqa: E731
     nearest = cdist(flat(samples), flat(train)).argmin(axis=1)
     assert np.array_equal(result.nn_train_index, nearest)
     copies = expected_train[:, 0] / expected_train[:, 1] < 1 / 3
     assert np.array_equal(result.copies, copies) and copies[:5].all() and not copies[5:].any()
+
+
+# ---------------------------------------------------------------------------------------------
+# Train versus held-out on reference sets of the same size
+
+
+def grey_levels(levels) -> np.ndarray:
+    """Flat grey 8x8 images, one per level: a one-dimensional data set whose geometry is plain."""
+    return np.repeat(np.asarray(levels, dtype=np.uint8)[:, None, None, None], 64, axis=1).reshape(-1, 8, 8, 1)
+
+
+def old_reading(samples: np.ndarray, train: np.ndarray, test: np.ndarray) -> tuple[float, float]:
+    """The unmatched comparison: mean distance to the nearest of all N training and of all held-out images."""
+    return reference(samples, train)[:, 0].mean(), reference(samples, test)[:, 0].mean()
+
+
+def test_samples_near_training_images_read_as_memorized_whatever_the_held_out_size():
+    """16 training grey levels, 1024 held-out ones; every sample is a training level moved by 2. Against all
+    1024 held-out images a sample always finds a nearer one, so the unmatched reading says "closer to
+    held-out"; against 16 held-out images (as many as the training images) most samples are nearer to training."""
+    rng = np.random.default_rng(3)
+    train = grey_levels(rng.integers(10, 246, 16))
+    test = grey_levels(rng.integers(0, 256, 1024))
+    samples = np.clip(train[rng.integers(0, 16, 256)].astype(int) + rng.choice([-2, 2], (256, 1, 1, 1)), 0, 255)
+    samples = samples.astype(np.uint8)
+    nn_train, nn_test_all = old_reading(samples, train, test)
+    assert nn_test_all < nn_train  # the size confound alone flips the old reading
+    result = mem.memorization(samples, train, test)
+    assert result.summary()["mem_nn_test"] > result.summary()["mem_nn_train"]  # the matched reading: nearer training
+    assert result.matched_size == 16 and result.closer_to_train > 0.7
+    np.testing.assert_allclose(result.nn_test, reference(samples, test[:16])[:, 0], rtol=1e-12)
+
+
+def test_samples_from_the_data_read_as_no_preference(digits):
+    """Fresh digits (neither training nor held-out) against 16 training and 1024 held-out digits: the
+    unmatched reading puts them far nearer to held-out images; the matched one finds no preference, and
+    swapping the two reference sets gives 1 minus the score (both sides are treated alike)."""
+    perm = np.random.default_rng(0).permutation(len(digits))
+    train, test, fresh = digits[perm[:16]], digits[perm[500:1524]], digits[perm[1524:1780]]
+    nn_train, nn_test_all = old_reading(fresh, train, test)
+    assert nn_test_all < 0.7 * nn_train
+    result = mem.memorization(fresh, train, test)
+    assert 0.3 < result.closer_to_train < 0.7
+    swapped = mem.memorization(fresh, test[:16], train)
+    assert swapped.closer_to_train == pytest.approx(1.0 - result.closer_to_train, abs=1e-12)
+    # By hand: the share of samples strictly nearer to the training set, ties counting one half.
+    d_train, d_test = reference(fresh, train)[:, 0], reference(fresh, test[:16])[:, 0]
+    assert result.closer_to_train == pytest.approx(np.mean((d_train < d_test) + 0.5 * (d_train == d_test)))
+
+
+def test_more_training_than_held_out_images_matches_the_first_m_of_each(digits):
+    train, test = digits[:300], digits[1000:1100]
+    samples = digits[1500:1532]
+    result = mem.memorization(samples, train, test)
+    assert result.matched_size == 100
+    np.testing.assert_allclose(result.nn_train_matched, reference(samples, train[:100])[:, 0], rtol=1e-12)
+    np.testing.assert_allclose(result.nn_train, reference(samples, train)[:, 0], rtol=1e-12)
 
 
 def test_rgb_images_and_an_image_size_free_scale():
@@ -96,7 +154,7 @@ def test_one_training_image_reports_distances_but_no_copy_fraction(digits):
     assert result.copies is None and result.copy_fraction is None
     assert np.isinf(result.second_train).all()
     summary = result.summary()
-    assert set(summary) == {"mem_nn_train", "mem_nn_test"}
+    assert set(summary) == {"mem_nn_train", "mem_nn_test", "mem_closer_to_train"}
     assert summary["mem_nn_train"] == pytest.approx(reference(digits[[500]], train)[0, 0] / 3, rel=1e-12)
 
 
@@ -137,7 +195,7 @@ def test_a_trainer_evaluation_reports_memorization_and_saves_the_pairs(tmp_path,
     )
     trainer = Trainer(config, torch.device("cpu"), load_subsets(config, torch.device("cpu")))
     metrics = trainer.save_sample_grid(tmp_path)
-    assert set(metrics) == {"mem_copy_fraction", "mem_nn_train", "mem_nn_test"}
+    assert set(metrics) == {"mem_copy_fraction", "mem_nn_train", "mem_nn_test", "mem_closer_to_train"}
     samples = np.load(tmp_path / "samples.npy")
     pair_images = np.load(tmp_path / mem.PAIRS_NPY)
     assert pair_images.shape == (4, 2, 8, 8, 1) and np.array_equal(pair_images[:, 0], samples)

@@ -1,6 +1,7 @@
-"""The README's configuration reference is the trial config's own documentation: the table between
-the `config-reference` markers is rebuilt from each field's default and description, so neither can
-drift from the other. After changing a field, `python tests/test_readme.py` rewrites the table."""
+"""The README's configuration reference is the trial config's own documentation, and its table of
+shipped specs is each spec's own `description`: the tables between the `config-reference` and
+`spec-table` markers are rebuilt from them, so neither can drift from the other. After changing a
+field or a spec, `python tests/test_readme.py` rewrites both tables."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from orchestrator.spec import load_spec
 from trainer.config import TrialConfig, flatten
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 START, END = "<!-- config-reference: start (generated from trainer/config.py) -->", "<!-- config-reference: end -->"
+SPECS_START, SPECS_END = "<!-- spec-table: start (generated from each spec's description) -->", "<!-- spec-table: end -->"
 
 
 def show_default(value) -> str:
@@ -40,9 +44,23 @@ def reference_table() -> str:
     return "\n".join(lines)
 
 
-def readme_table(text: str) -> str:
-    assert START in text and END in text, f"README.md lacks the markers {START!r} and {END!r}"
-    return text.split(START, 1)[1].split(END, 1)[0].strip()
+def spec_table() -> str:
+    """One row per shipped spec under search_spaces/: its path and its description on one line."""
+    lines = ["| spec | what |", "|---|---|"]
+    for path in sorted((ROOT / "search_spaces").glob("**/*.yaml")):
+        description = " ".join(load_spec(path).description.split()).replace("|", "\\|")
+        lines.append(f"| `{path.relative_to(ROOT / 'search_spaces')}` | {description} |")
+    return "\n".join(lines)
+
+
+def readme_table(text: str, start: str = START, end: str = END) -> str:
+    assert start in text and end in text, f"README.md lacks the markers {start!r} and {end!r}"
+    return text.split(start, 1)[1].split(end, 1)[0].strip()
+
+
+def rewrite(text: str, start: str, end: str, table: str) -> str:
+    before, rest = text.split(start, 1)
+    return f"{before}{start}\n{table}\n{end}{rest.split(end, 1)[1]}"
 
 
 def test_every_config_field_is_documented_where_it_is_declared():
@@ -60,6 +78,12 @@ def test_readme_reference_is_the_config_documentation():
     )
 
 
+def test_readme_spec_table_is_each_specs_description():
+    assert readme_table(README.read_text(), SPECS_START, SPECS_END) == spec_table(), (
+        "README.md's table of shipped specs differs from their descriptions; run `python tests/test_readme.py`"
+    )
+
+
 def test_every_config_key_is_documented():
     text = README.read_text()
     missing = [key for key in flatten(TrialConfig()) if f"`{key}`" not in text]
@@ -72,6 +96,6 @@ def test_readme_gives_the_two_setup_commands():
 
 
 if __name__ == "__main__":
-    text = README.read_text()
-    README.write_text(text.replace(readme_table(text), reference_table()))
-    print(f"rewrote the configuration reference in {README}")
+    text = rewrite(README.read_text(), START, END, reference_table())
+    README.write_text(rewrite(text, SPECS_START, SPECS_END, spec_table()))
+    print(f"rewrote the configuration reference and the table of shipped specs in {README}")

@@ -36,24 +36,19 @@ def read_table(folder: Path) -> list[dict[str, str]]:
 
 
 def expected_rows(runs: list, axes: tuple[str, ...], metrics: tuple[str, ...]) -> dict[tuple, dict]:
-    """Configuration (values of the non-seed `axes`, placement first) -> {metric_mean, metric_std,
-    metric_change_vs_global}, from the runs' own params and metrics: mean, sample std, and the mean over
-    seeds of (run - the global-attention run with the same seed and other axes)."""
+    """Configuration (values of the non-seed `axes`, placement first) -> {metric_mean, metric_std}, from the
+    runs' own params and metrics (the paired differences are test_compare's)."""
     by_config: dict[tuple, dict[str, dict]] = {}
     for run in runs:
         key = tuple(run.data.params[a] for a in axes)
         by_config.setdefault(key, {})[run.data.params["seed"]] = run.data.metrics
     expected = {}
     for key, seeds in by_config.items():
-        baseline = by_config.get(("none", *key[1:]), {})
         row: dict[str, float | None] = {}
         for metric in metrics:
             values = np.array([m[metric] for m in seeds.values() if metric in m])
             row[f"{metric}_mean"] = float(values.mean()) if len(values) else None
             row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else None
-            pairs = [m[metric] - baseline[s][metric] for s, m in seeds.items()
-                     if metric in m and s in baseline and metric in baseline[s]]
-            row[f"{metric}_change_vs_global"] = float(np.mean(pairs)) if pairs else None
         expected[key] = row
     return expected
 
@@ -63,7 +58,7 @@ def assert_table_matches(table: list[dict[str, str]], expected: dict, axes: tupl
     assert {tuple(r[a] for a in axes) for r in table} == set(expected)
     for row in table:
         want = expected[tuple(row[a] for a in axes)]
-        for column in (f"{m}_{part}" for m in metrics for part in ("mean", "std", "change_vs_global")):
+        for column in (f"{m}_{part}" for m in metrics for part in ("mean", "std")):
             if want[column] is None:
                 assert row[column] == "", (row, column)
             else:
@@ -158,7 +153,8 @@ def test_report_table_matches_the_runs_in_mlflow(built_store, tmp_path):
     assert [r["schedule"] for r in table] == [GLOBAL, GLOBAL, LOCAL, LOCAL]
 
     files = {p.name for p in out.iterdir()}
-    plots = {"psnr_gap_vs_images.png", "psnr_per_step.png", "fid_vs_window.png", "attention_distance.png"}
+    plots = {"psnr_gap_vs_images.png", "psnr_per_step.png", "fid_vs_window.png", "attention_distance.png",
+             "forest_psnr_gap.png"}
     assert files == {"report.md", "report.csv", "report.html", "paired.csv", "paired.md"} | plots
     assert all((out / name).read_bytes().startswith(PNG) for name in plots)
     page = (out / "report.html").read_text()
@@ -209,20 +205,29 @@ def trial(placement: str, seed: int, gap: float) -> TrialResult:
                        params={"attention.placement": placement}, metrics={"psnr_gap": gap})
 
 
-def test_paired_change_uses_only_seeds_both_sides_have():
-    trials = [trial("head", 0, 1.0), trial("head", 1, 2.0), trial("none", 0, 4.0)]
-    head, none = configuration_rows(trials, ["attention.placement", "seed"])
-    assert head.mean["psnr_gap"] == 1.5 and head.std["psnr_gap"] == pytest.approx(np.std([1.0, 2.0], ddof=1))
-    assert head.delta["psnr_gap"] == -3.0  # seed 1 has no global run to pair with
-    assert none.std["psnr_gap"] is None and none.delta["psnr_gap"] == 0.0
-
-
-def test_no_global_baseline_leaves_the_change_blank():
-    rows = configuration_rows([trial("head", 0, 1.0), trial("tail", 0, 2.0)], ["attention.placement", "seed"])
-    assert [r.delta["psnr_gap"] for r in rows] == [None, None]
+def test_the_table_has_no_second_pairing():
+    """The paired differences come from orchestrator.compare alone (paired.csv); report.csv has none."""
+    rows = configuration_rows([trial("head", 0, 1.0), trial("head", 1, 2.0), trial("none", 0, 4.0)],
+                              ["attention.placement", "seed"])
     table = list(csv.DictReader(io.StringIO(table_csv(rows, ["attention.placement", "seed"], ["psnr_gap"]))))
-    assert [r["psnr_gap_change_vs_global"] for r in table] == ["", ""]
-    assert [r["psnr_gap_std"] for r in table] == ["", ""]
+    assert not any("change" in column for column in table[0])
+    assert rows[0].mean["psnr_gap"] == 1.5 and rows[0].std["psnr_gap"] == pytest.approx(np.std([1.0, 2.0], ddof=1))
+    assert [r["psnr_gap_std"] for r in table] == [repr(float(np.std([1.0, 2.0], ddof=1))), ""]
+
+
+def test_gap_vs_n_points_carry_the_95_percent_interval():
+    from scipy import stats
+
+    from orchestrator.report import gap_vs_size
+
+    trials = [TrialResult(f"head·N{n}·s{s}", {"attention.placement": "head", "data.num_images": n, "seed": s},
+                          "FINISHED", params={"attention.placement": "head"}, metrics={"psnr_gap": gap})
+              for n, s, gap in ((4, 0, 3.0), (4, 1, 4.0), (4, 2, 4.5), (64, 0, 0.2))]
+    xlabel, series = gap_vs_size(configuration_rows(trials, ["attention.placement", "data.num_images", "seed"]))
+    low, high = stats.t.interval(0.95, 2, loc=np.mean([3.0, 4.0, 4.5]), scale=stats.sem([3.0, 4.0, 4.5]))
+    assert xlabel == "training images N"
+    assert series["head"][0] == (4.0, pytest.approx(23 / 6), pytest.approx((high - low) / 2, rel=1e-9))
+    assert series["head"][1] == (64.0, 0.2, None)  # one trial: no interval
 
 
 def test_window_label():
@@ -249,6 +254,15 @@ def test_a_report_failure_only_warns_at_sweep_end(monkeypatch, capsys):
     monkeypatch.setattr(report, "publish", broken)
     launch._refresh_report(tracker=None, sweep_id="s1")
     assert "warning: could not build the report of sweep s1: RuntimeError: disk full" in capsys.readouterr().out
+
+
+def test_a_new_experiment_is_model_training(tmp_path):
+    """MLflow 3's UI opens an experiment without a kind as GenAI; ditsweep's are model training."""
+    from orchestrator.tracking import Tracker
+
+    uri = sqlite_uri(tmp_path)
+    experiment = Tracker(uri).experiment_id("kinds")
+    assert MlflowClient(tracking_uri=uri).get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_ui_command(tmp_path, monkeypatch):
@@ -320,6 +334,26 @@ def test_report_of_a_real_sweep(finished_sweep, tmp_path):
     assert float(paired["head"]["psnr_gap_hi"]) == pytest.approx(high, rel=1e-5, abs=1e-6)
     parent_metrics = client.get_run(finished_sweep["parent_run_id"]).data.metrics
     assert parent_metrics["delta.psnr_gap.head"] == pytest.approx(float(np.mean(differences)), rel=1e-5, abs=1e-6)
+    # One comparison: Holm's family of one leaves its p value (scipy's paired t test) as it is.
+    p_value = stats.ttest_rel([by_seed[("head", s)] for s in "01"], [by_seed[("none", s)] for s in "01"]).pvalue
+    if np.isfinite(p_value):
+        assert float(paired["head"]["psnr_gap_p_holm"]) == pytest.approx(p_value, rel=1e-5)
+        assert parent_metrics["delta.psnr_gap.head.p_holm"] == pytest.approx(p_value, rel=1e-5)
+    # The forest plot and the compact primary table: in the report and on the sweep's parent run.
+    assert (out / "forest_psnr_gap.png").read_bytes().startswith(PNG)
+    markdown = (out / "report.md").read_text()
+    assert "| configuration | N | n | Δpsnr_gap dB [95% interval] | verdict (Holm-adjusted) |" in markdown
+    assert next(line for line in markdown.splitlines() if line.startswith("| head | 16 | 2 |"))
+    attached = {a.path for a in client.list_artifacts(finished_sweep["parent_run_id"], "report")}
+    assert {"report/forest_psnr_gap.png", "report/paired.md", "report/paired.csv"} <= attached
+    parent_paired = client.download_artifacts(finished_sweep["parent_run_id"], "report/paired.md", str(tmp_path))
+    assert "Holm-adjusted" in Path(parent_paired).read_text()
+    # The run table view: the trials, their axes first, then psnr_gap; the experiment is model training.
+    experiment_tags = client.get_experiment(experiment).tags
+    assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"
+    state = json.loads(json.loads(experiment_tags["mlflow.sharedViewState.ditsweep"])["state"])
+    assert state["selectedColumns"][:3] == ["params.`attention.placement`", "params.`seed`", "metrics.`psnr_gap`"]
+    assert state["searchFilter"] == "tags.`ditsweep.role` = 'trial'"
 
 
 def test_reproducibility_of_disjoint_pairs_is_reported(tmp_path):

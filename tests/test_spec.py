@@ -21,7 +21,8 @@ def write_spec(tmp_path: Path, **fields) -> Path:
 
 
 def test_grid_is_the_cartesian_product_in_stable_order(tmp_path):
-    path = write_spec(tmp_path, grid={"attention.placement": ["head", "tail"], "data.num_images": [16, 32], "seed": [0, 1]})
+    path = write_spec(tmp_path, grid={"attention.placement": ["head", "tail"], "data.num_images": [16, 32], "seed": [0, 1]},
+                      compare={"baseline": {"attention.placement": "tail"}})
     trials = expand(load_spec(path))
     assert len(trials) == 8
     assert [t.axes for t in trials[:2]] == [

@@ -427,6 +427,36 @@ def cpu_bf16():
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
+# ---------------------------------------------------------------------------------------------
+# The PSNR gap's fixed held-out set
+
+
+def test_held_out_psnr_is_the_same_fixed_set_for_every_n_and_shuffle():
+    """One trained model, evaluated with training subsets of N = 2, 4, 16 and another shuffle: the held-out
+    side is the same eval.psnr_gap.images held-out images with the same noise, so its PSNR is identical; the
+    train side scores min(N, images) training images, each with its own noise."""
+    trained = Trainer(tiny("data.num_images=2", "train.steps=4"), torch.device("cpu"),
+                      load_subsets(tiny("data.num_images=2"), torch.device("cpu")))
+    for _ in range(4):
+        trained.train_step()
+    trainers = {}
+    for n, shuffle in ((2, 0), (4, 0), (16, 0), (16, 1)):
+        config = tiny(f"data.num_images={n}", f"data.shuffle_seed={shuffle}")
+        trainers[(n, shuffle)] = Trainer(config, torch.device("cpu"), load_subsets(config, torch.device("cpu")))
+        trainers[(n, shuffle)].ema.load_state_dict(trained.ema.state_dict())
+    curves = {key: trainer.evaluate() for key, trainer in trainers.items()}
+    held_out = {key: curve.test for key, curve in curves.items()}
+    assert len({tuple(v) for v in held_out.values()}) == 1, held_out  # bit for bit, not merely close
+    scored = {}
+    for key, trainer in trainers.items():
+        (train, _), (_, test_ids) = trainer.psnr_gap_images()
+        scored[key] = (len(train), test_ids)
+    assert {key: count for key, (count, _) in scored.items()} == {(2, 0): 2, (4, 0): 4, (16, 0): 8, (16, 1): 8}
+    assert len({tuple(ids) for _, ids in scored.values()}) == 1 and len(scored[(2, 0)][1]) == 8
+    # The training subsets differ, so the train side does: the check above could fail.
+    assert curves[(16, 0)].train != curves[(16, 1)].train
+
+
 @pytest.fixture(scope="module")
 def bf16_trained() -> Trainer:
     """A tiny model trained under CPU bf16 autocast (the precision CUDA training uses), EMA = the weights."""
@@ -443,14 +473,9 @@ def plain_curve(trainer: Trainer):
     from trainer.train import to_model_scale
 
     cfg = trainer.config.eval.psnr_gap
-    return psnr_gap_curve(
-        trainer.ema,
-        trainer.schedule,
-        to_model_scale(trainer.subsets.train[: cfg.images]),
-        to_model_scale(trainer.subsets.test[: cfg.images]),
-        cfg.timesteps,
-        cfg.batch_size,
-    )
+    (train, train_ids), (test, test_ids) = trainer.psnr_gap_images()
+    return psnr_gap_curve(trainer.ema, trainer.schedule, to_model_scale(train), to_model_scale(test),
+                          cfg.timesteps, cfg.batch_size, train_ids=train_ids, test_ids=test_ids)
 
 
 @pytest.mark.slow

@@ -186,28 +186,27 @@ def browser(chromium, tmp_path):
     chrome.close()
 
 
-def test_mlflow_ui_lists_the_sweep_and_its_trials(chromium, finished_sweep, mlflow_ui, browser, tmp_path):
+def test_mlflow_ui_opens_on_the_trials_with_their_axes_and_psnr_gap(chromium, finished_sweep, mlflow_ui, browser, tmp_path):
     """`chromium` comes first: without a browser the test skips before any sweep runs."""
     base = f"http://127.0.0.1:{mlflow_ui['port']}"
     assert f"MLflow UI: {base}" in mlflow_ui["lines"]
     runs_page = next(line.split(": ", 1)[1] for line in mlflow_ui["lines"] if line.strip().startswith("realsweep:"))
-    assert runs_page == f"{base}/#/experiments/{finished_sweep['experiment_id']}/runs?viewStateShareKey=ditsweep"
+    assert runs_page == (f"{base}/#/experiments/{finished_sweep['experiment_id']}/runs?viewStateShareKey=ditsweep"
+                         "&workflowType=machine_learning")
     assert urllib.request.urlopen(base + "/health", timeout=10).read().strip() == b"OK"
 
-    # Wide enough that the param columns (after the metric ones; the grid renders only visible columns) show.
-    browser.page("Emulation.setDeviceMetricsOverride", width=2600, height=900, deviceScaleFactor=1, mobile=False)
+    browser.page("Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1, mobile=False)
     browser.page("Page.navigate", url=runs_page)
-    # The sweep's run, with the axis params and key metrics as columns (the view the report sets).
-    body = browser.wait_for_text([finished_sweep["sweep"], "attention.placement", "psnr_gap", f"{1 + len(finished_sweep['trials'])} matching runs"])
-    assert browser.wait_for_run_names([finished_sweep["sweep"]]) == [finished_sweep["sweep"]], body[:3000]
-    # Its trials are nested under it: opening the sweep's row lists them too.
-    clicked = browser.evaluate(
-        "(() => { const b = document.querySelector('button[data-component-id*=\"runnamecellrenderer\"]');"
-        " if (!b) return false; b.click(); return true; })()"
-    )
-    assert clicked, "no expand button on the sweep's row"
-    names = browser.wait_for_run_names([finished_sweep["sweep"], *finished_sweep["trials"]])
-    assert sorted(names) == sorted([finished_sweep["sweep"], *finished_sweep["trials"]])
+    # The saved view (the report sets it): the trials themselves, flat, with their axes and psnr_gap as the
+    # first columns, in the model-training (not GenAI) view.
+    trials = finished_sweep["trials"]
+    body = browser.wait_for_text(["attention.placement", "psnr_gap", f"{len(trials)} matching runs"])
+    names = browser.wait_for_run_names(trials)
+    assert sorted(names) == sorted(trials), body[:3000]
+    assert finished_sweep["sweep"] not in names
+    # The "Model training" workspace, not GenAI: its side navigation has no Traces, Sessions or Judges.
+    navigation = browser.evaluate("Array.from(document.querySelectorAll('nav, aside')).map(e => e.innerText).join('\\n')")
+    assert "Judges" not in navigation and "Sessions" not in navigation, navigation
     shot = browser.screenshot(tmp_path / "mlflow_ui_runs.png")
     print(f"screenshot of the MLflow UI: {shot}")
     assert shot.stat().st_size > 10_000

@@ -131,7 +131,12 @@ class TrainConfig(_Section):
 
 
 class PsnrGapConfig(_Section):
-    images: int = Field(128, ge=1, description="Images per side (train and held-out).")
+    images: int = Field(
+        128,
+        ge=1,
+        description="Held-out images scored: always the first this many of the held-out split, the same set "
+        "for every trial, N and shuffle. The train side scores the first min(N, this) training images.",
+    )
     timesteps: int = Field(10, ge=1, description="Diffusion steps spread over the schedule.")
     batch_size: int = Field(256, ge=1, description="Evaluation batch size.")
     clip: bool = Field(

@@ -1,24 +1,35 @@
-"""Memorization of generated samples: nearest-neighbour distances in pixel space and the copy fraction.
+"""Memorization of generated samples: nearest-neighbour distances in pixel space, the copy fraction and a
+size-matched train-versus-held-out comparison.
 
 For each generated sample x (after the uint8 quantization every saved image goes through) we find, by
-brute force over all images, in float64 pixel space:
+brute force, in float64 pixel space:
 
-- d1(x), d2(x): the L2 distances to the nearest and the second-nearest *training* image;
-- d_test(x): the L2 distance to the nearest *held-out* image.
+- d1(x), d2(x): the L2 distances to the nearest and the second-nearest of the N *training* images;
+- with M = min(N, held-out images), two reference sets of the same size M: the first M training images
+  and the first M held-out images (a fixed set, the same for every trial). d_train_M(x) and d_test_M(x)
+  are the distances to the nearest image of each.
 
 A sample counts as a **copy** of its nearest training image when d1 / d2 < 1/3: it sits much closer to
 one training image than to any other. This ratio test (threshold 1/3) is the one of Yoon et al. 2023,
 "Diffusion Probabilistic Models Generalize when They Fail to Memorize" (ICML SPIGM workshop) and Gu et
-al. 2023, "On Memorization in Diffusion Models"; it follows the nearest-neighbour extraction criterion
-of Carlini et al. 2023, "Extracting Training Data from Diffusion Models" (USENIX Security), which also
-divides the L2 distance to the nearest training image by the distance to its other close neighbours so
-that samples in a dense region of the data (a plain background, a common digit) are not called copies
-just for being near something. Somepalli et al. 2023, "Diffusion Art or Digital Forgery?" (CVPR) ask the
-same question with learned (SSCD) features; at 8x8 to 32x32 pixels we stay in pixel space.
+al. 2023, "On Memorization in Diffusion Models". (Carlini et al. 2023, "Extracting Training Data from
+Diffusion Models", USENIX Security, use a different normalisation: the distance to the nearest training
+image divided by the mean distance to its n nearest.) Somepalli et al. 2023, "Diffusion Art or Digital
+Forgery?" (CVPR) ask the same question with learned (SSCD) features; at 8x8 to 32x32 pixels we stay in
+pixel space.
+
+**Train versus held-out without the size confound.** The nearest of more reference images is nearer:
+against N = 16 training images and 256 held-out ones, a sample that memorized nothing is nearer to some
+held-out image, and the old reading ("as close to held-out as to training images") says nothing. So the
+two sides are compared on reference sets of the same size M: `closer_to_train` is the share of samples
+with d_train_M < d_test_M (a tie counts one half). Both reference sets are drawn from the same
+distribution, so a model that memorized nothing scores about 0.5, whatever N; 1 means every sample is
+nearer to a training image. `mem_nn_test` is the mean of d_test_M. When N > M only the first M training
+images enter this comparison (the copy test and `mem_nn_train` always use all N).
 
 With a single training image there is no second neighbour and the ratio is undefined: the copy test
 is then not made (`copy_fraction` is None and `summary()` leaves `mem_copy_fraction` out), while the
-distances are still reported. A mean d1 far below the mean d_test still says "copies" in that case.
+distances are still reported.
 
 Distances are reported as root-mean-square pixel differences on the [0, 1] scale (L2 / sqrt(pixels x
 channels)), so they read the same for any image size: 0 is an exact copy, 1/255 is one grey level
@@ -52,13 +63,23 @@ class Memorization:
 
     nn_train: (n,) distance to the nearest training image; nn_train_index: (n,) its index.
     second_train: (n,) distance to the second-nearest training image (inf with one training image).
-    nn_test: (n,) distance to the nearest held-out image.
+    nn_test: (n,) distance to the nearest of the first M held-out images, M = min(N, held-out images).
+    nn_train_matched: (n,) distance to the nearest of the first M training images (= nn_train when N <= M).
     """
 
     nn_train: np.ndarray
     nn_train_index: np.ndarray
     second_train: np.ndarray
     nn_test: np.ndarray
+    nn_train_matched: np.ndarray
+    matched_size: int  # M, the size of each of the two matched reference sets
+
+    @property
+    def closer_to_train(self) -> float:
+        """Share of samples nearer to one of M training images than to any of M held-out images (ties: 1/2)."""
+        closer = (self.nn_train_matched < self.nn_test).astype(float)
+        closer[self.nn_train_matched == self.nn_test] = 0.5
+        return float(closer.mean())
 
     @property
     def copies(self) -> np.ndarray | None:
@@ -74,8 +95,10 @@ class Memorization:
         return None if copies is None else float(copies.mean())
 
     def summary(self) -> dict[str, float]:
-        """mem_copy_fraction (absent with one training image), mem_nn_train, mem_nn_test: means over samples."""
-        metrics = {"mem_nn_train": float(self.nn_train.mean()), "mem_nn_test": float(self.nn_test.mean())}
+        """mem_copy_fraction (absent with one training image), mem_nn_train, mem_nn_test (size-matched) and
+        mem_closer_to_train: means over samples."""
+        metrics = {"mem_nn_train": float(self.nn_train.mean()), "mem_nn_test": float(self.nn_test.mean()),
+                   "mem_closer_to_train": self.closer_to_train}
         if self.copy_fraction is not None:
             metrics["mem_copy_fraction"] = self.copy_fraction
         return metrics
@@ -119,20 +142,26 @@ def _two_nearest(samples: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray
 
 def memorization(samples: np.ndarray, train: np.ndarray, test: np.ndarray) -> Memorization:
     """Nearest-neighbour distances of uint8 samples (n, H, W, C) to uint8 training and held-out images
-    of the same shape (any layout, as long as all three share it)."""
+    of the same shape (any layout, as long as all three share it). The held-out reference is the first
+    M = min(len(train), len(test)) held-out images; pass them in a fixed order."""
     if not (samples.shape[1:] == train.shape[1:] == test.shape[1:]):
         raise ValueError(f"samples {samples.shape}, train {train.shape} and test {test.shape} differ in image shape")
     if len(train) == 0 or len(test) == 0:
         raise ValueError("memorization needs at least one training and one held-out image")
     flat = _flat(samples, "samples")
     scale = 255.0 * np.sqrt(flat.shape[1])  # uint8 L2 -> RMS on the [0, 1] scale
-    d1, d2, index = _two_nearest(flat, _flat(train, "train"))
-    d_test, _, _ = _two_nearest(flat, _flat(test, "test"))
+    matched = min(len(train), len(test))
+    train_flat = _flat(train, "train")
+    d1, d2, index = _two_nearest(flat, train_flat)
+    d_train_matched = d1 if matched == len(train) else _two_nearest(flat, train_flat[:matched])[0]
+    d_test, _, _ = _two_nearest(flat, _flat(test[:matched], "test"))
     return Memorization(
         nn_train=np.sqrt(d1) / scale,
         nn_train_index=index,
         second_train=np.sqrt(d2) / scale,
         nn_test=np.sqrt(d_test) / scale,
+        nn_train_matched=np.sqrt(d_train_matched) / scale,
+        matched_size=matched,
     )
 
 

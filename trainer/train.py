@@ -38,7 +38,7 @@ PREVIOUS_CHECKPOINT_FILE = "state.prev.pt"
 # and the PSNR curve record (not metrics: the curve becomes an artifact when the trial ends).
 TRIAL_METRICS = (
     "loss", "images_per_sec", "psnr_gap", "psnr_train", "psnr_test", "fid", "kid", "kid_std", "resumed_from_step",
-    "mem_copy_fraction", "mem_nn_train", "mem_nn_test",  # trainer.memorization, on the sample grid
+    "mem_copy_fraction", "mem_nn_train", "mem_nn_test", "mem_closer_to_train",  # trainer.memorization, sample grid
 )
 TRIAL_METRIC_PREFIXES = ("attn_",)  # per-block attention locality: attn_distance.block_0, attn_local3.block_0, ...
 STEP, PSNR_CURVE = "step", "psnr_curve"
@@ -57,13 +57,17 @@ def reported(values: dict) -> dict:
 class Subsets:
     """The training subset and the held-out set, as uint8 (N, C, H, W) tensors on the device, with
     their int64 (N,) class labels when the model is class-conditional (else None), and the FID
-    reference images (uint8 on the CPU) when FID is enabled."""
+    reference images (uint8 on the CPU) when FID is enabled. `train_ids` and `test_ids` name each image
+    by its index in the data source (the evaluation noise follows them); None means 0..n-1 (tests,
+    benchmarks)."""
 
     train: torch.Tensor
     test: torch.Tensor
     train_labels: torch.Tensor | None = None
     test_labels: torch.Tensor | None = None
     fid_reference: torch.Tensor | None = None
+    train_ids: list[int] | None = None
+    test_ids: list[int] | None = None
 
     @property
     def channels(self) -> int:
@@ -150,6 +154,8 @@ def load_subsets(config: TrialConfig, device: torch.device) -> Subsets:
         train_labels=None if labels is None else labels[train_idx].to(device),
         test_labels=None if labels is None else labels[test_idx].to(device),
         fid_reference=None if reference_idx is None else images[reference_idx],
+        train_ids=[int(i) for i in train_idx],
+        test_ids=[int(i) for i in test_idx],
     )
 
 
@@ -370,20 +376,35 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> PsnrCurve:
-        """PSNR gap of the EMA model, in fp32. A class-conditional model is evaluated unconditionally (the null
+        """PSNR gap of the EMA model, in fp32. The held-out side is always the first `eval.psnr_gap.images`
+        held-out images (one fixed set per data source, image size and data.test_images: the same for every
+        trial, N and shuffle); the train side is the first min(N, eval.psnr_gap.images) training images.
+        Each image is noised by its own identity (`trainer.metrics.image_noise`), so an image scores the same
+        noise in every trial that scores it. A class-conditional model is evaluated unconditionally (the null
         class, as psnr_gap_curve calls model(x_t, t, None)), so its gap compares with unconditional trials."""
         cfg = self.config.eval.psnr_gap
-        count = min(cfg.images, self.subsets.train.shape[0], self.subsets.test.shape[0])
+        train, test = self.psnr_gap_images()
         with self.fp32():
             return psnr_gap_curve(
                 self.ema,
                 self.schedule,
-                to_model_scale(self.subsets.train[:count]),
-                to_model_scale(self.subsets.test[:count]),
+                to_model_scale(train[0]),
+                to_model_scale(test[0]),
                 cfg.timesteps,
                 cfg.batch_size,
                 cfg.clip,
+                train_ids=train[1],
+                test_ids=test[1],
             )
+
+    def psnr_gap_images(self) -> tuple[tuple[torch.Tensor, list[int]], tuple[torch.Tensor, list[int]]]:
+        """((train images, their ids), (held-out images, their ids)) that the PSNR gap scores."""
+        images = self.config.eval.psnr_gap.images
+        sides = []
+        for side, ids in ((self.subsets.train, self.subsets.train_ids), (self.subsets.test, self.subsets.test_ids)):
+            count = min(images, side.shape[0])
+            sides.append((side[:count], list(range(count)) if ids is None else ids[:count]))
+        return sides[0], sides[1]
 
     def save_sample_grid(self, directory: Path) -> dict[str, float]:
         """DDIM samples of the EMA model from the fixed grid noise (fp32), as samples.png and samples.npy; returns
