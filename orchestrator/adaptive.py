@@ -243,7 +243,8 @@ def paired_power(n: int, effect: float, sd: float, alpha: float = 1 - CONFIDENCE
     df = n - 1
     critical = stats.t.ppf(1 - alpha / 2, df)
     noncentrality = effect * math.sqrt(n) / sd
-    return float(stats.nct.sf(critical, df, noncentrality) + stats.nct.cdf(-critical, df, noncentrality))
+    # P(T < -c) written as P(-T > c), -T ~ nct(df, -nc): scipy's nct.cdf returns NaN far in the lower tail
+    return float(stats.nct.sf(critical, df, noncentrality) + stats.nct.sf(critical, df, -noncentrality))
 
 
 def pairs_for_power(effect: float, sd: float, power: float = 0.8, alpha: float = 1 - CONFIDENCE,

@@ -25,7 +25,7 @@ from orchestrator.adaptive import (
 )
 from orchestrator.compare import Observation, paired_difference
 from orchestrator.spec import SpecError, parse_spec
-from tests.support.sweeps import TINY
+from tests.support.sweeps import TINY, invoke, write_spec
 
 SPEC = parse_spec(f"""
 name: adaptive
@@ -135,7 +135,7 @@ def test_bad_rules_are_refused(args):
 # Power
 
 
-@pytest.mark.parametrize("effect,sd", [(0.2, 0.3), (0.5, 0.4), (-0.1, 0.25)])
+@pytest.mark.parametrize("effect,sd", [(0.2, 0.3), (0.5, 0.4), (-0.1, 0.25), (0.5, 0.06)])
 def test_pairs_for_power_against_a_monte_carlo_of_the_paired_t_test(effect, sd):
     n = pairs_for_power(effect, sd)
     rng = np.random.default_rng(0)
@@ -157,3 +157,17 @@ def test_pairs_for_power_against_a_monte_carlo_of_the_paired_t_test(effect, sd):
 def test_sd_is_read_back_from_an_interval():
     differences = [0.3, -0.1, 0.25, 0.05, 0.4]
     assert sd_of(paired_difference(differences)) == pytest.approx(np.std(differences, ddof=1), rel=1e-12)
+
+
+def test_plan_power_with_a_given_sd_and_its_bad_input(tmp_path, monkeypatch):
+    spec = write_spec(tmp_path, grid={"attention.placement": ["none", "head"], "data.shuffle_seed": [0, 1, 2]})
+    result, _ = invoke(tmp_path, monkeypatch, "plan", str(spec), "--power", "0.2", "--sd", "0.3")
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("--sd"))
+    # 3 matched pairs per comparison: their power, and the pairs 80% needs (the Monte Carlo test above)
+    assert row.split()[1:] == ["0.3000", "given", str(pairs_for_power(0.2, 0.3)), f"{paired_power(3, 0.2, 0.3):.2f}"]
+    for args, message in [(("--power", "0.2"), "give --sd or --from-sweep"),
+                          (("--power", "0.2", "--sd", "1", "--from-sweep", "x"), "one of them"),
+                          (("--sd", "1"), "go with --power")]:
+        bad, written = invoke(tmp_path, monkeypatch, "plan", str(spec), *args)
+        assert bad.exit_code == 2 and message in bad.output and written == set(), bad.output

@@ -5,6 +5,8 @@ interval, so the test holds whatever the tiny trials measure."""
 from __future__ import annotations
 
 import json
+import math
+import statistics
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -107,3 +109,22 @@ def test_rounds_go_only_to_open_comparisons_and_stop_for_their_stated_reasons(tm
     second = max(runs_by_role(client, "confident")["sweep"], key=lambda r: r.info.start_time)
     again_state = artifact_json(client, second.info.run_id, "until_confident.json", tmp_path / "again")
     assert {d["axes"]["attention.placement"]: d["reason"] for d in again_state["decisions"]} == reasons
+
+    # plan --power reads each comparison's sd from this sweep; the pairs it prints are the smallest n whose
+    # noncentral-t power (written out here) reaches 80%.
+    sweep_id = parent.data.tags["ditsweep.sweep_id"]
+    effect = statistics.stdev(differences("head", 99))  # an effect of one sd: a handful of pairs
+    planned, written = invoke(tmp_path, monkeypatch, "plan", str(spec), "--power", str(effect), "--from-sweep", sweep_id)
+    assert planned.exit_code == 0, planned.output
+    for placement in ("head", "tail"):
+        diffs = differences(placement, 99)
+        sd = statistics.stdev(diffs)
+        n = 2
+        while True:
+            critical = stats.t.ppf(0.975, n - 1)
+            shift = effect * math.sqrt(n) / sd
+            if stats.nct.sf(critical, n - 1, shift) + stats.nct.sf(critical, n - 1, -shift) >= 0.8:
+                break
+            n += 1
+        row = next(line for line in planned.output.splitlines() if line.startswith(placement + " "))
+        assert row.split()[1:4] == [f"{sd:.4f}", f"n={len(diffs)}", str(n)], row

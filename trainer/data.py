@@ -156,6 +156,15 @@ def builtin_names() -> list[str]:
     return [*_BUILTINS, *_PATCH_BUILTINS]
 
 
+def builtin_shape(name: str) -> tuple[int, int]:
+    """(images, channels) of a builtin; for the natural patches the count at their smallest size (the
+    most patches), an upper bound for any data.image_size."""
+    if name in _PATCH_BUILTINS:
+        return len(natural_patch_boxes(min(NATURAL_SIZES))), 1 if _PATCH_BUILTINS[name] else 3
+    images = _BUILTINS[name]()  # builtins are small at their native size
+    return len(images), images.shape[-1]
+
+
 @functools.lru_cache(maxsize=1)
 def _digits_table() -> np.ndarray:
     """scikit-learn's digits as its bundled table (1,797 rows: 64 pixel levels 0..16, then the label).
