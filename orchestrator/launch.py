@@ -99,6 +99,7 @@ def launch(
     if until_confident is None:
         return _run(plan, sink, sweep_id, storage, address, restore=False, pending_timeout_s=pending_timeout_s)
     rounds = Rounds(tracker, parent, plan, until_confident, storage, address, pending_timeout_s)
+    rounds.save([])  # from the start, so that `resume` after a driver died in the grid continues the rounds
     code = _run(plan, sink, sweep_id, storage, address, restore=False, pending_timeout_s=pending_timeout_s,
                 report=False) if plan.to_run else EXIT_OK
     return rounds.run(code, stopped=_stopped(sink))
@@ -266,10 +267,7 @@ class Rounds:
         self.history.append({"shuffle": shuffle, "tune": tune_name, "trials": len(to_run)})
         manifest = manifest + [{"key": t.key, "name": t.name, "axes": t.axes, "schedule": t.config.schedule,
                                 "cached_run": cached[t.key].run_id if t.key in cached else None} for t in trials]
-        self.tracker.log_texts(self.parent.run_id, {
-            "trials.json": json.dumps(manifest, indent=2),
-            adaptive.STATE_FILE: adaptive.state_json(self.rule, self.added, self.history, decisions),
-        })
+        self.save(decisions, {"trials.json": json.dumps(manifest, indent=2)})
         open_count = sum(d.reason == adaptive.OPEN for d in decisions)
         print(f"until confident: data.shuffle_seed {shuffle} for {open_count} open comparison(s): "
               f"{len(to_run)} trial(s) to run, {len(trials) - len(to_run)} cached", flush=True)
@@ -281,13 +279,14 @@ class Rounds:
                     pending_timeout_s=self.pending_timeout_s, tune_name=tune_name, report=False)
         return code, _stopped(sink)
 
+    def save(self, decisions: list[adaptive.Decision], texts: dict[str, str] | None = None) -> None:
+        state = adaptive.state_json(self.rule, self.added, self.history, decisions)
+        self.tracker.log_texts(self.parent.run_id, {**(texts or {}), adaptive.STATE_FILE: state})
+
     def _log(self, decisions: list[adaptive.Decision]) -> None:
         table = adaptive.decision_table(decisions, self.rule)
         print(f"until confident ({adaptive.PRIMARY}, 95% per comparison):\n{table}", flush=True)
-        self.tracker.log_texts(self.parent.run_id, {
-            adaptive.SUMMARY_FILE: f"# Until confident: why each comparison stopped\n\n```\n{table}\n```\n",
-            adaptive.STATE_FILE: adaptive.state_json(self.rule, self.added, self.history, decisions),
-        })
+        self.save(decisions, {adaptive.SUMMARY_FILE: f"# Until confident: why each comparison stopped\n\n```\n{table}\n```\n"})
 
 
 def _alive_node_count(address: str) -> int:
