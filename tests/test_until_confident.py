@@ -110,6 +110,15 @@ def test_rounds_go_only_to_open_comparisons_and_stop_for_their_stated_reasons(tm
     again_state = artifact_json(client, second.info.run_id, "until_confident.json", tmp_path / "again")
     assert {d["axes"]["attention.placement"]: d["reason"] for d in again_state["decisions"]} == reasons
 
+    # resume of the finished sweep reads its stopping rule and rounds back, finds nothing open that fits
+    # the budget, and runs nothing.
+    resumed, _ = invoke(tmp_path, monkeypatch, "resume", parent.data.tags["ditsweep.sweep_id"])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"{len(gap)} finished, 0 to continue" in resumed.output and "stopped:" in resumed.output
+    assert len(runs_by_role(client, "confident")["trial"]) == len(gap)
+    resumed_state = artifact_json(client, parent.info.run_id, "until_confident.json", tmp_path / "resumed")
+    assert {d["axes"]["attention.placement"]: d["reason"] for d in resumed_state["decisions"]} == reasons
+
     # plan --power reads each comparison's sd from this sweep; the pairs it prints are the smallest n whose
     # noncentral-t power (written out here) reaches 80%.
     sweep_id = parent.data.tags["ditsweep.sweep_id"]

@@ -79,9 +79,10 @@ class AttentionConfig(_Section):
 class DataConfig(_Section):
     source: str = Field(
         "digits",
-        description="builtin name (`digits`: 8x8 handwritten digits; `natural`, `natural-gray`: 16x16 or 32x32 "
-        "patches of two photographs, RGB or grayscale, held-out patches from their own region: 1508 training + "
-        "520 held-out at 16, 364 + 130 at 32; none downloaded), an image folder, a `.npy`/`.npz` uint8 array "
+        description="builtin name (`digits`: 8x8 handwritten digits; `natural`, `natural-gray`: non-overlapping "
+        "16x16 or 32x32 patches of two photographs, RGB or grayscale, the held-out ones from a region of their own "
+        "that no training patch touches: 1508 training + 520 held-out at 16 (N up to 1024), 364 + 130 at 32 (N up "
+        "to 256); none downloaded), an image folder, a `.npy`/`.npz` uint8 array "
         "(N, H, W, C), a folder made by `prepare-data`; local path or `s3://` URI (cached locally)",
     )
     image_size: int = Field(8, ge=2, description="images are center-cropped and resized to this square size")
