@@ -171,3 +171,17 @@ def test_plan_power_with_a_given_sd_and_its_bad_input(tmp_path, monkeypatch):
                           (("--sd", "1"), "go with --power")]:
         bad, written = invoke(tmp_path, monkeypatch, "plan", str(spec), *args)
         assert bad.exit_code == 2 and message in bad.output and written == set(), bad.output
+
+
+def test_until_confident_needs_a_shuffle_axis_it_pairs_on(tmp_path, monkeypatch):
+    cases = [
+        ({"attention.placement": ["none", "head"]}, {}, "grid has no data.shuffle_seed axis"),
+        ({"attention.placement": ["none", "head"], "data.shuffle_seed": [0, 1]},
+         {"compare": {"pair_on": ["seed"]}}, "does not pair on it"),
+    ]
+    for grid, extra, message in cases:
+        spec = write_spec(tmp_path, grid=grid, **extra)
+        result, written = invoke(tmp_path, monkeypatch, "launch", str(spec), "--until-confident")
+        assert result.exit_code == 2 and message in result.output and written == set(), result.output
+    bad, written = invoke(tmp_path, monkeypatch, "launch", str(spec), "--until-confident", "--max-shuffles", "1")
+    assert bad.exit_code == 2 and "--max-shuffles must be at least 2" in bad.output and written == set()

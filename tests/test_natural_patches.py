@@ -97,3 +97,24 @@ def test_sizes_and_held_out_counts_that_do_not_fit_are_refused():
         split_subsets(494, 256, 8, None, 0, region=region)
     with pytest.raises(DataError, match="data.num_images=512 but only 364 images remain"):
         split_subsets(494, 128, 512, None, 0, region=region)
+
+
+def test_a_trial_trains_on_training_region_patches_and_scores_held_out_region_ones():
+    import torch
+
+    from tests.support.sweeps import tiny_config
+    from trainer.config import build_config
+    from trainer.train import load_subsets
+
+    config = build_config(tiny_config({"data.source": "natural-gray", "data.image_size": 16,
+                                       "data.num_images": 8, "data.test_images": 64}))
+    subsets = load_subsets(config, torch.device("cpu"))
+    images = torch.from_numpy(load_images("natural-gray", 16)).permute(0, 3, 1, 2)
+    boxes = natural_patch_boxes(16)
+
+    def origin(image: torch.Tensor) -> set[bool]:
+        return {boxes[i].held_out for i in torch.nonzero((images == image).flatten(1).all(1)).flatten().tolist()}
+
+    assert subsets.train.shape == (8, 1, 16, 16) and subsets.test.shape == (64, 1, 16, 16)
+    assert all(origin(image) == {False} for image in subsets.train)
+    assert all(origin(image) == {True} for image in subsets.test)
