@@ -4,19 +4,21 @@ comparison needs (`plan --power`).
 Until confident. After a sweep's grid, every comparison of its paired table (a configuration against
 the baseline at the same other axis values, orchestrator.compare) is looked at on the primary metric,
 `psnr_gap`. It stops, and says why, when
-- its 95% interval excludes 0 ("decided"),
+- its 95% interval excludes 0 ("decided"; per comparison, as the rule is stated: the report's verdicts,
+  Holm-adjusted over all comparisons, can be stricter),
 - the interval's half-width is at most the target ("target width reached": the effect, if any, is
   smaller than that),
 - it has `max_shuffles` training subsets (`data.shuffle_seed` values) already ("max shuffles"),
 - the next round would run more trials than the budget left ("budget").
-Otherwise the next `data.shuffle_seed` value (one above the sweep's largest) is added to it: its
-trial and its baseline's (at every value of the other pairing axes, e.g. `seed`), and only those run,
-round after round. A baseline shared by several open comparisons runs once.
+Otherwise it is open, and the next `data.shuffle_seed` value (one above the sweep's largest) is added
+to it: its trial and its baseline's (at every value of the other pairing axes, e.g. `seed`), and only
+those run, round after round. A baseline shared by several open comparisons runs once. An interval of
+zero width (every difference equal) decides nothing and reaches no target: it stays open.
 
 Stopping as soon as an interval excludes 0 is optional stopping: the chance that some round's interval
 excludes 0 when there is no effect is above the nominal 5% (Armitage, McPherson & Rowe 1969), so a
-"decided" reached after several rounds is weaker evidence than one from a fixed design. The report
-says how many rounds each comparison took.
+"decided" reached after several rounds is weaker evidence than one from a fixed design. The table of
+decisions says how many shuffles each comparison took.
 
 Power. For a paired t test at two-sided level alpha, n pairs whose differences have standard deviation
 sd detect a true mean difference `effect` with probability
@@ -37,7 +39,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.compare import CONFIDENCE, HIGHER, LOWER, Observation, PairedDifference, paired_table
+from orchestrator.compare import CONFIDENCE, Observation, PairedDifference, paired_table
 from orchestrator.display import format_table
 from orchestrator.spec import Compare, SpecError, SweepSpec, Trial, axis_label, expand, parse_spec
 
@@ -116,9 +118,9 @@ def decide(observations: list[Observation], spec: SweepSpec, shuffles_of: dict[s
         difference = row.differences.get(PRIMARY)
         width = halfwidth(difference)
         shuffles = shuffles_of.get(_label(row.axes), 0)
-        if difference is not None and difference.verdict in (LOWER, HIGHER):
+        if width and (difference.high < 0 or difference.low > 0):
             reason = DECIDED
-        elif width is not None and width <= rule.target_halfwidth:
+        elif width and width <= rule.target_halfwidth:
             reason = TARGET
         elif shuffles >= rule.max_shuffles:
             reason = MAX_SHUFFLES

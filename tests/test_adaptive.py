@@ -119,6 +119,12 @@ def test_the_budget_and_max_shuffles_stop_open_comparisons():
     assert set(reasons(decide(obs, SPEC, counts(obs), capped)).values()) == {DECIDED, TARGET, MAX_SHUFFLES}
 
 
+def test_a_zero_width_interval_decides_nothing_and_stays_open():
+    equal = {**DIFFERENCES, ("head", 4): [-0.5, -0.5, -0.5]}
+    obs = observations(equal)
+    assert reasons(decide(obs, SPEC, counts(obs), StoppingRule(0.1, 8, 100)))[("head", 4)] == OPEN
+
+
 def test_one_shuffle_gives_no_interval_and_stays_open():
     obs = observations(shuffles=(0,))
     decisions = decide(obs, SPEC, counts(obs), StoppingRule(0.1, 8, 100))
