@@ -34,8 +34,11 @@ def interval(differences: list[float]) -> tuple[float, float] | None:
 
 
 def is_open(differences: list[float]) -> bool:
+    """No interval, a zero-width one (scipy: NaN bounds), or one that crosses 0 wider than the target."""
     bounds = interval(differences)
-    return bounds is None or (bounds[0] <= 0 <= bounds[1] and (bounds[1] - bounds[0]) / 2 > TARGET)
+    if bounds is None or not all(math.isfinite(b) for b in bounds):
+        return True
+    return bounds[0] <= 0 <= bounds[1] and (bounds[1] - bounds[0]) / 2 > TARGET
 
 
 def test_rounds_go_only_to_open_comparisons_and_stop_for_their_stated_reasons(tmp_path, monkeypatch):
