@@ -131,25 +131,75 @@ def launch(
     address: AddressOption = None,
     force: Annotated[bool, typer.Option("--force", help="Rerun trials that already FINISHED.")] = False,
     pending_timeout: PendingTimeoutOption = 600.0,
+    until_confident: Annotated[
+        bool,
+        typer.Option("--until-confident", help="After the grid, add the next data.shuffle_seed to each comparison "
+                     "whose psnr_gap interval still crosses 0 and is wider than --target-halfwidth, round after "
+                     "round, in the same sweep (the spec must have a data.shuffle_seed axis)."),
+    ] = False,
+    target_halfwidth: Annotated[
+        float, typer.Option("--target-halfwidth", metavar="DB",
+                            help="With --until-confident: a comparison whose 95% half-width is at most this stops.")
+    ] = 0.1,
+    max_shuffles: Annotated[
+        int, typer.Option("--max-shuffles", help="With --until-confident: training subsets per comparison at most, "
+                                                 "the grid's included.")
+    ] = 8,
+    max_added_trials: Annotated[
+        Optional[int], typer.Option("--max-added-trials", help="With --until-confident: trials run beyond the grid, "
+                                                               "all rounds together (default: as many as the grid).")
+    ] = None,
 ) -> None:
     """Run a sweep on Ray Tune; every trial becomes an MLflow child run of the sweep's run."""
     from orchestrator import launch as workflow
     from orchestrator.plan import show_plan
 
+    rule = _stopping_rule(until_confident, target_halfwidth, max_shuffles, max_added_trials)
     if dry_run:
         show_plan(spec, set_ or [], tracking_uri, force=force)
         return
     raise typer.Exit(workflow.launch(spec, set_ or [], tracking_uri=tracking_uri, storage=storage,
-                                     address=address, force=force, pending_timeout_s=pending_timeout))
+                                     address=address, force=force, pending_timeout_s=pending_timeout,
+                                     until_confident=rule))
+
+
+def _stopping_rule(until_confident: bool, target_halfwidth: float, max_shuffles: int, max_added_trials: int | None):
+    from orchestrator.adaptive import StoppingRule
+
+    if not until_confident:
+        return None
+    return StoppingRule(target_halfwidth, max_shuffles, max_added_trials)
 
 
 @app.command()
 @handles_bad_input
-def plan(spec: SpecArgument, set_: SetOption = None, tracking_uri: TrackingOption = None) -> None:
+def plan(
+    spec: SpecArgument,
+    set_: SetOption = None,
+    tracking_uri: TrackingOption = None,
+    power: Annotated[
+        Optional[float], typer.Option("--power", metavar="EFFECT",
+                                      help="Also print the pairs (shuffles) a paired t test needs for 80% power "
+                                           "at alpha 0.05 against this psnr_gap difference (dB); needs --sd or --from-sweep."),
+    ] = None,
+    sd: Annotated[Optional[float], typer.Option("--sd", help="With --power: the sd of the paired differences.")] = None,
+    from_sweep: Annotated[
+        Optional[str], typer.Option("--from-sweep", metavar="SWEEP_ID",
+                                    help="With --power: read each comparison's sd from this finished sweep."),
+    ] = None,
+) -> None:
     """Print the trials a launch would run (cached or not) and the compute they need. Runs nothing."""
     from orchestrator.plan import show_plan
 
-    show_plan(spec, set_ or [], tracking_uri)
+    if power is not None and (sd is None) == (from_sweep is None):
+        raise BadInput("--power needs the sd of the paired differences: give --sd or --from-sweep SWEEP_ID (one of them)")
+    if power is None and (sd is not None or from_sweep is not None):
+        raise BadInput("--sd and --from-sweep go with --power EFFECT")
+    shown = show_plan(spec, set_ or [], tracking_uri)
+    if power is not None:
+        from orchestrator.adaptive import show_power
+
+        show_power(shown, power, sd=sd, sweep_id=from_sweep, tracking_uri=tracking_uri)
 
 
 @app.command()

@@ -7,16 +7,21 @@ weights, the storage and the tracking store are all checked before a run is crea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from orchestrator import adaptive
+from orchestrator.adaptive import StoppingRule
 from orchestrator.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from orchestrator.plan import (
+    Grid,
     Plan,
     build_plan,
+    check_data,
     check_fid_weights,
     check_storage,
     check_storage_is_shared,
@@ -28,8 +33,9 @@ from orchestrator.plan import (
 )
 from orchestrator.progress import SweepSink
 from orchestrator.resources import Fit, check_trial_fits, this_machine, trial_request
-from orchestrator.spec import SweepSpec
-from orchestrator.tracking import FINISHED, Tracker, new_sweep_id, sweep_tags
+from orchestrator.spec import SweepSpec, Trial, expand
+from orchestrator.tracking import FAILED, FINISHED, KILLED, SweepRun, Tracker, new_sweep_id, sweep_tags
+from trainer.data import DataError
 
 DEFAULT_PENDING_TIMEOUT_S = 600.0  # how long trials may wait for resources with none running
 
@@ -43,8 +49,13 @@ def launch(
     address: str | None = None,
     force: bool = False,
     pending_timeout_s: float | None = DEFAULT_PENDING_TIMEOUT_S,
+    until_confident: StoppingRule | None = None,
 ) -> int:
     grid = read_grid_file(spec_path, overrides)
+    if until_confident is not None:
+        adaptive.check_spec(grid.spec)
+        if until_confident.max_added_trials is None:
+            until_confident = dataclasses.replace(until_confident, max_added_trials=len(grid.trials))
     check_fid_weights(grid.trials)
     check_storage(storage)
     fit = check_resources(grid.spec, address)  # joins the cluster: Ray is reached before MLflow is written
@@ -53,7 +64,7 @@ def launch(
     experiment = tracker.experiment_id(grid.spec.name)
     plan = build_plan(grid, tracker.finished_trials(experiment), force)
     print(plan_table(plan))
-    if not plan.to_run:
+    if not plan.to_run and until_confident is None:
         print(f"nothing to run: all {len(plan.trials)} trials already have FINISHED runs "
               f"in experiment {plan.spec.name!r} (--force reruns them)")
         return EXIT_OK
@@ -85,7 +96,13 @@ def launch(
         print(fit.message, flush=True)
     sink = SweepSink(tracker, parent, plan.to_run, existing={})
     sink.console.waiting = fit.message
-    return _run(plan, sink, sweep_id, storage, address, restore=False, pending_timeout_s=pending_timeout_s)
+    if until_confident is None:
+        return _run(plan, sink, sweep_id, storage, address, restore=False, pending_timeout_s=pending_timeout_s)
+    rounds = Rounds(tracker, parent, plan, until_confident, storage, address, pending_timeout_s)
+    rounds.save([])  # from the start, so that `resume` after a driver died in the grid continues the rounds
+    code = _run(plan, sink, sweep_id, storage, address, restore=False, pending_timeout_s=pending_timeout_s,
+                report=False) if plan.to_run else EXIT_OK
+    return rounds.run(code, stopped=_stopped(sink))
 
 
 def resume(sweep_id: str, *, tracking_uri: str | None = None, address: str | None = None,
@@ -94,7 +111,12 @@ def resume(sweep_id: str, *, tracking_uri: str | None = None, address: str | Non
     tracker = Tracker(tracking_uri, create=False)
     parent = tracker.find_sweep(sweep_id)
     spec_text = tracker.read_text(parent.run_id, "spec.yaml")
-    plan = build_plan(read_grid(spec_text, "the sweep's stored spec", parent.overrides), force=parent.force)
+    grid = read_grid(spec_text, "the sweep's stored spec", parent.overrides)
+    state = Rounds.stored_state(tracker, parent)  # a sweep launched with --until-confident
+    if state is not None:  # its added shuffles are trials of the sweep too
+        spec = adaptive.extended_spec(grid.spec, state[1])
+        grid = Grid(spec, spec_text, grid.overrides, tuple(expand(spec, list(grid.overrides))))
+    plan = build_plan(grid, force=parent.force)
     check_fid_weights(plan.trials)
     check_storage_is_shared(parent.storage, address, _alive_node_count)
     manifest = json.loads(tracker.read_text(parent.run_id, "trials.json"))
@@ -103,16 +125,23 @@ def resume(sweep_id: str, *, tracking_uri: str | None = None, address: str | Non
     remaining = [t for t in plan.trials if t.key in wanted and
                  (t.key not in children or children[t.key].status != FINISHED)]
     print(f"resuming sweep {sweep_id}: {len(wanted) - len(remaining)} finished, {len(remaining)} to continue")
-    if not remaining:
+    rounds = None if state is None else Rounds(tracker, parent, plan, state[0], parent.storage, address,
+                                               pending_timeout_s, added=state[1], history=state[2])
+    if not remaining and rounds is None:
         tracker.end_run(parent.run_id, FINISHED)
         return EXIT_OK
-    fit = check_resources(plan.spec, address)
-    tracker.reopen_run(parent.run_id)
-    sink = SweepSink(tracker, parent, remaining, existing=children)
-    sink.console.waiting = fit.message
-    finished = frozenset(key for key, run in children.items() if run.status == FINISHED)
-    return _run(plan, sink, sweep_id, parent.storage, address, restore=True, finished=finished,
-                pending_timeout_s=pending_timeout_s)
+    code, stopped = EXIT_OK, False
+    if remaining:
+        fit = check_resources(plan.spec, address)
+        tracker.reopen_run(parent.run_id)
+        sink = SweepSink(tracker, parent, remaining, existing=children)
+        sink.console.waiting = fit.message
+        finished = frozenset(key for key, run in children.items() if run.status == FINISHED)
+        code = _run(plan, sink, sweep_id, parent.storage, address, restore=True, finished=finished,
+                    pending_timeout_s=pending_timeout_s, tune_name=rounds.tune_name if rounds else None,
+                    report=rounds is None)
+        stopped = _stopped(sink)
+    return code if rounds is None else rounds.run(code, stopped=stopped)
 
 
 def check_resources(spec: SweepSpec, address: str | None) -> Fit:
@@ -130,7 +159,10 @@ def check_resources(spec: SweepSpec, address: str | None) -> Fit:
 
 
 def _run(plan: Plan, sink: SweepSink, sweep_id: str, storage: str | None, address: str | None,
-         restore: bool, finished: frozenset[str] = frozenset(), pending_timeout_s: float | None = None) -> int:
+         restore: bool, finished: frozenset[str] = frozenset(), pending_timeout_s: float | None = None,
+         tune_name: str | None = None, report: bool = True) -> int:
+    """Run the sink's trials as one Tune experiment (`tune_name`, default the sweep id) and close the
+    sweep's run; rebuild the report unless told not to (rounds of --until-confident report at the end)."""
     from orchestrator import sweep as tune_sweep
 
     records = [tune_sweep.TrialRecord(t.key, t.name, t.config.model_dump(mode="json")) for t in sink.trials]
@@ -139,7 +171,7 @@ def _run(plan: Plan, sink: SweepSink, sweep_id: str, storage: str | None, addres
     try:
         outcome = tune_sweep.run_trials(
             records,
-            sweep_id=sweep_id,
+            sweep_id=tune_name or sweep_id,
             cpu=plan.spec.resources.cpu,
             gpu=plan.spec.resources.gpu,
             max_failures=plan.spec.max_failures,
@@ -162,9 +194,99 @@ def _run(plan: Plan, sink: SweepSink, sweep_id: str, storage: str | None, addres
         all_finished = sink.close(outcome, interrupted=interrupted or timed_out)
     if interrupted:
         return EXIT_INTERRUPTED
-    if not timed_out:
+    if not timed_out and report:
         _refresh_report(sink.tracker, sweep_id)
     return EXIT_OK if all_finished else EXIT_FAILED
+
+
+def _stopped(sink: SweepSink) -> bool:
+    """Were trials of this run stopped unfinished (a pending timeout)? Then no further round starts."""
+    return any(state.status == KILLED for state in sink.states.values())
+
+
+class Rounds:
+    """`launch --until-confident`: after the grid, rounds of one more data.shuffle_seed for the comparisons
+    still open (orchestrator.adaptive decides), each round a Tune experiment of its own under the same
+    sweep id and MLflow parent run. Its trials join the sweep's trials.json (a trial an earlier sweep
+    FINISHED is reused, as any cached trial); until_confident.json on the run keeps the rule and the
+    rounds so that `ditsweep resume` continues them, and until_confident.md says why each comparison stopped."""
+
+    def __init__(self, tracker: Tracker, parent: SweepRun, plan: Plan, rule: StoppingRule, storage: str | None,
+                 address: str | None, pending_timeout_s: float | None, added: list[int] | None = None,
+                 history: list[dict] | None = None) -> None:
+        self.tracker, self.parent, self.plan, self.rule = tracker, parent, plan, rule
+        self.storage, self.address, self.pending_timeout_s = storage, address, pending_timeout_s
+        self.added = list(added or [])
+        self.history = list(history or [{"shuffle": None, "tune": parent.sweep_id, "trials": len(plan.to_run)}])
+
+    @staticmethod
+    def stored_state(tracker: Tracker, parent: SweepRun) -> tuple[StoppingRule, list[int], list[dict]] | None:
+        if adaptive.STATE_FILE not in tracker.artifact_names(parent.run_id):
+            return None
+        return adaptive.read_state(tracker.read_text(parent.run_id, adaptive.STATE_FILE))
+
+    @property
+    def tune_name(self) -> str:
+        return self.history[-1]["tune"]
+
+    def run(self, code: int, stopped: bool) -> int:
+        """Rounds until no comparison is open; the worst exit code of all rounds."""
+        worst = code
+        while code != EXIT_INTERRUPTED and not stopped:
+            manifest = json.loads(self.tracker.read_text(self.parent.run_id, "trials.json"))
+            decisions = adaptive.decide(adaptive.sweep_observations(self.tracker, self.parent), self.plan.spec,
+                                        adaptive.shuffle_counts([e["axes"] for e in manifest], self.plan.spec.compare),
+                                        self.rule)
+            cached = {} if self.plan.force else self.tracker.finished_trials(self.parent.experiment_id)
+            used = sum(r["trials"] for r in self.history[1:])
+            shuffle, trials, decisions = adaptive.next_round(
+                self.plan.spec, list(self.plan.overrides), self.added, decisions, set(cached),
+                self.rule.max_added_trials - used)
+            self._log(decisions)
+            if not trials:
+                break
+            try:
+                check_data(trials)
+            except DataError as err:
+                print(f"no further shuffle: {err}", flush=True)
+                break
+            code, stopped = self._round(shuffle, trials, cached, manifest, decisions)
+            worst = max(worst, code)
+        if code == EXIT_INTERRUPTED:
+            return code
+        self.tracker.end_run(self.parent.run_id, FINISHED if worst == EXIT_OK and not stopped else FAILED)
+        if not stopped:
+            _refresh_report(self.tracker, self.parent.sweep_id)
+        return EXIT_FAILED if stopped else worst
+
+    def _round(self, shuffle: int, trials: list[Trial], cached: dict, manifest: list[dict],
+               decisions: list[adaptive.Decision]) -> tuple[int, bool]:
+        to_run = [t for t in trials if t.key not in cached]
+        tune_name = f"{self.parent.sweep_id}-shuffle{shuffle}"
+        self.added.append(shuffle)
+        self.history.append({"shuffle": shuffle, "tune": tune_name, "trials": len(to_run)})
+        manifest = manifest + [{"key": t.key, "name": t.name, "axes": t.axes, "schedule": t.config.schedule,
+                                "cached_run": cached[t.key].run_id if t.key in cached else None} for t in trials]
+        self.save(decisions, {"trials.json": json.dumps(manifest, indent=2)})
+        open_count = sum(d.reason == adaptive.OPEN for d in decisions)
+        print(f"until confident: data.shuffle_seed {shuffle} for {open_count} open comparison(s): "
+              f"{len(to_run)} trial(s) to run, {len(trials) - len(to_run)} cached", flush=True)
+        if not to_run:
+            return EXIT_OK, False
+        self.tracker.reopen_run(self.parent.run_id)
+        sink = SweepSink(self.tracker, self.parent, to_run, existing={})
+        code = _run(self.plan, sink, self.parent.sweep_id, self.storage, self.address, restore=False,
+                    pending_timeout_s=self.pending_timeout_s, tune_name=tune_name, report=False)
+        return code, _stopped(sink)
+
+    def save(self, decisions: list[adaptive.Decision], texts: dict[str, str] | None = None) -> None:
+        state = adaptive.state_json(self.rule, self.added, self.history, decisions)
+        self.tracker.log_texts(self.parent.run_id, {**(texts or {}), adaptive.STATE_FILE: state})
+
+    def _log(self, decisions: list[adaptive.Decision]) -> None:
+        table = adaptive.decision_table(decisions, self.rule)
+        print(f"until confident ({adaptive.PRIMARY}, 95% per comparison):\n{table}", flush=True)
+        self.save(decisions, {adaptive.SUMMARY_FILE: f"# Until confident: why each comparison stopped\n\n```\n{table}\n```\n"})
 
 
 def _alive_node_count(address: str) -> int:

@@ -78,7 +78,7 @@ def _device(spec: SweepSpec) -> str:
 
 def check_data(trials: tuple[Trial, ...] | list[Trial]) -> None:
     """Load each distinct data source once and check every trial's subset fits it."""
-    from trainer.data import load_images, split_subsets
+    from trainer.data import held_out_region, load_images, split_subsets
 
     sizes: dict[tuple[str, int], int] = {}
     for trial in trials:
@@ -87,7 +87,8 @@ def check_data(trials: tuple[Trial, ...] | list[Trial]) -> None:
         if source not in sizes:
             sizes[source] = len(load_images(data.source, data.image_size))
         split_subsets(
-            sizes[source], data.test_images, data.num_images, data.fraction, data.shuffle_seed, disjoint=data.disjoint
+            sizes[source], data.test_images, data.num_images, data.fraction, data.shuffle_seed, disjoint=data.disjoint,
+            region=held_out_region(data.source, data.image_size),
         )
 
 

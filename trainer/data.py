@@ -4,7 +4,9 @@ Images are uint8 arrays of shape (N, H, W, C) with C = 1 (grayscale) or 3 (RGB) 
 them into the model's float (N, C, H, W) in [-1, 1].
 
 Sources (`load_images(source, ...)`):
-- a builtin name: ``digits`` or ``builtin:digits`` (scikit-learn's 1,797 8x8 handwritten digits);
+- a builtin name: ``digits`` or ``builtin:digits`` (scikit-learn's 1,797 8x8 handwritten digits), or
+  ``natural`` / ``natural-gray`` (patches of the two photographs scikit-learn ships, RGB or grayscale, at
+  data.image_size 16 or 32, with a held-out region of their own: see "Natural patches" below);
 - a folder of PNG/JPEG images, searched recursively, read in sorted order of their relative paths;
 - a prepared folder (``manifest.json`` + ``images.npy``, written by `prepare_images`), checked by sha256;
 - a ``.npy`` uint8 array (N, H, W, C) or (N, H, W), or a ``.npz`` holding one array (or one named "images").
@@ -52,6 +54,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
@@ -90,6 +93,8 @@ def load_images(source: str, image_size: int, cache_dir: str | None = None) -> n
     """All images of `source` as uint8 (N, image_size, image_size, C), center-cropped and resized."""
     _check_image_size(image_size, source)
     builtin = _builtin_name(source)
+    if builtin in _PATCH_BUILTINS:
+        return natural_patches(image_size, gray=_PATCH_BUILTINS[builtin])
     if builtin is not None:
         return _square_all(_BUILTINS[builtin](), image_size)
     fs, path = _filesystem(source)
@@ -140,11 +145,24 @@ def _local_fingerprint(path: str) -> tuple:
 
 def _builtin_name(source: str) -> str | None:
     name = source.removeprefix("builtin:")
-    if name in _BUILTINS:
+    if name in _BUILTINS or name in _PATCH_BUILTINS:
         return name
     if source.startswith("builtin:"):
-        raise DataError(f"unknown builtin data set {name!r} in {source!r}; builtins: {', '.join(_BUILTINS)}")
+        raise DataError(f"unknown builtin data set {name!r} in {source!r}; builtins: {', '.join(builtin_names())}")
     return None
+
+
+def builtin_names() -> list[str]:
+    return [*_BUILTINS, *_PATCH_BUILTINS]
+
+
+def builtin_shape(name: str) -> tuple[int, int]:
+    """(images, channels) of a builtin; for the natural patches the count at their smallest size (the
+    most patches), an upper bound for any data.image_size."""
+    if name in _PATCH_BUILTINS:
+        return len(natural_patch_boxes(min(NATURAL_SIZES))), 1 if _PATCH_BUILTINS[name] else 3
+    images = _BUILTINS[name]()  # builtins are small at their native size
+    return len(images), images.shape[-1]
 
 
 @functools.lru_cache(maxsize=1)
@@ -181,10 +199,102 @@ _BUILTINS: dict[str, Callable[[], np.ndarray]] = {"digits": _load_digits}
 _BUILTIN_LABELS: dict[str, Callable[[], np.ndarray]] = {"digits": _load_digit_labels}
 
 
+# ---------------------------------------------------------------------------------------------
+# Natural patches: tiles of the two photographs scikit-learn ships (china.jpg, flower.jpg, 640x427 RGB,
+# CC BY 2.0, see sklearn/datasets/images/README.txt), read from the package's files (no download, and
+# no scikit-learn import, whose cost every trial process would pay).
+#
+# Each photograph is cut into two regions by columns: the held-out region is its rightmost
+# NATURAL_HELD_OUT_COLUMNS columns, the training region everything left of it less a gap of one patch.
+# Each region is tiled with non-overlapping patches of image_size x image_size (stride = image_size,
+# from the region's top-left corner; leftover rows and columns are dropped), so every patch is
+# independent of the others and no held-out patch shares a pixel with a training patch (nor touches
+# one). The array holds the training-region patches first (photo by photo, row-major), then the
+# held-out-region ones (`held_out_region` says how many): `split_subsets` draws data.test_images from
+# those and the training subsets from the others.
+#
+#   image_size   training patches   held-out patches   nested N it supports (doubling)
+#   16           2 x 29 x 26 = 1508    2 x 10 x 26 = 520   up to 1024
+#   32           2 x 14 x 13 = 364     2 x 5 x 13 = 130    up to 256
+#
+# The patches are cut at the photographs' own resolution (no resampling): flat sky and blurred
+# background give some near-uniform patches, as natural images do.
+
+NATURAL_PHOTOS = ("china.jpg", "flower.jpg")
+NATURAL_SIZES = (16, 32)
+NATURAL_HELD_OUT_COLUMNS = 160
+
+
+@dataclass(frozen=True)
+class PatchBox:
+    """Where a natural patch comes from: the photograph, its top-left pixel and its side."""
+
+    photo: str
+    top: int
+    left: int
+    size: int
+    held_out: bool
+
+
+def natural_patch_boxes(image_size: int) -> list[PatchBox]:
+    """Every patch of the natural builtins in array order: training-region patches, then held-out ones."""
+    _check_natural_size(image_size)
+    boxes = {False: [], True: []}
+    for name in NATURAL_PHOTOS:
+        height, width = _natural_photo(name).shape[:2]
+        split = width - NATURAL_HELD_OUT_COLUMNS
+        regions = {False: (0, split - image_size), True: (split, width)}  # [left, right) columns; gap of one patch
+        for held_out, (start, stop) in regions.items():
+            for top in range(0, height - image_size + 1, image_size):
+                for left in range(start, stop - image_size + 1, image_size):
+                    boxes[held_out].append(PatchBox(name, top, left, image_size, held_out))
+    return boxes[False] + boxes[True]
+
+
+def natural_patches(image_size: int, gray: bool = False) -> np.ndarray:
+    """The natural builtin's patches as uint8 (N, image_size, image_size, C), C = 1 (PIL's "L" luma) or 3."""
+    boxes = natural_patch_boxes(image_size)
+    return np.stack([_natural_photo(b.photo, gray)[b.top : b.top + b.size, b.left : b.left + b.size] for b in boxes])
+
+
+def held_out_region(source: str, image_size: int) -> int | None:
+    """How many images at the end of `source`'s array form its own held-out region (the natural
+    builtins); None when any image may be held out (the held-out set is then drawn at random)."""
+    if _builtin_name(source) in _PATCH_BUILTINS:
+        return sum(box.held_out for box in natural_patch_boxes(image_size))
+    return None
+
+
+def _check_natural_size(image_size: int) -> None:
+    if image_size not in NATURAL_SIZES:
+        raise DataError(
+            f"the natural builtins are cut at data.image_size {' or '.join(map(str, NATURAL_SIZES))}, "
+            f"not {image_size}; set data.image_size to one of those"
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _natural_photo(name: str, gray: bool = False) -> np.ndarray:
+    """One of scikit-learn's sample photographs as uint8 (H, W, C), read from its package files."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "images" / name if spec else None
+    if path is None or not path.is_file():
+        raise DataError(f"the natural builtins need scikit-learn's sample image {name}, which is not installed; "
+                        f"install scikit-learn (a ditsweep dependency) or use another data.source")
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("L") if gray else image.convert("RGB"), dtype=np.uint8)
+    array = array[..., None] if array.ndim == 2 else array
+    array.flags.writeable = False  # shared by every caller
+    return array
+
+
+_PATCH_BUILTINS: dict[str, bool] = {"natural": False, "natural-gray": True}  # name -> grayscale
+
+
 def _missing_message(source: str) -> str:
     return (
         f"data source {source!r} does not exist; give an image folder, a .npy/.npz file, a prepared "
-        f"folder or a builtin name ({', '.join(_BUILTINS)})"
+        f"folder or a builtin name ({', '.join(builtin_names())})"
     )
 
 
@@ -683,11 +793,15 @@ def split_subsets(
     fraction: float | None,
     shuffle_seed: int,
     disjoint: bool = False,
+    region: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx, test_idx) into a data set of `num_total` images.
 
     The test set is the last `test_images` of a permutation with a fixed seed, so it is the same for
-    every shuffle_seed and subset size. The remaining pool is shuffled by `shuffle_seed` and the
+    every shuffle_seed and subset size. With `region` (`held_out_region`: the data set's last `region`
+    images are its own held-out region, e.g. the natural patches), the test set is `test_images` of
+    those, drawn with the same fixed seed, and the pool is the images before them: no image of the
+    region is ever trained on, whether it is in the test set or not. The remaining pool is shuffled by `shuffle_seed` and the
     training subset is its first `num_images` (or round(fraction * pool), at least 1; the whole pool
     when neither is given): with one seed, a smaller subset is a prefix of a larger one. train_idx
     keeps the shuffled order; test_idx is sorted.
@@ -697,16 +811,8 @@ def split_subsets(
     fixed DISJOINT_SHARD_SEED and cut into consecutive shards of the subset size, and shuffle_seed s
     takes shard s. Subsets of different sizes are then no longer nested.
     """
-    if not 1 <= test_images < num_total:
-        raise DataError(
-            f"data.test_images={test_images} must be at least 1 and below the {num_total} images of the "
-            f"data set, to leave images to train on"
-        )
-    pool_size = num_total - test_images
-    size = _subset_size(pool_size, test_images, num_images, fraction)
-    fixed = np.random.default_rng(TEST_SPLIT_SEED).permutation(num_total)
-    test_idx = np.sort(fixed[pool_size:])
-    pool = np.sort(fixed[:pool_size])  # sorted so the shuffle depends only on which images are in it
+    pool, test_idx = _held_out_split(num_total, test_images, region)
+    size = _subset_size(len(pool), test_images, num_images, fraction)
     if disjoint:
         return _disjoint_shard(pool, size, shuffle_seed), test_idx
     train_idx = np.random.default_rng(shuffle_seed).permutation(pool)[:size]
@@ -725,12 +831,32 @@ def _disjoint_shard(pool: np.ndarray, size: int, shuffle_seed: int) -> np.ndarra
     return shuffled[shuffle_seed * size : (shuffle_seed + 1) * size]
 
 
-def pool_sample(num_total: int, test_images: int, count: int) -> np.ndarray:
-    """`count` images of the pool (everything but the held-out set) in a fixed random order, the same
-    for every subset and shuffle: the reference images that FID compares samples with."""
-    pool_size = num_total - test_images
+def _held_out_split(num_total: int, test_images: int, region: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(pool, test_idx), both sorted: the held-out set drawn with TEST_SPLIT_SEED from the whole data
+    set, or from its last `region` images when it has a held-out region (the pool is then the rest)."""
+    candidates = num_total if region is None else region
+    if not 1 <= test_images <= candidates or test_images >= num_total:
+        where = "the data set" if region is None else "its held-out region (kept apart from the training images)"
+        raise DataError(
+            f"data.test_images={test_images} must be at least 1 and at most the {candidates} images of {where}, "
+            f"leaving images to train on; lower data.test_images"
+        )
+    if region is None:
+        fixed = np.random.default_rng(TEST_SPLIT_SEED).permutation(num_total)
+        # sorted so the shuffle depends only on which images are in the pool
+        return np.sort(fixed[: num_total - test_images]), np.sort(fixed[num_total - test_images :])
+    held_out = np.random.default_rng(TEST_SPLIT_SEED).permutation(np.arange(num_total - region, num_total))
+    return np.arange(num_total - region), np.sort(held_out[:test_images])
+
+
+def pool_sample(num_total: int, test_images: int, count: int, region: int | None = None) -> np.ndarray:
+    """`count` images of the pool (everything but the held-out set, or its region) in a fixed random
+    order, the same for every subset and shuffle: the reference images that FID compares samples with."""
+    pool, _ = _held_out_split(num_total, test_images, region)
+    if region is not None:
+        return pool[np.sort(np.random.default_rng(TEST_SPLIT_SEED).permutation(len(pool))[:count])]
     fixed = np.random.default_rng(TEST_SPLIT_SEED).permutation(num_total)
-    return np.sort(fixed[: min(count, pool_size)])
+    return np.sort(fixed[: min(count, len(pool))])
 
 
 def _subset_size(pool_size: int, test_images: int, num_images: int | None, fraction: float | None) -> int:

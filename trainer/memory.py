@@ -179,8 +179,7 @@ def source_shape(source: str) -> tuple[int, int] | None:
     except datalib.DataError:
         return None
     if builtin is not None:
-        images = datalib._BUILTINS[builtin]()  # builtins are small at their native size
-        return len(images), images.shape[-1]
+        return datalib.builtin_shape(builtin)
     fs, path = datalib._filesystem(source)
     if not isinstance(fs, datalib.LocalFileSystem):
         path = datalib._cache_entry(source, None)

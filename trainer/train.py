@@ -136,6 +136,7 @@ POOLS = PoolCache()
 def load_subsets(config: TrialConfig, device: torch.device) -> Subsets:
     pool = POOLS.get(config)
     images, labels = pool.images, pool.labels
+    region = datalib.held_out_region(config.data.source, config.data.image_size)
     train_idx, test_idx = datalib.split_subsets(
         len(images),
         config.data.test_images,
@@ -143,11 +144,13 @@ def load_subsets(config: TrialConfig, device: torch.device) -> Subsets:
         config.data.fraction,
         config.data.shuffle_seed,
         disjoint=config.data.disjoint,
+        region=region,
     )
     # One uint8 tensor on the device: batches are gathered by index, so the data path never stalls.
     # Indexing with an index array copies, so nothing below can write into the shared pool.
     fid = config.eval.fid
-    reference_idx = datalib.pool_sample(len(images), config.data.test_images, fid.samples) if fid.enabled else None
+    reference_idx = (datalib.pool_sample(len(images), config.data.test_images, fid.samples, region=region)
+                     if fid.enabled else None)
     return Subsets(
         train=images[train_idx].to(device),
         test=images[test_idx].to(device),

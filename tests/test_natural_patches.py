@@ -1,0 +1,120 @@
+"""The natural builtins: patches of scikit-learn's two sample photographs, training and held-out patches
+from disjoint regions. Checked against the photographs as scikit-learn itself reads them, and the
+split by pixel coordinates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from trainer.data import (
+    NATURAL_HELD_OUT_COLUMNS,
+    DataError,
+    held_out_region,
+    load_images,
+    natural_patch_boxes,
+    pool_sample,
+    split_subsets,
+)
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, np.ndarray]:
+    """The photographs through scikit-learn's own loader (not ditsweep's reader)."""
+    from sklearn.datasets import load_sample_image
+
+    return {name: load_sample_image(name) for name in ("china.jpg", "flower.jpg")}
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_counts_follow_the_tiling_of_each_region(photos, size):
+    train = held = 0
+    for photo in photos.values():
+        height, width = photo.shape[:2]
+        split = width - NATURAL_HELD_OUT_COLUMNS
+        rows = height // size
+        train += rows * ((split - size) // size)  # training region: left of the split, less a one-patch gap
+        held += rows * (NATURAL_HELD_OUT_COLUMNS // size)
+    images = load_images("natural", size)
+    assert len(images) == train + held and held_out_region("natural", size) == held
+    # the numbers the module docstring and README state
+    assert (train, held) == {16: (1508, 520), 32: (364, 130)}[size]
+
+
+@pytest.mark.parametrize("source,channels", [("natural", 3), ("builtin:natural-gray", 1)])
+@pytest.mark.parametrize("size", [16, 32])
+def test_patches_are_the_photographs_pixels(photos, source, channels, size):
+    images = load_images(source, size)
+    assert images.dtype == np.uint8 and images.shape[1:] == (size, size, channels)
+    assert images.min() <= 20 and images.max() >= 235  # full range, not rescaled
+    for index, box in enumerate(natural_patch_boxes(size)):
+        crop = photos[box.photo][box.top : box.top + size, box.left : box.left + size].astype(np.float64)
+        if channels == 1:  # ITU-R 601-2 luma, as PIL's convert("L") defines it
+            luma = crop @ np.array([0.299, 0.587, 0.114])
+            assert np.abs(images[index, ..., 0] - luma).max() <= 1.0, box
+        else:
+            assert np.array_equal(images[index], crop.astype(np.uint8)), box
+    assert np.array_equal(load_images(source, size), images)  # deterministic
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_held_out_patches_share_no_pixel_with_training_patches(photos, size):
+    boxes = natural_patch_boxes(size)
+    region = held_out_region("natural", size)
+    assert [b.held_out for b in boxes] == [False] * (len(boxes) - region) + [True] * region
+    for name, photo in photos.items():
+        cover = {False: np.zeros(photo.shape[:2], int), True: np.zeros(photo.shape[:2], int)}
+        for box in (b for b in boxes if b.photo == name):
+            cover[box.held_out][box.top : box.top + size, box.left : box.left + size] += 1
+        assert cover[False].max() == 1 and cover[True].max() == 1  # patches do not overlap one another
+        assert not np.any(cover[False] & cover[True])
+        # and a gap of at least one patch between the regions
+        last_train_column = np.nonzero(cover[False].any(axis=0))[0].max()
+        first_held_column = np.nonzero(cover[True].any(axis=0))[0].min()
+        assert first_held_column - last_train_column - 1 >= size
+
+
+def test_the_split_trains_only_on_the_training_region_and_holds_out_a_fixed_set():
+    total, region = len(load_images("natural", 16)), held_out_region("natural", 16)
+    first_held = total - region
+    tests = set()
+    for seed in (0, 1, 2):
+        for n in (8, 64, 1024):
+            train, test = split_subsets(total, 256, n, None, seed, region=region)
+            assert len(train) == n and train.max() < first_held
+            assert test.min() >= first_held and len(set(test)) == 256
+            tests.add(tuple(test))
+    assert len(tests) == 1  # the same held-out set for every N and shuffle
+    reference = pool_sample(total, 256, 100, region=region)
+    assert len(reference) == 100 and reference.max() < first_held
+
+
+def test_sizes_and_held_out_counts_that_do_not_fit_are_refused():
+    with pytest.raises(DataError, match="data.image_size 16 or 32, not 8"):
+        load_images("natural", 8)
+    region = held_out_region("natural", 32)
+    with pytest.raises(DataError, match=f"data.test_images=256 .*the {region} images of its held-out region"):
+        split_subsets(494, 256, 8, None, 0, region=region)
+    with pytest.raises(DataError, match="data.num_images=512 but only 364 images remain"):
+        split_subsets(494, 128, 512, None, 0, region=region)
+
+
+def test_a_trial_trains_on_training_region_patches_and_scores_held_out_region_ones():
+    import torch
+
+    from tests.support.sweeps import tiny_config
+    from trainer.config import build_config
+    from trainer.train import load_subsets
+
+    config = build_config(tiny_config({"data.source": "natural-gray", "data.image_size": 16,
+                                       "data.num_images": 8, "data.test_images": 64}))
+    subsets = load_subsets(config, torch.device("cpu"))
+    images = torch.from_numpy(load_images("natural-gray", 16)).permute(0, 3, 1, 2)
+    boxes = natural_patch_boxes(16)
+
+    def origin(image: torch.Tensor) -> set[bool]:
+        return {boxes[i].held_out for i in torch.nonzero((images == image).flatten(1).all(1)).flatten().tolist()}
+
+    assert subsets.train.shape == (8, 1, 16, 16) and subsets.test.shape == (64, 1, 16, 16)
+    assert all(origin(image) == {False} for image in subsets.train)
+    assert all(origin(image) == {True} for image in subsets.test)
