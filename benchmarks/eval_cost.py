@@ -14,7 +14,7 @@ the spec's model in one process, interleaved, best of N:
 and multiplies them by the counts the spec's defaults imply per trial:
   - training: train.steps x train.batch_size images;
   - evaluations: at every eval.every steps and at the end;
-  - PSNR gap: 2 sides x min(eval.psnr_gap.images, N) images x eval.psnr_gap.timesteps forwards;
+  - PSNR gap: (the fixed held-out set + min(eval.psnr_gap.images, N) training images) x timesteps forwards;
   - FID: eval.fid.samples x eval.fid.steps DDIM forwards + eval.fid.samples Inception images (the
     reference features are cached on disk across trials; counted once per trial here, to be safe);
   - the sample grid: eval.samples.grid^2 x eval.samples.steps forwards; locality: its timesteps.
@@ -109,7 +109,9 @@ def trial_seconds(config: TrialConfig, costs: UnitCosts, num_images: int) -> dic
     """Modelled seconds per trial: training and each part of evaluation."""
     ev = config.eval
     count = evaluations(config)
-    psnr_forwards = 2 * min(ev.psnr_gap.images, num_images, config.data.test_images) * psnr_timesteps(config)
+    # The held-out side is a fixed set of min(images, test_images) images; the train side min(images, N).
+    held_out = min(ev.psnr_gap.images, config.data.test_images)
+    psnr_forwards = (held_out + min(ev.psnr_gap.images, num_images)) * psnr_timesteps(config)
     parts = {
         "train": config.train.steps * config.train.batch_size * costs.train_image,
         "psnr_gap": count * psnr_forwards * costs.forward_image,
