@@ -292,8 +292,16 @@ def table_markdown(table: list[list[str]]) -> str:
 
 
 def table_html(table: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in table[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table[1:])
+    """The table with line-break chances where a narrow column may wrap without splitting a number:
+    after `_` and `.` in the header (metric and axis names), after `,` in the cells (window schedules)."""
+    def breakable(text: str, after: str) -> str:
+        escaped = html.escape(text)
+        for char in after:
+            escaped = escaped.replace(char, f"{char}<wbr>")
+        return escaped
+
+    head = "".join(f"<th>{breakable(c, '_.')}</th>" for c in table[0])
+    body = "".join("<tr>" + "".join(f"<td>{breakable(c, ',')}</td>" for c in row) + "</tr>" for row in table[1:])
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>{body}</tbody>\n</table>"
 
 
@@ -566,7 +574,7 @@ def html_page(data: SweepData, table: list[list[str]], figs: list[Figure],
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1360px; }}
 table {{ border-collapse: collapse; font-size: 0.85em; max-width: 100%; margin: 0.5em 0 1em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; overflow-wrap: anywhere; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; overflow-wrap: break-word; }}
 th {{ background: #f3f3f3; }}
 td:first-child, th:first-child {{ text-align: left; }}
 figure {{ display: inline-block; margin: 0.5em 1em 0 0; vertical-align: top; }}

@@ -254,3 +254,21 @@ def test_mlflow_compare_view_and_metric_chart_overlay_two_trials(chromium, finis
     chart = browser.screenshot(tmp_path / "mlflow_psnr_curves_two_trials.png")
     print(f"screenshot of the overlaid PSNR curves: {chart}")
     assert chart.stat().st_size > 20_000
+
+
+def test_the_report_page_fits_a_1400_pixel_screen(chromium, finished_sweep, browser, tmp_path):
+    """The finished sweep's report.html at 1400 px: no sideways scrolling, the forest plot and the compact
+    primary table on the page, the sample grids at one size in a configuration x N table."""
+    page = finished_sweep["folder"] / "reports" / finished_sweep["sweep_id"] / "report.html"
+    browser.page("Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1, mobile=False)
+    browser.page("Page.navigate", url=page.as_uri())
+    browser.wait_for_text(["Paired differences against the baseline", "verdict (Holm-adjusted)", "Samples"])
+    widths = browser.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert widths[0] <= widths[1] <= 1400, widths
+    forest = browser.evaluate("Array.from(document.images).filter(i => i.alt.startsWith('Paired difference in PSNR gap'))"
+                              ".map(i => i.naturalWidth)")
+    assert len(forest) == 1 and forest[0] > 300, forest
+    grids = browser.evaluate("Array.from(document.querySelectorAll('table.grids img.grid')).map(i => i.width)")
+    assert len(grids) == 2 and set(grids) == {160}, grids  # none and head, one size
+    shot = browser.screenshot(tmp_path / "report_1400.png")
+    print(f"screenshot of the report: {shot}")
