@@ -204,7 +204,7 @@ def expand(spec: SweepSpec, overrides: list[str] = ()) -> list[Trial]:
 
 def _refuse_unmatched_baseline(spec: SweepSpec) -> None:
     """The default baseline (global attention) must match a trial when the grid varies attention or the
-    baseline's own axis; otherwise the report's paired table would be empty, silently (a grid over, say,
+    baseline's own axis (over two or more values); otherwise the report's paired table would be empty, silently (a grid over, say,
     the learning rate alone has nothing to compare). `compare: {baseline: {}}` asks for no paired table."""
     baseline = spec.compare.baseline
     if "compare" in spec.model_fields_set or not baseline:
@@ -212,7 +212,9 @@ def _refuse_unmatched_baseline(spec: SweepSpec) -> None:
     encoded = {k: {json.dumps(x, sort_keys=True) for x in spec.grid.get(k, [])} for k in baseline}
     if all(json.dumps(v, sort_keys=True) in encoded[k] for k, v in baseline.items()):
         return
-    if any(k in spec.grid for k in baseline) or any(a.startswith("attention.") for a in spec.grid):
+    # Only an axis with several values implies a comparison: a grid of head windows alone has none to make.
+    compared = [a for a in spec.grid if a in baseline or a.startswith("attention.")]
+    if any(len(spec.grid[a]) > 1 for a in compared):
         wanted = ", ".join(f"{k} = {short_repr(v)}" for k, v in baseline.items())
         raise SpecError(
             f"the default compare baseline ({wanted}) matches no trial of the grid "
