@@ -7,6 +7,8 @@ are kept in an outbox and replayed in order once it answers again, so no result 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import logging
@@ -179,8 +181,24 @@ def resolve_tracking_uri(cli_value: str | None = None) -> str:
 
 
 def store_missing(uri: str) -> bool:
-    """A local sqlite store that does not exist yet (opening it would create it)."""
-    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
+    """A local sqlite store that does not exist yet (opening it would create it). An empty file counts
+    as missing: SQLite reads it as an empty database."""
+    path = _sqlite_path(uri)
+    return path is not None and not _has_content(path)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The file of a local sqlite store, or None for any other store."""
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+        return None
+    return Path(uri.removeprefix("sqlite:///"))
+
+
+def _has_content(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
 
 
 def _store_uri(uri: str) -> str:
@@ -258,11 +276,13 @@ class Tracker:
                                 "pass --tracking-uri or run from the folder of the sweep")
         self._check_reachable()
         self._store = _store_uri(self.uri)  # what MLflow is handed
-        self._client = MlflowClient(tracking_uri=self._store)
+        if (path := _sqlite_path(self._store)) is not None:
+            prepare_sqlite_store(path)
         try:
+            self._client = MlflowClient(tracking_uri=self._store)
             self._client.search_experiments(max_results=1)
         except Exception as err:  # noqa: BLE001
-            raise TrackingError(f"cannot open tracking store {self.uri!r}: {first_line(err)}") from None
+            raise _cannot_open(self._store, err) from None
         self.outbox = Outbox()
 
     def _check_reachable(self) -> None:
@@ -290,9 +310,15 @@ class Tracker:
         if not create:
             return None
         location = artifact_root() if _is_local_store(self.uri) else None
-        # Model training from the start, so the MLflow UI never opens a sweep's experiment as a GenAI one.
-        return self._client.create_experiment(name, artifact_location=location,
-                                              tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
+        try:
+            # Model training from the start, so the MLflow UI never opens a sweep's experiment as a GenAI one.
+            return self._client.create_experiment(name, artifact_location=location,
+                                                  tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
+        except mlflow.exceptions.MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            # Another sweep of the same spec, started at the same moment, created it first.
+            return self._client.get_experiment_by_name(name).experiment_id
 
     def finished_trials(self, experiment_id: str) -> dict[str, TrialRun]:
         """trial key -> its FINISHED run, across every sweep of the experiment (the cache)."""
@@ -485,6 +511,117 @@ class Tracker:
             token = page.token
             if not token:
                 return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# A local sqlite store: created whole or not at all, opened only when it is one
+
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def prepare_sqlite_store(path: Path) -> None:
+    """Make `path` a complete MLflow store, or raise TrackingError naming it and changing nothing.
+
+    MLflow creates a new store by running some 60 schema migrations in place: two processes doing that
+    at once (two `launch` started together), or one interrupted half-way, leave a file no later command
+    can open. So a new store is built under a lock on its folder, in a temporary file moved into place
+    when complete; a file that is there already is checked before MLflow is let near it."""
+    if not _has_content(path):
+        with _folder_lock(path.parent):
+            if not _has_content(path):  # another process may have created it while this one waited
+                _create_store(path)
+    _check_store(path)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive lock on the folder itself (flock on its descriptor): no lock file is left behind,
+    and a process that dies holding it releases it."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _create_store(path: Path) -> None:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    building = path.with_name(f".{path.name}.creating")
+    for leftover in path.parent.glob(f"{building.name}*"):  # a creation that was killed (the lock is ours)
+        leftover.unlink()
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{building}", artifact_root())
+        store.engine.dispose()
+        os.replace(building, path)
+    finally:
+        for leftover in path.parent.glob(f"{building.name}*"):
+            leftover.unlink()
+
+
+def _check_store(path: Path) -> None:
+    """Refuse, reading only, a file that is not a complete MLflow store (MLflow would try to migrate
+    it in place). A complete store of another schema version is left to MLflow's own check."""
+    with open(path, "rb") as file:
+        header = file.read(len(_SQLITE_HEADER))
+    if header != _SQLITE_HEADER:
+        raise TrackingError(f"'{path}' is not an MLflow tracking store (not an SQLite database); move it away "
+                            "or pass --tracking-uri with another store")
+    import sqlite3
+
+    from mlflow.store.db.base_sql_model import Base
+    from mlflow.store.tracking import dbmodels  # noqa: F401 - registers the tables on Base
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            revision = (db.execute("SELECT version_num FROM alembic_version").fetchone() or ("none",))[0] \
+                if "alembic_version" in tables else None
+    except sqlite3.DatabaseError as err:
+        raise TrackingError(f"'{path}' is not a readable MLflow tracking store ({err}); move it away or pass "
+                            "--tracking-uri with another store") from None
+    if revision is None:
+        raise TrackingError(f"'{path}' is an SQLite database but not an MLflow tracking store; move it away "
+                            "or pass --tracking-uri with another store")
+    if not set(Base.metadata.tables) <= tables:
+        raise TrackingError(
+            f"'{path}' is an incomplete MLflow tracking store (schema revision {revision}, tables missing: its "
+            "creation was interrupted, or it was made by another MLflow version); move it away, or back it up "
+            f"and run `mlflow db upgrade sqlite:///{path}` if it holds runs you need")
+
+
+def _cannot_open(uri: str, err: Exception) -> TrackingError:
+    """Why MLflow would not open a store, and what to do. MLflow checks a complete store's schema
+    revision itself, reading only, and tells to upgrade whatever it found; a revision it does not know
+    comes from a newer MLflow, which an upgrade cannot help."""
+    path = _sqlite_path(uri)
+    revision = _store_revision(path) if path is not None else None
+    if revision is not None and revision not in _schema_revisions():
+        return TrackingError(
+            f"'{path}' was written by a newer MLflow (schema revision {revision} is unknown to the installed "
+            f"MLflow {mlflow.__version__}); open it with that MLflow version, or pass --tracking-uri with another store")
+    return TrackingError(f"cannot open tracking store {uri!r}: {first_line(err)}")
+
+
+def _store_revision(path: Path) -> str | None:
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT version_num FROM alembic_version").fetchone()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
+
+
+def _schema_revisions() -> set[str]:
+    """Every schema revision the installed MLflow knows (its alembic migration scripts)."""
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory(str(Path(mlflow.__file__).parent / "store" / "db_migrations"))
+    return {script.revision for script in scripts.walk_revisions()}
 
 
 def artifact_root() -> str:

@@ -111,6 +111,71 @@ def test_tracking_uri_that_cannot_be_opened_exits_2(tmp_path, monkeypatch, uri):
     assert written == set()
 
 
+# A file where the tracking store should be that is not a complete MLflow store: refused, unchanged.
+
+
+def _real_store(folder: Path) -> Path:
+    """A complete store made by ditsweep, under another name first: MLflow keeps the store it opened for
+    each URI in this process, and the command under test must open the file as it is now."""
+    from orchestrator.tracking import Tracker
+
+    made = folder / "made.db"
+    Tracker(f"sqlite:///{made}").experiment_id("kept")
+    return made.rename(folder / "mlflow.db")
+
+
+def _truncated(folder: Path) -> str:
+    store = _real_store(folder)
+    store.write_bytes(store.read_bytes()[:5000])
+    return "is not a readable MLflow tracking store"
+
+
+def _tables_missing(folder: Path) -> str:
+    """What two stores created at once, or one creation killed half-way, left before: tables missing."""
+    store = _real_store(folder)
+    with sqlite3.connect(store) as db:
+        db.execute("DROP TABLE metrics")
+    return "is an incomplete MLflow tracking store"
+
+
+def _newer_schema(folder: Path) -> str:
+    store = _real_store(folder)
+    with sqlite3.connect(store) as db:
+        db.execute("UPDATE alembic_version SET version_num = 'ffff00001111'")
+    return "written by a newer MLflow (schema revision ffff00001111"
+
+
+def _other_database(folder: Path) -> str:
+    with sqlite3.connect(folder / "mlflow.db") as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+    return "is an SQLite database but not an MLflow tracking store"
+
+
+def _text_file(folder: Path) -> str:
+    (folder / "mlflow.db").write_text("not a database\n")
+    return "is not an MLflow tracking store (not an SQLite database)"
+
+
+NOT_A_STORE = {"text file": _text_file, "truncated copy": _truncated, "tables missing": _tables_missing,
+               "newer schema": _newer_schema, "other database": _other_database}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_A_STORE))
+@pytest.mark.parametrize("command", ["launch", "status"])
+def test_a_store_that_is_not_one_exits_2_naming_it_and_is_left_unchanged(tmp_path, monkeypatch, case, command):
+    expected = NOT_A_STORE[case](tmp_path)
+    store = tmp_path / "mlflow.db"
+    before = store.read_bytes()
+    args = [str(write_spec(tmp_path))] if command == "launch" else []
+    result, written = invoke(tmp_path, monkeypatch, command, *args)
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr and str(store) in result.stderr, result.stderr
+    assert "--tracking-uri" in result.stderr or "mlflow db upgrade" in result.stderr
+    assert "Traceback" not in result.output
+    assert store.read_bytes() == before
+    assert written == set()
+
+
 def test_yaml_is_loaded_safely(tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
     spec = tmp_path / "evil.yaml"
@@ -351,15 +416,50 @@ def test_tracking_server_going_away_loses_no_results(tmp_path, restartable_mlflo
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to the embedded store
 
 
+# The smallest trial that still runs every stage once.
+MINIMAL = {
+    "data": {"num_images": 4, "test_images": 4},
+    "train": {"steps": 1, "batch_size": 2, "log_every": 1, "warmup_steps": 0},
+    "eval": {"psnr_gap": {"images": 2, "timesteps": 1}, "samples": {"grid": 2, "steps": 2},
+             "locality": {"enabled": False}},
+}
+
+
+def store_files(folder: Path) -> list[str]:
+    """The store and anything made while creating it (MLflow's journal, a temporary copy)."""
+    return [p.name for p in folder.iterdir() if "mlflow.db" in p.name]
+
+
+@pytest.mark.slow
+def test_a_launch_killed_creating_the_store_then_four_launched_at_once_all_finish(tmp_path):
+    """The store's creation is where two launches in a new folder collided (a half-migrated store no
+    command could open again), and where a killed launch left one. First a launch is SIGKILLed as soon
+    as a store file appears; then four launches of the same spec start at once in that folder."""
+    spec = write_spec(tmp_path, name="together", base=MINIMAL, grid={"seed": [0]})
+    killed = start_launch(spec, tmp_path)
+    try:
+        wait_for(lambda: store_files(tmp_path), 240, "the store's creation", killed)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=30)
+    drivers = [start_launch(spec, tmp_path) for _ in range(4)]
+    try:
+        outputs = [driver.communicate(timeout=600)[0] for driver in drivers]
+    finally:
+        for driver in drivers:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+    for driver, output in zip(drivers, outputs):
+        assert driver.returncode == 0, output[-3000:]
+    runs = runs_by_role(MlflowClient(tracking_uri=sqlite_uri(tmp_path)), "together")
+    assert len(runs["sweep"]) == 4 and len(runs["trial"]) == 4
+    assert {r.info.status for r in runs["sweep"] + runs["trial"]} == {"FINISHED"}
+    assert store_files(tmp_path) == ["mlflow.db"]  # no temporary copy left behind
+
+
 @pytest.mark.slow
 def test_64_trial_grid_finishes_without_duplicates(tmp_path):
-    minimal = {
-        "data": {"num_images": 4, "test_images": 4},
-        "train": {"steps": 1, "batch_size": 2, "log_every": 1, "warmup_steps": 0},
-        "eval": {"psnr_gap": {"images": 2, "timesteps": 1}, "samples": {"grid": 2, "steps": 2},
-                 "locality": {"enabled": False}},
-    }
-    spec = write_spec(tmp_path, name="load", base=minimal, grid={"seed": list(range(64))})
+    spec = write_spec(tmp_path, name="load", base=MINIMAL, grid={"seed": list(range(64))})
     result = ditsweep("launch", str(spec), cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = runs_by_role(MlflowClient(tracking_uri=sqlite_uri(tmp_path)), "load")
