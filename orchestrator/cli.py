@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 some trials failed, 2 bad input (with one message namin
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -68,6 +69,28 @@ def handles_bad_input(command: Callable) -> Callable:
     return wrapper
 
 
+def stops_like_ctrl_c(command: Callable) -> Callable:
+    """SIGTERM stops the command as Ctrl-C does (see orchestrator.interrupt); an interrupt that reaches
+    here is one line and exit 130 (143 for SIGTERM), not a traceback or click's "Aborted!" and exit 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from orchestrator.interrupt import interrupted_exit_code, terminate_as_interrupt
+
+        previous = signal.getsignal(signal.SIGTERM)
+        terminate_as_interrupt()
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            typer.secho("interrupted", err=True)
+            raise typer.Exit(interrupted_exit_code()) from None
+        finally:
+            if previous is not None:  # None: set outside Python, cannot be put back from here
+                signal.signal(signal.SIGTERM, previous)
+
+    return wrapper
+
+
 SpecArgument = Annotated[Path, typer.Argument(help="Sweep spec YAML, e.g. search_spaces/placement.yaml.")]
 TrackingOption = Annotated[
     Optional[str],
@@ -120,6 +143,7 @@ def train(
 
 @app.command()
 @handles_bad_input
+@stops_like_ctrl_c
 def launch(
     spec: SpecArgument,
     set_: SetOption = None,
@@ -204,6 +228,7 @@ def plan(
 
 @app.command()
 @handles_bad_input
+@stops_like_ctrl_c
 def resume(
     sweep_id: Annotated[str, typer.Argument(help="The sweep's id (its parent run's ditsweep.sweep_id tag).")],
     tracking_uri: TrackingOption = None,
@@ -211,6 +236,9 @@ def resume(
     pending_timeout: PendingTimeoutOption = 600.0,
 ) -> None:
     """Continue a sweep whose driver died: finished trials stay, the others continue from checkpoints."""
+    from orchestrator.spec import check_sweep_id
+
+    check_sweep_id(sweep_id)
     from orchestrator import launch as workflow
 
     raise typer.Exit(workflow.resume(sweep_id, tracking_uri=tracking_uri, address=address,
@@ -224,6 +252,10 @@ def status(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """List sweeps, or one sweep's trials and their states."""
+    from orchestrator.spec import check_sweep_id
+
+    if sweep_id is not None:
+        check_sweep_id(sweep_id)
     from orchestrator.status import status as sweep_status
 
     print(sweep_status(sweep_id, tracking_uri))
@@ -231,6 +263,7 @@ def status(
 
 @app.command("prepare-data")
 @handles_bad_input
+@stops_like_ctrl_c
 def prepare_data(
     src: Annotated[str, typer.Argument(help="Image folder (local path or s3://...).")],
     dst: Annotated[str, typer.Argument(help="Output folder (local path or s3://...).")],
@@ -255,6 +288,9 @@ def report(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Comparison table (Markdown, CSV), plots and an HTML page of a sweep; also attached to its run."""
+    from orchestrator.spec import check_sweep_id
+
+    check_sweep_id(sweep_id)
     from orchestrator.report import report as build_report
 
     print(build_report(sweep_id, out, tracking_uri))
@@ -277,6 +313,7 @@ def ui(
 
 @app.command()
 @handles_bad_input
+@stops_like_ctrl_c
 def submit(
     spec: SpecArgument,
     address: Annotated[

@@ -34,6 +34,7 @@ import yaml
 
 from orchestrator.display import first_line
 from orchestrator.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from orchestrator.interrupt import interrupted_exit_code
 from orchestrator.k8s import RAYJOB_TEMPLATE, render_rayjob
 from orchestrator.resources import Cluster, ResourcesError, check_trial_fits, trial_request
 from orchestrator.spec import SweepSpec, expand, load_spec
@@ -264,7 +265,7 @@ def follow_job(client, job_id: str, address: str) -> int:
     except KeyboardInterrupt:
         print(f"\nstopped following; job {job_id} goes on "
               f"(ray job stop --address {address} {job_id} stops it)", file=sys.stderr)
-        return EXIT_FAILED
+        return interrupted_exit_code()
     except Exception as err:  # noqa: BLE001 - a dropped log stream: poll for the end instead
         print(f"[ditsweep] log stream interrupted ({first_line(err)}); waiting for the job to end",
               file=sys.stderr, flush=True)

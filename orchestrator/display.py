@@ -56,6 +56,13 @@ def metric_name_part(text: str) -> str:
     return "".join(c if c.isalnum() or c in "_-." else "-" for c in text)
 
 
+def param_text(value: Any) -> str:
+    """A config value as an MLflow param stores it: lists and mappings as JSON, anything else as str."""
+    import json
+
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an error's message (or its type's name when it has none)."""
     lines = str(err).strip().splitlines()

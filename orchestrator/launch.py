@@ -16,7 +16,8 @@ from pathlib import Path
 
 from orchestrator import adaptive
 from orchestrator.adaptive import StoppingRule
-from orchestrator.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from orchestrator.exit_codes import EXIT_FAILED, EXIT_OK
+from orchestrator.interrupt import INTERRUPTED_EXIT_CODES, interrupted_exit_code
 from orchestrator.plan import (
     Grid,
     Plan,
@@ -33,8 +34,8 @@ from orchestrator.plan import (
 )
 from orchestrator.progress import SweepSink
 from orchestrator.resources import Fit, check_trial_fits, this_machine, trial_request
-from orchestrator.spec import SweepSpec, Trial, expand
-from orchestrator.tracking import FAILED, FINISHED, KILLED, SweepRun, Tracker, new_sweep_id, sweep_tags
+from orchestrator.spec import SweepSpec, Trial, expand, new_sweep_id
+from orchestrator.tracking import FAILED, FINISHED, KILLED, SweepRun, Tracker, sweep_tags
 from trainer.data import DataError
 
 DEFAULT_PENDING_TIMEOUT_S = 600.0  # how long trials may wait for resources with none running
@@ -193,7 +194,7 @@ def _run(plan: Plan, sink: SweepSink, sweep_id: str, storage: str | None, addres
     finally:
         all_finished = sink.close(outcome, interrupted=interrupted or timed_out)
     if interrupted:
-        return EXIT_INTERRUPTED
+        return interrupted_exit_code()
     if not timed_out and report:
         _refresh_report(sink.tracker, sweep_id)
     return EXIT_OK if all_finished else EXIT_FAILED
@@ -232,7 +233,7 @@ class Rounds:
     def run(self, code: int, stopped: bool) -> int:
         """Rounds until no comparison is open; the worst exit code of all rounds."""
         worst = code
-        while code != EXIT_INTERRUPTED and not stopped:
+        while code not in INTERRUPTED_EXIT_CODES and not stopped:
             manifest = json.loads(self.tracker.read_text(self.parent.run_id, "trials.json"))
             decisions = adaptive.decide(adaptive.sweep_observations(self.tracker, self.parent), self.plan.spec,
                                         adaptive.shuffle_counts([e["axes"] for e in manifest], self.plan.spec.compare),
@@ -252,7 +253,7 @@ class Rounds:
                 break
             code, stopped = self._round(shuffle, trials, cached, manifest, decisions)
             worst = max(worst, code)
-        if code == EXIT_INTERRUPTED:
+        if code in INTERRUPTED_EXIT_CODES:
             return code
         self.tracker.end_run(self.parent.run_id, FINISHED if worst == EXIT_OK and not stopped else FAILED)
         if not stopped:

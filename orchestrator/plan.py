@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.display import duration, format_table, show_value
 from orchestrator.memory import check_trial_memory, trial_estimates
-from orchestrator.spec import SpecError, SweepSpec, Trial, expand, load_spec, parse_spec
+from orchestrator.spec import SpecError, SweepSpec, Trial, check_tag_value, expand, load_spec, parse_spec
 from trainer.memory import format_bytes
 
 if TYPE_CHECKING:
@@ -113,7 +113,8 @@ def check_fid_weights(trials: tuple[Trial, ...] | list[Trial]) -> None:
 
 
 def check_storage(storage: str | None) -> None:
-    """An s3:// storage must be reachable before anything starts."""
+    """An s3:// storage must be reachable before anything starts; any storage must fit the sweep's tag."""
+    check_tag_value("--storage", storage)
     if not storage or not storage.startswith("s3://"):
         return
     import fsspec

@@ -9,12 +9,16 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
+import secrets
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.display import param_text
 from trainer.attention import schedule_string
 from trainer.config import (
     ConfigError,
@@ -31,6 +35,14 @@ from trainer.config import (
     short_repr,
     short_text,
 )
+
+
+# What MLflow keeps (mlflow/store/tracking/dbmodels/models.py, mlflow/utils/validation.py): beyond these
+# it refuses a write mid-sweep or cuts the value, so a spec is refused here, before anything is written.
+MLFLOW_EXPERIMENT_NAME_MAX_CHARS = 256  # the experiments table's column (the spec's `name`)
+MLFLOW_RUN_NAME_MAX_CHARS = 250  # the runs table's column (a trial's name is cut to it)
+MLFLOW_PARAM_MAX_CHARS = 6000  # a param's value (every resolved config value of a trial)
+MLFLOW_TAG_MAX_CHARS = 8000  # a run tag's value (the description, the --set options, --storage)
 
 
 class SpecError(ValueError):
@@ -67,8 +79,8 @@ class Compare(BaseModel):
 
 class SweepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str = Field(min_length=1, description="MLflow experiment name.")
-    description: str = ""
+    name: str = Field(min_length=1, max_length=MLFLOW_EXPERIMENT_NAME_MAX_CHARS, description="MLflow experiment name.")
+    description: str = Field("", max_length=MLFLOW_TAG_MAX_CHARS, description="The sweep run's note in MLflow.")
     base: dict[str, Any] = Field(default_factory=dict, description="A partial trial config shared by all trials.")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted key -> values (cartesian product).")
     resources: Resources = Resources()
@@ -148,8 +160,30 @@ def axis_label(key: str, value: Any) -> str:
 
 
 def run_name(axes: dict[str, Any]) -> str:
-    """A readable run name from the axis values, e.g. `head·N1000·s0`."""
-    return "·".join(axis_label(k, v) for k, v in axes.items()) or "trial"
+    """A readable run name from the axis values, e.g. `head·N1000·s0`, cut to what MLflow keeps."""
+    return ("·".join(axis_label(k, v) for k, v in axes.items()) or "trial")[:MLFLOW_RUN_NAME_MAX_CHARS]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweep ids: made from the spec's name; a search filter and folder names are built from them.
+
+
+SWEEP_ID_PATTERN = re.compile(r"[\w-]{1,100}")  # what new_sweep_id makes: no quote, slash, dot or space
+
+
+def check_sweep_id(sweep_id: str) -> None:
+    """A sweep id goes into a search filter and a folder name: refuse anything new_sweep_id cannot make."""
+    if not SWEEP_ID_PATTERN.fullmatch(sweep_id):
+        raise SpecError(f"{short_repr(sweep_id)} is not a sweep id (letters, digits and '-', at most 100, e.g. "
+                        "placement-20250101-120000-ab12); `ditsweep status` lists them")
+
+
+def new_sweep_id(name: str) -> str:
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:40] or "sweep"
+    return f"{slug}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +233,7 @@ def expand(spec: SweepSpec, overrides: list[str] = ()) -> list[Trial]:
         trials.append(Trial(axes=point, config=config, key=trial_key(config)))
     _refuse_duplicates(trials)
     _refuse_unmatched_baseline(spec)
+    _refuse_what_mlflow_cannot_keep(trials, overrides)
     return trials
 
 
@@ -221,6 +256,26 @@ def _refuse_unmatched_baseline(spec: SweepSpec) -> None:
             f"({short_text(', '.join(spec.grid), 200)}); add `compare: {{baseline: {{AXIS: VALUE}}}}` naming the "
             f"grid value to compare against (or `compare: {{baseline: {{}}}}` for no paired table)"
         )
+
+
+
+def _refuse_what_mlflow_cannot_keep(trials: list[Trial], overrides: list[str]) -> None:
+    """A config value longer than an MLflow param, or --set options longer than the sweep's tag."""
+    if len(json.dumps(overrides)) > MLFLOW_TAG_MAX_CHARS:
+        raise SpecError(f"the --set options are {len(json.dumps(overrides))} characters together; MLflow keeps at "
+                        f"most {MLFLOW_TAG_MAX_CHARS} in the sweep's tag: put them in the spec's base instead")
+    for trial in trials:
+        for key, value in trial.params.items():
+            if len(text := param_text(value)) > MLFLOW_PARAM_MAX_CHARS:
+                raise SpecError(f"{key}={short_repr(value)} is {len(text)} characters as an MLflow param; "
+                                f"MLflow keeps at most {MLFLOW_PARAM_MAX_CHARS}")
+
+
+def check_tag_value(option: str, value: str | None) -> None:
+    """A command-line value kept as a run tag (e.g. --storage, which `resume` reads back)."""
+    if value is not None and len(value) > MLFLOW_TAG_MAX_CHARS:
+        raise SpecError(f"{option} is {len(value)} characters; MLflow keeps at most {MLFLOW_TAG_MAX_CHARS} "
+                        f"in the sweep's tag: {short_repr(value)}")
 
 
 def _point_config(spec: SweepSpec, overrides: list[str], point: dict[str, Any], where: str) -> TrialConfig:

@@ -28,6 +28,7 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
 
+from orchestrator.interrupt import terminate_as_interrupt  # noqa: E402
 from orchestrator.resources import Cluster, NodeType  # noqa: E402
 from orchestrator.spec import SpecError  # noqa: E402
 from trainer.train import STEP, reported  # noqa: E402
@@ -232,6 +233,7 @@ def init_ray(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         connect(address, timeout_s)
     else:
         ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
+    terminate_as_interrupt()  # ours again: ray.init's SIGTERM handlers dump a native stack and abort
 
 
 def alive_node_count(address: str) -> int:
@@ -369,7 +371,8 @@ def _fit(tuner: tune.Tuner):
 
 def _dirname(trial) -> str:
     record = trial.config["trial"]
-    safe = "".join(c if c.isalnum() or c in "-_=" else "_" for c in record["name"])
+    # A file name: ASCII only and short (at most 255 bytes), whatever the grid's values.
+    safe = "".join(c if (c.isascii() and c.isalnum()) or c in "-_=" else "_" for c in record["name"][:100])
     return f"{safe}-{record['key'][:10]}"
 
 

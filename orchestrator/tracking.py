@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -22,7 +21,6 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,7 +33,7 @@ import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, Run, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from orchestrator.display import first_line  # noqa: E402
+from orchestrator.display import first_line, param_text  # noqa: E402
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # MLflow's and alembic's INFO lines ("Creating initial MLflow database tables...", "Context impl
@@ -214,17 +212,8 @@ def _is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/", ".")) or "://" not in uri
 
 
-def new_sweep_id(name: str) -> str:
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:40] or "sweep"
-    return f"{slug}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _param_value(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 @dataclass
@@ -335,7 +324,7 @@ class Tracker:
             tags={TAG_ROLE: "sweep", TAG_SWEEP_ID: sweep_id, **tags},
         )
         run_id = run.info.run_id
-        self._client.log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
+        self._client.log_batch(run_id, params=[Param(k, param_text(v)) for k, v in params.items()])
         for filename, text in texts.items():
             self._client.log_text(run_id, text, filename)
         return _sweep_run(run)
@@ -434,7 +423,7 @@ class Tracker:
                 TAG_TRIAL_KEY: trial_key,
             },
         )
-        params_list = [Param(k, _param_value(v)) for k, v in params.items()]
+        params_list = [Param(k, param_text(v)) for k, v in params.items()]
         for start in range(0, len(params_list), 100):  # log_batch takes at most 100 params a call
             self._client.log_batch(run.info.run_id, params=params_list[start : start + 100])
         return run.info.run_id

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.support.sweeps import ditsweep, free_port, invoke, runs_by_role, sqlite_uri, tiny_config, write_spec
@@ -109,6 +110,51 @@ def test_tracking_uri_that_cannot_be_opened_exits_2(tmp_path, monkeypatch, uri):
     expected = "cannot reach tracking server" if uri.startswith("http") else "does not exist"
     assert expected in result.stderr and uri in result.stderr
     assert written == set()
+
+
+# Strings that reach MLflow, Ray or a file name: refused at validation where MLflow would refuse or cut them.
+
+
+@pytest.mark.parametrize(
+    ("spec_fields", "args", "expected"),
+    [
+        ({"name": "n" * 5000}, [], "name: String should have at most 256 characters"),
+        ({"description": "d" * 9000}, [], "description: String should have at most 8000 characters"),
+        ({}, ["--set", "train.steps=4"] * 600, "MLflow keeps at most 8000"),
+        ({}, ["--storage", "s" * 9000], "--storage is 9000 characters; MLflow keeps at most 8000"),
+    ],
+    ids=["long-name", "long-description", "many-sets", "long-storage"],
+)
+def test_strings_mlflow_would_refuse_or_cut_exit_2_and_write_nothing(tmp_path, monkeypatch, spec_fields, args,
+                                                                      expected):
+    spec = write_spec(tmp_path)
+    spec.write_text(yaml.safe_dump({**yaml.safe_load(spec.read_text()), **spec_fields}))
+    result, written = launch_in_process(tmp_path, monkeypatch, str(spec), *args)
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr, result.stderr
+    assert written == set()
+
+
+@pytest.mark.parametrize("command", ["status", "resume", "report"])
+def test_a_sweep_id_that_new_sweep_id_cannot_make_exits_2(tmp_path, monkeypatch, command):
+    """A sweep id goes into MLflow's search filter and a folder name: a quote or a path is refused."""
+    for bad in ("x' or '1'='1", "../../etc", "a" * 5000):
+        result, written = invoke(tmp_path, monkeypatch, command, bad)
+        assert result.exit_code == 2, result.output
+        assert "is not a sweep id" in result.stderr and len(result.stderr) < 1000, result.stderr
+        assert written == set()
+
+
+def test_a_trial_name_fits_mlflow_and_its_folder_name_fits_the_file_system():
+    from orchestrator.spec import run_name
+    from orchestrator.sweep import _dirname
+
+    class Trial:
+        config = {"trial": {"name": run_name({"data.source": "/data/" + "é" * 400}), "key": "0123456789abcdef"}}
+
+    assert len(Trial.config["trial"]["name"]) == 250  # MLflow's runs.name column
+    folder = _dirname(Trial)
+    assert len(folder.encode()) <= 255 and folder.isascii() and folder.endswith("-0123456789")
 
 
 # A file where the tracking store should be that is not a complete MLflow store: refused, unchanged.
@@ -238,10 +284,12 @@ def checkpoints(folder: Path, index: int) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_killed_workers_retry_from_checkpoints_then_ctrl_c_and_resume_finish_every_trial(tmp_path):
+def test_killed_workers_retry_from_checkpoints_then_sigterm_and_resume_finish_every_trial(tmp_path):
     """One sweep (3 trials, 2 CPUs) broken twice. The running trials' Ray workers are SIGKILLed after a
-    checkpoint: Tune retries each from its checkpoint (`max_failures`), not from step 0. Then Ctrl-C:
-    exit 130, unfinished trials KILLED, nothing left RUNNING; `ditsweep resume` continues them to the end."""
+    checkpoint: Tune retries each from its checkpoint (`max_failures`), not from step 0. Then SIGTERM (an
+    eviction, `ray job stop`), handled as Ctrl-C: exit 143, no native stack from Ray's own handler,
+    unfinished trials KILLED, nothing left RUNNING; `ditsweep resume` continues them to the end.
+    (Ctrl-C takes the same path from its handler on: test_sigterm_runs_what_ctrl_c_runs.)"""
     spec = write_spec(tmp_path, name="interrupt", base=SHORTER, grid={"attention.placement": ["none", "head", "tail"]},
                       max_failures=2)
     store = tmp_path / "mlflow.db"
@@ -253,7 +301,7 @@ def test_killed_workers_retry_from_checkpoints_then_ctrl_c_and_resume_finish_eve
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
         wait_for(lambda: restored_steps(store), 240, "a trial restored from its checkpoint", driver)
-        driver.send_signal(signal.SIGINT)  # the restored trials have steps to go: 20, from step 5 or 10
+        driver.send_signal(signal.SIGTERM)  # the restored trials have steps to go: 20, from step 5 or 10
         output, _ = driver.communicate(timeout=120)
     finally:
         if driver.poll() is None:
@@ -262,8 +310,9 @@ def test_killed_workers_retry_from_checkpoints_then_ctrl_c_and_resume_finish_eve
     # registered the checkpoint being uploaded when the worker died.
     restored = restored_steps(store)
     assert restored and all(step >= 5 and step % 5 == 0 for step in restored.values()), restored
-    assert driver.returncode == 130, output  # the shell's convention for an interrupted command
+    assert driver.returncode == 143, output  # the shell's convention: 128 + SIGTERM
     assert "retry" in output and "ditsweep resume" in output
+    assert "SIGTERM received" not in output and "logging.cc" not in output, output  # Ray's native handler
     assert "Context impl" not in output and "Creating initial MLflow" not in output, output
     client = MlflowClient(tracking_uri=sqlite_uri(tmp_path))
     runs = runs_by_role(client, "interrupt")
@@ -280,6 +329,28 @@ def test_killed_workers_retry_from_checkpoints_then_ctrl_c_and_resume_finish_eve
     assert all(r.data.metrics["step"] == 20 for r in runs["trial"])
     resumed_steps = [r.data.metrics.get("resumed_from_step") for r in runs["trial"]]
     assert any(s and s >= 5 for s in resumed_steps), resumed_steps  # continued, not restarted
+
+
+def test_sigterm_runs_what_ctrl_c_runs(monkeypatch):
+    """SIGTERM calls whatever handles SIGINT at that moment (Tune's graceful stop during a sweep), or
+    raises KeyboardInterrupt where SIGINT is ignored; the exit code then says which signal it was."""
+    from orchestrator import interrupt
+
+    monkeypatch.setitem(interrupt._LAST, "signum", signal.SIGINT)
+    seen: list[int] = []
+    previous = signal.getsignal(signal.SIGTERM), signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        assert interrupt.interrupted_exit_code() == 130
+        interrupt.terminate_as_interrupt()
+        signal.raise_signal(signal.SIGTERM)
+        assert seen == [signal.SIGINT]
+        assert interrupt.interrupted_exit_code() == 143
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
 
 
 def restored_steps(store: Path) -> dict[str, float]:

@@ -775,9 +775,13 @@ def _read_for_prepare(src: str, image_size: int) -> np.ndarray:
 def _write(fs: fsspec.AbstractFileSystem, path: str, payload: bytes) -> None:
     if isinstance(fs, LocalFileSystem):
         temporary = f"{path}.partial-{uuid.uuid4().hex[:8]}"
-        with open(temporary, "wb") as handle:
-            handle.write(payload)
-        os.replace(temporary, path)
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(payload)
+            os.replace(temporary, path)
+        except BaseException:  # Ctrl-C or SIGTERM too: no half-written file left beside the output
+            Path(temporary).unlink(missing_ok=True)
+            raise
     else:
         fs.pipe_file(path, payload)  # one PUT (or a multipart upload completed at the end)
 
