@@ -659,13 +659,14 @@ def serve_ui(uri: str | None, host: str, port: int, startup_timeout_s: float = 1
     uri = resolve_tracking_uri(uri)
     command = ui_command(uri, host, port)
     experiments = Tracker(uri, create=False).experiments_with_view()
+    check_port_free(host, port)
     base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the server too, like Ctrl-C
     # Its own process group: the server, its uvicorn worker and job runner are stopped together.
     server = subprocess.Popen(command, start_new_session=True, env=server_environment())
     try:
         if not _wait_healthy(server, base_url, startup_timeout_s):
-            return server.wait() if server.poll() is not None else _stop(server, 1)
+            return (server.wait() or 1) if server.poll() is not None else _stop(server, 1)
         print(f"MLflow UI: {base_url}", flush=True)
         for experiment_id, name in experiments:
             print(f"  {name}: {runs_page_url(base_url, experiment_id)}", flush=True)
@@ -673,6 +674,21 @@ def serve_ui(uri: str | None, host: str, port: int, startup_timeout_s: float = 1
         return server.wait()
     except KeyboardInterrupt:
         return _stop(server, 0)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port something already listens on: the server would fail to bind it after seconds of
+    start-up (its error buried in log lines), and another server answering there would be taken for it."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as err:
+        raise TrackingError(f"cannot listen on {host}:{port} ({err.strerror or err}); another process has "
+                            "the port: pass --port with a free one") from None
 
 
 def _interrupt(signum: int, frame: Any) -> None:

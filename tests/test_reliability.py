@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -219,6 +220,24 @@ def test_a_store_that_is_not_one_exits_2_naming_it_and_is_left_unchanged(tmp_pat
     assert "--tracking-uri" in result.stderr or "mlflow db upgrade" in result.stderr
     assert "Traceback" not in result.output
     assert store.read_bytes() == before
+    assert written == set()
+
+
+def test_ui_on_a_taken_port_exits_2_at_once_naming_the_port(tmp_path, monkeypatch):
+    """Something listens on the port already (another UI): refused before a server starts, and no
+    address printed, since what answers there is not this store's UI."""
+    _real_store(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.monotonic()
+        result, written = invoke(tmp_path, monkeypatch, "ui", "--port", str(port))
+        elapsed = time.monotonic() - start
+    assert result.exit_code == 2, result.output
+    assert f"127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
+    assert "MLflow UI:" not in result.stdout
+    assert elapsed < 5, elapsed
     assert written == set()
 
 
