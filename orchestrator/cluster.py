@@ -37,7 +37,8 @@ from orchestrator.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from orchestrator.interrupt import interrupted_exit_code
 from orchestrator.k8s import RAYJOB_TEMPLATE, render_rayjob
 from orchestrator.resources import Cluster, ResourcesError, check_trial_fits, trial_request
-from orchestrator.spec import SweepSpec, expand, load_spec
+from orchestrator.plan import check_storage_is_shared
+from orchestrator.spec import SweepSpec, check_tag_value, expand, load_spec
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 # What --with-code ships: the two packages and the project file beside them.
@@ -73,12 +74,18 @@ def submit(
     spec, trials = _validated(spec_path, overrides)
     _refuse_credentials({"--tracking-uri": tracking_uri, "--storage": storage,
                          **{f"--set {item.split('=', 1)[0]}": item for item in overrides}})
+    check_tag_value("--storage", storage)
+    check_tracking_reachable(tracking_uri, address, nodes=1)
     entrypoint = launch_entrypoint(Path(spec_path).name, overrides, storage, tracking_uri, with_code)
     env_vars = {"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}
     with tempfile.TemporaryDirectory(prefix="ditsweep-job-") as working_dir:
         stage_working_dir(spec_path, Path(working_dir), with_code)
         client = connect(address)
-        fits_now = fits_a_current_node(spec, address, follow)
+        nodes = alive_nodes(address, follow)
+        if nodes is not None:  # what the driver's `launch --address auto` would refuse, refused here
+            check_storage_is_shared(storage, address, lambda _: len(nodes))
+            check_tracking_reachable(tracking_uri, address, len(nodes))
+        fits_now = nodes is not None and fits_a_current_node(spec, nodes, follow)
         try:
             job_id = client.submit_job(
                 entrypoint=entrypoint,
@@ -101,27 +108,54 @@ def submit(
     return EXIT_OK if fits_now else await_preflight(client, job_id, address)
 
 
-def fits_a_current_node(spec: SweepSpec, address: str, follow: bool = False) -> bool:
-    """Can one of the cluster's alive nodes hold a trial? Asked through the dashboard's state API;
-    False (the driver decides) when no current node can, or when the dashboard does not say."""
+def alive_nodes(address: str, follow: bool = False) -> list[dict[str, float]] | None:
+    """The resources of each alive node of the cluster, asked through the dashboard's state API; None
+    (the driver decides) when the dashboard does not say."""
     from ray.util.state import list_nodes
 
-    then = ("its logs show the driver's check of what the cluster's autoscaler can add" if follow else
-            f"then waiting up to {PREFLIGHT_WAIT_S:.0f} s for the driver to check what the cluster's autoscaler can add")
     try:
         nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], limit=10_000, timeout=30,
                            raise_on_missing_output=False)
     except Exception as err:  # noqa: BLE001 - Ray raises its own exception types here
-        print(f"the Ray dashboard at {address} did not list its nodes ({first_line(err)}); submitting, {then}",
+        print(f"the Ray dashboard at {address} did not list its nodes ({first_line(err)}); submitting, {_then(follow)}",
               file=sys.stderr, flush=True)
-        return False
-    cluster = Cluster(nodes=[{k: float(v) for k, v in dict(n.resources_total).items()} for n in nodes])
+        return None
+    return [{k: float(v) for k, v in dict(n.resources_total).items()} for n in nodes]
+
+
+def _then(follow: bool) -> str:
+    return ("its logs show the driver's check of what the cluster's autoscaler can add" if follow else
+            f"then waiting up to {PREFLIGHT_WAIT_S:.0f} s for the driver to check what the cluster's autoscaler can add")
+
+
+def fits_a_current_node(spec: SweepSpec, nodes: list[dict[str, float]], follow: bool = False) -> bool:
+    """Can one of the cluster's alive nodes hold a trial? False (the driver decides) when none can."""
     try:
-        return check_trial_fits(trial_request(spec.resources), cluster).when == "now"
+        return check_trial_fits(trial_request(spec.resources), Cluster(nodes=nodes)).when == "now"
     except ResourcesError:  # no current node; whether a node type could is the driver's call
-        print(f"no current node of the cluster holds a trial ({_asked(spec)}); submitting, {then}",
+        print(f"no current node of the cluster holds a trial ({_asked(spec)}); submitting, {_then(follow)}",
               file=sys.stderr, flush=True)
         return False
+
+
+_LOOPBACK_HOSTS = ("localhost", "127.", "::1", "[::1]", "0.0.0.0")
+
+
+def check_tracking_reachable(tracking_uri: str | None, address: str, nodes: int) -> None:
+    """A tracking URI the job's driver can write to and the user read back. A relative sqlite path lands
+    in the job's working directory (a copy Ray unpacks and discards); on a cluster of several nodes the
+    driver may run on any of them, so a file or a loopback server names a different one each time."""
+    if not tracking_uri:
+        return
+    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+        raise ClusterError(f"--tracking-uri {tracking_uri!r} is relative to the job's working directory, which Ray "
+                           "unpacks for the job and discards; give an absolute path or a tracking server")
+    host = urlsplit(tracking_uri).hostname or ""
+    local = "://" not in tracking_uri or tracking_uri.startswith(("sqlite:", "file:")) or host.startswith(_LOOPBACK_HOSTS)
+    if local and nodes > 1:
+        raise ClusterError(f"--tracking-uri {tracking_uri!r} is local to one machine, but the Ray cluster at "
+                           f"{address} has {nodes} nodes and the job's driver may run on any of them; give a "
+                           "tracking server every node reaches, e.g. http://mlflow.NAMESPACE:5000")
 
 
 def _asked(spec: SweepSpec) -> str:
@@ -315,6 +349,11 @@ def render_k8s(
 ) -> str:
     """The RayJob manifest (YAML) that runs the spec; image and storage default to rayjob.yaml's."""
     _validated(spec_path, [])
+    if storage is not None and "://" not in storage:
+        raise ClusterError(f"--storage {storage!r} is a local folder, but a RayJob's trials run in pods of their own: "
+                           "a trial retried in another pod could not read its checkpoints; give shared storage "
+                           "such as --storage s3://bucket/prefix")
+    check_tag_value("--storage", storage)
     if Path(spec_path).is_absolute() or ".." in Path(spec_path).parts:
         print(f"note: the RayJob runs {spec_path} inside the image (relative to /home/ray/ditsweep); "
               "name the spec as in the repository, or use `ditsweep submit` for one the image lacks",

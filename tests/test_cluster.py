@@ -255,6 +255,50 @@ def test_render_k8s_refuses_a_bad_spec_or_name(tmp_path):
     assert result.exit_code == 2 and "not accepted by KubeRay" in result.stderr and not result.stdout
 
 
+@pytest.mark.parametrize("storage", ["/srv/results", "results", "file-but-no-scheme"])
+def test_render_k8s_refuses_a_local_storage(monkeypatch, storage):
+    """A RayJob's trials run in pods of their own: a local folder is not shared, and the driver's
+    `launch` would refuse it at start on the multi-node cluster. Refused here, nothing printed."""
+    monkeypatch.chdir(REPO)
+    result = render("search_spaces/paper/placement_xs.yaml", "--storage", storage)
+    assert result.exit_code == 2, result.output
+    assert f"--storage '{storage}' is a local folder" in result.stderr and "s3://" in result.stderr
+    assert not result.stdout
+
+
+@pytest.mark.parametrize(
+    ("uri", "nodes", "expected"),
+    [
+        ("sqlite:///mlflow.db", 1, "relative to the job's working directory"),
+        ("sqlite:////srv/mlflow.db", 3, "local to one machine"),
+        ("http://127.0.0.1:5000", 2, "local to one machine"),
+        ("http://localhost:5000", 2, "local to one machine"),
+        ("/srv/mlruns", 2, "local to one machine"),
+    ],
+)
+def test_submit_refuses_a_tracking_uri_the_jobs_driver_cannot_share(uri, nodes, expected):
+    from orchestrator.cluster import ClusterError, check_tracking_reachable
+
+    with pytest.raises(ClusterError, match=expected):
+        check_tracking_reachable(uri, "http://head:8265", nodes)
+
+
+@pytest.mark.parametrize(("uri", "nodes"), [("sqlite:////srv/mlflow.db", 1), ("http://127.0.0.1:5000", 1),
+                                             ("http://mlflow.research:5000", 4), (None, 4)])
+def test_submit_takes_a_tracking_uri_the_jobs_driver_can_share(uri, nodes):
+    from orchestrator.cluster import check_tracking_reachable
+
+    check_tracking_reachable(uri, "http://head:8265", nodes)  # one node: its own files and loopback are shared
+
+
+def test_submit_with_a_relative_sqlite_store_exits_2_before_reaching_the_cluster(tmp_path):
+    spec = tiny_spec(tmp_path, "relative")
+    result = CliRunner().invoke(app, ["submit", str(spec), "--address", f"http://127.0.0.1:{free_port()}",
+                                      "--tracking-uri", "sqlite:///mlflow.db"])
+    assert result.exit_code == 2, result.output
+    assert "relative to the job's working directory" in result.stderr and "cannot reach" not in result.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # Everything on S3
 
