@@ -317,13 +317,21 @@ def _xdist_group(item) -> str | None:
     return None
 
 
+# The default per-test timeout is pyproject.toml's; a slow test (a real sweep, a cluster started for its
+# module) gets this much, what its own subprocess waits allow on a loaded 2-core machine.
+SLOW_TEST_TIMEOUT_S = 1200
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the xdist_group markers
 def pytest_collection_modifyitems(items) -> None:
     """`make test-fast` (-m "not slow") must start no Ray cluster: a test that wants the Ray head is slow.
+    A slow test gets the longer timeout SLOW_TEST_TIMEOUT_S.
 
     Slow tests go first, so the two workers of `make test` are not left with one long test at the end
     (a group's tests still run together on one worker, so a module fixture is built once)."""
     for item in items:
+        if item.get_closest_marker("slow") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT_S))
         for cluster in ("ray_head", "ray_cluster"):
             if cluster in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None:
                 raise pytest.UsageError(f"{item.nodeid} uses the {cluster} fixture: mark it @pytest.mark.slow")
