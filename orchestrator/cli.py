@@ -34,16 +34,22 @@ class BadInput(Exception):
     """Anything the user can fix: reported as one message, exit code 2, nothing started."""
 
 
-def _bad_input_types() -> tuple[type[BaseException], ...]:
-    from orchestrator.cluster import ClusterError
-    from orchestrator.report import ReportError
-    from orchestrator.spec import SpecError
-    from orchestrator.tracking import TrackingError
-    from trainer.config import ConfigError
-    from trainer.data import DataError
-    from trainer.inception import WeightsError
+# The errors a user can fix, by module. An error can only come from a module that was imported, so
+# only those are looked up: answering bad input never imports torch, Ray or MLflow just to name it.
+_BAD_INPUT_ERRORS = {
+    "orchestrator.cluster": "ClusterError",
+    "orchestrator.report": "ReportError",
+    "orchestrator.spec": "SpecError",
+    "orchestrator.tracking": "TrackingError",
+    "trainer.config": "ConfigError",
+    "trainer.data": "DataError",
+    "trainer.inception": "WeightsError",
+}
 
-    return (BadInput, ClusterError, ConfigError, DataError, ReportError, SpecError, TrackingError, WeightsError)
+
+def _bad_input_types() -> tuple[type[BaseException], ...]:
+    loaded = [getattr(sys.modules[module], name) for module, name in _BAD_INPUT_ERRORS.items() if module in sys.modules]
+    return (BadInput, *loaded)
 
 
 def bounded_message(message: str, lines: int = 10, width: int = 1000) -> str:
@@ -131,9 +137,9 @@ def train(
 ) -> None:
     """Run one trial alone: no Ray, no MLflow."""
     from trainer.config import load_config
-    from trainer.train import train as run_trial
 
     trial = load_config(config, set_ or [])
+    from trainer.train import train as run_trial  # torch: only for a valid config
     out = out or Path("runs") / f"train-{datetime.now():%Y%m%d-%H%M%S}"
     print(f"training {trial.model.size} schedule={trial.schedule} data={trial.data.source} -> {out}", flush=True)
     final = run_trial(trial, _print_progress(trial.train.steps), out_dir=out)
@@ -291,6 +297,9 @@ def report(
     from orchestrator.spec import check_sweep_id
 
     check_sweep_id(sweep_id)
+    from orchestrator.tracking import require_store
+
+    require_store(tracking_uri)  # before the report's plotting libraries are imported
     from orchestrator.report import report as build_report
 
     print(build_report(sweep_id, out, tracking_uri))

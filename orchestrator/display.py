@@ -20,7 +20,7 @@ def format_table(rows: list[list[str]], rule: bool = False) -> str:
 def show_value(value: Any, none: str = "") -> str:
     """An axis value as the tables show it: a window list as 3,5,7 with G for global, None as `none`."""
     if isinstance(value, list):
-        from trainer.attention import schedule_string
+        from trainer.schedule import schedule_string
 
         return schedule_string(value)
     return none if value is None else str(value)

@@ -32,11 +32,9 @@ from orchestrator.plan import (
     read_grid_file,
     trials_manifest,
 )
-from orchestrator.progress import SweepSink
 from orchestrator.resources import Fit, check_trial_fits, this_machine, trial_request
 from orchestrator.spec import SweepSpec, Trial, expand, new_sweep_id
 from orchestrator.tracking import FAILED, FINISHED, KILLED, SweepRun, Tracker, sweep_tags
-from trainer.data import DataError
 
 DEFAULT_PENDING_TIMEOUT_S = 600.0  # how long trials may wait for resources with none running
 
@@ -95,6 +93,8 @@ def launch(
     print(f"sweep {sweep_id}: {len(plan.to_run)} trials to run, tracking {tracker.uri}")
     if fit.message:
         print(fit.message, flush=True)
+    from orchestrator.progress import SweepSink  # torch and the trainer: only once the sweep starts
+
     sink = SweepSink(tracker, parent, plan.to_run, existing={})
     sink.console.waiting = fit.message
     if until_confident is None:
@@ -135,6 +135,8 @@ def resume(sweep_id: str, *, tracking_uri: str | None = None, address: str | Non
     if remaining:
         fit = check_resources(plan.spec, address)
         tracker.reopen_run(parent.run_id)
+        from orchestrator.progress import SweepSink
+
         sink = SweepSink(tracker, parent, remaining, existing=children)
         sink.console.waiting = fit.message
         finished = frozenset(key for key, run in children.items() if run.status == FINISHED)
@@ -246,6 +248,8 @@ class Rounds:
             self._log(decisions)
             if not trials:
                 break
+            from trainer.data import DataError  # torch: only once rounds run
+
             try:
                 check_data(trials)
             except DataError as err:
@@ -275,6 +279,8 @@ class Rounds:
         if not to_run:
             return EXIT_OK, False
         self.tracker.reopen_run(self.parent.run_id)
+        from orchestrator.progress import SweepSink
+
         sink = SweepSink(self.tracker, self.parent, to_run, existing={})
         code = _run(self.plan, sink, self.parent.sweep_id, self.storage, self.address, restore=False,
                     pending_timeout_s=self.pending_timeout_s, tune_name=tune_name, report=False)

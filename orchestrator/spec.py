@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.display import param_text
-from trainer.attention import schedule_string
+from trainer.schedule import schedule_string
 from trainer.config import (
     ConfigError,
     TrialConfig,

@@ -22,18 +22,20 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 # Fail fast on a dead server instead of MLflow's minutes of backoff: the outbox retries later.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
-import mlflow  # noqa: E402
-from mlflow.entities import Metric, Param, Run, RunTag  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
 from orchestrator.display import first_line, param_text  # noqa: E402
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+# MLflow itself (some 2 s to import) is imported where a store is opened, not here: a command refused
+# for bad input, or one that finds no store, answers without it.
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # MLflow's and alembic's INFO lines ("Creating initial MLflow database tables...", "Context impl
@@ -185,6 +187,14 @@ def store_missing(uri: str) -> bool:
     return path is not None and not _has_content(path)
 
 
+def require_store(uri: str | None) -> None:
+    """Refuse a local store that does not exist, for commands that read one (before they import more)."""
+    uri = resolve_tracking_uri(uri)
+    if store_missing(uri):
+        raise TrackingError(f"no tracking store at {uri!r} (nothing has been launched here); "
+                            "pass --tracking-uri or run from the folder of the sweep")
+
+
 def _sqlite_path(uri: str) -> Path | None:
     """The file of a local sqlite store, or None for any other store."""
     if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
@@ -260,13 +270,14 @@ class Tracker:
     def __init__(self, uri: str | None = None, create: bool = True):
         """`create=False` for read-only commands: a local store that does not exist is an error, not made."""
         self.uri = resolve_tracking_uri(uri)
-        if not create and store_missing(self.uri):
-            raise TrackingError(f"no tracking store at {self.uri!r} (nothing has been launched here); "
-                                "pass --tracking-uri or run from the folder of the sweep")
+        if not create:
+            require_store(self.uri)
         self._check_reachable()
         self._store = _store_uri(self.uri)  # what MLflow is handed
         if (path := _sqlite_path(self._store)) is not None:
             prepare_sqlite_store(path)
+        from mlflow.tracking import MlflowClient
+
         try:
             self._client = MlflowClient(tracking_uri=self._store)
             self._client.search_experiments(max_results=1)
@@ -293,6 +304,8 @@ class Tracker:
 
     # -- experiments and sweeps -----------------------------------------------------------------
     def experiment_id(self, name: str, create: bool = True) -> str | None:
+        import mlflow
+
         experiment = self._client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
@@ -318,6 +331,8 @@ class Tracker:
 
     def start_sweep(self, experiment_id: str, sweep_id: str, *, name: str, tags: dict, params: dict,
                     texts: dict[str, str]) -> SweepRun:
+        from mlflow.entities import Param
+
         run = self._client.create_run(
             experiment_id,
             run_name=name,
@@ -350,6 +365,8 @@ class Tracker:
         return [_trial_run(run) for run in runs]
 
     def read_bytes(self, run_id: str, path: str) -> bytes:
+        import mlflow
+
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.artifacts.download_artifacts(
                 run_id=run_id, artifact_path=path, dst_path=tmp, tracking_uri=self._store
@@ -361,6 +378,8 @@ class Tracker:
 
     def find_run(self, run_id: str) -> TrialRun | None:
         """The run, or None when the store no longer has it (deleted)."""
+        import mlflow
+
         try:
             run = self._client.get_run(run_id)
         except mlflow.exceptions.MlflowException:
@@ -409,6 +428,8 @@ class Tracker:
     def open_trial(self, sweep: SweepRun, trial_name: str, trial_key: str, params: dict,
                    existing: TrialRun | None) -> str:
         """The trial's child run: the existing one when resuming (never a second run), else a new one."""
+        from mlflow.entities import Param
+
         if existing is not None:
             run_id = existing.run_id
             self.outbox.run(f"reopen {trial_name}", lambda: self._client.update_run(run_id, status=RUNNING))
@@ -429,6 +450,8 @@ class Tracker:
         return run.info.run_id
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
         now = _now_ms()
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self.outbox.run(f"metrics step {step}", lambda: self._client.log_batch(run_id, metrics=batch))
@@ -451,6 +474,8 @@ class Tracker:
     def log_series(self, run_id: str, series: dict[str, list[tuple[int, float]]]) -> None:
         """Metric series whose step is not a training step (e.g. PSNR per diffusion timestep): MLflow's
         chart view plots them against their step and overlays the selected runs."""
+        from mlflow.entities import Metric
+
         now = _now_ms()
         batch = [Metric(key, float(value), now, int(step)) for key, points in series.items() for step, value in points]
         for start in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics a batch
@@ -476,6 +501,8 @@ class Tracker:
         self.set_tags(run_id, {TAG_ERROR: error[:ERROR_TAG_MAX_CHARS]})
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
         batch = [RunTag(k, str(v)) for k, v in tags.items()]
         self.outbox.run("tags", lambda: self._client.log_batch(run_id, tags=batch))
 
@@ -585,6 +612,8 @@ def _cannot_open(uri: str, err: Exception) -> TrackingError:
     """Why MLflow would not open a store, and what to do. MLflow checks a complete store's schema
     revision itself, reading only, and tells to upgrade whatever it found; a revision it does not know
     comes from a newer MLflow, which an upgrade cannot help."""
+    import mlflow
+
     path = _sqlite_path(uri)
     revision = _store_revision(path) if path is not None else None
     if revision is not None and revision not in _schema_revisions():
@@ -607,6 +636,7 @@ def _store_revision(path: Path) -> str | None:
 
 def _schema_revisions() -> set[str]:
     """Every schema revision the installed MLflow knows (its alembic migration scripts)."""
+    import mlflow
     from alembic.script import ScriptDirectory
 
     scripts = ScriptDirectory(str(Path(mlflow.__file__).parent / "store" / "db_migrations"))

@@ -184,3 +184,33 @@ def test_any_bad_input_message_is_bounded_at_the_cli(workdir):
     message = refused(["prepare-data", "x" * 100_000, "out"], workdir, seconds=5)
     assert message.startswith("error: data source 'xxx") and len(message) <= len("error: ") + 1000
     assert message.endswith("...")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input answered without torch, Ray or MLflow (each some seconds to import): measured per command
+# in benchmarks/bad_input_latency.py
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["launch", "bad.yaml"], ["launch", "missing.yaml"], ["plan", "bad.yaml"], ["train", "config.yaml"],
+     ["resume", "x'or'1"], ["resume", "some-sweep-1"], ["status", "some-sweep-1"], ["report", "x'or'1"],
+     ["report", "some-sweep-1"]],
+    ids=lambda args: "-".join(args).replace("'", ""),
+)
+def test_bad_input_is_answered_without_importing_torch_ray_or_mlflow(tmp_path, args):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.yaml").write_text("name: bad\ngrid: {attention.placement: [sideways]}\n")
+    (tmp_path / "config.yaml").write_text("train: {steps: -1}\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "orchestrator.cli", *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr[-2000:]
+    lines = done.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")}
+    assert "typer" in imported  # -X importtime did report
+    assert not imported & {"torch", "ray", "mlflow"}, imported & {"torch", "ray", "mlflow"}
+    assert [line for line in lines if line.startswith("error: ")], done.stderr[-2000:]

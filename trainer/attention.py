@@ -22,19 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-PLACEMENTS = ("none", "head", "tail", "mix", "custom")
+# Re-exported: the schedules live in a module without torch, so configs validate without importing it.
+from trainer.schedule import GLOBAL, PLACEMENTS, block_windows, check_window, schedule_string  # noqa: F401
+
 BACKENDS = ("auto", "dense", "banded", "flex")
-GLOBAL = "G"  # how a global block is written in a schedule string
 
 Grid = tuple[int, int]  # (height, width) in tokens
-
-
-def check_window(window: object) -> int:
-    """Return `window` if it is an odd int >= 1, else raise ValueError naming it."""
-    # bool is an int subclass; True would silently mean a 1x1 window.
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
-        raise ValueError(f"attention window must be an odd integer >= 1, got {window!r}")
-    return window
 
 
 def is_global(window: int | None, grid: Grid) -> bool:
@@ -57,57 +50,6 @@ def window_mask(height: int, width: int, window: int) -> torch.BoolTensor:
     near_rows = (rows[:, None] - rows[None, :]).abs() <= radius  # (N, N)
     near_cols = (cols[:, None] - cols[None, :]).abs() <= radius  # (N, N)
     return near_rows & near_cols
-
-
-def block_windows(depth: int, placement: str, windows: list) -> list[int | None]:
-    """Per-block windows for a `depth`-block model (None = global attention).
-
-    none:   all global; `windows` is ignored.
-    head:   windows on the first len(windows) blocks, in order (the paper's default).
-    tail:   windows on the last len(windows) blocks, in order.
-    mix:    local and global interleaved: windows on blocks 0, 2, 4, ... in order.
-    custom: `windows` is the explicit per-block list, odd ints or None, length `depth`.
-    """
-    if placement not in PLACEMENTS:
-        raise ValueError(f"unknown attention placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"model depth must be an integer >= 1, got {depth!r}")
-    if placement == "none":
-        return [None] * depth
-    windows = list(windows)
-    if placement == "custom":
-        return _custom_windows(depth, windows)
-    for window in windows:
-        check_window(window)
-    slots = math.ceil(depth / 2) if placement == "mix" else depth
-    if len(windows) > slots:
-        where = " (mix puts windows on every other block)" if placement == "mix" else ""
-        raise ValueError(
-            f"placement {placement!r} puts {len(windows)} windows on a {depth}-block model; "
-            f"use at most {slots}{where}"
-        )
-    schedule: list[int | None] = [None] * depth
-    if placement == "head":
-        schedule[: len(windows)] = windows
-    elif placement == "tail":
-        schedule[depth - len(windows) :] = windows
-    else:  # mix
-        schedule[0 : 2 * len(windows) : 2] = windows
-    return schedule
-
-
-def _custom_windows(depth: int, windows: list) -> list[int | None]:
-    if len(windows) != depth:
-        raise ValueError(
-            f"placement 'custom' needs one window (or null for global) per block: "
-            f"got {len(windows)} entries for a {depth}-block model"
-        )
-    return [None if window is None else check_window(window) for window in windows]
-
-
-def schedule_string(windows: list[int | None]) -> str:
-    """Readable per-block schedule, e.g. "3,5,7,9,11,13,G,G,G,G,G,G" (G = global)."""
-    return ",".join(GLOBAL if window is None else str(window) for window in windows)
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:

@@ -14,9 +14,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from trainer.attention import block_windows, schedule_string
-from trainer.inception import FID_WEIGHTS_SHA256_PREFIX, FID_WEIGHTS_URL
-from trainer.model import parse_size
+from trainer.schedule import block_windows, parse_size, schedule_string
+
+# The FID weights (trainer/inception.py loads them): Inception-v3 as pytorch-fid ships it.
+FID_WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth"
+)
+FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+# The file name carries the first 8 hex digits of the file's sha256 (torch.hub's convention).
+FID_WEIGHTS_SHA256_PREFIX = "6726825d"
 
 class ConfigError(ValueError):
     """A configuration the trainer would reject; the message names the field and the value."""

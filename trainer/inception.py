@@ -34,15 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.config import FID_WEIGHTS_FILENAME, FID_WEIGHTS_SHA256_PREFIX, FID_WEIGHTS_URL  # noqa: F401
 from trainer.data import default_cache_dir, file_sha256
-
-FID_WEIGHTS_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-    "pt_inception-2015-12-05-6726825d.pth"
-)
-FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
-# The file name carries the first 8 hex digits of the file's sha256 (torch.hub's convention).
-FID_WEIGHTS_SHA256_PREFIX = "6726825d"
 
 INPUT_SIZE = 299  # Inception-v3 sees 299x299 images
 FEATURE_DIM = 2048  # pool features after Mixed_7c: the space FID and KID are computed in

@@ -8,7 +8,6 @@ constructor's `windows` schedule (see `trainer.attention.block_windows`).
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn as nn
@@ -22,29 +21,7 @@ from trainer.attention import (
     schedule_string,
     window_mask,
 )
-
-# name -> (depth, width, heads). XS and S are the paper's sizes (An et al. 2024), B is DiT's.
-# DiT-T is ours: small enough that a 2-core CPU trains it usefully on 8x8 images in minutes, and
-# deep enough (12 blocks) that head / mix / tail placements of six windows all differ. DiT-P ("pico")
-# is DiT-T with half the blocks, for `make run`'s laptop budget: three windows still leave head, mix
-# and tail distinct.
-MODEL_SIZES: dict[str, tuple[int, int, int]] = {
-    "DiT-T": (12, 64, 2),
-    "DiT-XS": (12, 252, 4),
-    "DiT-S": (12, 384, 6),
-    "DiT-B": (12, 768, 12),
-    "DiT-P": (6, 64, 2),
-}
-
-
-def parse_size(name: str) -> tuple[int, int, int, int]:
-    """"DiT-XS/1" -> (depth, width, heads, patch). A bare name ("DiT-XS") means patch 1."""
-    match = re.fullmatch(r"(?P<base>[^/]+)(?:/(?P<patch>[1-9][0-9]*))?", str(name))
-    if match is None or match["base"] not in MODEL_SIZES:
-        choices = ", ".join(f"{base}/<patch>" for base in MODEL_SIZES)
-        raise ValueError(f"unknown model size {name!r}; choose one of {choices} (e.g. DiT-XS/1)")
-    depth, width, heads = MODEL_SIZES[match["base"]]
-    return depth, width, heads, int(match["patch"] or 1)
+from trainer.schedule import MODEL_SIZES, parse_size  # noqa: F401 - re-exported
 
 
 def build_dit(

@@ -1,0 +1,93 @@
+"""Per-block attention window schedules and the named model sizes: plain Python, no torch, so a
+config or a sweep spec is validated (and bad input refused) without importing torch."""
+
+from __future__ import annotations
+
+import math
+import re
+
+PLACEMENTS = ("none", "head", "tail", "mix", "custom")
+GLOBAL = "G"  # how a global block is written in a schedule string
+
+
+def check_window(window: object) -> int:
+    """Return `window` if it is an odd int >= 1, else raise ValueError naming it."""
+    # bool is an int subclass; True would silently mean a 1x1 window.
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise ValueError(f"attention window must be an odd integer >= 1, got {window!r}")
+    return window
+
+
+def block_windows(depth: int, placement: str, windows: list) -> list[int | None]:
+    """Per-block windows for a `depth`-block model (None = global attention).
+
+    none:   all global; `windows` is ignored.
+    head:   windows on the first len(windows) blocks, in order (the paper's default).
+    tail:   windows on the last len(windows) blocks, in order.
+    mix:    local and global interleaved: windows on blocks 0, 2, 4, ... in order.
+    custom: `windows` is the explicit per-block list, odd ints or None, length `depth`.
+    """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown attention placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"model depth must be an integer >= 1, got {depth!r}")
+    if placement == "none":
+        return [None] * depth
+    windows = list(windows)
+    if placement == "custom":
+        return _custom_windows(depth, windows)
+    for window in windows:
+        check_window(window)
+    slots = math.ceil(depth / 2) if placement == "mix" else depth
+    if len(windows) > slots:
+        where = " (mix puts windows on every other block)" if placement == "mix" else ""
+        raise ValueError(
+            f"placement {placement!r} puts {len(windows)} windows on a {depth}-block model; "
+            f"use at most {slots}{where}"
+        )
+    schedule: list[int | None] = [None] * depth
+    if placement == "head":
+        schedule[: len(windows)] = windows
+    elif placement == "tail":
+        schedule[depth - len(windows) :] = windows
+    else:  # mix
+        schedule[0 : 2 * len(windows) : 2] = windows
+    return schedule
+
+
+def _custom_windows(depth: int, windows: list) -> list[int | None]:
+    if len(windows) != depth:
+        raise ValueError(
+            f"placement 'custom' needs one window (or null for global) per block: "
+            f"got {len(windows)} entries for a {depth}-block model"
+        )
+    return [None if window is None else check_window(window) for window in windows]
+
+
+def schedule_string(windows: list[int | None]) -> str:
+    """Readable per-block schedule, e.g. "3,5,7,9,11,13,G,G,G,G,G,G" (G = global)."""
+    return ",".join(GLOBAL if window is None else str(window) for window in windows)
+
+
+# name -> (depth, width, heads). XS and S are the paper's sizes (An et al. 2024), B is DiT's.
+# DiT-T is ours: small enough that a 2-core CPU trains it usefully on 8x8 images in minutes, and
+# deep enough (12 blocks) that head / mix / tail placements of six windows all differ. DiT-P ("pico")
+# is DiT-T with half the blocks, for `make run`'s laptop budget: three windows still leave head, mix
+# and tail distinct.
+MODEL_SIZES: dict[str, tuple[int, int, int]] = {
+    "DiT-T": (12, 64, 2),
+    "DiT-XS": (12, 252, 4),
+    "DiT-S": (12, 384, 6),
+    "DiT-B": (12, 768, 12),
+    "DiT-P": (6, 64, 2),
+}
+
+
+def parse_size(name: str) -> tuple[int, int, int, int]:
+    """"DiT-XS/1" -> (depth, width, heads, patch). A bare name ("DiT-XS") means patch 1."""
+    match = re.fullmatch(r"(?P<base>[^/]+)(?:/(?P<patch>[1-9][0-9]*))?", str(name))
+    if match is None or match["base"] not in MODEL_SIZES:
+        choices = ", ".join(f"{base}/<patch>" for base in MODEL_SIZES)
+        raise ValueError(f"unknown model size {name!r}; choose one of {choices} (e.g. DiT-XS/1)")
+    depth, width, heads = MODEL_SIZES[match["base"]]
+    return depth, width, heads, int(match["patch"] or 1)
