@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import tests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,3 +53,42 @@ def test_an_installed_tests_package_does_not_shadow_the_suite(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert Path(done.stdout.strip()).resolve() == REPO / "tests" / "__init__.py"
+
+
+# ---------------------------------------------------------------------------------------------
+# A missing tool: a skip here, a failure in CI; and only the check that needs it is left out
+
+
+def test_a_missing_tool_skips_locally_and_fails_in_ci(monkeypatch):
+    from tests.support.ci import missing
+
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no such tool"):
+        missing("no such tool")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no such tool.*CI=true"):
+        missing("no such tool")
+
+
+def rayjob_with_a_pod_field_kubernetes_1_29_lacks() -> dict:
+    import yaml
+
+    (doc,) = [d for d in yaml.safe_load_all((REPO / "docker" / "kuberay" / "rayjob.yaml").read_text())
+              if d and d.get("kind") == "RayJob"]
+    doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["hostnameOverride"] = "w"
+    return doc
+
+
+def test_without_the_crds_only_the_crd_check_is_left_out(monkeypatch, tmp_path):
+    """The pod templates are still checked (and fail here), and the test goes on; in CI it fails."""
+    from tests.support import k8s_schema
+
+    monkeypatch.setattr(k8s_schema, "CRD_DIRS", [tmp_path / "absent"])
+    monkeypatch.delenv("CI", raising=False)
+    doc = rayjob_with_a_pod_field_kubernetes_1_29_lacks()
+    with pytest.warns(UserWarning, match="not checked against its CRD"), \
+            pytest.raises(AssertionError, match="hostnameOverride"):
+        k8s_schema.validate_manifest(doc)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="KubeRay CRDs not found"):
+        k8s_schema.validate_manifest(doc)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ci import missing
 from tests.support.sweeps import free_port
 
 pytestmark = pytest.mark.slow
@@ -42,11 +43,11 @@ RUN_NAME_CELLS = (
 
 def find_chromium() -> str:
     """The chromium binary. `make test` installs it first (`make browser`) where it can; where it
-    could not, this test skips and says why."""
+    could not, this test skips and says why, and fails under CI=true."""
     found = shutil.which(CHROMIUM)
     if not found:
-        pytest.skip("chromium is not installed: `make browser` installs it with apt-get (needs root and "
-                    "the Debian archive); without it the MLflow UI is not checked in a browser")
+        missing("chromium is not installed: `make browser` installs it with apt-get (needs root and "
+                "the Debian archive); without it the MLflow UI is not checked in a browser")
     return found
 
 

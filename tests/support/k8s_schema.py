@@ -8,15 +8,16 @@ schemas of the kubernetes-validate package, plus what the KubeRay operator check
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import jsonschema
-import pytest
 import yaml
 from kubernetes_validate import utils as kubernetes_validate
 
 from orchestrator.k8s import MAX_RAYJOB_NAME_LENGTH
+from tests.support.ci import in_ci, missing
 
 REPO = Path(__file__).resolve().parents[2]
 # The oldest and the newest Kubernetes whose schemas the manifests must pass.
@@ -43,11 +44,17 @@ def pod_templates(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return templates
 
 
-def crd_dir() -> Path:
-    for candidate in (REPO / "shared" / "kuberay-crds", REPO.parent / "shared" / "kuberay-crds"):
-        if candidate.is_dir():
-            return candidate
-    pytest.skip("KubeRay CRDs not found in shared/kuberay-crds beside or inside the repository")
+# Where the KubeRay CRDs are looked for, in order.
+CRD_DIRS = [REPO / "shared" / "kuberay-crds", REPO.parent / "shared" / "kuberay-crds"]
+CRDS_MISSING = "KubeRay CRDs not found in shared/kuberay-crds beside or inside the repository"
+
+
+def crd_dir() -> Path | None:
+    """The CRDs' folder; None where they are absent (a failure under CI=true)."""
+    found = next((candidate for candidate in CRD_DIRS if candidate.is_dir()), None)
+    if found is None and in_ci():
+        missing(CRDS_MISSING)
+    return found
 
 
 def closed(schema: Any) -> Any:
@@ -75,6 +82,9 @@ _CRD_VALIDATORS: dict[str, jsonschema.protocols.Validator] = {}
 
 
 def crd_validator(kind: str) -> jsonschema.protocols.Validator:
+    """The CRD's schema, closed; a test that needs it skips where the CRDs are absent (fails in CI)."""
+    if crd_dir() is None:
+        missing(CRDS_MISSING)
     if kind not in _CRD_VALIDATORS:
         # libyaml's loader when present: the CRDs are 40,000 lines and the pure-Python one is slow.
         loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -97,7 +107,10 @@ def validate_manifest(doc: dict[str, Any]) -> None:
     if doc["apiVersion"] != "ray.io/v1":
         validate_core(doc)
         return
-    crd_validator(doc["kind"]).validate(doc)
+    if crd_dir() is not None:
+        crd_validator(doc["kind"]).validate(doc)
+    else:  # only this check is left out: the pod templates and whatever the test asserts next still run
+        warnings.warn(f"{CRDS_MISSING}: {doc['kind']} not checked against its CRD", stacklevel=2)
     for where, template in pod_templates(doc).items():
         wrapper = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
         try:
