@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from trainer.config import (
     ConfigError,
@@ -66,7 +67,14 @@ def test_defaults_build_and_match_the_paper_setup():
 @pytest.mark.parametrize("key", DESIGN_KEYS)
 def test_every_design_key_exists_and_can_be_set(key):
     assert key in flatten(TrialConfig())
-    set_dotted({}, key, 1)  # the --set path accepts it (the value is checked later, by build_config)
+    tree: dict = {}
+    marker = object()  # the --set path accepts the key (its value is checked later, by build_config)
+    set_dotted(tree, key, marker)
+    node = tree
+    for part in key.split("."):  # ... and puts the value where the dotted key says, nowhere else
+        assert list(node) == [part], (key, node)
+        node = node[part]
+    assert node is marker
 
 
 def test_flatten_gives_dotted_leaves_for_configs_and_dicts():
@@ -284,5 +292,6 @@ def test_missing_yaml_file_is_refused(tmp_path):
 
 def test_config_is_frozen():
     config = TrialConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="Instance is frozen"):
         config.train.steps = 3  # type: ignore[misc]
+    assert config.train.steps == TrialConfig().train.steps

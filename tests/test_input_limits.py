@@ -173,10 +173,23 @@ def test_an_invalid_base_is_blamed_on_the_base(workdir):
     assert message.startswith("error: base: train.steps: Input should be greater than or equal to 1")
 
 
+def plan_keys(output: str) -> list[str]:
+    """The trial keys of a `plan` table (the column after the memory estimate)."""
+    return [line.split()[-2] for line in output.splitlines() if line[:1].isdigit() and line.split()[-1] == "run"]
+
+
 def test_a_valid_set_still_applies(workdir):
+    """The --set reaches every trial: the plan's trials are those of a spec whose base says the same."""
     path = write(workdir, spec_text(grid={"seed": [0, 1]}))
     result = CliRunner().invoke(app, ["plan", str(path), "--set", "train.steps=3"])
     assert result.exit_code == 0, result.output
+    same = write(workdir, spec_text(base={**TINY_BASE, "train": {**TINY_BASE["train"], "steps": 3}},
+                                    grid={"seed": [0, 1]}), "same.yaml")
+    without = CliRunner().invoke(app, ["plan", str(path)])
+    expected = CliRunner().invoke(app, ["plan", str(same)])
+    assert len(plan_keys(result.output)) == 2
+    assert plan_keys(result.output) == plan_keys(expected.output)
+    assert not set(plan_keys(result.output)) & set(plan_keys(without.output))
 
 
 def test_any_bad_input_message_is_bounded_at_the_cli(workdir):
