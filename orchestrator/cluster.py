@@ -48,6 +48,7 @@ _URI_PASSWORD = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
 _POLL_S = 2.0
 # How long `submit` waits for the driver's resource check when no current node holds a trial.
 PREFLIGHT_WAIT_S = 180.0
+END_OF_STREAM_WAIT_S = 60.0  # how long a job's status may lag its log stream's end
 # The line `launch` prints once every check has passed and the sweep's run exists.
 _ACCEPTED = re.compile(r"^sweep \S+: \d+ trials? to run", re.MULTILINE)
 
@@ -304,7 +305,13 @@ def follow_job(client, job_id: str, address: str) -> int:
         print(f"[ditsweep] log stream interrupted ({first_line(err)}); waiting for the job to end",
               file=sys.stderr, flush=True)
         stream_broken = True
-    info = _wait_until_terminal(client, job_id, address)
+    # The stream closes when the job ends, and its status can lag a moment: that wait is bounded. A stream
+    # that broke leaves a running sweep, followed (as asked) for as long as it runs.
+    info = _wait_until_terminal(client, job_id, address, None if stream_broken else END_OF_STREAM_WAIT_S)
+    if info is None:
+        print(f"the job's log stream ended, but job {job_id} has not ended {END_OF_STREAM_WAIT_S:.0f} s later; "
+              f"follow it: ray job logs --follow --address {address} {job_id}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     if stream_broken:
         print(client.get_job_logs(job_id)[printed:], end="", flush=True)
     if info.status == "SUCCEEDED":
@@ -317,12 +324,14 @@ def follow_job(client, job_id: str, address: str) -> int:
     return EXIT_FAILED
 
 
-def _wait_until_terminal(client, job_id: str, address: str):
-    """Poll until the job has ended. The log stream closes when it ends, and its status may lag behind
-    for a moment; a stream that broke or closed early leaves a running sweep, waited for as long as it
-    runs (the user asked to follow it), each poll bounded by the dashboard answering."""
+def _wait_until_terminal(client, job_id: str, address: str, timeout_s: float | None):
+    """The job's info once it has ended, or None when `timeout_s` passed first (None: no limit). Each
+    poll is bounded by the dashboard answering."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while not (info := _job_state(client, job_id, address)[0]).status.is_terminal():
-        time.sleep(_POLL_S)
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        time.sleep(min(_POLL_S, max(0.0, deadline - time.monotonic())) if deadline is not None else _POLL_S)
     return info
 
 

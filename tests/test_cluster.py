@@ -79,6 +79,28 @@ def test_submit_follows_the_job_to_a_finished_sweep(ray_head, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_wait_for_a_job_to_end_is_bounded(ray_head, monkeypatch):
+    """What `submit --follow` does once the log stream has ended: wait for the job's status, bounded
+    (a real job that is still running, on the real dashboard)."""
+    import time
+
+    from orchestrator.cluster import _wait_until_terminal, connect
+
+    for name, value in ray_head.auth.items():
+        monkeypatch.setenv(name, value)
+    client = connect(ray_head.address)
+    job_id = client.submit_job(entrypoint="sleep 120", entrypoint_num_cpus=0)
+    try:
+        start = time.monotonic()
+        assert _wait_until_terminal(client, job_id, ray_head.address, timeout_s=3) is None
+        assert 3 <= time.monotonic() - start < 20
+    finally:
+        client.stop_job(job_id)
+    info = _wait_until_terminal(client, job_id, ray_head.address, timeout_s=60)
+    assert info is not None and str(info.status) == "STOPPED"
+
+
+@pytest.mark.slow
 def test_a_job_that_fails_on_the_cluster_exits_1(ray_head, tmp_path):
     # Valid here, refused by `launch` on the cluster: the data source is not there. The driver is
     # the shipped code, run from the job's working directory.
