@@ -283,10 +283,12 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
         time.sleep(0.3)
 
 
-def start_launch(spec: Path, cwd: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+def start_launch(spec: Path, cwd: Path, *args: str, env: dict | None = None, log=None) -> subprocess.Popen:
+    """`ditsweep launch` in its own process group; its output piped, or into the open file `log` (to be
+    read while it runs)."""
     return subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "launch", str(spec), *args],
-        cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=cwd, env={**os.environ, **(env or {})}, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True,
     )
 
@@ -477,7 +479,9 @@ def test_tracking_server_going_away_loses_no_results(tmp_path, restartable_mlflo
     """A sweep tracked by a real `mlflow server` that is killed mid-sweep and started again."""
     url, start, stop = restartable_mlflow_server
     spec = write_spec(tmp_path, name="flaky", base=LONGER, grid={"attention.placement": ["none", "head"]})
-    driver = start_launch(spec, tmp_path, "--tracking-uri", url)
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "w") as log:
+        driver = start_launch(spec, tmp_path, "--tracking-uri", url, log=log)
     client = MlflowClient(tracking_uri=url)
     try:
         def some_metric_logged() -> bool:
@@ -486,13 +490,18 @@ def test_tracking_server_going_away_loses_no_results(tmp_path, restartable_mlflo
 
         wait_for(some_metric_logged, 240, "the first metrics", driver)
         stop()
-        time.sleep(8)  # trials keep reporting while the server is away
+        # Trials keep reporting while the server is away: wait until the driver has kept a write for later.
+        wait_for(lambda: "keeping results to write later" in log_path.read_text(), 240,
+                 "a tracking write kept during the outage", driver)
         start()
-        output, _ = driver.communicate(timeout=300)
+        driver.wait(timeout=300)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
+    output = log_path.read_text()
     assert driver.returncode == 0, output
+    kept = output.index("keeping results to write later")
+    assert "tracking server is back; pending writes delivered" in output[kept:], output  # then delivered
     runs = runs_by_role(client, "flaky")
     assert len(runs["trial"]) == 2
     for run in runs["trial"]:
