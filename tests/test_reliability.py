@@ -161,44 +161,52 @@ def test_a_trial_name_fits_mlflow_and_its_folder_name_fits_the_file_system():
 # A file where the tracking store should be that is not a complete MLflow store: refused, unchanged.
 
 
-def _real_store(folder: Path) -> Path:
-    """A complete store made by ditsweep, under another name first: MLflow keeps the store it opened for
-    each URI in this process, and the command under test must open the file as it is now."""
+@pytest.fixture(scope="session")
+def pristine_store(tmp_path_factory) -> bytes:
+    """The bytes of a complete store made by ditsweep (made once: its migrations take a second or two)."""
     from orchestrator.tracking import Tracker
 
-    made = folder / "made.db"
+    made = tmp_path_factory.mktemp("pristine") / "made.db"
     Tracker(f"sqlite:///{made}").experiment_id("kept")
-    return made.rename(folder / "mlflow.db")
+    return made.read_bytes()
 
 
-def _truncated(folder: Path) -> str:
-    store = _real_store(folder)
+def _real_store(folder: Path, pristine: bytes) -> Path:
+    """A copy of the pristine store as the folder's mlflow.db: a path MLflow has not opened in this
+    process (it keeps the store it opened for each URI), so the command under test reads the file as it is."""
+    store = folder / "mlflow.db"
+    store.write_bytes(pristine)
+    return store
+
+
+def _truncated(folder: Path, pristine: bytes) -> str:
+    store = _real_store(folder, pristine)
     store.write_bytes(store.read_bytes()[:5000])
     return "is not a readable MLflow tracking store"
 
 
-def _tables_missing(folder: Path) -> str:
+def _tables_missing(folder: Path, pristine: bytes) -> str:
     """What two stores created at once, or one creation killed half-way, left before: tables missing."""
-    store = _real_store(folder)
+    store = _real_store(folder, pristine)
     with sqlite3.connect(store) as db:
         db.execute("DROP TABLE metrics")
     return "is an incomplete MLflow tracking store"
 
 
-def _newer_schema(folder: Path) -> str:
-    store = _real_store(folder)
+def _newer_schema(folder: Path, pristine: bytes) -> str:
+    store = _real_store(folder, pristine)
     with sqlite3.connect(store) as db:
         db.execute("UPDATE alembic_version SET version_num = 'ffff00001111'")
     return "written by a newer MLflow (schema revision ffff00001111"
 
 
-def _other_database(folder: Path) -> str:
+def _other_database(folder: Path, pristine: bytes) -> str:
     with sqlite3.connect(folder / "mlflow.db") as db:
         db.execute("CREATE TABLE notes (text TEXT)")
     return "is an SQLite database but not an MLflow tracking store"
 
 
-def _text_file(folder: Path) -> str:
+def _text_file(folder: Path, pristine: bytes) -> str:
     (folder / "mlflow.db").write_text("not a database\n")
     return "is not an MLflow tracking store (not an SQLite database)"
 
@@ -209,8 +217,9 @@ NOT_A_STORE = {"text file": _text_file, "truncated copy": _truncated, "tables mi
 
 @pytest.mark.parametrize("case", sorted(NOT_A_STORE))
 @pytest.mark.parametrize("command", ["launch", "status"])
-def test_a_store_that_is_not_one_exits_2_naming_it_and_is_left_unchanged(tmp_path, monkeypatch, case, command):
-    expected = NOT_A_STORE[case](tmp_path)
+def test_a_store_that_is_not_one_exits_2_naming_it_and_is_left_unchanged(tmp_path, monkeypatch, pristine_store,
+                                                                          case, command):
+    expected = NOT_A_STORE[case](tmp_path, pristine_store)
     store = tmp_path / "mlflow.db"
     before = store.read_bytes()
     args = [str(write_spec(tmp_path))] if command == "launch" else []
@@ -223,10 +232,10 @@ def test_a_store_that_is_not_one_exits_2_naming_it_and_is_left_unchanged(tmp_pat
     assert written == set()
 
 
-def test_ui_on_a_taken_port_exits_2_at_once_naming_the_port(tmp_path, monkeypatch):
+def test_ui_on_a_taken_port_exits_2_at_once_naming_the_port(tmp_path, monkeypatch, pristine_store):
     """Something listens on the port already (another UI): refused before a server starts, and no
     address printed, since what answers there is not this store's UI."""
-    _real_store(tmp_path)
+    _real_store(tmp_path, pristine_store)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
