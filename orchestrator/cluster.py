@@ -331,7 +331,7 @@ def _wait_until_terminal(client, job_id: str, address: str, timeout_s: float | N
     while not (info := _job_state(client, job_id, address)[0]).status.is_terminal():
         if deadline is not None and time.monotonic() >= deadline:
             return None
-        time.sleep(min(_POLL_S, max(0.0, deadline - time.monotonic())) if deadline is not None else _POLL_S)
+        time.sleep(_POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - time.monotonic())))
     return info
 
 

@@ -13,6 +13,7 @@ import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator import adaptive
 from orchestrator.adaptive import StoppingRule
@@ -35,6 +36,9 @@ from orchestrator.plan import (
 from orchestrator.resources import Fit, check_trial_fits, this_machine, trial_request
 from orchestrator.spec import SweepSpec, Trial, expand, new_sweep_id
 from orchestrator.tracking import FAILED, FINISHED, KILLED, SweepRun, Tracker, sweep_tags
+
+if TYPE_CHECKING:
+    from orchestrator.progress import SweepSink
 
 DEFAULT_PENDING_TIMEOUT_S = 600.0  # how long trials may wait for resources with none running
 

@@ -536,7 +536,10 @@ class Tracker:
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
 
-def prepare_sqlite_store(path: Path) -> None:
+STORE_LOCK_TIMEOUT_S = 120.0  # the longest a command waits for another to finish creating the store
+
+
+def prepare_sqlite_store(path: Path, lock_timeout_s: float = STORE_LOCK_TIMEOUT_S) -> None:
     """Make `path` a complete MLflow store, or raise TrackingError naming it and changing nothing.
 
     MLflow creates a new store by running some 60 schema migrations in place: two processes doing that
@@ -544,19 +547,30 @@ def prepare_sqlite_store(path: Path) -> None:
     can open. So a new store is built under a lock on its folder, in a temporary file moved into place
     when complete; a file that is there already is checked before MLflow is let near it."""
     if not _has_content(path):
-        with _folder_lock(path.parent):
+        with _folder_lock(path.parent, lock_timeout_s):
             if not _has_content(path):  # another process may have created it while this one waited
                 _create_store(path)
     _check_store(path)
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: Path):
+def _folder_lock(folder: Path, timeout_s: float):
     """An exclusive lock on the folder itself (flock on its descriptor): no lock file is left behind,
-    and a process that dies holding it releases it."""
+    and a process that dies holding it releases it. Creating a store takes seconds; a lock held far
+    longer is a stuck process, named rather than waited on."""
     descriptor = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TrackingError(
+                        f"another process has been creating the tracking store in '{folder}' for over "
+                        f"{timeout_s:.0f} s; wait for it, or stop it if it is stuck") from None
+                time.sleep(0.1)
         yield
     finally:
         os.close(descriptor)  # releases the lock

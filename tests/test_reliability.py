@@ -215,6 +215,25 @@ NOT_A_STORE = {"text file": _text_file, "truncated copy": _truncated, "tables mi
                "newer schema": _newer_schema, "other database": _other_database}
 
 
+def test_the_wait_for_another_process_creating_the_store_is_bounded(tmp_path):
+    """The folder lock that serializes store creation, held by someone else (here this process, on
+    another descriptor): the wait ends with a message naming the folder, and nothing is created."""
+    import fcntl
+
+    from orchestrator.tracking import TrackingError, prepare_sqlite_store
+
+    holder = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        start = time.monotonic()
+        with pytest.raises(TrackingError, match=f"creating the tracking store in '{tmp_path}' for over 1 s"):
+            prepare_sqlite_store(tmp_path / "mlflow.db", lock_timeout_s=1)
+        assert 1 <= time.monotonic() - start < 10
+    finally:
+        os.close(holder)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("case", sorted(NOT_A_STORE))
 @pytest.mark.parametrize("command", ["launch", "status"])
 def test_a_store_that_is_not_one_exits_2_naming_it_and_is_left_unchanged(tmp_path, monkeypatch, pristine_store,
