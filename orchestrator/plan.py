@@ -52,11 +52,14 @@ def read_grid(spec_text: str, source: str, overrides: list[str]) -> Grid:
     return Grid(spec, spec_text, tuple(overrides), tuple(expand(spec, overrides)))
 
 
-def read_grid_file(spec_path: str | Path, overrides: list[str]) -> Grid:
-    """A spec file, its grid expanded and validated, and every trial's data checked."""
+def read_grid_file(spec_path: str | Path, overrides: list[str], refuse_gpu_memory: bool = True) -> Grid:
+    """A spec file, its grid expanded and validated, and every trial's data checked. A trial too big
+    for this machine is refused; with `refuse_gpu_memory` False (`plan`, which runs no trial) a spec
+    whose trials run on GPU workers is not measured against this machine: `gpu_memory_note` says it."""
     spec = load_spec(spec_path)
     grid = Grid(spec, Path(spec_path).read_text(), tuple(overrides), tuple(expand(spec, overrides)))
-    check_trial_memory(grid.trials, device=_device(spec))  # before check_data decodes the images
+    if refuse_gpu_memory or not spec.resources.gpu:
+        check_trial_memory(grid.trials, device=_device(spec))  # before check_data decodes the images
     check_data(grid.trials)
     return grid
 
@@ -163,6 +166,23 @@ def plan_table(plan: Plan) -> str:
     return format_table([header, *rows], rule=True)
 
 
+GPU_SIZES_GIB = (16, 24, 40, 80)  # common GPU memory sizes, for the plan's information
+
+
+def gpu_memory_note(plan: Plan) -> str:
+    """For trials on GPU workers: the largest trial's estimate and which GPU sizes it fits, as
+    information (`launch` refuses against the workers that will run it). The estimate counts fp32
+    activations; under CUDA's bf16 autocast a step keeps less, so it is an upper bound there."""
+    if not plan.spec.resources.gpu:
+        return ""
+    estimates = trial_estimates(plan.trials, device="cuda")
+    peak = max(estimate.total for estimate in estimates.values())
+    biggest = max(estimates.values(), key=lambda estimate: estimate.total).biggest
+    fits = ", ".join(f"{size} GiB {'yes' if peak <= size * 2**30 else 'no'}" for size in GPU_SIZES_GIB)
+    return (f"GPU workers: up to {format_bytes(peak)} a trial ({biggest} the largest part; fp32 upper bound, "
+            f"bf16 autocast keeps less); fits a GPU of {fits}")
+
+
 def trials_manifest(plan: Plan) -> list[dict[str, Any]]:
     """trials.json of a sweep's run: every trial, and the run it reuses when cached."""
     to_run = {t.key for t in plan.to_run}
@@ -244,7 +264,7 @@ def show_plan(spec_path: str | Path, overrides: list[str], tracking_uri: str | N
     """`ditsweep plan`: print the trial table and the compute estimate; touches nothing (no run, no new store)."""
     from orchestrator.tracking import Tracker, resolve_tracking_uri, store_missing
 
-    grid = read_grid_file(spec_path, overrides)
+    grid = read_grid_file(spec_path, overrides, refuse_gpu_memory=False)
     uri = resolve_tracking_uri(tracking_uri)
     cached = {}
     if not store_missing(uri):
@@ -255,4 +275,6 @@ def show_plan(spec_path: str | Path, overrides: list[str], tracking_uri: str | N
     print(f"sweep {plan.spec.name!r}: {plan.spec.description.strip()}".rstrip(": "))
     print(plan_table(plan))
     print(compute_estimate(plan))
+    if note := gpu_memory_note(plan):
+        print(note)
     return plan

@@ -3,8 +3,8 @@ total against the peak resident memory of a real run, and the check that refuses
 
 from __future__ import annotations
 
-import re
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -188,6 +188,23 @@ def test_plan_of_a_huge_image_size_fails_fast_without_allocating(tmp_path, monke
     assert elapsed < 5, elapsed
     assert "needs about" in result.output and "memory" in result.output
     assert "data.image_size=4096" in result.output and "lower" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
+def test_plan_of_a_spec_for_gpu_workers_informs_and_launch_refuses(tmp_path, monkeypatch):
+    """`plan` runs no trial: for GPU workers it says which GPU sizes a trial fits instead of refusing
+    against this machine's RAM; `launch`, which would run it, still refuses (exit 2, nothing written)."""
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(tmp_path)
+    spec.write_text(yaml.safe_dump({**yaml.safe_load(spec.read_text()), "resources": {"cpu": 1, "gpu": 1}}))
+    huge = ["--set", "train.batch_size=100000"]  # activations of hundreds of GiB: no GPU, no machine here
+    result = CliRunner().invoke(app, ["plan", str(spec), *huge])
+    assert result.exit_code == 0, result.output
+    assert "GPU workers: up to" in result.output and "16 GiB no" in result.output and "80 GiB no" in result.output
+    small = CliRunner().invoke(app, ["plan", str(spec)])
+    assert small.exit_code == 0 and "16 GiB yes" in small.output and "80 GiB yes" in small.output, small.output
+    launched = CliRunner().invoke(app, ["launch", str(spec), *huge])
+    assert launched.exit_code == 2 and "needs about" in launched.output, launched.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
 
 
