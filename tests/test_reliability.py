@@ -402,6 +402,40 @@ def test_sigterm_runs_what_ctrl_c_runs(monkeypatch):
         signal.signal(signal.SIGINT, previous[1])
 
 
+def catches_sigterm(pid: int) -> bool:
+    """Has process `pid` installed a SIGTERM handler (bit 15 of SigCgt in /proc/PID/status)?"""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def test_sigterm_stops_prepare_data_with_exit_143_and_no_output_that_looks_complete(tmp_path):
+    """SIGTERM as soon as the command has taken it over (while it imports the trainer and reads the
+    images): exit 143, one line, and no manifest, which is what says a prepared folder is complete."""
+    from PIL import Image
+
+    source, out = tmp_path / "images", tmp_path / "prepared"
+    source.mkdir()
+    for i in range(8):
+        Image.new("RGB", (16, 16), (i * 30, 0, 0)).save(source / f"{i}.png")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "prepare-data", str(source), str(out)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: catches_sigterm(proc.pid), 60, "prepare-data to take over SIGTERM", proc)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stdout + stderr
+    assert stderr.strip() == "interrupted" and "Traceback" not in stderr
+    assert not (out / "manifest.json").exists()
+    assert not any(out.glob("*.partial-*"))  # nothing half-written left either (none when out is absent)
+
+
 def restored_steps(store: Path) -> dict[str, float]:
     """Run id -> the first `resumed_from_step` a trial logged (read with sqlite3, as finished_trial_ids)."""
     if not store.exists():
