@@ -101,6 +101,38 @@ def test_the_wait_for_a_job_to_end_is_bounded(ray_head, monkeypatch):
 
 
 @pytest.mark.slow
+def test_sigterm_while_following_a_job_stops_following_with_exit_143(ray_head, tmp_path):
+    """SIGTERM to `submit --follow` once the job's logs stream: handled as Ctrl-C (the job goes on, the
+    command says how to stop it), exit 143, no traceback. The job is stopped afterwards."""
+    import signal
+    import time
+
+    spec = tiny_spec(tmp_path, "followed", **{"train": {**TINY["train"], "steps": 400}})
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "submit", str(spec), "--address", ray_head.address, "--follow"],
+        cwd=tmp_path, env={**os.environ, **ray_head.auth}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not any(line.startswith("  stop:") for line in lines):  # printed just before the logs stream
+            assert time.monotonic() < deadline and follow.poll() is None, "".join(lines)
+            lines.append(follow.stdout.readline())
+        time.sleep(2)  # inside the log stream's wait
+        follow.send_signal(signal.SIGTERM)
+        stdout, stderr = follow.communicate(timeout=60)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+        for job in ray_head.jobs():
+            if job["metadata"].get("ditsweep.spec") == "followed" and job["status"] in ("PENDING", "RUNNING"):
+                subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "stop", "--address",
+                                ray_head.address, job["submission_id"]], env={**os.environ, **ray_head.auth},
+                               capture_output=True, timeout=60)
+    assert follow.returncode == 143, "".join(lines) + stdout + stderr
+    assert "stopped following" in stderr and "ray job stop" in stderr and "Traceback" not in stderr, stderr
+
+
+@pytest.mark.slow
 def test_a_job_that_fails_on_the_cluster_exits_1(ray_head, tmp_path):
     # Valid here, refused by `launch` on the cluster: the data source is not there. The driver is
     # the shipped code, run from the job's working directory.
