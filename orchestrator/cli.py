@@ -274,14 +274,36 @@ def prepare_data(
     src: Annotated[str, typer.Argument(help="Image folder (local path or s3://...).")],
     dst: Annotated[str, typer.Argument(help="Output folder (local path or s3://...).")],
     image_size: Annotated[int, typer.Option(help="Square size after center crop and resize.")] = 32,
+    channels: Annotated[
+        Optional[int],
+        typer.Option(help="1 (grayscale) or 3 (RGB) for every image; default: 3 when any image is colour."),
+    ] = None,
+    skip_unreadable: Annotated[
+        bool, typer.Option("--skip-unreadable", help="Leave out files that cannot be decoded (listed) instead of refusing.")
+    ] = False,
 ) -> None:
-    """Pack an image folder into a uint8 array plus a manifest (count, size, sha256)."""
-    from trainer.data import prepare_images
+    """Pack an image folder into a uint8 array plus a manifest (count, size, sha256, conversions).
 
+    Every image mode is converted to one channel count, the EXIF orientation applied, and each image
+    resized as ADM and DiT do (box halving, bicubic, center crop). Class subfolders give labels."""
     if image_size < 2:
         raise BadInput(f"--image-size must be at least 2, got {image_size}")
-    manifest = prepare_images(src, dst, image_size)
-    print(f"wrote {manifest['count']} images of {image_size}x{image_size} to {dst} (sha256 {manifest['sha256'][:12]})")
+    if channels not in (None, 1, 3):
+        raise BadInput(f"--channels must be 1 or 3, got {channels}")
+    from trainer.data import prepare_images
+
+    manifest = prepare_images(src, dst, image_size, channels, skip_unreadable)
+    for name, why in manifest.get("skipped", {}).items():
+        print(f"skipped {name}: {why}", file=sys.stderr)
+    notes = [f"{count} {what}" for what, count in manifest.get("conversions", {}).items()]
+    if manifest.get("exif_rotated"):
+        notes.append(f"{manifest['exif_rotated']} turned upright (EXIF)")
+    if "classes" in manifest:
+        notes.append(f"{len(manifest['classes'])} classes from subfolders")
+    if manifest.get("skipped"):
+        notes.append(f"{len(manifest['skipped'])} unreadable skipped")
+    print(f"wrote {manifest['count']} images of {image_size}x{image_size}x{manifest['channels']} to {dst} "
+          f"(sha256 {manifest['sha256'][:12]})" + (f"; {', '.join(notes)}" if notes else ""))
 
 
 @app.command()

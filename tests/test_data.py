@@ -237,20 +237,19 @@ def test_prepare_writes_nothing_when_a_file_is_corrupt(tmp_path):
     assert not dst.exists()
 
 
-def test_prepare_refuses_mixed_channel_modes_naming_both(tmp_path):
+def test_prepare_packs_mixed_channel_modes_as_rgb_but_refuses_a_broken_file(tmp_path):
     src = write_folder(
         tmp_path / "src",
         {"gray1.png": solid(RED, 8, 8, "L"), "color1.png": solid(RED, 8, 8), "color2.jpg": solid(BLUE, 8, 8)},
     )
     (src / "broken.jpg").write_bytes(b"nope")
     dst = tmp_path / "prepared"
-    with pytest.raises(DataError) as info:
+    with pytest.raises(DataError, match="1 unreadable file.*broken.jpg"):
         prepare_images(str(src), str(dst), 8)
-    message = str(info.value)
-    # Corrupt files and mixed modes are reported together, with names.
-    assert "broken.jpg" in message and "1 grayscale (e.g. gray1.png)" in message
-    assert "2 RGB (e.g. color1.png, color2.jpg)" in message
     assert not dst.exists()
+    (src / "broken.jpg").unlink()
+    manifest = prepare_images(str(src), str(dst), 8)  # grayscale repeated over RGB (tests/test_decode.py)
+    assert manifest["channels"] == 3 and manifest["conversions"] == {"L->RGB": 1}
 
 
 def test_prepared_folder_checks_sha256(tmp_path):

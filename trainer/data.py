@@ -64,6 +64,8 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
+from trainer.decode import DecodedFolder, UnreadableImage, class_folders, decode_folder, to_channels
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MANIFEST_NAME = "manifest.json"
 IMAGES_NAME = "images.npy"
@@ -343,7 +345,10 @@ def load_labels(source: str, cache_dir: str | None = None) -> np.ndarray | None:
 def _read_labels(source: str, path: str) -> np.ndarray | None:
     if os.path.isdir(path):
         labels_path = os.path.join(path, LABELS_NAME)
-        if not os.path.exists(os.path.join(path, MANIFEST_NAME)) or not os.path.exists(labels_path):
+        if not os.path.exists(os.path.join(path, MANIFEST_NAME)):
+            found = class_folders(_image_names(path))  # class_name/file: ImageNet's layout
+            return None if found is None else found[1]
+        if not os.path.exists(labels_path):
             return None
         return _checked_labels(_load_array(source, labels_path, LABELS_NAME), source)
     if Path(path).suffix.lower() != ".npz":
@@ -473,22 +478,24 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _read_image_folder(source: str, folder: str, image_size: int) -> np.ndarray:
+    return decode_image_folder(source, folder, image_size).images
+
+
+def decode_image_folder(
+    source: str, folder: str, image_size: int, channels: int | None = None, skip_unreadable: bool = False
+) -> DecodedFolder:
+    """The images of a local folder decoded as `trainer.decode` says (every mode, EXIF, ADM/DiT resize,
+    one channel count), with labels when it is laid out in class folders."""
     names = _image_names(folder)
     if not names:
         raise DataError(
             f"data source {source!r} contains no images ({', '.join(IMAGE_SUFFIXES)}); "
             f"point data.source at the folder that holds them"
         )
-    decoded, unreadable = {}, {}
-    for name in names:
-        try:
-            decoded[name] = _decode(os.path.join(folder, name), image_size)
-        except Exception as err:  # noqa: BLE001 - any decoder failure means "this file is unusable"
-            unreadable[name] = f"{type(err).__name__}: {err}"
-    problems = _folder_problems(decoded, unreadable)
-    if problems:
-        raise DataError(f"cannot use the images in {source!r}: " + "; ".join(problems))
-    return np.stack([decoded[name] for name in names])
+    try:
+        return decode_folder(folder, names, image_size, channels, skip_unreadable)
+    except UnreadableImage as err:
+        raise DataError(f"cannot use the images in {source!r}: {err}") from None
 
 
 def _image_names(folder: str) -> list[str]:
@@ -500,36 +507,6 @@ def _image_names(folder: str) -> list[str]:
             if not file.startswith(".") and file.lower().endswith(IMAGE_SUFFIXES):
                 names.append(os.path.relpath(os.path.join(root, file), folder).replace(os.sep, "/"))
     return sorted(names)
-
-
-def _decode(path: str, image_size: int) -> np.ndarray:
-    with Image.open(path) as image:
-        image.load()
-        return _square(_normalized_mode(image), image_size)
-
-
-def _normalized_mode(image: Image.Image) -> Image.Image:
-    """Grayscale modes become L, everything else (palette, RGBA, CMYK...) RGB; alpha is dropped."""
-    if image.mode in ("L", "RGB"):
-        return image
-    return image.convert("L" if image.mode in ("1", "LA", "I", "I;16", "F") else "RGB")
-
-
-def _folder_problems(decoded: dict[str, np.ndarray], unreadable: dict[str, str]) -> list[str]:
-    problems = []
-    if unreadable:
-        listed = ", ".join(f"{name} ({why})" for name, why in list(unreadable.items())[:_MAX_NAMED])
-        more = f" and {len(unreadable) - _MAX_NAMED} more" if len(unreadable) > _MAX_NAMED else ""
-        problems.append(f"{len(unreadable)} unreadable file(s): {listed}{more}; fix or remove them")
-    gray = [name for name, image in decoded.items() if image.shape[-1] == 1]
-    color = [name for name, image in decoded.items() if image.shape[-1] == 3]
-    if gray and color:
-        problems.append(
-            f"mixed channel modes: {len(gray)} grayscale (e.g. {', '.join(gray[:_MAX_NAMED])}) and "
-            f"{len(color)} RGB (e.g. {', '.join(color[:_MAX_NAMED])}); convert them to one mode "
-            f"(e.g. PIL's Image.convert('RGB')) and retry"
-        )
-    return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -731,18 +708,24 @@ def _remote_selection(names: list[str]) -> list[str]:
 # Preparing a folder
 
 
-def prepare_images(src: str, dst: str, image_size: int) -> dict:
+def prepare_images(
+    src: str, dst: str, image_size: int, channels: int | None = None, skip_unreadable: bool = False
+) -> dict:
     """Pack the images of `src` into `dst`/images.npy + `dst`/manifest.json; returns the manifest.
 
-    Everything is read and checked before anything is written. images.npy is written first and the
-    manifest last, each under a temporary name then moved (locally) or as one PUT (S3), so a manifest
-    implies complete data; its sha256 (of the images.npy file) is checked on every load.
+    An image folder is decoded as `trainer.decode` says: every mode converted to one channel count
+    (`channels`: 1 or 3; by default 3 when any image is colour), EXIF orientation applied, ADM/DiT's
+    box-then-bicubic resize and center crop; the manifest counts the conversions. Unreadable files
+    refuse the folder, naming them, unless `skip_unreadable` (then they are listed in the manifest).
+    A tree of class folders (``class/file``) also gets ``labels.npy`` and the class names.
+
+    Everything is read and checked before anything is written. images.npy (and labels.npy) are
+    written first and the manifest last, each under a temporary name then moved (locally) or as one
+    PUT (S3), so a manifest implies complete data; its sha256 (of images.npy) is checked on every load.
     """
     _check_image_size(image_size, src)
-    images = _read_for_prepare(src, image_size)
-    buffer = io.BytesIO()
-    np.save(buffer, images, allow_pickle=False)
-    payload = buffer.getvalue()
+    images, decoded = _read_for_prepare(src, image_size, channels, skip_unreadable)
+    payload = _npy_bytes(images)
     manifest = {
         "count": int(images.shape[0]),
         "image_size": int(image_size),
@@ -750,26 +733,56 @@ def prepare_images(src: str, dst: str, image_size: int) -> dict:
         "sha256": hashlib.sha256(payload).hexdigest(),
         "source": src,
     }
+    if decoded is not None:
+        manifest.update(decoded.summary())
     fs, root = _filesystem(dst)
     with _remote_errors(dst, "data destination"):
         if isinstance(fs, LocalFileSystem):  # on S3, makedirs would create a missing (mistyped) bucket
             fs.makedirs(root, exist_ok=True)
         _write(fs, f"{root.rstrip('/')}/{IMAGES_NAME}", payload)
+        if decoded is not None and decoded.labels is not None:
+            _write(fs, f"{root.rstrip('/')}/{LABELS_NAME}", _npy_bytes(decoded.labels))
         _write(fs, f"{root.rstrip('/')}/{MANIFEST_NAME}", json.dumps(manifest, indent=2).encode())
     return manifest
 
 
-def _read_for_prepare(src: str, image_size: int) -> np.ndarray:
-    """Like load_images, but a remote source goes through a throwaway folder instead of the cache."""
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _read_for_prepare(
+    src: str, image_size: int, channels: int | None, skip_unreadable: bool
+) -> tuple[np.ndarray, DecodedFolder | None]:
+    """Like load_images, but a remote source goes through a throwaway folder instead of the cache, and
+    an image folder is decoded with the options of prepare-data (and its record kept)."""
     if _builtin_name(src) is not None:
-        return load_images(src, image_size)
+        return _as_channels(load_images(src, image_size), channels), None
     fs, path = _filesystem(src)
     if isinstance(fs, LocalFileSystem):
-        return load_images(src, image_size)
+        if not os.path.exists(path):
+            raise DataError(_missing_message(src))
+        return _read_local_for_prepare(src, path, image_size, channels, skip_unreadable)
     with tempfile.TemporaryDirectory(prefix="ditsweep-prepare-") as scratch:
         local = os.path.join(scratch, "source" + Path(path).suffix)
         _download(src, fs, path, local)
-        return _read_local(src, local, image_size)
+        return _read_local_for_prepare(src, local, image_size, channels, skip_unreadable)
+
+
+def _read_local_for_prepare(
+    src: str, path: str, image_size: int, channels: int | None, skip_unreadable: bool
+) -> tuple[np.ndarray, DecodedFolder | None]:
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST_NAME)):
+        decoded = decode_image_folder(src, path, image_size, channels, skip_unreadable)
+        return decoded.images, decoded
+    return _as_channels(_read_local(src, path, image_size), channels), None
+
+
+def _as_channels(images: np.ndarray, channels: int | None) -> np.ndarray:
+    if channels is None or images.shape[-1] == channels:
+        return images
+    return np.stack(to_channels(list(images), channels))
 
 
 def _write(fs: fsspec.AbstractFileSystem, path: str, payload: bytes) -> None:
