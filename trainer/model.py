@@ -80,7 +80,7 @@ class TimestepEmbedder(nn.Module):
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         angles = t.float()[:, None] * freqs[None]  # (B, frequency_dim/2)
         features = torch.cat([angles.cos(), angles.sin()], dim=1)  # (B, frequency_dim)
-        return self.mlp(features)  # (B, width)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))  # (B, width); float64 models too (tests)
 
 
 class LabelEmbedder(nn.Module):
