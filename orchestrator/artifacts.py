@@ -1,7 +1,9 @@
 """The files a trial's run gets when it ends: its config, its PSNR curve (CSV and plot, and as metric
 series with step = diffusion timestep, so MLflow's chart view overlays the curves of several runs), the
-sample grid of its latest checkpoint (also as MLflow images), and its attention-locality plot. Built from the trial's state; the
-sink (orchestrator.progress) hands them to tracking."""
+sample grid of its latest checkpoint (also as MLflow images), its attention-locality plot, and its Jacobian
+analysis when enabled (the eigenvector picture and jacobian.npz from the checkpoint, the eigenvalue spectrum
+as metric series with step = rank). Built from the trial's state; the sink (orchestrator.progress) hands
+them to tracking."""
 
 from __future__ import annotations
 
@@ -10,15 +12,16 @@ from dataclasses import dataclass, field
 import yaml
 
 from orchestrator.trial_state import TrialState
-from trainer.locality import by_block
+from trainer.jacobian import JACOBIAN_NPZ, JACOBIAN_PNG, SPECTRUM_RECORD, parse_spectrum_record
+from trainer.locality import QUERIES_NPZ, QUERIES_PNG, by_block
 from trainer.memorization import PAIRS_NPY, PAIRS_PNG
 from trainer.sampling import GRID_NPY, GRID_PNG
 from trainer.train import PSNR_CURVE, parse_curve_record
 
 # Files the trainer writes next to each checkpoint, attached to the trial's run when it ends.
-CHECKPOINT_ARTIFACTS = (GRID_PNG, GRID_NPY, PAIRS_PNG, PAIRS_NPY)
+CHECKPOINT_ARTIFACTS = (GRID_PNG, GRID_NPY, PAIRS_PNG, PAIRS_NPY, JACOBIAN_PNG, JACOBIAN_NPZ, QUERIES_PNG, QUERIES_NPZ)
 # Of those, the pictures that are also logged as MLflow images (the UI's image views across runs).
-IMAGE_ARTIFACTS = (GRID_PNG, PAIRS_PNG)
+IMAGE_ARTIFACTS = (GRID_PNG, PAIRS_PNG, JACOBIAN_PNG, QUERIES_PNG)
 # The final evaluation's PSNR per diffusion timestep as metric series: psnr_curve.train, .test, .gap
 CURVE_SERIES = ("train", "test", "gap")
 
@@ -42,6 +45,8 @@ def trial_artifacts(state: TrialState) -> RunArtifacts:
         texts["psnr_curve.csv"] = curve.to_csv()
         files["psnr_curve.png"] = psnr_curve_png(curve, state.trial.name)
         series = curve_series(curve)
+    if state.spectrum_record:
+        series.update(spectrum_series(state.spectrum_record))
     checkpoint = checkpoint_files(state)
     images = {name.removesuffix(".png"): checkpoint[name] for name in IMAGE_ARTIFACTS if name in checkpoint}
     return RunArtifacts(texts, {**files, **checkpoint, **locality_plot(state)}, series, images)
@@ -52,6 +57,11 @@ def curve_series(curve) -> dict[str, list[tuple[int, float]]]:
     values = {"train": curve.train, "test": curve.test, "gap": curve.gap}
     return {f"{PSNR_CURVE}.{part}": [(int(t), float(v)) for t, v in zip(curve.timesteps, values[part])]
             for part in CURVE_SERIES}
+
+
+def spectrum_series(record: str) -> dict[str, list[tuple[int, float]]]:
+    """jacobian_spectrum.t<t> -> [(rank, mean eigenvalue)], rank 0 the largest (trainer.jacobian)."""
+    return {f"{SPECTRUM_RECORD}.t{t}": list(enumerate(values)) for t, values in parse_spectrum_record(record).items()}
 
 
 def checkpoint_files(state: TrialState) -> dict[str, bytes]:

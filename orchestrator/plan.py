@@ -201,7 +201,7 @@ def trials_manifest(plan: Plan) -> list[dict[str, Any]]:
 def compute_estimate(plan: Plan) -> str:
     """Training FLOPs (3x forward per image) for the trials that will run, and the time they take
     on this machine: a few training steps of the first model are timed, the rest scaled by FLOPs."""
-    from trainer.model import build_dit
+    from trainer.arch import build_model
 
     flops_per_image: dict[tuple, float] = {}
     images: dict[tuple, int] = {}
@@ -210,7 +210,7 @@ def compute_estimate(plan: Plan) -> str:
         cfg = trial.config
         shape = (cfg.model.size, cfg.data.image_size, tuple(cfg.windows))
         if shape not in flops_per_image:
-            model = build_dit(cfg.model.size, image_size=cfg.data.image_size, in_channels=3, windows=cfg.windows)
+            model = build_model(cfg, in_channels=3)
             flops_per_image[shape] = 3.0 * model.flops_per_image()
             if calibration is None:
                 batch = min(cfg.train.batch_size, 16)

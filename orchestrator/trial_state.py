@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from orchestrator.spec import Trial
 from orchestrator.tracking import FAILED, FINISHED, KILLED, RUNNING
-from trainer.train import PSNR_CURVE, STEP, is_trial_metric
+from trainer.train import PSNR_CURVE, SPECTRUM_RECORD, STEP, is_trial_metric
 
 PENDING = "PENDING"
 ENDED = (FINISHED, FAILED, KILLED)
@@ -27,6 +27,7 @@ class TrialState:
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)  # the latest value of each trial metric
     curve_record: str | None = None
+    spectrum_record: str | None = None  # trainer.jacobian's mean eigenvalues by rank, per timestep
     started_at: float | None = None  # time.monotonic()
     retries: int = 0
     read_checkpoint: Callable[[str], bytes | None] | None = None  # a file of the latest checkpoint, by name
@@ -55,6 +56,8 @@ class TrialState:
         self.metrics.update(values)
         if reported.get(PSNR_CURVE):
             self.curve_record = reported[PSNR_CURVE]
+        if reported.get(SPECTRUM_RECORD):
+            self.spectrum_record = reported[SPECTRUM_RECORD]
         return step, values
 
     def place(self, placement: dict[str, str]) -> bool:

@@ -122,3 +122,43 @@ def test_by_block_orders_blocks_numerically():
     metrics["loss"] = 1.0
     assert by_block(metrics) == {"distance": [0.0, 2.0, 10.0], "local3": [0.5, 2.5, 10.5], "local7": [0.5, 2.5, 10.5]}
     assert by_block({"loss": 1.0}) == {}
+
+
+def test_query_maps_are_rows_of_each_blocks_attention_and_are_saved(tmp_path):
+    import numpy as np
+
+    from trainer.diffusion import q_sample
+    from trainer.locality import LOCALITY_NOISE_SEED, QUERIES_NPZ, QUERIES_PNG, query_maps, query_tokens, save_query_maps
+    from trainer.model import modulate
+
+    model = tiny_dit([3, None])
+    schedule = linear_schedule(100)
+    image = held_out(1)[0]
+    maps = query_maps(model, schedule, image, 40)
+    queries = query_tokens(model.grid)
+    assert maps.shape == (2, 3, GRID, GRID) and queries[0] == (4, 4)
+    np.testing.assert_allclose(maps.sum(axis=(2, 3)), np.ones((2, 3)), rtol=1e-5)
+    # Block 0's 3x3 window: nothing outside the query's neighbourhood.
+    r, c = queries[1]
+    outside = maps[0, 1].copy()
+    outside[max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2] = 0
+    assert outside.max() == 0.0
+    # Block 1 against its attention_probs written out here, on the block's own input (the first block's output).
+    noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(LOCALITY_NOISE_SEED))
+    t = torch.tensor([40])
+    with torch.no_grad():
+        x_t = q_sample(schedule, image[None], t, noise[None])
+        h = model.patch_embed(x_t).flatten(2).transpose(1, 2) + model.pos_embed
+        c_emb = model.t_embedder(t)
+        h = model.blocks[0](h, c_emb, model._backend_for(h.device))
+        block = model.blocks[1]
+        shift, scale = block.adaLN_modulation(c_emb).chunk(6, dim=1)[:2]
+        probs = block.attn.attention_probs(modulate(block.norm1(h), shift, scale))
+    expected = probs[0].mean(dim=0)[queries[2][0] * GRID + queries[2][1]].reshape(GRID, GRID)
+    np.testing.assert_allclose(maps[1, 2], expected.numpy(), rtol=1e-5, atol=1e-7)
+
+    save_query_maps(tmp_path, maps, model.grid, 40)
+    with np.load(tmp_path / QUERIES_NPZ) as saved:
+        np.testing.assert_array_equal(saved["maps"], maps)
+        assert saved["queries"].tolist() == [list(q) for q in queries] and int(saved["timestep"]) == 40
+    assert (tmp_path / QUERIES_PNG).read_bytes()[:4] == b"\x89PNG"

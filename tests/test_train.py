@@ -502,7 +502,7 @@ def test_locality_and_samples_run_in_fp32_inside_bf16_autocast(bf16_trained, tmp
     handle = bf16_trained.ema.blocks[0].attn.qkv.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
     try:
         with cpu_bf16():
-            bf16_trained.locality()
+            bf16_trained.locality(tmp_path)
             bf16_trained.save_sample_grid(tmp_path)
         with cpu_bf16():  # the hook does see bf16 when autocast is left on
             bf16_trained.ema(torch.zeros(1, 1, 8, 8), torch.tensor([5]))

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from trainer.schedule import block_windows, parse_size, schedule_string
+from trainer.schedule import UNET_SIZES, block_windows, check_unet_image_size, parse_size, schedule_string
 
 # The FID weights (trainer/inception.py loads them): Inception-v3 as pytorch-fid ships it.
 FID_WEIGHTS_URL = (
@@ -51,17 +51,36 @@ def _takes_numbers(annotation: Any) -> bool:
     return any(_takes_numbers(arg) for arg in typing.get_args(annotation))
 
 
+DEFAULT_SIZES = {"dit": "DiT-T/1", "unet": "UNet-T"}
+
+
 class ModelConfig(_Section):
+    arch: Literal["dit", "unet"] = Field(
+        "dit",
+        description="`dit` (the DiT with per-block attention windows) or `unet` (a small convolutional UNet, "
+        "the baseline of Kadkhodaie et al. 2024; unconditional, no attention: `attention.placement` must "
+        "be `none`, its default for a UNet, and the locality metrics are skipped)",
+    )
     size: str = Field(
         "DiT-T/1",
-        description="named size with a patch suffix: `DiT-T` (12 blocks, width 64, 2 heads; ours, for CPUs), "
-        "`DiT-XS` (12, 252, 4), `DiT-S` (12, 384, 6), `DiT-B` (12, 768, 12); `/1` = patch size 1",
+        description="named size; for `dit` with a patch suffix: `DiT-T` (12 blocks, width 64, 2 heads; ours, for "
+        "CPUs), `DiT-XS` (12, 252, 4), `DiT-S` (12, 384, 6), `DiT-B` (12, 768, 12); `/1` = patch size 1; "
+        "for `unet`: `UNet-T` (32 channels, levels x1, x2, x2; the default for a UNet), `UNet-S` (64; x1, x2, "
+        "x2, x4)",
     )
     num_classes: int = Field(
         0, ge=0,
         description="class-conditional when > 0 (labels from the data); 0 = unconditional",
     )
     class_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="label drop probability (classifier-free guidance)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size_of_the_arch(cls, data: Any) -> Any:
+        """A size left out is the arch's default size."""
+        if isinstance(data, dict) and "size" not in data and data.get("arch") in DEFAULT_SIZES:
+            return {**data, "size": DEFAULT_SIZES[data["arch"]]}
+        return data
 
 
 class AttentionConfig(_Section):
@@ -197,12 +216,35 @@ class LocalityConfig(_Section):
     )
 
 
+class JacobianConfig(_Section):
+    enabled: bool = Field(
+        False,
+        description="at the end of training, the Jacobian of the EMA model's one-step denoiser at noisy held-out "
+        "images (trainer.jacobian; Kadkhodaie et al. 2024): `jac_asymmetry.t<t>`, `jac_trace.t<t>`, `jac_pr.t<t>` "
+        "(participation ratio) per timestep, the mean eigenvalue spectrum as metric series "
+        "`jacobian_spectrum.t<t>` (step = rank), the top eigenvectors as `jacobian_eigenvectors.png` and "
+        "`jacobian.npz` (the report's eigenspace alignment of disjoint-subset trials)",
+    )
+    images: int = Field(2, ge=1, description="held-out images (the first ones, fixed) the Jacobian is taken at")
+    timesteps: list[int] = Field(
+        [100, 400, 700], min_length=1,
+        description="diffusion steps the held-out images are noised to (fixed noise)",
+    )
+    top_k: int = Field(8, ge=1, description="eigenvectors kept (largest eigenvalues first) for the pictures and alignment")
+    chunk: int = Field(
+        256, ge=1,
+        description="basis vectors per batched vector-Jacobian product: bounds memory (one backward pass of "
+        "`chunk` images at a time); d = channels x height x width products in all",
+    )
+
+
 class EvalConfig(_Section):
     every: int = Field(0, ge=0, description="steps between evaluations and checkpoints; 0 = only at the end")
     psnr_gap: PsnrGapConfig = PsnrGapConfig()
     fid: FidConfig = FidConfig()
     samples: SamplesConfig = SamplesConfig()
     locality: LocalityConfig = LocalityConfig()
+    jacobian: JacobianConfig = JacobianConfig()
 
 
 class TrialConfig(_Section):
@@ -216,8 +258,53 @@ class TrialConfig(_Section):
     eval: EvalConfig = EvalConfig()
     seed: int = Field(0, ge=0, description="seeds initialization, batches and training noise")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_attention_default_for_a_unet(cls, data: Any) -> Any:
+        """A UNet has no attention: attention.placement left out is `none` (given, it must be `none`)."""
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            return data
+        attention = data.get("attention", {})
+        if data["model"].get("arch") == "unet" and isinstance(attention, dict) and "placement" not in attention:
+            return {**data, "attention": {**attention, "placement": "none"}}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> "TrialConfig":
+        if self.model.arch == "unet":
+            self._check_unet()
+        else:
+            self._check_dit()
+        if self.diffusion.beta_end <= self.diffusion.beta_start:
+            raise ValueError("diffusion.beta_end must be larger than diffusion.beta_start")
+        for name, timesteps in (("locality", self.eval.locality.timesteps), ("jacobian", self.eval.jacobian.timesteps)):
+            outside = [t for t in timesteps if not 0 <= t < self.diffusion.timesteps]
+            if outside:
+                raise ValueError(
+                    f"eval.{name}.timesteps={list(timesteps)}: {outside} outside the schedule's steps "
+                    f"0..{self.diffusion.timesteps - 1} (diffusion.timesteps={self.diffusion.timesteps})"
+                )
+        if self.eval.fid.steps > self.diffusion.timesteps or self.eval.samples.steps > self.diffusion.timesteps:
+            raise ValueError(
+                f"eval.fid.steps={self.eval.fid.steps} and eval.samples.steps={self.eval.samples.steps} must not "
+                f"exceed diffusion.timesteps={self.diffusion.timesteps}"
+            )
+        return self
+
+    def _check_unet(self) -> None:
+        if self.model.size not in UNET_SIZES:
+            raise ValueError(f"model.size={short_repr(self.model.size)} is not a UNet size; with model.arch=unet "
+                             f"choose one of {', '.join(UNET_SIZES)}")
+        check_unet_image_size(self.model.size, self.data.image_size)
+        if self.model.num_classes:
+            raise ValueError(f"model.arch=unet is unconditional; set model.num_classes=0 (got {self.model.num_classes})")
+        if self.attention.placement != "none":
+            raise ValueError(
+                f"model.arch=unet has no attention, so attention windows cannot apply: attention.placement must be "
+                f"'none' (got {self.attention.placement!r}); leave it out or sweep windows on DiTs only"
+            )
+
+    def _check_dit(self) -> None:
         try:
             depth, _, _, patch = parse_size(self.model.size)
         except ValueError as err:
@@ -231,24 +318,12 @@ class TrialConfig(_Section):
             block_windows(depth, self.attention.placement, list(self.attention.windows))
         except ValueError as err:
             raise ValueError(f"attention.windows={list(self.attention.windows)}: {err}") from None
-        if self.diffusion.beta_end <= self.diffusion.beta_start:
-            raise ValueError("diffusion.beta_end must be larger than diffusion.beta_start")
-        outside = [t for t in self.eval.locality.timesteps if not 0 <= t < self.diffusion.timesteps]
-        if outside:
-            raise ValueError(
-                f"eval.locality.timesteps={list(self.eval.locality.timesteps)}: {outside} outside the "
-                f"schedule's steps 0..{self.diffusion.timesteps - 1} (diffusion.timesteps={self.diffusion.timesteps})"
-            )
-        if self.eval.fid.steps > self.diffusion.timesteps or self.eval.samples.steps > self.diffusion.timesteps:
-            raise ValueError(
-                f"eval.fid.steps={self.eval.fid.steps} and eval.samples.steps={self.eval.samples.steps} must not "
-                f"exceed diffusion.timesteps={self.diffusion.timesteps}"
-            )
-        return self
 
     @property
     def windows(self) -> list[int | None]:
-        """The per-block window schedule (None = global attention)."""
+        """The per-block window schedule (None = global attention); empty for a UNet (no attention)."""
+        if self.model.arch == "unet":
+            return []
         depth = parse_size(self.model.size)[0]
         return block_windows(depth, self.attention.placement, list(self.attention.windows))
 

@@ -13,6 +13,9 @@ block b (numbered from 0, as in the schedule string `3,5,7,G,...`):
 A block restricted to a k x k window keeps all its mass inside it, so attn_local3 = 1 for k = 3; a
 global block shows where attention goes when nothing restricts it.
 
+`query_maps` keeps the maps themselves for a picture: where a few query tokens of one held-out image
+attend, per block (mean over heads), saved as `attention_queries.npz` / `.png` with each evaluation.
+
 Each query row is normalized by its own total mass in float64 (a float32 softmax row sums to 1 only
 up to rounding), and a share is computed as 1 - (mass outside) / (total mass): a sum of non-negative
 terms subtracted from 1, which IEEE rounding can never push above 1, and whose mean stays <= 1.
@@ -20,6 +23,10 @@ terms subtracted from 1, which IEEE rounding can never push above 1, and whose m
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from trainer.diffusion import Schedule, q_sample
@@ -105,6 +112,68 @@ def attention_locality(
         for j, k in enumerate(NEIGHBOURHOODS, start=1):
             metrics[f"attn_local{k}.block_{b}"] = float(means[b, j])
     return metrics
+
+
+QUERIES_NPZ = "attention_queries.npz"  # maps (blocks, queries, rows, cols), queries (q, 2), timestep
+QUERIES_PNG = "attention_queries.png"  # one row per block, one column per query token
+
+
+def query_tokens(grid: tuple[int, int]) -> list[tuple[int, int]]:
+    """Three (row, col) query tokens: the centre, the upper-left quarter, and the lower middle."""
+    rows, cols = grid
+    return [(rows // 2, cols // 2), (rows // 4, cols // 4), (3 * rows // 4, cols // 2)]
+
+
+@torch.no_grad()
+def query_maps(model: DiT, schedule: Schedule, image: torch.Tensor, t: int) -> np.ndarray:
+    """Attention of each block (mean over heads) from each of `query_tokens` of one clean `image` (C, H, W)
+    in [-1, 1], noised to step t with the fixed locality noise: float32 (blocks, queries, rows, cols)."""
+    rows, cols = model.grid
+    index = torch.tensor([r * cols + c for r, c in query_tokens(model.grid)])
+    maps = [None] * len(model.blocks)
+
+    def capture(i: int):
+        def hook(module, args) -> None:
+            probs = module.attention_probs(args[0])[0].mean(dim=0)  # (N, N), mean over heads
+            maps[i] = probs[index.to(probs.device)].reshape(len(index), rows, cols).float().cpu()
+
+        return hook
+
+    handles = [block.attn.register_forward_pre_hook(capture(i)) for i, block in enumerate(model.blocks)]
+    try:
+        noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(LOCALITY_NOISE_SEED))
+        t_batch = torch.full((1,), t, device=image.device, dtype=torch.long)
+        model(q_sample(schedule, image[None], t_batch, noise[None].to(image.device, image.dtype)), t_batch, None)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(maps).numpy()
+
+
+def save_query_maps(directory: Path, maps: np.ndarray, grid: tuple[int, int], t: int) -> None:
+    """QUERIES_NPZ and QUERIES_PNG (each map scaled to its own maximum, the query token marked mid-grey)."""
+    from trainer.jacobian import tiles_png
+    from trainer.sampling import _write_atomically
+
+    queries = query_tokens(grid)
+    buffer = io.BytesIO()
+    np.savez(buffer, maps=maps, queries=np.asarray(queries), timestep=np.asarray(t))
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_atomically(directory / QUERIES_NPZ, buffer.getvalue())
+    _write_atomically(directory / QUERIES_PNG, tiles_png(query_tiles(maps, queries)))
+
+
+def query_tiles(maps: np.ndarray, queries: list[tuple[int, int]]) -> list[list[np.ndarray]]:
+    """uint8 (rows, cols, 1) tiles, one list per block: white = the map's maximum, the query mid-grey."""
+    tiles = []
+    for block in maps:
+        row = []
+        for (r, c), heat in zip(queries, block):
+            tile = np.rint(255 * heat / max(float(heat.max()), 1e-12)).astype(np.uint8)
+            tile[r, c] = 128
+            row.append(tile[..., None])
+        tiles.append(row)
+    return tiles
 
 
 def by_block(metrics: dict[str, float]) -> dict[str, list[float]]:

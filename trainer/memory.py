@@ -18,7 +18,12 @@ The estimate is the peak of one `trainer.train` process, in bytes, as a sum of n
 - `evaluation`: the largest no-grad batch (PSNR gap, sample grid or FID sampling, with the EMA model):
   EVAL_ACTIVATION_FACTOR widths per token live in one block at a time, plus one local block's scores;
   and the attention maps `trainer.locality` writes out for its images (heads x N x N each, in fp32 and
-  float64).
+  float64); and, when `eval.jacobian` is on, its batched backward passes of `chunk` images (what backward
+  keeps, as in training, at a batch of `chunk`) with the (d, d) Jacobian and its eigenvectors in fp32.
+
+A UNet (`model.arch: unet`) has no attention terms; its activations are UNET_ACTIVATION_FACTOR x batch x
+the elements of every feature map its ResBlocks write (`unet_feature_elements`), and its parameters are
+counted from its layers (`unet_parameter_count`).
 
 Training and evaluation never overlap (the graph is freed after each step), so the peak is
 data pool + model state + masks + max(activations + attention scores, evaluation).
@@ -49,6 +54,7 @@ MLP_RATIO = 4.0
 # einsum's float64 product; plus its (N, N) float64 distance and neighbourhood maps.
 LOCALITY_BYTES = 24
 LOCALITY_MAPS = 4
+UNET_ACTIVATION_FACTOR = 8  # per ResBlock output element: two norms, two SiLUs, two convs, the sum, the skip
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,8 @@ def estimate_trial_memory(config: TrialConfig, pool_images: int, channels: int, 
     channels, training on `device` ("cpu" or "cuda")."""
     from trainer.model import parse_size
 
+    if config.model.arch == "unet":
+        return _unet_memory(config, pool_images, channels)
     data, train, ev = config.data, config.train, config.eval
     depth, width, heads, patch = parse_size(config.model.size)
     grid = (data.image_size // patch, data.image_size // patch)
@@ -134,11 +142,6 @@ def estimate_trial_memory(config: TrialConfig, pool_images: int, channels: int, 
     backend = resolved_backend(config.attention.backend, device)
     windows = config.windows
     image_bytes = channels * data.image_size * data.image_size
-    held_out = min(data.test_images, pool_images)
-    pool_left = max(pool_images - held_out, 0)
-    train_images = min(data.num_images or pool_left, pool_left)
-    if data.fraction is not None:
-        train_images = max(1, round(data.fraction * pool_left))
     params = parameter_count(config.model.size, data.image_size, channels, config.model.num_classes)
     scores = [attention_score_elements(grid, w, backend) for w in windows]  # per image and head
 
@@ -151,12 +154,94 @@ def estimate_trial_memory(config: TrialConfig, pool_images: int, channels: int, 
     evaluation = forward_bytes(eval_batch, EVAL_ACTIVATION_FACTOR) + eval_batch * heads * max(scores) * FLOAT_BYTES
     if ev.locality.enabled:  # trainer.locality writes out every block's full attention map, one block at a time
         evaluation = max(evaluation, (ev.locality.images * heads + LOCALITY_MAPS) * tokens * tokens * LOCALITY_BYTES)
+    if ev.jacobian.enabled:
+        chunk = min(ev.jacobian.chunk, image_bytes)
+        jacobian = depth * forward_bytes(chunk, ACTIVATION_FACTOR) + chunk * heads * sum(scores) * FLOAT_BYTES
+        evaluation = max(evaluation, jacobian + _jacobian_matrix_bytes(image_bytes))
     terms = {
-        "data pool": pool_images * image_bytes + (train_images + held_out) * image_bytes,
+        "data pool": _data_pool_bytes(config, pool_images, image_bytes),
         "model state": OPTIMIZER_COPIES * params * FLOAT_BYTES + 2 * tokens * width * FLOAT_BYTES,
         "attention masks": _mask_bytes(grid, windows, backend),
         "activations": depth * forward_bytes(train.batch_size, ACTIVATION_FACTOR),
         "attention scores": train.batch_size * heads * sum(scores) * FLOAT_BYTES,
+        "evaluation": evaluation,
+    }
+    return MemoryEstimate(terms)
+
+
+def _data_pool_bytes(config: TrialConfig, pool_images: int, image_bytes: int) -> int:
+    """The decoded pool, plus the training subset and held-out images gathered from it."""
+    data = config.data
+    held_out = min(data.test_images, pool_images)
+    pool_left = max(pool_images - held_out, 0)
+    train_images = min(data.num_images or pool_left, pool_left)
+    if data.fraction is not None:
+        train_images = max(1, round(data.fraction * pool_left))
+    return pool_images * image_bytes + (train_images + held_out) * image_bytes
+
+
+def _jacobian_matrix_bytes(d: int) -> int:
+    """The (d, d) Jacobian, its symmetric part and eigenvectors, in fp32."""
+    return 3 * d * d * FLOAT_BYTES
+
+
+def unet_feature_elements(size: str, image_size: int) -> int:
+    """Elements per image of the feature maps the UNet's ResBlocks write (trainer.unet's layout)."""
+    from trainer.schedule import parse_unet_size
+
+    channels, multipliers = parse_unet_size(size)
+    widths = [channels * m for m in multipliers]
+    sides = [image_size // 2**i for i in range(len(widths))]
+    down = sum(w * s * s for w, s in zip(widths, sides))
+    middle = widths[-1] * sides[-1] ** 2
+    return channels * image_size**2 + 2 * down + middle  # stem, down and up paths (same widths), middle
+
+
+def unet_parameter_count(size: str, channels: int) -> int:
+    """Parameters of `trainer.unet.build_unet(size, ..., channels)`, counted from its layers (no torch)."""
+    from trainer.schedule import parse_unet_size
+
+    base, multipliers = parse_unet_size(size)
+    embed = 4 * base
+
+    def conv(inputs: int, outputs: int, kernel: int = 3) -> int:
+        return inputs * outputs * kernel * kernel + outputs
+
+    def resblock(inputs: int, outputs: int) -> int:
+        skip = conv(inputs, outputs, 1) if inputs != outputs else 0
+        norms = 2 * inputs + 2 * outputs  # GroupNorm weight and bias
+        return norms + conv(inputs, outputs) + (embed * outputs + outputs) + conv(outputs, outputs) + skip
+
+    widths = [base * m for m in multipliers]
+    count = (TIMESTEP_FREQUENCIES * embed + embed) + (embed * embed + embed) + conv(channels, base)
+    previous = base
+    for i, width in enumerate(widths):
+        count += resblock(previous, width) + (conv(width, width) if i < len(widths) - 1 else 0)
+        previous = width
+    count += resblock(previous, previous)
+    for width in reversed(widths):
+        count += resblock(previous + width, width)
+        previous = width
+    return count + 2 * previous + conv(previous, channels)
+
+
+def _unet_memory(config: TrialConfig, pool_images: int, channels: int) -> MemoryEstimate:
+    data, train, ev = config.data, config.train, config.eval
+    image_bytes = channels * data.image_size * data.image_size
+    params = unet_parameter_count(config.model.size, channels)
+    features = unet_feature_elements(config.model.size, data.image_size) * UNET_ACTIVATION_FACTOR * FLOAT_BYTES
+    eval_batch = ev.psnr_gap.batch_size
+    if ev.samples.grid > 0 or ev.fid.enabled:
+        eval_batch = max(eval_batch, ev.fid.batch_size)
+    evaluation = eval_batch * features // 2  # no-grad: a few maps alive at a time
+    if ev.jacobian.enabled:
+        evaluation = max(evaluation, min(ev.jacobian.chunk, image_bytes) * features + _jacobian_matrix_bytes(image_bytes))
+    terms = {
+        "data pool": _data_pool_bytes(config, pool_images, image_bytes),
+        "model state": OPTIMIZER_COPIES * params * FLOAT_BYTES,
+        "attention masks": 0,
+        "activations": train.batch_size * features,
+        "attention scores": 0,
         "evaluation": evaluation,
     }
     return MemoryEstimate(terms)

@@ -91,3 +91,26 @@ def parse_size(name: str) -> tuple[int, int, int, int]:
         raise ValueError(f"unknown model size {name!r}; choose one of {choices} (e.g. DiT-XS/1)")
     depth, width, heads = MODEL_SIZES[match["base"]]
     return depth, width, heads, int(match["patch"] or 1)
+
+
+# The UNet baseline (trainer/unet.py): name -> (base channels, channel multiplier per level); level i works
+# at image_size / 2^i.
+UNET_SIZES: dict[str, tuple[int, tuple[int, ...]]] = {
+    "UNet-T": (32, (1, 2, 2)),
+    "UNet-S": (64, (1, 2, 2, 4)),
+}
+
+
+def parse_unet_size(name: str) -> tuple[int, tuple[int, ...]]:
+    """"UNet-T" -> (base channels, multipliers)."""
+    if name not in UNET_SIZES:
+        raise ValueError(f"unknown UNet size {name!r}; choose one of {', '.join(UNET_SIZES)}")
+    return UNET_SIZES[name]
+
+
+def check_unet_image_size(name: str, image_size: int) -> None:
+    """Every level halves the image: image_size must be divisible by 2^(levels - 1)."""
+    levels = len(parse_unet_size(name)[1])
+    if image_size % 2 ** (levels - 1):
+        raise ValueError(f"data.image_size={image_size} must be divisible by {2 ** (levels - 1)} for the "
+                         f"{levels} levels of model.size={name!r}")

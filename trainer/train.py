@@ -1,4 +1,4 @@
-"""One trial: data subset -> DiT with per-block windows -> DDPM training -> evaluation.
+"""One trial: data subset -> DiT with per-block windows (or the UNet baseline) -> DDPM training -> evaluation.
 
 `train(config, report)` knows nothing of Ray or MLflow: `report(metrics, checkpoint_dir)` is how
 results leave, so the same loop runs alone (`ditsweep train`), in tests and under Ray Tune.
@@ -23,9 +23,12 @@ from trainer import data as datalib
 from trainer.config import TrialConfig
 from trainer import memorization, sampling
 from trainer.diffusion import Schedule, linear_schedule, training_loss
-from trainer.locality import attention_locality
+from trainer.jacobian import METRIC_PREFIX as JACOBIAN_PREFIX, SPECTRUM_RECORD, jacobian_analysis
+from trainer.locality import attention_locality, query_maps, save_query_maps
 from trainer.metrics import PsnrCurve, psnr_gap_curve
-from trainer.model import DiT, build_dit
+from trainer.arch import build_model
+from trainer.model import DiT
+from trainer.unet import UNet
 from trainer.optim import AdamW
 
 Report = Callable[[dict, "str | None"], None]
@@ -40,8 +43,11 @@ TRIAL_METRICS = (
     "loss", "images_per_sec", "psnr_gap", "psnr_train", "psnr_test", "fid", "kid", "kid_std", "resumed_from_step",
     "mem_copy_fraction", "mem_nn_train", "mem_nn_test", "mem_closer_to_train",  # trainer.memorization, sample grid
 )
-TRIAL_METRIC_PREFIXES = ("attn_",)  # per-block attention locality: attn_distance.block_0, attn_local3.block_0, ...
+# Per-block attention locality: attn_distance.block_0, attn_local3.block_0, ...; the denoiser's Jacobian
+# per timestep: jac_asymmetry.t100, jac_trace.t100, jac_pr.t100 (trainer.jacobian).
+TRIAL_METRIC_PREFIXES = ("attn_", JACOBIAN_PREFIX)
 STEP, PSNR_CURVE = "step", "psnr_curve"
+RECORDS = (PSNR_CURVE, SPECTRUM_RECORD)  # reported JSON records that become artifacts and series, not metrics
 
 
 def is_trial_metric(key: str) -> bool:
@@ -50,7 +56,7 @@ def is_trial_metric(key: str) -> bool:
 
 def reported(values: dict) -> dict:
     """The part of a result dict (e.g. Tune's, full of its own bookkeeping) that the trial reported."""
-    return {k: v for k, v in values.items() if is_trial_metric(k) or k in (STEP, PSNR_CURVE)}
+    return {k: v for k, v in values.items() if is_trial_metric(k) or k in (STEP, *RECORDS)}
 
 
 @dataclass
@@ -272,15 +278,7 @@ class Trainer:
         self.device = device
         self.subsets = subsets
         torch.manual_seed(config.seed)
-        self.model: DiT = build_dit(
-            config.model.size,
-            image_size=config.data.image_size,
-            in_channels=subsets.channels,
-            windows=config.windows,
-            num_classes=config.model.num_classes,
-            attention_backend=config.attention.backend,
-            class_dropout=config.model.class_dropout,
-        ).to(device)
+        self.model: DiT | UNet = build_model(config, subsets.channels).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         # Fused AdamW: one kernel over all parameters instead of a chain of foreach ops, the same
         # update rule; 2.6x faster on CPU for DiT-XS/1 (benchmarks/train_step.py, RESULTS.md). Run
@@ -443,14 +441,37 @@ class Trainer:
                 self.device,
             )
 
-    def locality(self) -> dict[str, float]:
-        """Per-block attention locality of the EMA model on held-out images, in fp32 (empty when disabled)."""
+    def locality(self, directory: Path) -> dict[str, float]:
+        """Per-block attention locality of the EMA model on held-out images, in fp32, with the attention maps of
+        a few query tokens of the first one at the middle timestep saved into `directory` (empty when disabled)."""
         cfg = self.config.eval.locality
-        if not cfg.enabled:
+        if not cfg.enabled or not isinstance(self.ema, DiT):  # a UNet has no attention to measure
             return {}
         images = to_model_scale(self.subsets.test[: cfg.images])
+        t = sorted(cfg.timesteps)[len(cfg.timesteps) // 2]
         with self.fp32():
+            save_query_maps(directory, query_maps(self.ema, self.schedule, images[0], t), self.ema.grid, t)
             return attention_locality(self.ema, self.schedule, images, list(cfg.timesteps))
+
+    def jacobian(self, directory: Path) -> dict:
+        """At the end of training: the Jacobian analysis of the EMA model's one-step denoiser on the first
+        held-out images, in fp32 (trainer.jacobian), saved into `directory` (jacobian.npz and the eigenvector
+        picture); returns its jac_* metrics and the spectrum record (empty when disabled or not at the end)."""
+        cfg = self.config.eval.jacobian
+        if not cfg.enabled or self.step < self.config.train.steps:
+            return {}
+        images = to_model_scale(self.subsets.test[: cfg.images])
+        backend = getattr(self.ema, "attention_backend", None)
+        if backend is not None:  # vmapped VJPs run through dense attention (flex has no batching rule)
+            self.ema.use_attention_backend("dense")
+        try:
+            with self.fp32():
+                analysis = jacobian_analysis(self.ema, self.schedule, images, list(cfg.timesteps), cfg.top_k, cfg.chunk)
+        finally:
+            if backend is not None:
+                self.ema.use_attention_backend(backend)
+        analysis.save(directory)
+        return {**analysis.metrics(), SPECTRUM_RECORD: analysis.spectrum_record()}
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -520,7 +541,8 @@ def train(
             final.update(metrics)
             report(metrics, checkpoint)
             window_start, window_images = time.perf_counter(), 0
-    final.pop("psnr_curve", None)
+    for record in RECORDS:
+        final.pop(record, None)
     (out / "metrics.json").write_text(json.dumps(final, indent=2))
     return final
 
@@ -536,7 +558,8 @@ def evaluate_and_save(trainer: Trainer, out: Path) -> tuple[dict, str]:
     save_checkpoint(checkpoint_dir, trainer.state_dict())
     memorized = trainer.save_sample_grid(checkpoint_dir)
     (out / "psnr_curve.csv").write_text(curve.to_csv())
-    metrics = {"step": trainer.step, **curve.summary(), **memorized, **trainer.fid(), **trainer.locality()}
+    metrics = {"step": trainer.step, **curve.summary(), **memorized, **trainer.fid(), **trainer.locality(checkpoint_dir),
+               **trainer.jacobian(checkpoint_dir)}
     return {**metrics, "psnr_curve": curve_record(curve)}, str(checkpoint_dir)
 
 

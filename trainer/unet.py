@@ -11,34 +11,14 @@ evaluations use it unchanged. It is unconditional (`model.num_classes` must be 0
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from trainer.model import TimestepEmbedder
+from trainer.schedule import check_unet_image_size, parse_unet_size
 
-# name -> (base channels, channel multiplier per level). Level i works at image_size / 2^i.
-UNET_SIZES: dict[str, tuple[int, tuple[int, ...]]] = {
-    "UNet-T": (32, (1, 2, 2)),
-    "UNet-S": (64, (1, 2, 2, 4)),
-}
 GROUPS = 8  # GroupNorm groups (fewer when a layer has fewer channels)
-
-
-def parse_unet_size(name: str) -> tuple[int, tuple[int, ...]]:
-    """"UNet-T" -> (base channels, multipliers)."""
-    if re.fullmatch(r"[^/]+", str(name)) is None or name not in UNET_SIZES:
-        raise ValueError(f"unknown UNet size {name!r}; choose one of {', '.join(UNET_SIZES)}")
-    return UNET_SIZES[name]
-
-
-def check_unet_image_size(name: str, image_size: int) -> None:
-    levels = len(parse_unet_size(name)[1])
-    if image_size % 2 ** (levels - 1):
-        raise ValueError(f"data.image_size={image_size} must be divisible by {2 ** (levels - 1)} for the "
-                         f"{levels} levels of model.size={name!r}")
 
 
 def build_unet(size: str, image_size: int, in_channels: int) -> "UNet":
