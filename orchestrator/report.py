@@ -102,6 +102,10 @@ class SweepData:
     compare: Compare = field(default_factory=Compare)  # the spec's pairing (baseline, pair_on)
     # Sample grids of one trial per configuration
     grids: list[SampleGrid] = field(default_factory=list)
+    # Run id -> trainer.jacobian.JacobianAnalysis of the trials that saved one (orchestrator.report_jacobian)
+    jacobians: dict[str, Any] = field(default_factory=dict)
+    # Run id -> the attention maps of a few query tokens of the trial (trainer.locality.query_maps)
+    attention_queries: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -465,9 +469,28 @@ def reproducibility_lines(data: SweepData) -> list[str]:
     ]
 
 
+def gahb_inputs(data: SweepData, rows: list[ConfigRow]):
+    """What orchestrator.report_jacobian reads: the configurations, disjoint pairs and fetched analyses."""
+    from orchestrator import report_jacobian
+
+    configurations = [
+        report_jacobian.Configuration(
+            label=row_label(row), label_without_size=row_label(row, SIZE_PARAMS),
+            size=None if data_size(row) is None else data_size(row)[0], trials=row.finished,
+            distances=next(iter(attention_distances([row]).values()), []),
+        )
+        for row in rows
+    ]
+    return report_jacobian.Inputs(configurations, data.trials, disjoint_pairs(data.trials), data.jacobians,
+                                  data.attention_queries)
+
+
 def notes(data: SweepData) -> list[str]:
     """Trials left out of the statistics, and where cached results came from."""
-    lines = reproducibility_lines(data)
+    from orchestrator import report_jacobian
+
+    rows = configuration_rows(data.trials, data.axes)
+    lines = reproducibility_lines(data) + report_jacobian.note_lines(gahb_inputs(data, rows))
     lines += [f"{t.name}: {t.status.lower()}, not in the statistics" for t in data.trials if not t.finished]
     lines += [f"{t.name}: {metric} is {value}, left out of the statistics (its pairs are dropped and counted)"
               for t in data.trials if t.finished for metric, value in t.metrics.items()
@@ -616,11 +639,14 @@ def forest_figure(compared: PairedTables | None) -> list[Figure]:
 
 def build_report(data: SweepData) -> dict[str, bytes]:
     """File name -> contents: report.md, report.csv, report.html, paired.csv/.md and the PNG plots."""
+    from orchestrator import report_jacobian
+
     rows = configuration_rows(data.trials, data.axes)
     metrics = present_metrics(data.trials)
     table = display_table(rows, data.axes, metrics)
     compared = paired_tables(data)
-    figs = forest_figure(compared) + figures(rows)
+    extra = report_jacobian.section(gahb_inputs(data, rows))  # Jacobian eigenbases; attention locality
+    figs = forest_figure(compared) + figures(rows) + [Figure(*figure) for figure in extra.figures]
     files = {
         "report.md": markdown_page(data, table, figs, compared).encode(),
         "report.csv": table_csv(rows, data.axes, metrics).encode(),
@@ -630,6 +656,7 @@ def build_report(data: SweepData) -> dict[str, bytes]:
         files["paired.csv"] = paired.paired_csv(compared.rows, paired_metrics(data)).encode()
         files["paired.md"] = compared.markdown(data).encode()
     files.update({fig.filename: fig.png for fig in figs})
+    files.update(extra.files)
     for grid in data.grids:
         files.update({grid_filename(grid.label, name): png for name, png in grid.files.items()})
     return files
@@ -639,7 +666,9 @@ REPORT_FILES = ("report.md", "report.csv", "report.html", "paired.csv", "paired.
 
 
 def is_report_file(path: Path) -> bool:
-    return path.is_file() and (path.name in REPORT_FILES or path.suffix == ".png")
+    from orchestrator.report_jacobian import FILES as JACOBIAN_FILES
+
+    return path.is_file() and (path.name in REPORT_FILES + JACOBIAN_FILES or path.suffix == ".png")
 
 
 def write_report(files: dict[str, bytes], out: Path) -> Path:
@@ -675,6 +704,8 @@ def write_report(files: dict[str, bytes], out: Path) -> Path:
 
 def fetch_sweep(tracker: Tracker, sweep_id: str) -> SweepData:
     """The sweep's trials from its trials.json: its own child runs and the cached runs it reused."""
+    from orchestrator import report_jacobian
+
     parent = tracker.find_sweep(sweep_id)
     parent_id = parent.run_id
     if "trials.json" not in tracker.artifact_names(parent_id):
@@ -697,6 +728,7 @@ def fetch_sweep(tracker: Tracker, sweep_id: str) -> SweepData:
         reproducibility=_reproducibility(tracker, trials),
         compare=_compare_of(tracker, parent_id),
         grids=_sample_grids(tracker, trials, list(manifest[0]["axes"]) if manifest else []),
+        **report_jacobian.fetch(tracker, trials),
     )
 
 

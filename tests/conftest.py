@@ -89,7 +89,9 @@ def finished_sweep(tmp_path_factory) -> dict:
     from mlflow.tracking import MlflowClient
 
     folder = tmp_path_factory.mktemp("finished_sweep")
-    base = tiny_config({"train.steps": 2})
+    # With the Jacobian analysis (trainer.jacobian) on a little: one image, two noise levels, d = 64.
+    base = tiny_config({"train.steps": 2, "eval.jacobian": {"enabled": True, "images": 1, "timesteps": [100, 600],
+                                                            "top_k": 4}})
     spec = write_spec(folder, name="realsweep", base=base,
                       grid={"attention.placement": ["none", "head"], "seed": [0, 1]})
     launched = ditsweep("launch", str(spec), cwd=folder)

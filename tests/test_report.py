@@ -154,8 +154,8 @@ def test_report_table_matches_the_runs_in_mlflow(built_store, tmp_path):
 
     files = {p.name for p in out.iterdir()}
     plots = {"psnr_gap_vs_images.png", "psnr_per_step.png", "fid_vs_window.png", "attention_distance.png",
-             "forest_psnr_gap.png"}
-    assert files == {"report.md", "report.csv", "report.html", "paired.csv", "paired.md"} | plots
+             "forest_psnr_gap.png", "locality_vs_gap.png", "attention_distance_vs_n.png"}
+    assert files == {"report.md", "report.csv", "report.html", "paired.csv", "paired.md", "locality_vs_gap.csv"} | plots
     assert all((out / name).read_bytes().startswith(PNG) for name in plots)
     page = (out / "report.html").read_text()
     assert "compare &lt;b&gt;&amp;&lt;/b&gt;" in page and "<b>&</b>" not in page
@@ -354,6 +354,24 @@ def test_report_of_a_real_sweep(finished_sweep, tmp_path):
     state = json.loads(json.loads(experiment_tags["mlflow.sharedViewState.ditsweep"])["state"])
     assert state["selectedColumns"][:3] == ["params.`attention.placement`", "params.`seed`", "metrics.`psnr_gap`"]
     assert state["searchFilter"] == "tags.`ditsweep.role` = 'trial'"
+
+    # The Jacobian analysis (trainer.jacobian): each trial's jacobian.npz, its spectrum as metric series with
+    # step = rank (the mean over images of the file's eigenvalues), and the report's pictures.
+    from trainer.jacobian import JacobianAnalysis
+
+    for trial in trials:
+        run_id = trial.info.run_id
+        npz = Path(client.download_artifacts(run_id, "jacobian.npz", str(tmp_path / f"jac-{run_id}")))
+        analysis = JacobianAnalysis.from_npz(npz.read_bytes())
+        assert analysis.timesteps == [100, 600] and analysis.eigenvectors.shape == (2, 1, 4, 1, 8, 8)
+        history = sorted(client.get_metric_history(run_id, "jacobian_spectrum.t600"), key=lambda m: m.step)
+        assert [m.step for m in history] == list(range(64))
+        assert [m.value for m in history] == pytest.approx(analysis.eigenvalues[1].mean(axis=0).tolist(), rel=1e-5, abs=1e-6)
+        assert "jac_asymmetry.t100" in trial.data.metrics
+    assert {"jacobian_spectra.png", "jacobian_eigenvectors.png", "jacobian.csv", "locality_vs_gap.png",
+            "attention_queries.png"} <= {
+        p.name for p in out.iterdir()}
+    assert "Jacobian asymmetry" in (out / "report.md").read_text()
 
 
 def test_reproducibility_of_disjoint_pairs_is_reported(tmp_path):
