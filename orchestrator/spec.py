@@ -83,6 +83,12 @@ class SweepSpec(BaseModel):
     description: str = Field("", max_length=MLFLOW_TAG_MAX_CHARS, description="The sweep run's note in MLflow.")
     base: dict[str, Any] = Field(default_factory=dict, description="A partial trial config shared by all trials.")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted key -> values (cartesian product).")
+    exclude: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Grid points left out: each entry maps grid axes to one of their values, and a point that has "
+        "all of an entry's values is dropped (e.g. `{model.arch: unet, attention.placement: head}`: a UNet has no "
+        "attention windows).",
+    )
     resources: Resources = Resources()
     max_failures: int = Field(0, ge=0, description="Retries per trial, each resuming from its last checkpoint.")
     compare: Compare = Field(default_factory=Compare, description="The report's paired comparison.")
@@ -97,6 +103,25 @@ class SweepSpec(BaseModel):
             if len(set(encoded)) != len(encoded):
                 raise ValueError(f"axis grid.{short_text(key, 100)} repeats a value: {short_repr(values)}")
         return grid
+
+    @model_validator(mode="after")
+    def _exclude_names_grid_values(self) -> "SweepSpec":
+        for i, entry in enumerate(self.exclude):
+            if not entry:
+                raise ValueError(f"exclude[{i}] is empty; name at least one grid axis and value")
+            for key, value in entry.items():
+                if key not in self.grid:
+                    raise ValueError(f"exclude[{i}] names {short_repr(key)}, which is not a grid axis "
+                                     f"({short_text(', '.join(self.grid), 200)})")
+                if json.dumps(value, sort_keys=True) not in {json.dumps(v, sort_keys=True) for v in self.grid[key]}:
+                    raise ValueError(f"exclude[{i}].{short_text(key, 100)} is {short_repr(value)}, not one of "
+                                     f"grid.{short_text(key, 100)}: {short_repr(self.grid[key])}")
+        return self
+
+    def excluded(self, point: dict[str, Any]) -> bool:
+        """True when the grid point has every value of one `exclude` entry."""
+        return any(all(json.dumps(point[k], sort_keys=True) == json.dumps(v, sort_keys=True) for k, v in entry.items())
+                   for entry in self.exclude)
 
     @model_validator(mode="after")
     def _compare_names_grid_values(self) -> "SweepSpec":
@@ -154,7 +179,7 @@ def axis_label(key: str, value: Any) -> str:
         value = schedule_string(value).replace(",", "-")
     if key in _SHORT_LABELS:
         return f"{_SHORT_LABELS[key]}{value}"
-    if key in ("attention.placement", "model.size"):
+    if key in ("attention.placement", "model.size", "model.arch"):
         return str(value)
     return f"{key.rsplit('.', 1)[-1]}={value}"
 
@@ -228,6 +253,8 @@ def expand(spec: SweepSpec, overrides: list[str] = ()) -> list[Trial]:
     trials: list[Trial] = []
     for values in itertools.product(*(spec.grid[k] for k in axes)):
         point = dict(zip(axes, values))
+        if spec.excluded(point):
+            continue
         where = "grid point " + ", ".join(f"{short_text(k, 100)}={short_repr(v)}" for k, v in point.items()) if point else "base"
         config = _point_config(spec, overrides, point, f"{where} is not valid")
         trials.append(Trial(axes=point, config=config, key=trial_key(config)))

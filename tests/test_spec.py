@@ -114,3 +114,18 @@ def test_shipped_search_spaces_are_valid(path):
     assert trials, path
     spec = load_spec(path)
     assert spec.description.strip(), f"{path} needs a description"
+
+
+def test_excluded_grid_points_are_left_out_and_bad_entries_refused(tmp_path):
+    grid = {"model.arch": ["unet", "dit"], "attention.placement": ["none", "head"]}
+    path = write_spec(tmp_path, grid=grid, exclude=[{"model.arch": "unet", "attention.placement": "head"}])
+    trials = expand(load_spec(path))
+    assert [t.axes for t in trials] == [{"model.arch": "unet", "attention.placement": "none"},
+                                        {"model.arch": "dit", "attention.placement": "none"},
+                                        {"model.arch": "dit", "attention.placement": "head"}]
+    with pytest.raises(SpecError, match="attention.placement must be 'none'"):  # without it: the UNet refuses windows
+        expand(load_spec(write_spec(tmp_path, grid=grid)))
+    with pytest.raises(SpecError, match=r"exclude\[0\] names 'seed', which is not a grid axis"):
+        load_spec(write_spec(tmp_path, grid=grid, exclude=[{"seed": 0}]))
+    with pytest.raises(SpecError, match=r"exclude\[0\].model.arch is 'cnn', not one of"):
+        load_spec(write_spec(tmp_path, grid=grid, exclude=[{"model.arch": "cnn"}]))
