@@ -62,7 +62,10 @@ def test_sweep_tracks_every_trial_and_caches_finished_ones(tmp_path, monkeypatch
 
     # --force reruns a finished trial as a new run and leaves the finished one as it was; the new
     # axis value in the same spec runs once.
-    head_and_tail = write_spec(tmp_path, grid={"attention.placement": ["head", "tail"]})
+    # No global-attention trial in this grid: its comparison names another baseline (a default one
+    # that matches no trial is refused, tests/test_compare.py).
+    head_and_tail = write_spec(tmp_path, grid={"attention.placement": ["head", "tail"]},
+                               compare={"baseline": {"attention.placement": "head"}})
     first = next(r for r in runs["trial"] if r.info.run_name == "head")
     forced = ditsweep("launch", str(head_and_tail), "--force", cwd=tmp_path)
     assert forced.returncode == 0, forced.stdout + forced.stderr
