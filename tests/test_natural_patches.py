@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from trainer.data import (
-    NATURAL_HELD_OUT_COLUMNS,
     DataError,
     held_out_region,
     load_images,
@@ -27,18 +26,17 @@ def photos() -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("size", [16, 32])
-def test_counts_follow_the_tiling_of_each_region(photos, size):
+def test_counts_follow_the_tiling_of_each_stripe(photos, size):
     train = held = 0
     for photo in photos.values():
         height, width = photo.shape[:2]
-        split = width - NATURAL_HELD_OUT_COLUMNS
-        rows = height // size
-        train += rows * ((split - size) // size)  # training region: left of the split, less a one-patch gap
-        held += rows * (NATURAL_HELD_OUT_COLUMNS // size)
+        periods, rows = width // 128, height // size  # 128 columns: training 0-63, held-out 80-111
+        train += periods * rows * (64 // size)
+        held += periods * rows * (32 // size)
     images = load_images("natural", size)
     assert len(images) == train + held and held_out_region("natural", size) == held
     # the numbers the module docstring and README state
-    assert (train, held) == {16: (1508, 520), 32: (364, 130)}[size]
+    assert (train, held) == {16: (1040, 520), 32: (260, 130)}[size]
 
 
 @pytest.mark.parametrize("source,channels", [("natural", 3), ("builtin:natural-gray", 1)])
@@ -68,13 +66,17 @@ def test_held_out_patches_share_no_pixel_with_training_patches(photos, size):
             cover[box.held_out][box.top : box.top + size, box.left : box.left + size] += 1
         assert cover[False].max() == 1 and cover[True].max() == 1  # patches do not overlap one another
         assert not np.any(cover[False] & cover[True])
-        # and a gap of at least one patch between the regions
-        last_train_column = np.nonzero(cover[False].any(axis=0))[0].max()
-        first_held_column = np.nonzero(cover[True].any(axis=0))[0].min()
-        assert first_held_column - last_train_column - 1 >= size
+        # and at least 16 columns between a training pixel and a held-out one, in the same rows
+        for shift in range(1, 17):
+            assert not np.any(cover[False][:, shift:] & cover[True][:, :-shift])
+            assert not np.any(cover[True][:, shift:] & cover[False][:, :-shift])
+        # both sets reach across the whole width of the photograph
+        for held_out in (False, True):
+            columns = np.nonzero(cover[held_out].any(axis=0))[0]
+            assert columns.min() < 128 and columns.max() > photo.shape[1] - 128
 
 
-def test_the_split_trains_only_on_the_training_region_and_holds_out_a_fixed_set():
+def test_the_split_trains_only_on_training_patches_and_holds_out_a_fixed_set():
     total, region = len(load_images("natural", 16)), held_out_region("natural", 16)
     first_held = total - region
     tests = set()
@@ -94,9 +96,9 @@ def test_sizes_and_held_out_counts_that_do_not_fit_are_refused():
         load_images("natural", 8)
     region = held_out_region("natural", 32)
     with pytest.raises(DataError, match=f"data.test_images=256 .*the {region} images of its held-out region"):
-        split_subsets(494, 256, 8, None, 0, region=region)
-    with pytest.raises(DataError, match="data.num_images=512 but only 364 images remain"):
-        split_subsets(494, 128, 512, None, 0, region=region)
+        split_subsets(390, 256, 8, None, 0, region=region)
+    with pytest.raises(DataError, match="data.num_images=512 but only 260 images remain"):
+        split_subsets(390, 128, 512, None, 0, region=region)
 
 
 def test_a_trial_trains_on_training_region_patches_and_scores_held_out_region_ones():

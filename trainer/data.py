@@ -6,7 +6,7 @@ them into the model's float (N, C, H, W) in [-1, 1].
 Sources (`load_images(source, ...)`):
 - a builtin name: ``digits`` or ``builtin:digits`` (scikit-learn's 1,797 8x8 handwritten digits), or
   ``natural`` / ``natural-gray`` (patches of the two photographs scikit-learn ships, RGB or grayscale, at
-  data.image_size 16 or 32, with a held-out region of their own: see "Natural patches" below);
+  data.image_size 16 or 32, the held-out ones from stripes of their own: see "Natural patches" below);
 - a folder of PNG/JPEG images, searched recursively, read in sorted order of their relative paths;
 - a prepared folder (``manifest.json`` + ``images.npy``, written by `prepare_images`), checked by sha256;
 - a ``.npy`` uint8 array (N, H, W, C) or (N, H, W), or a ``.npz`` holding one array (or one named "images").
@@ -206,25 +206,30 @@ _BUILTIN_LABELS: dict[str, Callable[[], np.ndarray]] = {"digits": _load_digit_la
 # CC BY 2.0, see sklearn/datasets/images/README.txt), read from the package's files (no download, and
 # no scikit-learn import, whose cost every trial process would pay).
 #
-# Each photograph is cut into two regions by columns: the held-out region is its rightmost
-# NATURAL_HELD_OUT_COLUMNS columns, the training region everything left of it less a gap of one patch.
-# Each region is tiled with non-overlapping patches of image_size x image_size (stride = image_size,
-# from the region's top-left corner; leftover rows and columns are dropped), so every patch is
-# independent of the others and no held-out patch shares a pixel with a training patch (nor touches
-# one). The array holds the training-region patches first (photo by photo, row-major), then the
-# held-out-region ones (`held_out_region` says how many): `split_subsets` draws data.test_images from
+# Each photograph is cut into vertical stripes, so that training and held-out patches sample the same
+# scenes (sky, roof, petals, background) rather than two different parts of a photograph: every
+# NATURAL_STRIPE_PERIOD columns hold a training stripe [0, 64), a gap of 16 columns, a held-out stripe
+# [80, 112) and another gap of 16 (640 columns = 5 periods). Each stripe is tiled with non-overlapping
+# patches of image_size x image_size (stride = image_size, from the stripe's top-left corner; leftover
+# rows are dropped), so every patch is independent of the others and no held-out patch shares a pixel
+# with a training patch, nor touches one (16 columns lie between them). Training patches do not overlap
+# one another either. The array holds the training patches first (photo by photo, row by row), then
+# the held-out ones (`held_out_region` says how many): `split_subsets` draws data.test_images from
 # those and the training subsets from the others.
 #
-#   image_size   training patches   held-out patches   nested N it supports (doubling)
-#   16           2 x 29 x 26 = 1508    2 x 10 x 26 = 520   up to 1024
-#   32           2 x 14 x 13 = 364     2 x 5 x 13 = 130    up to 256
+#   image_size   training patches     held-out patches    nested N it supports (doubling)
+#   16           2 x 5 x 4 x 26 = 1040   2 x 5 x 2 x 26 = 520   up to 1024
+#   32           2 x 5 x 2 x 13 = 260    2 x 5 x 1 x 13 = 130   up to 256
+#   (photos x periods x patches across a stripe x rows)
 #
 # The patches are cut at the photographs' own resolution (no resampling): flat sky and blurred
 # background give some near-uniform patches, as natural images do.
 
 NATURAL_PHOTOS = ("china.jpg", "flower.jpg")
 NATURAL_SIZES = (16, 32)
-NATURAL_HELD_OUT_COLUMNS = 160
+NATURAL_STRIPE_PERIOD = 128
+# [left, right) columns within each period; the 16 columns between them keep the two sets apart
+NATURAL_STRIPES = {False: (0, 64), True: (80, 112)}  # held_out -> stripe
 
 
 @dataclass(frozen=True)
@@ -239,17 +244,16 @@ class PatchBox:
 
 
 def natural_patch_boxes(image_size: int) -> list[PatchBox]:
-    """Every patch of the natural builtins in array order: training-region patches, then held-out ones."""
+    """Every patch of the natural builtins in array order: training patches, then held-out ones."""
     _check_natural_size(image_size)
     boxes = {False: [], True: []}
     for name in NATURAL_PHOTOS:
         height, width = _natural_photo(name).shape[:2]
-        split = width - NATURAL_HELD_OUT_COLUMNS
-        regions = {False: (0, split - image_size), True: (split, width)}  # [left, right) columns; gap of one patch
-        for held_out, (start, stop) in regions.items():
+        for held_out, (start, stop) in NATURAL_STRIPES.items():
             for top in range(0, height - image_size + 1, image_size):
-                for left in range(start, stop - image_size + 1, image_size):
-                    boxes[held_out].append(PatchBox(name, top, left, image_size, held_out))
+                for period in range(0, width - NATURAL_STRIPE_PERIOD + 1, NATURAL_STRIPE_PERIOD):
+                    for left in range(period + start, period + stop - image_size + 1, image_size):
+                        boxes[held_out].append(PatchBox(name, top, left, image_size, held_out))
     return boxes[False] + boxes[True]
 
 
