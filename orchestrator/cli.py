@@ -168,13 +168,14 @@ def launch(
                      "round, in the same sweep (the spec must have a data.shuffle_seed axis)."),
     ] = False,
     target_halfwidth: Annotated[
-        float, typer.Option("--target-halfwidth", metavar="DB",
-                            help="With --until-confident: a comparison whose 95% half-width is at most this stops.")
-    ] = 0.1,
+        Optional[float], typer.Option("--target-halfwidth", metavar="DB",
+                                      help="With --until-confident: a comparison whose 95% half-width is at most "
+                                           "this stops (default 0.1 dB).")
+    ] = None,
     max_shuffles: Annotated[
-        int, typer.Option("--max-shuffles", help="With --until-confident: training subsets per comparison at most, "
-                                                 "the grid's included.")
-    ] = 8,
+        Optional[int], typer.Option("--max-shuffles", help="With --until-confident: training subsets per comparison "
+                                                           "at most, the grid's included (default 8).")
+    ] = None,
     max_added_trials: Annotated[
         Optional[int], typer.Option("--max-added-trials", help="With --until-confident: trials run beyond the grid, "
                                                                "all rounds together (default: as many as the grid).")
@@ -193,12 +194,16 @@ def launch(
                                      until_confident=rule))
 
 
-def _stopping_rule(until_confident: bool, target_halfwidth: float, max_shuffles: int, max_added_trials: int | None):
+def _stopping_rule(until_confident: bool, target_halfwidth: float | None, max_shuffles: int | None,
+                   max_added_trials: int | None):
     from orchestrator.adaptive import StoppingRule
 
     if not until_confident:
+        if (target_halfwidth, max_shuffles, max_added_trials) != (None, None, None):
+            raise BadInput("--target-halfwidth, --max-shuffles and --max-added-trials go with --until-confident")
         return None
-    return StoppingRule(target_halfwidth, max_shuffles, max_added_trials)
+    return StoppingRule(0.1 if target_halfwidth is None else target_halfwidth,
+                        8 if max_shuffles is None else max_shuffles, max_added_trials)
 
 
 @app.command()

@@ -191,3 +191,5 @@ def test_until_confident_needs_a_shuffle_axis_it_pairs_on(tmp_path, monkeypatch)
         assert result.exit_code == 2 and message in result.output and written == set(), result.output
     bad, written = invoke(tmp_path, monkeypatch, "launch", str(spec), "--until-confident", "--max-shuffles", "1")
     assert bad.exit_code == 2 and "--max-shuffles must be at least 2" in bad.output and written == set()
+    alone, written = invoke(tmp_path, monkeypatch, "launch", str(spec), "--max-shuffles", "4")
+    assert alone.exit_code == 2 and "go with --until-confident" in alone.output and written == set()
