@@ -79,25 +79,33 @@ def test_submit_follows_the_job_to_a_finished_sweep(ray_head, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_wait_for_a_job_to_end_is_bounded(ray_head, monkeypatch):
+def test_the_wait_for_a_job_to_end_is_bounded(ray_head):
     """What `submit --follow` does once the log stream has ended: wait for the job's status, bounded
-    (a real job that is still running, on the real dashboard)."""
-    import time
+    (a real job that is still running, on the real dashboard).
 
-    from orchestrator.cluster import _wait_until_terminal, connect
-
-    for name, value in ray_head.auth.items():
-        monkeypatch.setenv(name, value)
-    client = connect(ray_head.address)
-    job_id = client.submit_job(entrypoint="sleep 120", entrypoint_num_cpus=0)
-    try:
-        start = time.monotonic()
-        assert _wait_until_terminal(client, job_id, ray_head.address, timeout_s=3) is None
-        assert 3 <= time.monotonic() - start < 20
-    finally:
-        client.stop_job(job_id)
-    info = _wait_until_terminal(client, job_id, ray_head.address, timeout_s=60)
-    assert info is not None and str(info.status) == "STOPPED"
+    In a process of its own: Ray keeps the token mode it was imported under for the life of the
+    process, and a later in-process `ray.init` on this test worker would then expect a token its
+    local cluster never got."""
+    script = f"""
+import json, time
+from orchestrator.cluster import _wait_until_terminal, connect
+client = connect({ray_head.address!r})
+job_id = client.submit_job(entrypoint="sleep 120", entrypoint_num_cpus=0)
+try:
+    start = time.monotonic()
+    first = _wait_until_terminal(client, job_id, {ray_head.address!r}, timeout_s=3)
+    waited = time.monotonic() - start
+finally:
+    client.stop_job(job_id)
+info = _wait_until_terminal(client, job_id, {ray_head.address!r}, timeout_s=60)
+print(json.dumps({{"first": first is None, "waited": waited, "final": None if info is None else str(info.status)}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], env={**os.environ, **ray_head.auth},
+                            capture_output=True, text=True, timeout=180, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["first"] is True and 3 <= outcome["waited"] < 20, outcome
+    assert outcome["final"] == "STOPPED", outcome
 
 
 @pytest.mark.slow
