@@ -64,7 +64,14 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-from trainer.decode import DecodedFolder, UnreadableImage, class_folders, decode_folder, to_channels
+from trainer.decode import (
+    DecodedFolder,
+    UnreadableImage,
+    class_folders,
+    decode_folder,
+    name_some,
+    to_channels,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MANIFEST_NAME = "manifest.json"
@@ -76,7 +83,6 @@ LABELS_KEY = "labels"  # optional array in a .npz, next to the images
 TEST_SPLIT_SEED = 0
 # With data.disjoint, the pool is cut into shards in an order drawn with this seed.
 DISJOINT_SHARD_SEED = 1
-_MAX_NAMED = 5  # file names quoted in one error message
 # Downloading a remote folder: objects requested at once, and names per slice (the contents of one
 # slice are held in memory before they are written: 1,024 small images are a few MiB).
 FETCH_THREADS = 32  # requests in flight (on fsspec's event loop for S3; threads for other filesystems)
@@ -640,16 +646,14 @@ def _fetch_all(uri: str, fs: fsspec.AbstractFileSystem, root: str, names: list[s
     reads a few hundred per second, many at once thousands. Names are fetched in slices of
     FETCH_SLICE so at most one slice of contents is held in memory; each file lands at its own path,
     so the order of arrival does not matter (the folder is read back in sorted order). A missing or
-    unreadable object raises DataError naming it (up to _MAX_NAMED of them).
+    unreadable object raises DataError naming it (up to five of them).
     """
     for start in range(0, len(names), FETCH_SLICE):
         chunk = names[start : start + FETCH_SLICE]
         contents, failed = _fetch_slice(fs, root, chunk)
         if failed:
-            listed = ", ".join(f"{name} ({why})" for name, why in list(failed.items())[:_MAX_NAMED])
-            more = f" and {len(failed) - _MAX_NAMED} more" if len(failed) > _MAX_NAMED else ""
             raise DataError(
-                f"cannot fetch {len(failed)} object(s) of data source {uri!r}: {listed}{more}; check that they "
+                f"cannot fetch {len(failed)} object(s) of data source {uri!r}: {name_some(failed)}; check that they "
                 f"exist and are readable, or remove them"
             )
         for name, payload in zip(chunk, contents):

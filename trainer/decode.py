@@ -121,6 +121,12 @@ def to_channels(images: list[np.ndarray], channels: int) -> list[np.ndarray]:
     return out
 
 
+def name_some(problems: dict[str, str], most: int = 5) -> str:
+    """'a.png (why), b.png (why) and 3 more': the first `most` of `problems` (name -> why) for a message."""
+    listed = ", ".join(f"{name} ({why})" for name, why in list(problems.items())[:most])
+    return listed + (f" and {len(problems) - most} more" if len(problems) > most else "")
+
+
 def class_folders(names: list[str]) -> tuple[list[str], np.ndarray] | None:
     """(sorted class names, int64 labels) when every name is ``class/file``; else None."""
     parts = [name.split("/") for name in names]
@@ -148,20 +154,18 @@ def decode_folder(folder: str, names: list[str], size: int, channels: int | None
         kept.append((name, mode))
         rotated += turned
     if skipped and not skip_unreadable:
-        listed = ", ".join(f"{name} ({why})" for name, why in list(skipped.items())[:5])
-        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         raise UnreadableImage(
-            f"{len(skipped)} unreadable file(s): {listed}{more}; fix or remove them, or pass --skip-unreadable"
+            f"{len(skipped)} unreadable file(s): {name_some(skipped)}; fix or remove them, or pass --skip-unreadable"
         )
     if not arrays:
         raise UnreadableImage(f"none of the {len(names)} image file(s) could be read")
     target = channels or (3 if any(a.shape[-1] == 3 for a in arrays) else 1)
-    for (name, mode), array in zip(kept, arrays):
-        natural = "RGB" if array.shape[-1] == 3 else "L"
-        final = "RGB" if target == 3 else "L"
-        if mode != final:
-            conversions[f"{mode}->{final}" if mode == natural else f"{mode}->{natural}->{final}"
-                        if natural != final else f"{mode}->{final}"] += 1
+    final = "RGB" if target == 3 else "L"
+    for (_, mode), array in zip(kept, arrays):
+        natural = "RGB" if array.shape[-1] == 3 else "L"  # what the file was read as
+        if mode != final:  # e.g. "CMYK->RGB", "L->RGB", or through the mode read: "I;16->L->RGB"
+            conversions[f"{mode}->{final}" if natural in (mode, final)
+                        else f"{mode}->{natural}->{final}"] += 1
     kept_names = [name for name, _ in kept]
     decoded = DecodedFolder(
         images=np.stack(to_channels(arrays, target)), names=kept_names, conversions=dict(conversions),
