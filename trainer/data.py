@@ -829,7 +829,9 @@ def split_subsets(
     region is ever trained on, whether it is in the test set or not. The remaining pool is shuffled by `shuffle_seed` and the
     training subset is its first `num_images` (or round(fraction * pool), at least 1; the whole pool
     when neither is given): with one seed, a smaller subset is a prefix of a larger one. train_idx
-    keeps the shuffled order; test_idx is sorted.
+    keeps the shuffled order; test_idx keeps the fixed random order it was drawn in, so its first k images
+    (what the PSNR gap scores) are a uniform sample of the held-out set, not its k lowest indices (a sorted
+    test set would score only the first photograph's patches, or an image folder's first classes).
 
     With `disjoint`, subsets of different shuffle seeds share no image (for the reproducibility score
     of Kadkhodaie et al., two models trained on non-overlapping data): the pool is permuted with the
@@ -857,8 +859,9 @@ def _disjoint_shard(pool: np.ndarray, size: int, shuffle_seed: int) -> np.ndarra
 
 
 def _held_out_split(num_total: int, test_images: int, region: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(pool, test_idx), both sorted: the held-out set drawn with TEST_SPLIT_SEED from the whole data
-    set, or from its last `region` images when it has a held-out region (the pool is then the rest)."""
+    """(pool, test_idx): the held-out set drawn with TEST_SPLIT_SEED from the whole data set, or from its
+    last `region` images when it has a held-out region (the pool is then the rest). The pool is sorted (so
+    a shuffle depends only on which images are in it); test_idx is in the fixed order it was drawn in."""
     candidates = num_total if region is None else region
     if not 1 <= test_images <= candidates or test_images >= num_total:
         where = "the data set" if region is None else "its held-out region (kept apart from the training images)"
@@ -868,10 +871,9 @@ def _held_out_split(num_total: int, test_images: int, region: int | None) -> tup
         )
     if region is None:
         fixed = np.random.default_rng(TEST_SPLIT_SEED).permutation(num_total)
-        # sorted so the shuffle depends only on which images are in the pool
-        return np.sort(fixed[: num_total - test_images]), np.sort(fixed[num_total - test_images :])
+        return np.sort(fixed[: num_total - test_images]), fixed[num_total - test_images :]
     held_out = np.random.default_rng(TEST_SPLIT_SEED).permutation(np.arange(num_total - region, num_total))
-    return np.arange(num_total - region), np.sort(held_out[:test_images])
+    return np.arange(num_total - region), held_out[:test_images]
 
 
 def pool_sample(num_total: int, test_images: int, count: int, region: int | None = None) -> np.ndarray:
