@@ -17,6 +17,8 @@ from trainer.memory import MemoryEstimate, estimate_trial_memory, format_bytes, 
 _FIXES = {
     "data pool": "lower data.image_size, or use a smaller data source (the whole source is decoded, "
     "whatever data.num_images)",
+    "device data": "lower data.num_images or data.test_images, or data.image_size (both subsets are moved to "
+    "the GPU)",
     "model state": "choose a smaller model.size",
     "attention masks": "lower data.image_size, or use attention.backend: banded (or flex on a GPU)",
     "activations": "lower train.batch_size or data.image_size",
@@ -44,6 +46,22 @@ def _meminfo_total() -> int:
         if line.startswith("MemTotal:"):
             return int(line.split()[1]) * 1024
     raise OSError("no MemTotal in /proc/meminfo")
+
+
+def gpu_memory_bytes() -> int | None:
+    """Memory of this machine's first CUDA GPU, or None when it has none (a laptop planning a cluster
+    sweep: the GPU is unknown here). torch is imported only to ask."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory
+
+
+def gpu_share_bytes(gpu: float, memory: int) -> int:
+    """The GPU memory one trial may use: a fraction `gpu` < 1 packs several trials on one GPU; a trial
+    asking for more runs its model on one of them."""
+    return int(memory * min(gpu, 1.0))
 
 
 def trial_estimates(trials: list[Trial], device: str = "cpu") -> dict[str, MemoryEstimate]:
