@@ -3,6 +3,7 @@ total against the peak resident memory of a real run, and the check that refuses
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import subprocess
@@ -307,22 +308,26 @@ def test_bf16_flex_estimate_is_below_the_fp32_dense_one_by_the_written_out_diffe
     assert flex.total < dense.total
 
 
-GPU_CASES = [  # (size, batch, placement, compile)
-    ("DiT-XS/1", 64, "none", False),
-    ("DiT-XS/1", 128, "head", False),
-    ("DiT-S/1", 32, "head", False),
-    ("DiT-XS/1", 64, "head", True),
+# (size, batch, placement). Fused SDPA with the head dim padded (XS/1: 63 -> 64) and not (S/1: 64);
+# FlexAttention on the paper's head windows once: each further flex case with another batch or head
+# count recompiles the six windows' kernels (tens of seconds), and compiling the whole model
+# (train.compile) costs a minute more, past this test's budget of 60 s on an H200; compiled,
+# inductor keeps fewer tensors, so the uncompiled step is the larger peak the estimate must cover.
+GPU_CASES = [
+    ("DiT-XS/1", 128, "none"),
+    ("DiT-XS/1", 128, "head"),
+    ("DiT-S/1", 64, "none"),
 ]
 
 
-def gpu_case_config(size: str, batch: int, placement: str, compile: bool):
+def gpu_case_config(size: str, batch: int, placement: str):
     """A trial of the paper's shape at 32x32 whose evaluation is smaller than its training step, so the
     estimate's total is the training peak (what a few training steps measure)."""
     return build_config({
         "model": {"size": size},
         "attention": {"placement": placement, "windows": [3, 5, 7, 9, 11, 13], "backend": "auto"},
         "data": {"source": "digits", "image_size": 32, "num_images": 256, "test_images": 64},
-        "train": {"batch_size": batch, "compile": compile, "warmup_steps": 0},
+        "train": {"batch_size": batch, "compile": False, "warmup_steps": 0},
         "eval": {"psnr_gap": {"images": 16, "timesteps": 2, "batch_size": 16}, "samples": {"grid": 0},
                  "locality": {"enabled": False}},
     })
@@ -339,17 +344,17 @@ def run_training_steps(config, device, steps: int) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize(("size", "batch", "placement", "compile"), GPU_CASES,
-                         ids=[f"{s}-b{b}-{p}{'-compiled' if c else ''}" for s, b, p, c in GPU_CASES])
-def test_gpu_estimate_bounds_the_measured_cuda_peak(size, batch, placement, compile):
+@pytest.mark.parametrize(("size", "batch", "placement"), GPU_CASES, ids=[f"{s}-b{b}-{p}" for s, b, p in GPU_CASES])
+def test_gpu_estimate_bounds_the_measured_cuda_peak(size, batch, placement):
     """The estimate against torch.cuda.max_memory_allocated over 3 bf16 training steps. Lower bound: the
     estimate must not promise a GPU share a trial overruns. Upper bound 2x: it counts each tensor backward
     keeps at the dtype autocast gives it, plus one block of slack; beyond 2x it would count what the
     kernels do not keep (fp32 activations, score matrices: the overestimate this replaced) and refuse
     or misplace trials that fit. Each case prints both numbers before asserting."""
-    config = gpu_case_config(size, batch, placement, compile)
+    config = gpu_case_config(size, batch, placement)
     estimate = estimate_trial_memory(config, *source_shape("digits"), device="cuda")
     assert estimate.terms["evaluation"] < estimate.terms["activations"]  # the total is the training peak
+    gc.collect()  # the previous case's trainer
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
@@ -357,7 +362,7 @@ def test_gpu_estimate_bounds_the_measured_cuda_peak(size, batch, placement, comp
     run_training_steps(config, "cuda", steps=3)
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - before
-    print(f"\nGPU memory {size} batch {batch} placement {placement} compile {compile}: estimate "
+    print(f"\nGPU memory {size} batch {batch} placement {placement} (bf16 autocast, flex): estimate "
           f"{estimate.total} B ({format_bytes(estimate.total)}), measured peak {measured} B "
           f"({format_bytes(measured)}), ratio {estimate.total / measured:.2f}")
     torch.cuda.empty_cache()
