@@ -2,6 +2,8 @@
 
 The estimate per trial is `trainer.memory.estimate_trial_memory`; this module finds each data source's
 size without decoding it, compares every trial with the memory available and names the numbers.
+A trial on a GPU worker (`device="cuda"`) is estimated under bf16 autocast and compared with the memory
+of its GPU share (`gpu_share_bytes`) where that GPU is known.
 """
 
 from __future__ import annotations

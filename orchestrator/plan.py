@@ -54,8 +54,9 @@ def read_grid(spec_text: str, source: str, overrides: list[str]) -> Grid:
 
 def read_grid_file(spec_path: str | Path, overrides: list[str], refuse_gpu_memory: bool = True) -> Grid:
     """A spec file, its grid expanded and validated, and every trial's data checked. A trial too big
-    for this machine is refused; with `refuse_gpu_memory` False (`plan`, which runs no trial) a spec
-    whose trials run on GPU workers is not measured against this machine: `gpu_memory_note` says it."""
+    for this machine is refused (a GPU trial: too big for this machine's GPU share, or, with no GPU
+    here, for its RAM); with `refuse_gpu_memory` False (`plan`, which runs no trial) a spec whose trials
+    run on GPU workers is not measured against this machine: `gpu_memory_note` says it."""
     spec = load_spec(spec_path)
     grid = Grid(spec, Path(spec_path).read_text(), tuple(overrides), tuple(expand(spec, overrides)))
     if not spec.resources.gpu:
@@ -81,7 +82,8 @@ def _check_gpu_trial_memory(spec: SweepSpec, trials: tuple[Trial, ...]) -> None:
     against this machine's RAM, as before the estimate knew GPUs."""
     memory = gpu_memory_bytes()
     if memory is None:
-        check_trial_memory(list(trials), device="cuda")
+        check_trial_memory(list(trials), device="cuda",
+                           where="this machine has in RAM (it has no CUDA GPU, so a GPU's memory is unknown here)")
         return
     share = gpu_share_bytes(spec.resources.gpu, memory)
     check_trial_memory(list(trials), share, device="cuda",
