@@ -151,7 +151,7 @@ def test_no_mlflow_client_outside_tracking():
 
 
 def test_no_test_module_imports_another():
-    """Tests share fixtures (conftest.py) and helpers (tests/support), never one another's modules."""
+    """Tests share fixtures (tests/plugins) and helpers (tests/support), never one another's modules."""
     for path in sorted((ROOT / "tests").glob("test_*.py")):
         names = imported_names(path, f"tests.{path.stem}")
         assert not {n for n in names if n.startswith("tests.test_")}, path.name
