@@ -23,7 +23,7 @@ import trainer.inception  # noqa: F401
 import trainer.train  # noqa: F401
 from orchestrator.cli import app
 from tests.support.sweeps import free_port, invoke, tiny_config, write_spec
-from trainer.config import MAX_YAML_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES
+from trainer.bounded_yaml import MAX_YAML_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES
 
 MAX_MESSAGE_LINES = 8
 MAX_MESSAGE_CHARS = 1200
