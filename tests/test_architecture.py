@@ -121,6 +121,12 @@ def test_mlflow_only_in_tracking():
     assert importers_of("mlflow") == MLFLOW_MODULES
 
 
+def test_the_packages_import_no_tests_or_benchmarks():
+    """tests/ and benchmarks/ sit above every layer: they import the packages, never the reverse."""
+    for top_level in ("tests", "benchmarks"):
+        assert not importers_of(top_level), (top_level, importers_of(top_level))
+
+
 def test_trainer_imports_no_ray_mlflow_or_orchestrator():
     for forbidden in ("ray", "mlflow", "orchestrator"):
         assert not {m for m in importers_of(forbidden) if m.startswith("trainer")}, forbidden
