@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from orchestrator.spec import SpecError, Trial
-from trainer.config import short_text
+from trainer.messages import short_text
 from trainer.memory import MemoryEstimate, estimate_trial_memory, format_bytes, source_shape
 
 # What to change, by the term that dominates the estimate.

@@ -22,6 +22,7 @@ import orchestrator.tracking  # noqa: F401  (plan imports it; the timed plan bel
 from orchestrator.cli import app
 from orchestrator.memory import TrialMemoryError, check_trial_memory, machine_memory_bytes, trial_estimates
 from orchestrator.spec import expand, load_spec
+from tests.support.sweeps import write_spec
 from trainer.config import build_config
 from trainer.memory import estimate_trial_memory, format_bytes, parameter_count, source_shape
 from trainer.model import build_dit
@@ -160,15 +161,11 @@ def test_estimate_is_within_a_factor_two_of_the_measured_peak(tmp_path):
 # The check
 
 
-def write_spec(tmp_path: Path, **base) -> Path:
-    spec = {"name": "t", "base": {"data": {"num_images": 16, "test_images": 16}, **base}, "grid": {"seed": [0, 1]}}
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+SEEDS = {"seed": [0, 1]}  # trials of one config: the same estimate
 
 
 def test_check_names_estimate_limit_biggest_term_and_fix(tmp_path):
-    trials = expand(load_spec(write_spec(tmp_path)))
+    trials = expand(load_spec(write_spec(tmp_path, grid=SEEDS)))
     estimate = trial_estimates(trials)[trials[0].key]
     with pytest.raises(TrialMemoryError) as err:
         check_trial_memory(trials, available=estimate.total - 1, where="a worker")
@@ -182,7 +179,7 @@ def test_check_names_estimate_limit_biggest_term_and_fix(tmp_path):
 
 def test_plan_of_a_huge_image_size_fails_fast_without_allocating(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    spec = write_spec(tmp_path)
+    spec = write_spec(tmp_path, grid=SEEDS)
     start = time.perf_counter()
     result = CliRunner().invoke(app, ["plan", str(spec), "--set", "data.image_size=4096"])
     elapsed = time.perf_counter() - start
@@ -190,14 +187,14 @@ def test_plan_of_a_huge_image_size_fails_fast_without_allocating(tmp_path, monke
     assert elapsed < 5, elapsed
     assert "needs about" in result.output and "memory" in result.output
     assert "data.image_size=4096" in result.output and "lower" in result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [spec.name]
 
 
 def test_plan_of_a_spec_for_gpu_workers_informs_and_launch_refuses(tmp_path, monkeypatch):
     """`plan` runs no trial: for GPU workers it says which GPU sizes a trial fits instead of refusing
     against this machine's RAM; `launch`, which would run it, still refuses (exit 2, nothing written)."""
     monkeypatch.chdir(tmp_path)
-    spec = write_spec(tmp_path)
+    spec = write_spec(tmp_path, grid=SEEDS)
     spec.write_text(yaml.safe_dump({**yaml.safe_load(spec.read_text()), "resources": {"cpu": 1, "gpu": 1}}))
     huge = ["--set", "train.batch_size=100000"]  # activations of hundreds of GiB: no GPU, no machine here
     result = CliRunner().invoke(app, ["plan", str(spec), *huge])
@@ -207,13 +204,13 @@ def test_plan_of_a_spec_for_gpu_workers_informs_and_launch_refuses(tmp_path, mon
     assert small.exit_code == 0 and "16 GiB yes" in small.output and "80 GiB yes" in small.output, small.output
     launched = CliRunner().invoke(app, ["launch", str(spec), *huge])
     assert launched.exit_code == 2 and "needs about" in launched.output, launched.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [spec.name]
 
 
 def test_the_plan_table_shows_each_trials_estimate(tmp_path):
     from orchestrator.plan import Grid, build_plan, plan_table
 
-    spec = load_spec(write_spec(tmp_path))
+    spec = load_spec(write_spec(tmp_path, grid=SEEDS))
     trials = expand(spec, ["eval.psnr_gap.batch_size=8"])
     table = plan_table(build_plan(Grid(spec=spec, spec_text="", overrides=(), trials=tuple(trials))))
     header, _, *rows = table.splitlines()
