@@ -6,11 +6,13 @@ import io
 
 import matplotlib
 import matplotlib.ticker
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from trainer.attention import GLOBAL  # noqa: E402
+from trainer.jacobian import JacobianAnalysis, eigenvector_row, tiles_png  # noqa: E402
 from trainer.metrics import PsnrCurve  # noqa: E402
 
 
@@ -174,3 +176,78 @@ def attention_locality_png(locality: dict[str, list[float]], windows: list[int |
         axis.set_xticks(blocks, labels, fontsize="small")
     fig.subplots_adjust(left=0.07, right=0.985, bottom=0.2, top=0.9, wspace=0.25)  # per trial: as psnr_curve_png
     return to_png(fig, crop=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Jacobian and locality section of the report (orchestrator.report.jacobian builds the data)
+
+
+def spectra_png(analyses: dict[str, list[JacobianAnalysis]]) -> bytes:
+    timesteps = next(iter(analyses.values()))[0].timesteps
+    fig, axes = plt.subplots(1, len(timesteps), figsize=(4 * len(timesteps), 3.4), squeeze=False)
+    for ax, t in zip(axes[0], timesteps):
+        for label, members in analyses.items():
+            spectra = [a.eigenvalues[a.timesteps.index(t)].mean(axis=0) for a in members if t in a.timesteps]
+            if spectra:
+                ax.plot(np.mean(spectra, axis=0), label=label, lw=1.2)
+        ax.axhline(0.0, color="grey", lw=0.6)
+        ax.set(xlabel="rank", ylabel="eigenvalue", title=f"t = {t}")
+    axes[0][0].legend(fontsize="x-small")
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def eigenvectors_png(analyses: dict[str, list[JacobianAnalysis]]) -> bytes:
+    """One row per configuration (its first trial) and noise level, first held-out image."""
+    rows = []
+    for members in analyses.values():
+        first = members[0]
+        rows += [eigenvector_row(first, step, 0) for step in range(len(first.timesteps))]
+    width = max(len(r) for r in rows)
+    blank = np.full_like(rows[0][0], 128)
+    return tiles_png([r + [blank] * (width - len(r)) for r in rows])
+
+
+def distance_vs_size_png(panels: dict[str, dict[int, list[tuple[float, float]]]]) -> bytes:
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
+    for ax, (label, blocks) in zip(axes[0], panels.items()):
+        colours = plt.cm.viridis(np.linspace(0, 1, len(blocks)))
+        for colour, (block, points) in zip(colours, sorted(blocks.items())):
+            points = sorted(points)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, color=colour, label=f"block {block}")
+        ax.set_xscale("log")
+        ax.set(xlabel="training images N", title=label)
+    axes[0][0].set_ylabel("mean attention distance (tokens)")
+    axes[0][-1].legend(fontsize="xx-small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def query_panels_png(panels: dict[str, dict]) -> bytes:
+    from PIL import Image
+
+    from trainer.locality import query_tiles
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(panels) + 1, 5), squeeze=False)
+    for ax, (label, saved) in zip(axes[0], panels.items()):
+        picture = np.asarray(Image.open(io.BytesIO(tiles_png(query_tiles(saved["maps"], saved["queries"])))))
+        ax.imshow(picture, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(f"{label}\nt = {saved['timestep']}", fontsize="x-small")
+        ax.axis("off")
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def locality_png(points: list[tuple[str, float, float]], r: float) -> bytes:
+    """(attention placement, distance, gap) points, one colour per placement; `r` their correlation."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for placement, x, y in points:
+        groups.setdefault(placement, []).append((x, y))
+    for label, values in groups.items():
+        ax.scatter([v[0] for v in values], [v[1] for v in values], label=label, s=22)
+    ax.set(xlabel="mean attention distance of global blocks (tokens)", ylabel="PSNR gap (dB)",
+           title=f"r = {r:.2f} (n = {len(points)})")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return to_png(fig)

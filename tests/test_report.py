@@ -244,6 +244,22 @@ def test_a_failed_write_leaves_the_previous_report(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["report"]
 
 
+def test_every_file_the_packages_read_is_shipped_in_the_wheel():
+    """The report page's template (and any other non-Python file under the packages) is matched by
+    pyproject.toml's package-data, so an installed wheel has it, not only a checkout."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    package_data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    data_files = [p for package in ("orchestrator", "trainer") for p in (root / package).rglob("*")
+                  if p.is_file() and p.suffix not in (".py", ".pyc")]
+    assert root / "orchestrator" / "report" / "page.html" in data_files
+    for path in data_files:
+        package = ".".join(path.parent.relative_to(root).parts)
+        assert any(fnmatch.fnmatch(path.name, pattern) for pattern in package_data.get(package, [])), path
+
+
 def test_a_report_failure_only_warns_at_sweep_end(monkeypatch, capsys):
     from orchestrator import launch, report
 

@@ -1,4 +1,4 @@
-"""orchestrator.report_jacobian: the Jacobian eigenbasis numbers and pictures of a sweep, and the
+"""orchestrator.report.jacobian: the Jacobian eigenbasis numbers and pictures of a sweep, and the
 locality-vs-gap correlation, on sweeps built here; checked against scipy (pearsonr's Fisher-z interval,
 Student-t intervals, principal angles)."""
 
@@ -10,7 +10,7 @@ import scipy.linalg
 from scipy import stats
 
 from orchestrator.report import SweepData, TrialResult, build_report, configuration_rows, gahb_inputs, notes
-from orchestrator.report_jacobian import distance_by_size, global_block_distance, pearson_interval, section
+from orchestrator.report.jacobian import distance_by_size, global_block_distance, pearson_interval, section
 from trainer.jacobian import JacobianAnalysis
 
 PNG = b"\x89PNG"
@@ -131,7 +131,7 @@ def test_attention_distance_per_block_against_n_averages_each_configuration_over
 
 
 def test_query_maps_of_each_configurations_first_trial_become_one_picture():
-    from orchestrator.report_jacobian import query_panels
+    from orchestrator.report.jacobian import query_panels
 
     trials = [trial("none·sh0", "none", 0), trial("none·sh1", "none", 1), trial("head·sh0", "head", 0)]
     maps = {name: {"maps": np.random.default_rng(i).uniform(0, 1, (4, 3, 8, 8)), "queries": [[4, 4], [2, 2], [6, 4]],

@@ -16,9 +16,9 @@
 - Attention maps of three query tokens of one held-out image per block (trainer.locality.query_maps), one
   panel per configuration (its first trial), so configurations and training-set sizes sit side by side.
 
-`orchestrator.report` calls `fetch` when it reads a sweep, and hands `section` (figures, CSV) and
-`note_lines` (the numbers) its configurations as `Inputs`; this module never imports the report (trials
-are the report's `TrialResult`s, read by attribute: name, run_id, finished, metrics, params, placement).
+`orchestrator.report.fetch` calls `fetch` when it reads a sweep, and `orchestrator.report.pages` hands
+`section` (figures, CSV) and `note_lines` (the numbers) its configurations as `Inputs`; `orchestrator.plots`
+draws the figures.
 """
 
 from __future__ import annotations
@@ -27,20 +27,19 @@ import io
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from orchestrator.compare import CONFIDENCE, PairedDifference, mean_interval
-from trainer.attention import GLOBAL
-from trainer.jacobian import JACOBIAN_NPZ, JacobianAnalysis, eigenvector_row, tiles_png
+from orchestrator.plot_series import ATTENTION_DISTANCE
+from orchestrator.report.rows import TrialResult
+from trainer.jacobian import JACOBIAN_NPZ, JacobianAnalysis
+from trainer.schedule import GLOBAL
 
 if TYPE_CHECKING:
     from orchestrator.tracking import Tracker
 
-TrialResult = Any  # orchestrator.report.TrialResult (not imported: the report imports this module)
-
-ATTENTION_DISTANCE = "attn_distance.block_"
 LOCALITY_CSV = "locality_vs_gap.csv"
 JACOBIAN_CSV = "jacobian.csv"
 FILES = (JACOBIAN_CSV, LOCALITY_CSV)  # the section's files besides its PNG figures
@@ -285,17 +284,19 @@ class Section:
 
 def section(data: Inputs) -> Section:
     """The figures and CSV files of both analyses, for what the sweep logged (empty otherwise)."""
+    from orchestrator import plots  # matplotlib: only when a report is drawn
+
     out = Section()
     analyses = configuration_analyses(data)
     if analyses:
         out.figures.append((
             "jacobian_spectra.png", "Eigenvalues of the symmetric part of the one-step denoiser's Jacobian by rank "
             "(largest first), mean over held-out images and trials, one panel per noise level (Kadkhodaie et al. "
-            "2024)", spectra_png(analyses)))
+            "2024)", plots.spectra_png(analyses)))
         out.figures.append((
             "jacobian_eigenvectors.png", "Top eigenvectors of the first held-out image, one row per configuration "
             "and noise level (" + "; ".join(analyses) + "): clean image, noisy input, one-step estimate, then "
-            "eigenvectors by decreasing eigenvalue (grey = 0)", eigenvectors_png(analyses)))
+            "eigenvectors by decreasing eigenvalue (grey = 0)", plots.eigenvectors_png(analyses)))
         header = "quantity,configuration,timestep,mean,low,high,n,chance"
         out.files[JACOBIAN_CSV] = "\n".join([header] + [n.csv() for n in jacobian_numbers(data)]).encode() + b"\n"
     panels = query_panels(data)
@@ -303,99 +304,18 @@ def section(data: Inputs) -> Section:
         out.figures.append((
             "attention_queries.png", "Where three query tokens of the first held-out image attend (grey dot: the "
             "query), one row per block (first at the top), mean over heads; one panel per configuration (its first "
-            "trial), each map scaled to its maximum", query_panels_png(panels)))
+            "trial), each map scaled to its maximum", plots.query_panels_png(panels)))
     by_size = distance_by_size(data)
     if by_size:
         out.figures.append((
             "attention_distance_vs_n.png", "Mean attention distance per block against the number of training "
-            "images N (log axis), one panel per configuration; mean over seeds and shuffles", distance_vs_size_png(by_size)))
+            "images N (log axis), one panel per configuration; mean over seeds and shuffles", plots.distance_vs_size_png(by_size)))
     found = locality_correlation(data)
     if found is not None:
         points, result = found
         out.figures.append((
             "locality_vs_gap.png", "Each trial's mean attention distance over its global blocks against its PSNR "
-            f"gap; {_correlation_text(result)}", locality_png(points, result)))
+            f"gap; {_correlation_text(result)}", plots.locality_png([(t.placement or "trial", x, y) for t, x, y in points], result.r)))
         lines = ["trial,global_attention_distance,psnr_gap"] + [f'"{t.name}",{x:.6f},{y:.6f}' for t, x, y in points]
         out.files[LOCALITY_CSV] = ("\n".join(lines) + "\n").encode()
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Pictures
-
-
-def spectra_png(analyses: dict[str, list[JacobianAnalysis]]) -> bytes:
-    from orchestrator.plots import plt, to_png
-
-    timesteps = next(iter(analyses.values()))[0].timesteps
-    fig, axes = plt.subplots(1, len(timesteps), figsize=(4 * len(timesteps), 3.4), squeeze=False)
-    for ax, t in zip(axes[0], timesteps):
-        for label, members in analyses.items():
-            spectra = [a.eigenvalues[a.timesteps.index(t)].mean(axis=0) for a in members if t in a.timesteps]
-            if spectra:
-                ax.plot(np.mean(spectra, axis=0), label=label, lw=1.2)
-        ax.axhline(0.0, color="grey", lw=0.6)
-        ax.set(xlabel="rank", ylabel="eigenvalue", title=f"t = {t}")
-    axes[0][0].legend(fontsize="x-small")
-    fig.tight_layout()
-    return to_png(fig)
-
-
-def eigenvectors_png(analyses: dict[str, list[JacobianAnalysis]]) -> bytes:
-    """One row per configuration (its first trial) and noise level, first held-out image."""
-    rows = []
-    for members in analyses.values():
-        first = members[0]
-        rows += [eigenvector_row(first, step, 0) for step in range(len(first.timesteps))]
-    width = max(len(r) for r in rows)
-    blank = np.full_like(rows[0][0], 128)
-    return tiles_png([r + [blank] * (width - len(r)) for r in rows])
-
-
-def distance_vs_size_png(panels: dict[str, dict[int, list[tuple[float, float]]]]) -> bytes:
-    from orchestrator.plots import plt, to_png
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
-    for ax, (label, blocks) in zip(axes[0], panels.items()):
-        colours = plt.cm.viridis(np.linspace(0, 1, len(blocks)))
-        for colour, (block, points) in zip(colours, sorted(blocks.items())):
-            points = sorted(points)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, color=colour, label=f"block {block}")
-        ax.set_xscale("log")
-        ax.set(xlabel="training images N", title=label)
-    axes[0][0].set_ylabel("mean attention distance (tokens)")
-    axes[0][-1].legend(fontsize="xx-small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.tight_layout()
-    return to_png(fig)
-
-
-def query_panels_png(panels: dict[str, dict]) -> bytes:
-    from PIL import Image
-
-    from orchestrator.plots import plt, to_png
-    from trainer.locality import query_tiles
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(panels) + 1, 5), squeeze=False)
-    for ax, (label, saved) in zip(axes[0], panels.items()):
-        picture = np.asarray(Image.open(io.BytesIO(tiles_png(query_tiles(saved["maps"], saved["queries"])))))
-        ax.imshow(picture, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        ax.set_title(f"{label}\nt = {saved['timestep']}", fontsize="x-small")
-        ax.axis("off")
-    fig.tight_layout()
-    return to_png(fig)
-
-
-def locality_png(points: list[tuple[TrialResult, float, float]], result: Correlation) -> bytes:
-    from orchestrator.plots import plt, to_png
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    groups: dict[str, list[tuple[float, float]]] = {}
-    for trial, x, y in points:
-        groups.setdefault(trial.placement or "trial", []).append((x, y))
-    for label, values in groups.items():
-        ax.scatter([v[0] for v in values], [v[1] for v in values], label=label, s=22)
-    ax.set(xlabel="mean attention distance of global blocks (tokens)", ylabel="PSNR gap (dB)",
-           title=f"r = {result.r:.2f} (n = {result.n})")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    return to_png(fig)
