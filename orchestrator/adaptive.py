@@ -294,7 +294,7 @@ def power_table(effect: float, sds: list[tuple[str, float | None, str]], shuffle
 
 def sweep_observations(tracker: Tracker, parent: SweepRun) -> list[Observation]:
     """The finished trials of a sweep (its own and the cached runs it reused), as the comparison sees them."""
-    from orchestrator.tracking import FINISHED
+    from orchestrator.run_states import FINISHED
 
     manifest = json.loads(tracker.read_text(parent.run_id, "trials.json"))
     children = {run.trial_key: run for run in tracker.sweep_trials(parent)}

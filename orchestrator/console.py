@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from orchestrator.display import clock
-from orchestrator.tracking import FAILED, FINISHED, KILLED, RUNNING
+from orchestrator.run_states import FAILED, FINISHED, KILLED, RUNNING
 from orchestrator.trial_state import TrialState, counts
 
 PRINT_EVERY_S = 10.0

@@ -35,7 +35,8 @@ from orchestrator.plan import (
 )
 from orchestrator.resources import Fit, check_trial_fits, this_machine, trial_request
 from orchestrator.spec import SweepSpec, Trial, expand, new_sweep_id
-from orchestrator.tracking import FAILED, FINISHED, KILLED, SweepRun, Tracker, sweep_tags
+from orchestrator.run_states import FAILED, FINISHED, KILLED
+from orchestrator.tracking import SweepRun, Tracker, sweep_tags
 
 if TYPE_CHECKING:
     from orchestrator.progress import SweepSink

@@ -14,8 +14,9 @@ from typing import Any, Callable
 from orchestrator.artifacts import trial_artifacts
 from orchestrator.console import ConsoleProgress
 from orchestrator.spec import Trial
-from orchestrator.tracking import FAILED, FINISHED, KILLED, RUNNING, SweepRun, Tracker, TrialRun, placement_tags
-from orchestrator.trial_state import PENDING, TrialState, sweep_status
+from orchestrator.run_states import FAILED, FINISHED, KILLED, PENDING, RUNNING
+from orchestrator.tracking import SweepRun, Tracker, TrialRun, placement_tags
+from orchestrator.trial_state import TrialState, sweep_status
 from trainer.train import STEP
 
 

@@ -30,6 +30,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 from orchestrator.display import first_line, param_text  # noqa: E402
+from orchestrator.run_states import RUNNING  # noqa: E402
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -80,7 +81,6 @@ TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's "model training" experiment type (its UI's enum)
 UI_WORKFLOW = "machine_learning"  # the MLflow 3 UI's "Model training" workspace (query parameter workflowType)
 
-FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 
 
 class TrackingError(ValueError):

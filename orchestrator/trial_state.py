@@ -12,11 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from orchestrator.spec import Trial
-from orchestrator.tracking import FAILED, FINISHED, KILLED, RUNNING
+from orchestrator.run_states import ENDED, FAILED, FINISHED, KILLED, PENDING, RUNNING
 from trainer.train import PSNR_CURVE, SPECTRUM_RECORD, STEP, is_trial_metric
 
-PENDING = "PENDING"
-ENDED = (FINISHED, FAILED, KILLED)
 
 
 @dataclass

@@ -13,7 +13,8 @@ from orchestrator.report.jacobian import fetch as fetch_analyses
 from orchestrator.report.rows import (MISSING, SEED_AXES, SIZE_PARAMS, ReportError, SampleGrid, SweepData,
                                       TrialResult, configuration_rows, disjoint_pairs)
 from orchestrator.spec import Compare, SpecError, parse_spec
-from orchestrator.tracking import FINISHED, Tracker, TrialRun
+from orchestrator.run_states import FINISHED
+from orchestrator.tracking import Tracker, TrialRun
 
 
 def fetch_sweep(tracker: Tracker, sweep_id: str) -> SweepData:

@@ -14,7 +14,7 @@ from typing import Any
 from orchestrator import paired
 from orchestrator.compare import PairedDifference, mean_interval
 from orchestrator.spec import Compare, axis_label
-from orchestrator.tracking import FINISHED
+from orchestrator.run_states import FINISHED
 
 SEED_AXES = ("seed", "data.shuffle_seed")  # averaged over, never a configuration of their own
 SIZE_PARAMS = paired.SIZE_AXES
