@@ -7,9 +7,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
 
 from orchestrator import run_states
+from orchestrator.run_states import FINISHED
+from orchestrator.tracking import TAG_DEVICE, TAG_ROLE, Tracker, TrackingError
+from orchestrator.tracking.writes import PENDING_RUN
 
 
 def test_the_run_states_are_mlflows_run_statuses():
@@ -28,3 +33,34 @@ def test_the_state_machine_and_the_console_do_not_load_the_tracking_package():
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.split() == ["[]", "False"], out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_every_write_waits_in_the_outbox_while_the_server_is_away(restartable_mlflow_server, capsys):
+    """A trial opened while the server is down gets a local id; its run is created, with its params,
+    metrics, tags and end, in order once the server is back. A write whose id is needed now (a new
+    sweep's run) is refused with a message instead of being kept."""
+    url, start, stop = restartable_mlflow_server
+    tracker = Tracker(url)
+    experiment = tracker.experiment_id("away")
+    sweep = tracker.start_sweep(experiment, "s1", name="s1", tags={}, params={"steps": 4}, texts={"spec.yaml": "x"})
+    stop()
+    run_id = tracker.open_trial(sweep, "t0", "k0", {"seed": 0, "optim.lr": 0.1}, existing=None)
+    assert run_id.startswith(PENDING_RUN)
+    tracker.log_metrics(run_id, {"loss": 1.5}, step=3)
+    tracker.set_tags(run_id, {TAG_DEVICE: "cpu"})
+    tracker.end_run(run_id, FINISHED)
+    with pytest.raises(TrackingError, match="still pending"):
+        tracker.start_sweep(experiment, "s2", name="s2", tags={}, params={}, texts={})
+    start()
+    assert tracker.flush(timeout_s=60)
+    out = capsys.readouterr().out
+    assert out.index("keeping results to write later") < out.index("tracking server is back; pending writes delivered")
+
+    client = MlflowClient(tracking_uri=url)
+    (run,) = client.search_runs([experiment], f"tags.`{TAG_ROLE}` = 'trial'")
+    assert run.info.status == FINISHED and run.info.run_name == "t0"
+    assert run.data.params == {"seed": "0", "optim.lr": "0.1"}
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(3, 1.5)]
+    assert run.data.tags["mlflow.parentRunId"] == sweep.run_id and run.data.tags[TAG_DEVICE] == "cpu"
+    assert [r.info.run_name for r in client.search_runs([experiment], f"tags.`{TAG_ROLE}` = 'sweep'")] == ["s1"]

@@ -63,9 +63,7 @@ def publish(tracker: Tracker, sweep_id: str, out: Path | None = None) -> tuple[P
     tracker.log_folder(data.parent_run_id, folder, REPORT_ARTIFACT_DIR)
     compared = paired_tables(data)
     if compared:
-        deltas = list(paired.delta_metrics(compared.rows).items())
-        for start in range(0, len(deltas), 500):  # MLflow takes at most 1000 metrics a batch
-            tracker.log_metrics(data.parent_run_id, dict(deltas[start : start + 500]), step=0)
+        tracker.log_metrics(data.parent_run_id, paired.delta_metrics(compared.rows), step=0)
     tracker.set_run_table_view(data.experiment_id, RUN_TABLE_VIEW, data.axes, present_metrics(data.trials),
                                ["attention.schedule"])
     return folder, data
