@@ -114,7 +114,7 @@ def check_store(uri: str, args: argparse.Namespace) -> list[str]:
     if len(trials) != 2:
         problems.append(f"expected 2 trial runs, found {len(trials)}")
     for run in trials:
-        where = run.placement
+        where = run.location
         print(f"  {run.name}: {run.status}; " + ", ".join(
             f"{k}={run.metrics[k]:.4g}" for k in ("step", "loss", "psnr_gap", "psnr_test", "fid", "kid", "images_per_sec")
             if k in run.metrics) + f"; ran on {where}")

@@ -15,7 +15,7 @@ from orchestrator.artifacts import trial_artifacts
 from orchestrator.console import ConsoleProgress
 from orchestrator.spec import Trial
 from orchestrator.run_states import FAILED, FINISHED, KILLED, PENDING, RUNNING
-from orchestrator.tracking import SweepRun, Tracker, TrialRun, placement_tags
+from orchestrator.tracking import SweepRun, Tracker, TrialRun, location_tags
 from orchestrator.trial_state import TrialState, sweep_status
 from trainer.train import STEP
 
@@ -74,12 +74,12 @@ class SweepSink:
         if key in self.states:
             self.states[key].read_checkpoint = read
 
-    def placed(self, key: str, placement: dict[str, str]) -> None:
+    def located(self, key: str, location: dict[str, str]) -> None:
         """Where the trial reports from; its run's tags follow it when it moves to another node."""
         state = self.states[key]
         self._ensure_run(state)
-        if state.run_id and state.place(placement):
-            self.tracker.set_tags(state.run_id, placement_tags(placement))
+        if state.run_id and state.locate(location):
+            self.tracker.set_tags(state.run_id, location_tags(location))
 
     def tick(self, force: bool = False) -> None:
         self.console.tick(force)

@@ -36,10 +36,10 @@ def status(sweep_id: str | None, tracking_uri: str | None) -> str:
 def node_of(run: TrialRun) -> str:
     """Where the trial last ran: its node's IP and the first 8 characters of its Ray node id (nodes
     can share an IP: several on one machine, or pods behind one address); "-" before its first report."""
-    placement = run.placement
-    if "node_id" not in placement:
+    location = run.location
+    if "node_id" not in location:
         return "-"
-    return f"{placement.get('node_ip', '?')} {placement['node_id'][:8]}"
+    return f"{location.get('node_ip', '?')} {location['node_id'][:8]}"
 
 
 def sweeps_table(tracker: Tracker) -> str:

@@ -34,9 +34,10 @@ from orchestrator.spec import SpecError  # noqa: E402
 from trainer.train import STEP, reported  # noqa: E402
 
 DEFAULT_STORAGE = "ditsweep_results"
-# Where a trial runs, sent with every report as flat strings (`placement_node_id`, ...) and handed to
-# the sink's `placed` event as {"node_id": ..., "node_ip": ..., "device": ..., ...}.
-PLACEMENT_PREFIX = "placement_"
+# Where a trial runs (its location: Ray node and device; not the attention placement), sent with every
+# report as flat strings (`location_node_id`, ...) and handed to the sink's `located` event as
+# {"node_id": ..., "node_ip": ..., "device": ..., ...}.
+LOCATION_PREFIX = "location_"
 CONNECT_TIMEOUT_S = 30.0  # the longest `--address` may take to answer before the sweep is refused
 _QUIET_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.data", "ray.serve", "filelock")
 
@@ -56,7 +57,7 @@ class TrialEvents(Protocol):
     def failed(self, key: str, error: str) -> None: ...
     def retrying(self, key: str, error: str) -> None: ...
     def checkpointed(self, key: str, read: Callable[[str], bytes | None]) -> None: ...
-    def placed(self, key: str, placement: dict[str, str]) -> None: ...
+    def located(self, key: str, location: dict[str, str]) -> None: ...
     def tick(self) -> None: ...
 
 
@@ -113,11 +114,11 @@ def run_trial(param: dict, finished: frozenset[str] = frozenset()) -> None:
     config = TrialConfig.model_validate(record["config"])
     torch.set_num_threads(max(1, int(param["cpus"])))
     device = pick_device()
-    placement = {f"{PLACEMENT_PREFIX}{k}": v for k, v in {**_node_placement(), **describe_device(device)}.items()}
+    location = {f"{LOCATION_PREFIX}{k}": v for k, v in {**_node_location(), **describe_device(device)}.items()}
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report({**metrics, **placement}, checkpoint=checkpoint)
+        tune.report({**metrics, **location}, checkpoint=checkpoint)
 
     checkpoint = tune.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="ditsweep-trial-") as out:
@@ -128,7 +129,7 @@ def run_trial(param: dict, finished: frozenset[str] = frozenset()) -> None:
                 train(config, report, out_dir=out, resume_from=resume_from, device=device)
 
 
-def _node_placement() -> dict[str, str]:
+def _node_location() -> dict[str, str]:
     """The Ray node this trial runs on: its id and IP address."""
     node_id = ray.get_runtime_context().get_node_id()
     # The address the node joined the cluster with (`ray start --node-ip-address`), not a guess from
@@ -137,9 +138,9 @@ def _node_placement() -> dict[str, str]:
     return {"node_id": node_id, "node_ip": ips[0] if ips else ray.util.get_node_ip_address()}
 
 
-def placement_of(result: dict) -> dict[str, str]:
-    """{"node_id": ..., "device": ...} from a Tune result's `placement_*` entries ({} when absent)."""
-    return {k[len(PLACEMENT_PREFIX):]: str(v) for k, v in result.items() if k.startswith(PLACEMENT_PREFIX)}
+def location_of(result: dict) -> dict[str, str]:
+    """{"node_id": ..., "device": ...} from a Tune result's `location_*` entries ({} when absent)."""
+    return {k[len(LOCATION_PREFIX):]: str(v) for k, v in result.items() if k.startswith(LOCATION_PREFIX)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,8 +174,8 @@ class _EventBridge(tune.Callback):
         metrics = reported(result)  # everything else in a Tune result is Tune's own bookkeeping
         metrics[STEP] = result.get(STEP, result.get("training_iteration", 0))
         _EVENTS.result(key, metrics)
-        if placement := placement_of(result):
-            _EVENTS.placed(key, placement)
+        if location := location_of(result):
+            _EVENTS.located(key, location)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if key := self._key(trial):

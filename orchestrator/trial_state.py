@@ -29,7 +29,7 @@ class TrialState:
     started_at: float | None = None  # time.monotonic()
     retries: int = 0
     read_checkpoint: Callable[[str], bytes | None] | None = None  # a file of the latest checkpoint, by name
-    placement: dict[str, str] | None = None  # where it last reported from: node_id, node_ip, device, ...
+    location: dict[str, str] | None = None  # where it last reported from: node_id, node_ip, device, ...
 
     @property
     def progress(self) -> float:
@@ -58,11 +58,11 @@ class TrialState:
             self.spectrum_record = reported[SPECTRUM_RECORD]
         return step, values
 
-    def place(self, placement: dict[str, str]) -> bool:
+    def locate(self, location: dict[str, str]) -> bool:
         """Take in where the trial reports from; True when that is new (its first report, or another node)."""
-        if placement == self.placement:
+        if location == self.location:
             return False
-        self.placement = dict(placement)
+        self.location = dict(location)
         return True
 
 

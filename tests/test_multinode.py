@@ -20,16 +20,16 @@ from tests.support.sweeps import TINY, ditsweep, write_spec
 FOUR_TRIALS = {"attention.placement": ["none", "head"], "seed": [0, 1]}
 
 
-def test_placement_travels_as_flat_result_entries():
+def test_the_location_travels_as_flat_result_entries():
     import torch
 
-    from orchestrator.sweep import placement_of
+    from orchestrator.sweep import location_of
     from trainer.train import describe_device
 
     assert describe_device(torch.device("cpu")) == {"device": "cpu"}
-    result = {"loss": 0.5, "placement_node_id": "abc", "placement_gpu_memory_gb": 80.0, "step": 3}
-    assert placement_of(result) == {"node_id": "abc", "gpu_memory_gb": "80.0"}
-    assert placement_of({"loss": 0.5}) == {}
+    result = {"loss": 0.5, "location_node_id": "abc", "location_gpu_memory_gb": 80.0, "step": 3}
+    assert location_of(result) == {"node_id": "abc", "gpu_memory_gb": "80.0"}
+    assert location_of({"loss": 0.5}) == {}
 
 
 def test_the_sink_tags_where_a_trial_runs_and_status_shows_its_node(tmp_path, monkeypatch):
@@ -50,27 +50,27 @@ def test_the_sink_tags_where_a_trial_runs_and_status_shows_its_node(tmp_path, mo
     moved, other = trials[0].key, trials[1].key
     first = {"node_id": "a" * 56, "node_ip": "10.0.0.1", "device": "cpu"}
     sink.result(moved, {"step": 2, "loss": 0.5})
-    sink.placed(moved, first)
-    sink.placed(moved, {"node_id": "b" * 56, "node_ip": "10.0.0.2", "device": "cuda:0", "gpu_name": "H100",
+    sink.located(moved, first)
+    sink.located(moved, {"node_id": "b" * 56, "node_ip": "10.0.0.2", "device": "cuda:0", "gpu_name": "H100",
                         "gpu_memory_gb": "79.1", "unknown": "left out"})
-    sink.result(other, {"step": 1, "loss": 0.75})  # reported, but no placement (yet)
+    sink.result(other, {"step": 1, "loss": 0.75})  # reported, but no location (yet)
     assert tracker.flush()
 
     runs = {run.trial_key: run for run in tracker.sweep_trials(parent)}
-    assert runs[moved].placement == {"node_id": "b" * 56, "node_ip": "10.0.0.2", "device": "cuda:0",
+    assert runs[moved].location == {"node_id": "b" * 56, "node_ip": "10.0.0.2", "device": "cuda:0",
                                      "gpu_name": "H100", "gpu_memory_gb": "79.1"}
-    assert runs[other].placement == {}
+    assert runs[other].location == {}
     table = status("placed-1", uri).splitlines()
     header = table[1].split()
     assert header[header.index("node")] == "node"
     row_moved = next(line for line in table if line.startswith(trials[0].name))
     row_other = next(line for line in table if line.startswith(trials[1].name))
     assert "10.0.0.2 bbbbbbbb" in row_moved and "10.0.0.1" not in row_moved
-    assert " - " in row_other.split("0.7500", 1)[1]  # no node before the first placement
+    assert " - " in row_other.split("0.7500", 1)[1]  # no node before the first location
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_placement_names_the_gpu_and_its_memory():
+def test_a_cuda_location_names_the_gpu_and_its_memory():
     import torch
 
     from trainer.train import describe_device

@@ -15,6 +15,7 @@ from orchestrator import run_states
 from orchestrator.run_states import FINISHED
 from orchestrator.tracking import TAG_DEVICE, TAG_ROLE, Tracker, TrackingError
 from orchestrator.tracking.writes import PENDING_RUN
+from tests.support.sweeps import sqlite_uri
 
 
 def test_the_run_states_are_mlflows_run_statuses():
@@ -64,3 +65,15 @@ def test_every_write_waits_in_the_outbox_while_the_server_is_away(restartable_ml
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(3, 1.5)]
     assert run.data.tags["mlflow.parentRunId"] == sweep.run_id and run.data.tags[TAG_DEVICE] == "cpu"
     assert [r.info.run_name for r in client.search_runs([experiment], f"tags.`{TAG_ROLE}` = 'sweep'")] == ["s1"]
+
+
+@pytest.mark.slow
+def test_each_trial_of_a_real_sweep_records_where_it_ran(finished_sweep):
+    """The location a trial reports with every result (sweep.py) becomes its run's tags (progress.py),
+    read back as `TrialRun.location`: this machine's one Ray node, and its device."""
+    tracker = Tracker(sqlite_uri(finished_sweep["folder"]), create=False)
+    trials = tracker.sweep_trials(tracker.find_sweep(finished_sweep["sweep_id"]))
+    assert len(trials) == len(finished_sweep["trials"])
+    nodes = {t.location["node_id"] for t in trials}
+    assert len(nodes) == 1 and len(nodes.pop()) == 56  # Ray's node ids are 28 bytes in hex
+    assert all(t.location["device"] in ("cpu", "cuda:0", "mps") and t.location["node_ip"] for t in trials)

@@ -26,7 +26,7 @@ TAG_NODE_IP = "ditsweep.node_ip"
 TAG_DEVICE = "ditsweep.device"  # "cpu" or "cuda:0"
 TAG_GPU_NAME = "ditsweep.gpu_name"
 TAG_GPU_MEMORY_GB = "ditsweep.gpu_memory_gb"
-PLACEMENT_TAGS = {"node_id": TAG_NODE_ID, "node_ip": TAG_NODE_IP, "device": TAG_DEVICE,
+LOCATION_TAGS = {"node_id": TAG_NODE_ID, "node_ip": TAG_NODE_IP, "device": TAG_DEVICE,
                   "gpu_name": TAG_GPU_NAME, "gpu_memory_gb": TAG_GPU_MEMORY_GB}
 TAG_NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
 TAG_PARENT = "mlflow.parentRunId"
@@ -54,14 +54,14 @@ class TrialRun:
     end_time: int | None
 
     @property
-    def placement(self) -> dict[str, str]:
+    def location(self) -> dict[str, str]:
         """Where the trial last ran: {"node_id", "node_ip", "device", ...} as far as recorded."""
-        return {key: self.tags[tag] for key, tag in PLACEMENT_TAGS.items() if tag in self.tags}
+        return {key: self.tags[tag] for key, tag in LOCATION_TAGS.items() if tag in self.tags}
 
 
-def placement_tags(placement: dict[str, str]) -> dict[str, str]:
-    """A trial's placement ({"node_id": ..., "device": ...}) as run tags; unknown entries are left out."""
-    return {PLACEMENT_TAGS[key]: str(value) for key, value in placement.items() if key in PLACEMENT_TAGS}
+def location_tags(location: dict[str, str]) -> dict[str, str]:
+    """Where a trial runs ({"node_id": ..., "device": ...}) as run tags; unknown entries are left out."""
+    return {LOCATION_TAGS[key]: str(value) for key, value in location.items() if key in LOCATION_TAGS}
 
 
 @dataclass(frozen=True)
