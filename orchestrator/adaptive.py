@@ -39,7 +39,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.compare import CONFIDENCE, Observation, PairedDifference, paired_table
+from orchestrator.compare import CONFIDENCE, PRIMARY_METRIC, Observation, PairedDifference, paired_table
 from orchestrator.display import format_table
 from orchestrator.spec import Compare, SpecError, SweepSpec, Trial, axis_label, expand, parse_spec
 
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from orchestrator.plan import Plan
     from orchestrator.tracking import SweepRun, Tracker
 
-PRIMARY = "psnr_gap"
+PRIMARY = PRIMARY_METRIC
 SHUFFLE_AXIS = "data.shuffle_seed"
 STATE_FILE = "until_confident.json"  # on the sweep's parent run: the rule, the rounds, the decisions
 SUMMARY_FILE = "until_confident.md"

@@ -16,7 +16,8 @@ from trainer.jacobian import JACOBIAN_NPZ, JACOBIAN_PNG, SPECTRUM_RECORD, parse_
 from trainer.locality import QUERIES_NPZ, QUERIES_PNG, by_block
 from trainer.memorization import PAIRS_NPY, PAIRS_PNG
 from trainer.sampling import GRID_NPY, GRID_PNG
-from trainer.train import PSNR_CURVE, parse_curve_record
+from trainer.metric_names import PSNR_CURVE
+from trainer.train import parse_curve_record
 
 # Files the trainer writes next to each checkpoint, attached to the trial's run when it ends.
 CHECKPOINT_ARTIFACTS = (GRID_PNG, GRID_NPY, PAIRS_PNG, PAIRS_NPY, JACOBIAN_PNG, JACOBIAN_NPZ, QUERIES_PNG, QUERIES_NPZ)

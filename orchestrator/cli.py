@@ -15,6 +15,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from orchestrator.exit_codes import EXIT_BAD_INPUT
+from trainer.metric_names import IMAGES_PER_SEC, LOSS, PSNR_GAP, PSNR_TEST, PSNR_TRAIN, STEP
 
 app = typer.Typer(
     help="Sweeps of local-attention diffusion transformers on Ray Tune, tracked in MLflow.",
@@ -119,10 +120,10 @@ PendingTimeoutOption = Annotated[
 
 def _print_progress(total_steps: int) -> Callable[[dict, Optional[str]], None]:
     def report(metrics: dict, checkpoint: Optional[str]) -> None:
-        parts = [f"step {metrics['step']:>6}/{total_steps}"]
-        for key in ("loss", "images_per_sec", "psnr_train", "psnr_test", "psnr_gap"):
+        parts = [f"step {metrics[STEP]:>6}/{total_steps}"]
+        for key in (LOSS, IMAGES_PER_SEC, PSNR_TRAIN, PSNR_TEST, PSNR_GAP):
             if key in metrics:
-                parts.append(f"{key}={metrics[key]:.4f}" if key != "images_per_sec" else f"img/s={metrics[key]:.0f}")
+                parts.append(f"{key}={metrics[key]:.4f}" if key != IMAGES_PER_SEC else f"img/s={metrics[key]:.0f}")
         print("  ".join(parts), flush=True)
 
     return report

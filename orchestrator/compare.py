@@ -34,8 +34,10 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from trainer.metric_names import PSNR_GAP
+
 CONFIDENCE = 0.95
-PRIMARY_METRIC = "psnr_gap"  # its verdicts across a report's comparisons are Holm-adjusted
+PRIMARY_METRIC = PSNR_GAP  # its verdicts across a report's comparisons are Holm-adjusted
 LOWER, HIGHER, UNCLEAR = "lower", "higher", "no clear difference"
 NEEDS_PAIRS = "needs >= 2 matched pairs"
 NO_SPREAD = "no verdict: all differences equal"

@@ -8,6 +8,7 @@ import time
 from orchestrator.display import clock
 from orchestrator.run_states import FAILED, FINISHED, KILLED, RUNNING
 from orchestrator.trial_state import TrialState, counts
+from trainer.metric_names import FID, LOSS, PSNR_GAP
 
 PRINT_EVERY_S = 10.0
 
@@ -40,13 +41,13 @@ class ConsoleProgress:
             parts.append(self.waiting)
         for state in self.states:
             if state.status == RUNNING and state.metrics:
-                loss = state.metrics.get("loss")
+                loss = state.metrics.get(LOSS)
                 parts.append(f"{state.trial.name} step {state.step}" + (f" loss {loss:.4f}" if loss else ""))
         return " | ".join(parts)
 
     def finished(self, state: TrialState) -> None:
         elapsed = time.monotonic() - (state.started_at or self.start)
-        gap, fid = state.metrics.get("psnr_gap"), state.metrics.get("fid")
+        gap, fid = state.metrics.get(PSNR_GAP), state.metrics.get(FID)
         summary = f"psnr_gap={gap:.3f}" if gap is not None else ""
         summary += f" fid={fid:.2f}" if fid is not None else ""
         print(f"  done   {state.trial.name}  {summary}  ({elapsed:.0f}s)", flush=True)

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainer.metric_names import (FID, KID, MEM_CLOSER_TO_TRAIN, MEM_COPY_FRACTION, MEM_NN_TEST, MEM_NN_TRAIN, PSNR_GAP,
+                                  PSNR_TEST, PSNR_TRAIN)
+
 
 def format_table(rows: list[list[str]], rule: bool = False) -> str:
     """Left-aligned columns; with `rule`, a dashed line under the header row."""
@@ -27,9 +30,9 @@ def show_value(value: Any, none: str = "") -> str:
 
 
 # Decimals per metric, one per column so that numbers line up: dB to 3, fractions to 2.
-DECIMALS = {"psnr_gap": 3, "psnr_train": 3, "psnr_test": 3, "mem_copy_fraction": 2, "mem_nn_train": 3,
-            "mem_nn_test": 3, "mem_closer_to_train": 2, "fid": 2, "kid": 4}
-UNITS = {"psnr_gap": " dB", "psnr_train": " dB", "psnr_test": " dB"}
+DECIMALS = {PSNR_GAP: 3, PSNR_TRAIN: 3, PSNR_TEST: 3, MEM_COPY_FRACTION: 2, MEM_NN_TRAIN: 3, MEM_NN_TEST: 3,
+            MEM_CLOSER_TO_TRAIN: 2, FID: 2, KID: 4}
+UNITS = {PSNR_GAP: " dB", PSNR_TRAIN: " dB", PSNR_TEST: " dB"}
 DASH = "—"
 
 

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from orchestrator.paired import SIZE_AXES
+from trainer.metric_names import ATTENTION_DISTANCE, FID, PSNR_GAP, PSNR_TEST, PSNR_TRAIN
 from trainer.schedule import GLOBAL
 
 if TYPE_CHECKING:
     from orchestrator.report.rows import ConfigRow
 
-ATTENTION_DISTANCE = "attn_distance.block_"  # + block index (trainer.locality)
 FOREST_PNG = "forest_psnr_gap.png"
 
 
@@ -25,12 +25,12 @@ def gap_vs_size(rows: list[ConfigRow]) -> tuple[str, dict[str, list[tuple[float,
     xlabel = "training images N"
     for row in rows:
         size = row.size
-        if size is None or "psnr_gap" not in row.mean:
+        if size is None or PSNR_GAP not in row.mean:
             continue
         xlabel = size[1]
-        interval = row.interval["psnr_gap"]
+        interval = row.interval[PSNR_GAP]
         half = None if interval.high is None else (interval.high - interval.low) / 2
-        series.setdefault(row.label(SIZE_AXES), []).append((size[0], row.mean["psnr_gap"], half))
+        series.setdefault(row.label(SIZE_AXES), []).append((size[0], row.mean[PSNR_GAP], half))
     return xlabel, series
 
 
@@ -44,8 +44,8 @@ def step_curves(rows: list[ConfigRow]) -> dict[str, dict[str, tuple[list[float],
         curves = [c for c in curves if c["timestep"] == curves[0]["timestep"]]  # same eval steps only
         size = row.size
         title = "all trials" if size is None else f"{size[1]} = {size[0]:g}"
-        train = [statistics.fmean(values) for values in zip(*(c["psnr_train"] for c in curves))]
-        test = [statistics.fmean(values) for values in zip(*(c["psnr_test"] for c in curves))]
+        train = [statistics.fmean(values) for values in zip(*(c[PSNR_TRAIN] for c in curves))]
+        test = [statistics.fmean(values) for values in zip(*(c[PSNR_TEST] for c in curves))]
         panels.setdefault(title, {})[row.label(SIZE_AXES)] = (curves[0]["timestep"], train, test)
     return panels
 
@@ -113,7 +113,7 @@ def figures(rows: list[ConfigRow]) -> list[Figure]:
     if panels:
         out.append(Figure("psnr_per_step.png", "Train (solid) and held-out (dashed) PSNR of the one-step "
                           "denoiser per diffusion step, mean over seeds", plots.psnr_per_step_png(panels)))
-    windows, series, baselines = metric_by_window(rows, "fid")
+    windows, series, baselines = metric_by_window(rows, FID)
     if series or baselines:
         out.append(Figure("fid_vs_window.png", "FID against the window size of the local blocks; dashed: "
                           "global attention", plots.metric_vs_window_png(windows, series, baselines, "FID")))

@@ -17,7 +17,7 @@ from orchestrator.spec import Trial
 from orchestrator.run_states import FAILED, FINISHED, KILLED, PENDING, RUNNING
 from orchestrator.tracking import SweepRun, Tracker, TrialRun, location_tags
 from orchestrator.trial_state import TrialState, sweep_status
-from trainer.train import STEP
+from trainer.metric_names import STEP
 
 
 class SweepSink:

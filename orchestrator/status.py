@@ -6,6 +6,7 @@ import time
 
 from orchestrator.display import format_table
 from orchestrator.tracking import Tracker, TrialRun, resolve_tracking_uri, store_missing
+from trainer.metric_names import LOSS, PSNR_GAP, STEP
 
 
 def status(sweep_id: str | None, tracking_uri: str | None) -> str:
@@ -17,15 +18,15 @@ def status(sweep_id: str | None, tracking_uri: str | None) -> str:
         return sweeps_table(tracker)
     parent = tracker.find_sweep(sweep_id)
     trials = sorted(tracker.sweep_trials(parent), key=lambda r: r.name)
-    rows = [["trial", "status", "step", "loss", "psnr_gap", "node", "key"]]
+    rows = [["trial", "status", STEP, LOSS, PSNR_GAP, "node", "key"]]
     for run in trials:
         m = run.metrics
         rows.append([
             run.name,
             run.status,
-            str(int(m["step"])) if "step" in m else "-",
-            f"{m['loss']:.4f}" if "loss" in m else "-",
-            f"{m['psnr_gap']:.3f}" if "psnr_gap" in m else "-",
+            str(int(m[STEP])) if STEP in m else "-",
+            f"{m[LOSS]:.4f}" if LOSS in m else "-",
+            f"{m[PSNR_GAP]:.3f}" if PSNR_GAP in m else "-",
             node_of(run),
             run.trial_key[:10],
         ])

@@ -31,7 +31,8 @@ from ray import tune  # noqa: E402
 from orchestrator.interrupt import terminate_as_interrupt  # noqa: E402
 from orchestrator.resources import Cluster, NodeType  # noqa: E402
 from orchestrator.spec import SpecError  # noqa: E402
-from trainer.train import STEP, reported  # noqa: E402
+from trainer.metric_names import STEP  # noqa: E402
+from trainer.train import reported  # noqa: E402
 
 DEFAULT_STORAGE = "ditsweep_results"
 # Where a trial runs (its location: Ray node and device; not the attention placement), sent with every

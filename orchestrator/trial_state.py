@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 from orchestrator.spec import Trial
 from orchestrator.run_states import ENDED, FAILED, FINISHED, KILLED, PENDING, RUNNING
-from trainer.train import PSNR_CURVE, SPECTRUM_RECORD, STEP, is_trial_metric
+from trainer.metric_names import PSNR_CURVE, STEP
+from trainer.train import SPECTRUM_RECORD, is_trial_metric
 
 
 

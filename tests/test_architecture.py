@@ -309,3 +309,15 @@ def test_the_module_tables_name_every_module_and_nothing_that_is_gone():
     assert not unnamed, f"modules without a row in the module tables of {DOC.name}: {unnamed}"
     gone = sorted(named - files)
     assert not gone, f"rows of {DOC.name} name files that do not exist: {gone}"
+
+
+def test_the_orchestrator_spells_no_metric_name():
+    """A trial's metric names are declared once, in trainer/metric_names.py (which imports nothing);
+    the orchestrator's tables, console and report use its constants."""
+    from trainer.metric_names import PSNR_CURVE, STEP, TRIAL_METRICS
+
+    names = {*TRIAL_METRICS, STEP, PSNR_CURVE}
+    for module, path in modules().items():
+        if module.startswith("orchestrator"):
+            assert not string_literals(path) & names, f"{module} spells {string_literals(path) & names}"
+    assert not imported_names(ROOT / "trainer" / "metric_names.py", "trainer.metric_names")

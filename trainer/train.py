@@ -25,6 +25,7 @@ from trainer import memorization, sampling
 from trainer.diffusion import Schedule, linear_schedule, training_loss
 from trainer.jacobian import METRIC_PREFIX as JACOBIAN_PREFIX, SPECTRUM_RECORD, jacobian_analysis
 from trainer.locality import attention_locality, query_maps, save_query_maps
+from trainer.metric_names import PSNR_CURVE, RESUMED_FROM_STEP, STEP, TRIAL_METRICS
 from trainer.metrics import PsnrCurve, psnr_gap_curve
 from trainer.arch import build_model
 from trainer.model import DiT
@@ -37,16 +38,11 @@ CHECKPOINT_DIR = "checkpoint"  # under the trial's output folder
 CHECKPOINT_FILE = "state.pt"
 PREVIOUS_CHECKPOINT_FILE = "state.prev.pt"
 
-# What `report(metrics, ...)` carries, declared once: the metrics a trial logs, plus the step counter
-# and the PSNR curve record (not metrics: the curve becomes an artifact when the trial ends).
-TRIAL_METRICS = (
-    "loss", "images_per_sec", "psnr_gap", "psnr_train", "psnr_test", "fid", "kid", "kid_std", "resumed_from_step",
-    "mem_copy_fraction", "mem_nn_train", "mem_nn_test", "mem_closer_to_train",  # trainer.memorization, sample grid
-)
-# Per-block attention locality: attn_distance.block_0, attn_local3.block_0, ...; the denoiser's Jacobian
-# per timestep: jac_asymmetry.t100, jac_trace.t100, jac_pr.t100 (trainer.jacobian).
+# What `report(metrics, ...)` carries: the metrics a trial logs (trainer.metric_names.TRIAL_METRICS and
+# these prefixes), the step counter and the records. Per-block attention locality: attn_distance.block_0,
+# attn_local3.block_0, ...; the denoiser's Jacobian per timestep: jac_asymmetry.t100, jac_trace.t100,
+# jac_pr.t100 (trainer.jacobian).
 TRIAL_METRIC_PREFIXES = ("attn_", JACOBIAN_PREFIX)
-STEP, PSNR_CURVE = "step", "psnr_curve"
 RECORDS = (PSNR_CURVE, SPECTRUM_RECORD)  # reported JSON records that become artifacts and series, not metrics
 
 
@@ -507,12 +503,12 @@ def train(
     state = state or load_checkpoint(checkpoint_dir)
     if state is not None:
         trainer.load_state_dict(state)
-        report({"step": trainer.step, "resumed_from_step": trainer.step}, None)
+        report({STEP: trainer.step, RESUMED_FROM_STEP: trainer.step}, None)
 
     total, cfg = config.train.steps, config.train
     losses: list[float] = []
     window_start, window_images = time.perf_counter(), 0
-    final: dict = {"step": trainer.step}
+    final: dict = {STEP: trainer.step}
     if trainer.step >= total:  # resumed from a finished trial: report its (deterministic) evaluation again
         metrics, checkpoint = evaluate_and_save(trainer, out)
         final.update(metrics)
@@ -558,9 +554,9 @@ def evaluate_and_save(trainer: Trainer, out: Path) -> tuple[dict, str]:
     save_checkpoint(checkpoint_dir, trainer.state_dict())
     memorized = trainer.save_sample_grid(checkpoint_dir)
     (out / "psnr_curve.csv").write_text(curve.to_csv())
-    metrics = {"step": trainer.step, **curve.summary(), **memorized, **trainer.fid(), **trainer.locality(checkpoint_dir),
+    metrics = {STEP: trainer.step, **curve.summary(), **memorized, **trainer.fid(), **trainer.locality(checkpoint_dir),
                **trainer.jacobian(checkpoint_dir)}
-    return {**metrics, "psnr_curve": curve_record(curve)}, str(checkpoint_dir)
+    return {**metrics, PSNR_CURVE: curve_record(curve)}, str(checkpoint_dir)
 
 
 def curve_record(curve: PsnrCurve) -> str:

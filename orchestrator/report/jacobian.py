@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from orchestrator.compare import CONFIDENCE, PairedDifference, mean_interval
-from orchestrator.plot_series import ATTENTION_DISTANCE
 from orchestrator.report.rows import TrialResult
 from trainer.jacobian import JACOBIAN_NPZ, JacobianAnalysis
+from trainer.metric_names import ATTENTION_DISTANCE, PSNR_GAP
 from trainer.schedule import GLOBAL
 
 if TYPE_CHECKING:
@@ -110,8 +110,8 @@ def locality_points(trials: list[TrialResult]) -> list[tuple[TrialResult, float,
     points = []
     for trial in trials:
         distance = global_block_distance(trial) if trial.finished else None
-        if distance is not None and "psnr_gap" in trial.metrics:
-            points.append((trial, distance, trial.metrics["psnr_gap"]))
+        if distance is not None and PSNR_GAP in trial.metrics:
+            points.append((trial, distance, trial.metrics[PSNR_GAP]))
     return points
 
 
