@@ -49,8 +49,6 @@ _POLL_S = 2.0
 # How long `submit` waits for the driver's resource check when no current node holds a trial.
 PREFLIGHT_WAIT_S = 180.0
 END_OF_STREAM_WAIT_S = 60.0  # how long a job's status may lag its log stream's end
-# The line `launch` prints once every check has passed and the sweep's run exists.
-_ACCEPTED = re.compile(r"^sweep \S+: \d+ trials? to run", re.MULTILINE)
 
 
 class ClusterError(ValueError):
@@ -166,10 +164,12 @@ def _asked(spec: SweepSpec) -> str:
 def await_preflight(client, job_id: str, address: str, wait_s: float = PREFLIGHT_WAIT_S) -> int:
     """The driver's verdict on resources: EXIT_BAD_INPUT (its message printed) when it refused the
     sweep, EXIT_OK once it accepted it (or after `wait_s` with no verdict yet, saying so)."""
+    from orchestrator.launch import ACCEPTED_LINE  # the line `launch` prints once it accepted the sweep
+
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         info, logs = _job_state(client, job_id, address, with_logs=True)
-        accepted = _ACCEPTED.search(logs)
+        accepted = ACCEPTED_LINE.search(logs)
         if accepted:
             waiting = [line for line in logs[accepted.end():].splitlines() if line.startswith("waiting for ")]
             print(f"job {job_id}: the driver accepted the sweep" + (f"; {waiting[0]}" if waiting else ""), flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -95,7 +96,7 @@ def launch(
             "versions.json": json.dumps(_versions(), indent=2),
         },
     )
-    print(f"sweep {sweep_id}: {len(plan.to_run)} trials to run, tracking {tracker.uri}")
+    print(accepted_line(sweep_id, len(plan.to_run), tracker.uri), flush=True)
     if fit.message:
         print(fit.message, flush=True)
     from orchestrator.progress import SweepSink  # torch and the trainer: only once the sweep starts
@@ -317,6 +318,15 @@ def _refresh_report(tracker: Tracker, sweep_id: str) -> None:
     except Exception as err:  # noqa: BLE001 - a report problem must not change the sweep's outcome
         print(f"[ditsweep] warning: could not build the report of sweep {sweep_id}: "
               f"{type(err).__name__}: {err}; `ditsweep report {sweep_id}` retries", flush=True)
+
+
+def accepted_line(sweep_id: str, trials: int, tracking_uri: str) -> str:
+    """The line `launch` prints once every check has passed and the sweep's run exists. `ditsweep submit`
+    (orchestrator.cluster) watches a job's logs for it with ACCEPTED_LINE: the two change together."""
+    return f"sweep {sweep_id}: {trials} trials to run, tracking {tracking_uri}"
+
+
+ACCEPTED_LINE = re.compile(r"^sweep \S+: \d+ trials to run, tracking ", re.MULTILINE)
 
 
 def _git_commit() -> str:

@@ -243,6 +243,16 @@ def test_launch_on_a_cluster_waits_for_a_gpu_its_autoscaler_can_add_then_times_o
     assert [r.info.status for r in runs["sweep"]] == ["KILLED"]
     assert [r.info.status for r in runs["trial"]] in ([], ["KILLED"])  # never started, or marked KILLED
 
+@pytest.mark.slow
+def test_submit_knows_the_line_launch_prints_once_it_accepted_a_sweep(finished_sweep):
+    """`submit` reads a job's logs for the line a real `launch` printed (the shared finished sweep's
+    output): rewording either side alone fails here instead of leaving `submit` waiting silently."""
+    from orchestrator.launch import ACCEPTED_LINE, accepted_line
+
+    printed = [line for line in finished_sweep["stdout"].splitlines() if ACCEPTED_LINE.match(line)]
+    assert printed == [accepted_line(finished_sweep["sweep_id"], len(finished_sweep["trials"]), "sqlite:///mlflow.db")]
+
+
 @pytest.mark.parametrize("address", ["http://127.0.0.1:{port}", "ray://127.0.0.1:10001"], ids=["dashboard", "ray-client"])
 def test_unreachable_address_exits_2_naming_it(tmp_path, address):
     address = address.format(port=free_port())  # chosen when the test runs: collection must not vary
