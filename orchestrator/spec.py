@@ -6,6 +6,7 @@ naming the field path and the value, and nothing is started or written.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.display import param_text
 from trainer.schedule import schedule_string
 from trainer.bounded_yaml import load_yaml, parse_yaml_mapping
-from trainer.config import TrialConfig, apply_overrides, build_config, flatten, parse_override, set_dotted
+from trainer.config import TrialConfig, build_config, flatten, parse_override, set_dotted
 from trainer.messages import ConfigError, format_validation_error, short_path, short_repr, short_text
 
 
@@ -240,24 +241,51 @@ def expand(spec: SweepSpec, overrides: list[str] = ()) -> list[Trial]:
     An invalid config is blamed on what made it invalid: a `--set` (when the same grid point is valid
     without it), else the spec's base (when it is invalid whatever the axis value), else the axis value.
     """
-    overrides = list(overrides)
-    _base_tree(spec, overrides)
+    items = list(overrides)
+    pairs = parse_overrides(spec, items)
+    base = _base_tree(spec, pairs)
     axes = list(spec.grid)
     for key in axes:  # one axis value at a time first, so an error names exactly that value
         for value in spec.grid[key]:
-            _point_config(spec, overrides, {key: value}, f"grid.{short_text(key, 100)}: value {short_repr(value)} is not valid")
+            where = f"grid.{short_text(key, 100)}: value {short_repr(value)} is not valid"
+            _point_config(spec, base, pairs, {key: value}, where)
     trials: list[Trial] = []
     for values in itertools.product(*(spec.grid[k] for k in axes)):
         point = dict(zip(axes, values))
         if spec.excluded(point):
             continue
         where = "grid point " + ", ".join(f"{short_text(k, 100)}={short_repr(v)}" for k, v in point.items()) if point else "base"
-        config = _point_config(spec, overrides, point, f"{where} is not valid")
+        config = _point_config(spec, base, pairs, point, f"{where} is not valid")
         trials.append(Trial(axes=point, config=config, key=trial_key(config)))
     _refuse_duplicates(trials)
     _refuse_unmatched_baseline(spec)
-    _refuse_what_mlflow_cannot_keep(trials, overrides)
+    _refuse_what_mlflow_cannot_keep(trials, items)
     return trials
+
+
+@dataclass(frozen=True)
+class Override:
+    """One `--set` parsed once: the dotted key, its value (a YAML scalar or list) and the text typed."""
+
+    key: str
+    value: Any
+    text: str
+
+
+def parse_overrides(spec: SweepSpec, items: list[str]) -> list[Override]:
+    """Each `--set` item parsed once, its key checked against the config schema and the grid (an axis
+    is changed in the grid, not with --set); every grid point then applies the parsed pairs."""
+    pairs = []
+    for item in items:
+        try:
+            key, value = parse_override(item)
+            set_dotted({}, key, value)
+        except ConfigError as err:
+            raise SpecError(str(err) if str(err).startswith("--set") else f"--set {short_text(item, 100)}: {err}") from None
+        if key in spec.grid:
+            raise SpecError(f"--set {short_text(key, 100)}=... overrides grid axis {short_repr(key)}; change the grid instead")
+        pairs.append(Override(key, value, item))
+    return pairs
 
 
 def _refuse_unmatched_baseline(spec: SweepSpec) -> None:
@@ -301,32 +329,39 @@ def check_tag_value(option: str, value: str | None) -> None:
                         f"in the sweep's tag: {short_repr(value)}")
 
 
-def _point_config(spec: SweepSpec, overrides: list[str], point: dict[str, Any], where: str) -> TrialConfig:
+def _point_config(spec: SweepSpec, base: dict, pairs: list[Override], point: dict[str, Any],
+                  where: str) -> TrialConfig:
+    """The config of one grid point: `base` (the spec's base with every --set applied) and the point's
+    axis values. An invalid one is blamed on a --set, the base, or the point (see `expand`)."""
     try:
-        return build_config(_point_tree(spec, overrides, point))
+        return build_config(_with_axes(base, point))
     except ConfigError as err:
-        culprit = _culprit_override(spec, overrides, point)
+        culprit = _culprit_override(spec, pairs, point)
         if culprit is not None:
-            raise SpecError(f"--set {short_text(culprit, 100)}: {err}") from None
+            raise SpecError(f"--set {short_text(culprit.text, 100)}: {err}") from None
         if point and _fails_alike(spec, err):
             raise SpecError(f"base: {err}") from None
         raise SpecError(f"{where}:\n{err}") from None
 
 
-def _point_tree(spec: SweepSpec, overrides: list[str], point: dict[str, Any]) -> dict:
-    tree = apply_overrides(spec.base, overrides)
+def _with_axes(tree: dict, point: dict[str, Any]) -> dict:
+    tree = copy.deepcopy(tree)
     for key, value in point.items():
         _set_axis(tree, key, value)
     return tree
 
 
-def _culprit_override(spec: SweepSpec, overrides: list[str], point: dict[str, Any]) -> str | None:
-    """The first `--set` whose addition turns this grid point invalid; None when it is invalid without any."""
-    for count in range(len(overrides) + 1):
+def _culprit_override(spec: SweepSpec, pairs: list[Override], point: dict[str, Any]) -> Override | None:
+    """The first `--set` whose addition turns this grid point invalid; None when it is invalid without any.
+    Only on the error path: the pairs are added to one tree one at a time, each prefix validated once."""
+    tree = copy.deepcopy(spec.base)
+    for added in (None, *pairs):
+        if added is not None:
+            set_dotted(tree, added.key, added.value)
         try:
-            build_config(_point_tree(spec, overrides[:count], point))
+            build_config(_with_axes(tree, point))
         except ConfigError:
-            return overrides[count - 1] if count else None
+            return added
     return None
 
 
@@ -340,20 +375,16 @@ def _fails_alike(spec: SweepSpec, err: ConfigError) -> bool:
     return False
 
 
-def _base_tree(spec: SweepSpec, overrides: list[str]) -> dict:
+def _base_tree(spec: SweepSpec, pairs: list[Override]) -> dict:
+    """The spec's base with every --set applied; unknown keys of the base are reported with their path."""
     try:
         _resolve_partial(spec.base)
     except ConfigError as err:
         raise SpecError(f"base: {err}") from None
-    for item in overrides:
-        try:
-            key, value = parse_override(item)
-            set_dotted({}, key, value)
-        except ConfigError as err:
-            raise SpecError(str(err) if str(err).startswith("--set") else f"--set {short_text(item, 100)}: {err}") from None
-        if key in spec.grid:
-            raise SpecError(f"--set {short_text(key, 100)}=... overrides grid axis {short_repr(key)}; change the grid instead")
-    return apply_overrides(spec.base, overrides)
+    tree = copy.deepcopy(spec.base)
+    for override in pairs:
+        set_dotted(tree, override.key, override.value)
+    return tree
 
 
 def _resolve_partial(base: dict) -> None:

@@ -50,6 +50,27 @@ def test_set_overrides_the_base_of_every_trial(tmp_path):
     assert {t.config.train.steps for t in trials} == {7}
 
 
+def test_each_set_is_parsed_once_whatever_the_grid(tmp_path, monkeypatch):
+    """The --set items become (key, value) pairs once, not once per grid point (8 points here); a later
+    one overrides an earlier one, as the command line reads."""
+    import orchestrator.spec
+    import trainer.config
+
+    parsed, parse = [], trainer.config.parse_override
+    for module in (orchestrator.spec, trainer.config):  # counted wherever a --set is parsed
+        monkeypatch.setattr(module, "parse_override", lambda item: parsed.append(item) or parse(item))
+    path = write_spec(tmp_path, grid={"attention.placement": ["none", "head"], "seed": [0, 1, 2, 3]})
+    trials = expand(load_spec(path), ["train.steps=7", "train.lr=0.002", "train.steps=9"])
+    assert len(trials) == 8 and {(t.config.train.steps, t.config.train.lr) for t in trials} == {(9, 0.002)}
+    assert parsed == ["train.steps=7", "train.lr=0.002", "train.steps=9"]
+
+
+def test_an_invalid_point_is_blamed_on_the_first_set_that_breaks_it(tmp_path):
+    path = write_spec(tmp_path, grid={"attention.placement": ["none", "head"]})
+    with pytest.raises(SpecError, match=r"^--set train.steps=-1: "):
+        expand(load_spec(path), ["train.lr=0.002", "train.steps=-1", "train.batch_size=0"])
+
+
 def test_set_may_not_override_a_grid_axis(tmp_path):
     with pytest.raises(SpecError, match="attention.placement"):
         expand(load_spec(write_spec(tmp_path)), ["attention.placement=tail"])
