@@ -25,9 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer.data import to_unit
 from trainer.diffusion import Denoiser, Schedule, predict_x0, q_sample, spread_timesteps
-from trainer.fid import frechet_distance, kernel_inception_distance  # noqa: F401 - part of this module's API
 
 # Evaluation noise is seeded by a constant, not the trial seed: every trial noises its images with
 # the same draws, so differences in PSNR come from the model, not from luck.
