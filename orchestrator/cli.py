@@ -1,6 +1,10 @@
 """The `ditsweep` command line: each command parses its options and calls one plain function.
 
 Exit codes: 0 success, 1 some trials failed, 2 bad input (with one message naming the problem).
+
+Over 400 lines and still one job: the options of every command and their help, each command a few
+lines that parse and call one plain function elsewhere; the options shared by several commands are
+defined once here, which a file per command would have to import from a third place.
 """
 
 from __future__ import annotations
