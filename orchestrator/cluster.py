@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from orchestrator.display import first_line
+from orchestrator.display import ACCEPTED_LINE, first_line
 from orchestrator.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from orchestrator.interrupt import interrupted_exit_code
 from orchestrator.k8s import RAYJOB_TEMPLATE, render_rayjob
@@ -164,8 +164,6 @@ def _asked(spec: SweepSpec) -> str:
 def await_preflight(client, job_id: str, address: str, wait_s: float = PREFLIGHT_WAIT_S) -> int:
     """The driver's verdict on resources: EXIT_BAD_INPUT (its message printed) when it refused the
     sweep, EXIT_OK once it accepted it (or after `wait_s` with no verdict yet, saying so)."""
-    from orchestrator.launch import ACCEPTED_LINE  # the line `launch` prints once it accepted the sweep
-
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         info, logs = _job_state(client, job_id, address, with_logs=True)

@@ -1,10 +1,11 @@
 """Text for the terminal and the report, in one place: the column table of `plan` and `status`, axis
 values as the tables show them (windows as 3,5,G), metric values with their column's decimals,
-durations, and the first line of an error.
+durations, the first line of an error, and the line `launch` prints once it accepted a sweep.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from trainer.metric_names import (FID, KID, MEM_CLOSER_TO_TRAIN, MEM_COPY_FRACTION, MEM_NN_TEST, MEM_NN_TRAIN, PSNR_GAP,
@@ -89,3 +90,13 @@ def duration(seconds: float) -> str:
 def clock(seconds: float) -> str:
     """Elapsed or remaining time on a progress line: 1:02:03, or 02:03 under an hour; --:-- when not finite."""
     return _hms(seconds, "{h}:{m:02d}:{s:02d}", "{m:02d}:{s:02d}", "--:--")
+
+
+def accepted_line(sweep_id: str, trials: int, tracking_uri: str) -> str:
+    """The line `launch` prints once every check has passed and the sweep's run exists. `ditsweep submit`
+    (orchestrator.cluster) watches a job's logs for it with ACCEPTED_LINE, just below: the two change
+    together."""
+    return f"sweep {sweep_id}: {trials} trials to run, tracking {tracking_uri}"
+
+
+ACCEPTED_LINE = re.compile(r"^sweep \S+: \d+ trials to run, tracking ", re.MULTILINE)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
-import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from orchestrator import adaptive
 from orchestrator.adaptive import StoppingRule
+from orchestrator.display import accepted_line
 from orchestrator.exit_codes import EXIT_FAILED, EXIT_OK
 from orchestrator.interrupt import INTERRUPTED_EXIT_CODES, interrupted_exit_code
 from orchestrator.plan import (
@@ -318,15 +318,6 @@ def _refresh_report(tracker: Tracker, sweep_id: str) -> None:
     except Exception as err:  # noqa: BLE001 - a report problem must not change the sweep's outcome
         print(f"[ditsweep] warning: could not build the report of sweep {sweep_id}: "
               f"{type(err).__name__}: {err}; `ditsweep report {sweep_id}` retries", flush=True)
-
-
-def accepted_line(sweep_id: str, trials: int, tracking_uri: str) -> str:
-    """The line `launch` prints once every check has passed and the sweep's run exists. `ditsweep submit`
-    (orchestrator.cluster) watches a job's logs for it with ACCEPTED_LINE: the two change together."""
-    return f"sweep {sweep_id}: {trials} trials to run, tracking {tracking_uri}"
-
-
-ACCEPTED_LINE = re.compile(r"^sweep \S+: \d+ trials to run, tracking ", re.MULTILINE)
 
 
 def _git_commit() -> str:

@@ -247,7 +247,7 @@ def test_launch_on_a_cluster_waits_for_a_gpu_its_autoscaler_can_add_then_times_o
 def test_submit_knows_the_line_launch_prints_once_it_accepted_a_sweep(finished_sweep):
     """`submit` reads a job's logs for the line a real `launch` printed (the shared finished sweep's
     output): rewording either side alone fails here instead of leaving `submit` waiting silently."""
-    from orchestrator.launch import ACCEPTED_LINE, accepted_line
+    from orchestrator.display import ACCEPTED_LINE, accepted_line
 
     printed = [line for line in finished_sweep["stdout"].splitlines() if ACCEPTED_LINE.match(line)]
     assert printed == [accepted_line(finished_sweep["sweep_id"], len(finished_sweep["trials"]), "sqlite:///mlflow.db")]
