@@ -8,7 +8,6 @@ import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from orchestrator.paired import SIZE_AXES
 from trainer.metric_names import ATTENTION_DISTANCE, FID, PSNR_GAP, PSNR_TEST, PSNR_TRAIN
 from trainer.schedule import GLOBAL
 
@@ -30,7 +29,7 @@ def gap_vs_size(rows: list[ConfigRow]) -> tuple[str, dict[str, list[tuple[float,
         xlabel = size[1]
         interval = row.interval[PSNR_GAP]
         half = None if interval.high is None else (interval.high - interval.low) / 2
-        series.setdefault(row.label(SIZE_AXES), []).append((size[0], row.mean[PSNR_GAP], half))
+        series.setdefault(row.label_without_size(), []).append((size[0], row.mean[PSNR_GAP], half))
     return xlabel, series
 
 
@@ -46,7 +45,7 @@ def step_curves(rows: list[ConfigRow]) -> dict[str, dict[str, tuple[list[float],
         title = "all trials" if size is None else f"{size[1]} = {size[0]:g}"
         train = [statistics.fmean(values) for values in zip(*(c[PSNR_TRAIN] for c in curves))]
         test = [statistics.fmean(values) for values in zip(*(c[PSNR_TEST] for c in curves))]
-        panels.setdefault(title, {})[row.label(SIZE_AXES)] = (curves[0]["timestep"], train, test)
+        panels.setdefault(title, {})[row.label_without_size()] = (curves[0]["timestep"], train, test)
     return panels
 
 

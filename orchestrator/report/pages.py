@@ -16,7 +16,7 @@ from orchestrator.display import metric_name_part
 from orchestrator.plot_series import Figure, attention_distances, figures, forest_figure
 from orchestrator.report.jacobian import Configuration, Inputs, note_lines
 from orchestrator.report.jacobian import section as jacobian_section
-from orchestrator.report.rows import (METRICS, SIZE_PARAMS, ConfigRow, SampleGrid, SweepData, configuration_rows,
+from orchestrator.report.rows import (METRICS, ConfigRow, SampleGrid, SweepData, configuration_rows,
                                       disjoint_pairs, present_metrics, reproducibility_lines)
 from orchestrator.report.tables import (PairedTables, baseline_text, display_table, paired_metrics, paired_tables,
                                         table_csv, table_html, table_markdown)
@@ -28,7 +28,7 @@ def gahb_inputs(data: SweepData, rows: list[ConfigRow]) -> Inputs:
     """What orchestrator.report.jacobian reads: the configurations, disjoint pairs and fetched analyses."""
     configurations = [
         Configuration(
-            label=row.label(), label_without_size=row.label(SIZE_PARAMS),
+            label=row.label(), label_without_size=row.label_without_size(),
             size=None if row.size is None else row.size[0], trials=row.finished,
             distances=next(iter(attention_distances([row]).values()), []),
         )

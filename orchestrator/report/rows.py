@@ -110,6 +110,10 @@ class ConfigRow:
             return "·".join(parts)
         return self.trials[0].placement or "all trials"
 
+    def label_without_size(self) -> str:
+        """The label without the training-set size: the configuration as it runs across sizes."""
+        return self.label(SIZE_PARAMS)
+
     @property
     def size(self) -> tuple[float, str] | None:
         """(value, axis label) of the training set size: num_images when set, else the fraction."""
