@@ -57,7 +57,8 @@ def write_report(files: dict[str, bytes], out: Path) -> Path:
 
 def publish(tracker: Tracker, sweep_id: str, out: Path | None = None) -> tuple[Path, SweepData]:
     """Build the report, write it to `out` (default reports/SWEEP_ID), attach it to the sweep's run
-    under report/, and point the experiment's MLflow run table at the sweep's axes and metrics."""
+    under report/, and point the experiment's MLflow run table at the sweep's axes and metrics; every
+    write delivered (the outbox flushed, bounded) before it returns."""
     data = fetch_sweep(tracker, sweep_id)
     folder = write_report(build_report(data), out or REPORTS_DIR / sweep_id)
     tracker.log_folder(data.parent_run_id, folder, REPORT_ARTIFACT_DIR)
@@ -66,6 +67,9 @@ def publish(tracker: Tracker, sweep_id: str, out: Path | None = None) -> tuple[P
         tracker.log_metrics(data.parent_run_id, paired.delta_metrics(compared.rows), step=0)
     tracker.set_run_table_view(data.experiment_id, RUN_TABLE_VIEW, data.axes, present_metrics(data.trials),
                                ["attention.schedule"])
+    if not tracker.flush():  # the writes above wait in the outbox while the server is away
+        raise ReportError(f"the report is in {folder}/, but the tracking store at {tracker.uri} did not take it "
+                          f"(server away); `ditsweep report {sweep_id}` attaches it once the server answers")
     return folder, data
 
 

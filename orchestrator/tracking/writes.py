@@ -92,7 +92,8 @@ class Outbox:
 
 
 class Writes:
-    """Writes to one store, each through `outbox`; `Tracker` opens the client (`_client`) and the URI."""
+    """Writes to one store, each through `outbox`; `Tracker` opens the client (`_client`) and the URI,
+    and brings the read side (`find_experiment`, from `Queries`)."""
 
     uri: str
     _client: MlflowClient
