@@ -79,7 +79,7 @@ def submit(
     env_vars = {"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}
     with tempfile.TemporaryDirectory(prefix="ditsweep-job-") as working_dir:
         stage_working_dir(spec_path, Path(working_dir), with_code)
-        client = connect(address)
+        client = job_client(address)
         nodes = alive_nodes(address, follow)
         if nodes is not None:  # what the driver's `launch --address auto` would refuse, refused here
             check_storage_is_shared(storage, address, lambda _: len(nodes))
@@ -243,7 +243,7 @@ def stage_working_dir(spec_path: str | Path, folder: Path, with_code: bool) -> N
             shutil.copy2(source, folder / item)
 
 
-def connect(address: str):
+def job_client(address: str):
     """A JobSubmissionClient for the dashboard at `address` (http://HEAD:8265)."""
     _probe(address)
     from ray.exceptions import AuthenticationError

@@ -236,7 +236,7 @@ def init_ray(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         return
     quiet_ray()
     if address:
-        connect(address, timeout_s)
+        join_cluster(address, timeout_s)
     else:
         ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
     terminate_as_interrupt()  # ours again: ray.init's SIGTERM handlers dump a native stack and abort
@@ -273,7 +273,7 @@ def _local_head_address() -> str | None:
         return None
 
 
-def connect(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+def join_cluster(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """Join the cluster at `address`, or raise ClusterUnreachable within about `timeout_s` seconds.
 
     Ray's own connection retries take minutes for an address that does not answer, so the port is tried

@@ -88,8 +88,8 @@ def test_the_wait_for_a_job_to_end_is_bounded(ray_head):
     local cluster never got."""
     script = f"""
 import json, time
-from orchestrator.cluster import _wait_until_terminal, connect
-client = connect({ray_head.address!r})
+from orchestrator.cluster import _wait_until_terminal, job_client
+client = job_client({ray_head.address!r})
 job_id = client.submit_job(entrypoint="sleep 120", entrypoint_num_cpus=0)
 try:
     start = time.monotonic()
