@@ -17,7 +17,7 @@ from trainer.locality import QUERIES_NPZ, QUERIES_PNG, by_block
 from trainer.memorization import PAIRS_NPY, PAIRS_PNG
 from trainer.sampling import GRID_NPY, GRID_PNG
 from trainer.metric_names import PSNR_CURVE
-from trainer.train import parse_curve_record
+from trainer.metrics import PSNR_CURVE_CSV, PsnrCurve
 
 # Files the trainer writes next to each checkpoint, attached to the trial's run when it ends.
 CHECKPOINT_ARTIFACTS = (GRID_PNG, GRID_NPY, PAIRS_PNG, PAIRS_NPY, JACOBIAN_PNG, JACOBIAN_NPZ, QUERIES_PNG, QUERIES_NPZ)
@@ -42,8 +42,8 @@ def trial_artifacts(state: TrialState) -> RunArtifacts:
     if state.curve_record:
         from orchestrator.plots import psnr_curve_png
 
-        curve = parse_curve_record(state.curve_record)
-        texts["psnr_curve.csv"] = curve.to_csv()
+        curve = PsnrCurve.from_csv(state.curve_record)
+        texts[PSNR_CURVE_CSV] = curve.to_csv()
         files["psnr_curve.png"] = psnr_curve_png(curve, state.trial.name)
         series = curve_series(curve)
     if state.spectrum_record:
@@ -53,7 +53,7 @@ def trial_artifacts(state: TrialState) -> RunArtifacts:
     return RunArtifacts(texts, {**files, **checkpoint, **locality_plot(state)}, series, images)
 
 
-def curve_series(curve) -> dict[str, list[tuple[int, float]]]:
+def curve_series(curve: PsnrCurve) -> dict[str, list[tuple[int, float]]]:
     """psnr_curve.train / .test / .gap -> [(diffusion timestep, PSNR in dB)]."""
     values = {"train": curve.train, "test": curve.test, "gap": curve.gap}
     return {f"{PSNR_CURVE}.{part}": [(int(t), float(v)) for t, v in zip(curve.timesteps, values[part])]

@@ -8,7 +8,7 @@ import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from trainer.metric_names import ATTENTION_DISTANCE, FID, PSNR_GAP, PSNR_TEST, PSNR_TRAIN
+from trainer.metric_names import ATTENTION_DISTANCE, FID, PSNR_GAP
 from trainer.schedule import GLOBAL
 
 if TYPE_CHECKING:
@@ -40,12 +40,12 @@ def step_curves(rows: list[ConfigRow]) -> dict[str, dict[str, tuple[list[float],
         curves = [t.curve for t in row.finished if t.curve]
         if not curves:
             continue
-        curves = [c for c in curves if c["timestep"] == curves[0]["timestep"]]  # same eval steps only
+        curves = [c for c in curves if c.timesteps == curves[0].timesteps]  # same eval steps only
         size = row.size
         title = "all trials" if size is None else f"{size[1]} = {size[0]:g}"
-        train = [statistics.fmean(values) for values in zip(*(c[PSNR_TRAIN] for c in curves))]
-        test = [statistics.fmean(values) for values in zip(*(c[PSNR_TEST] for c in curves))]
-        panels.setdefault(title, {})[row.label_without_size()] = (curves[0]["timestep"], train, test)
+        train = [statistics.fmean(values) for values in zip(*(c.train for c in curves))]
+        test = [statistics.fmean(values) for values in zip(*(c.test for c in curves))]
+        panels.setdefault(title, {})[row.label_without_size()] = (curves[0].timesteps, train, test)
     return panels
 
 

@@ -5,7 +5,6 @@ driver's sink writes into a real sqlite store; the store is read back with Mlflo
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from orchestrator.spec import Trial, trial_key
 from orchestrator.tracking import Tracker
 from tests.support.sweeps import sqlite_uri, tiny_config
 from trainer.config import build_config
+from trainer.metrics import PsnrCurve
 
 TIMESTEPS = [0, 111, 333, 555, 999]
 TRAIN = [31.5, 24.25, 18.0, 12.5, 7.75]
@@ -42,7 +42,7 @@ def finished_trial(tmp_path, monkeypatch):
     trial = Trial(axes={"attention.placement": "none"}, config=config, key=trial_key(config))
     sink = SweepSink(tracker, parent, [trial], {})
     sink.started(trial.key)
-    record = json.dumps({"timestep": TIMESTEPS, "psnr_train": TRAIN, "psnr_test": TEST})
+    record = PsnrCurve(TIMESTEPS, TRAIN, TEST).to_csv()
     sink.result(trial.key, {"step": 4, "psnr_gap": 1.0, "psnr_curve": record})
     pictures = {"samples.png": png(200), "nearest_train.png": png(100)}
     sink.checkpointed(trial.key, pictures.get)

@@ -20,6 +20,7 @@ import torch
 from tests.support.sweeps import tiny_config
 from trainer.config import TrialConfig, apply_overrides, build_config
 from trainer.data import DataError, load_images, load_labels, prepare_images
+from trainer.metrics import PsnrCurve
 from trainer.train import (
     CHECKPOINT_FILE,
     POOLS,
@@ -28,7 +29,6 @@ from trainer.train import (
     Trainer,
     load_checkpoint,
     load_subsets,
-    parse_curve_record,
     save_checkpoint,
     train,
 )
@@ -94,7 +94,7 @@ def test_reports_loss_then_psnr_gap_with_a_checkpoint(tmp_path):
     assert first["loss"] > 0 and first["images_per_sec"] > 0
     assert Path(last_checkpoint, CHECKPOINT_FILE).is_file()
 
-    curve = parse_curve_record(last["psnr_curve"])
+    curve = PsnrCurve.from_csv(last["psnr_curve"])
     assert curve.timesteps == [0, 999]
     assert curve.summary() == pytest.approx({k: last[k] for k in ("psnr_train", "psnr_test", "psnr_gap")})
     assert last["psnr_gap"] == pytest.approx(last["psnr_train"] - last["psnr_test"])

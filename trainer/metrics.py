@@ -51,8 +51,16 @@ def image_noise(image_ids: list[int], timestep: int, shape: tuple[int, ...], see
     return out
 
 
+PSNR_CURVE_CSV = "psnr_curve.csv"  # the curve's file: in a trial's folder and on its run
+
+
 @dataclass(frozen=True)
 class PsnrCurve:
+    """PSNR of the one-step denoiser per diffusion timestep, on training and held-out images. One
+    serialization, read and written here: the CSV of `to_csv` (timestep, psnr_train, psnr_test, psnr_gap
+    in dB to 6 decimals), which is the trial's psnr_curve.csv, the record it reports (`PSNR_CURVE`) and
+    the artifact of its run."""
+
     timesteps: list[int]
     train: list[float]
     test: list[float]
@@ -76,6 +84,13 @@ class PsnrCurve:
         for row in zip(self.timesteps, self.train, self.test, self.gap):
             writer.writerow([row[0], *(f"{v:.6f}" for v in row[1:])])
         return buf.getvalue()
+
+    @classmethod
+    def from_csv(cls, text: str) -> PsnrCurve:
+        """The curve `to_csv` wrote (its gap column is recomputed, not read)."""
+        rows = list(csv.DictReader(io.StringIO(text)))
+        return cls(timesteps=[int(r["timestep"]) for r in rows], train=[float(r["psnr_train"]) for r in rows],
+                   test=[float(r["psnr_test"]) for r in rows])
 
 
 def psnr(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

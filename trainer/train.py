@@ -26,7 +26,7 @@ from trainer.diffusion import Schedule, linear_schedule, training_loss
 from trainer.jacobian import METRIC_PREFIX as JACOBIAN_PREFIX, SPECTRUM_RECORD, jacobian_analysis
 from trainer.locality import attention_locality, query_maps, save_query_maps
 from trainer.metric_names import PSNR_CURVE, RESUMED_FROM_STEP, STEP, TRIAL_METRICS
-from trainer.metrics import PsnrCurve, psnr_gap_curve
+from trainer.metrics import PSNR_CURVE_CSV, PsnrCurve, psnr_gap_curve
 from trainer.arch import build_model
 from trainer.model import DiT
 from trainer.unet import UNet
@@ -553,18 +553,8 @@ def evaluate_and_save(trainer: Trainer, out: Path) -> tuple[dict, str]:
     checkpoint_dir = out / CHECKPOINT_DIR
     save_checkpoint(checkpoint_dir, trainer.state_dict())
     memorized = trainer.save_sample_grid(checkpoint_dir)
-    (out / "psnr_curve.csv").write_text(curve.to_csv())
+    (out / PSNR_CURVE_CSV).write_text(curve.to_csv())
     metrics = {STEP: trainer.step, **curve.summary(), **memorized, **trainer.fid(), **trainer.locality(checkpoint_dir),
                **trainer.jacobian(checkpoint_dir)}
-    return {**metrics, PSNR_CURVE: curve_record(curve)}, str(checkpoint_dir)
-
-
-def curve_record(curve: PsnrCurve) -> str:
-    """The per-step curve as compact JSON, so it travels inside reported metrics."""
-    return json.dumps({"timestep": curve.timesteps, "psnr_train": curve.train, "psnr_test": curve.test})
-
-
-def parse_curve_record(record: str) -> PsnrCurve:
-    data = json.loads(record)
-    return PsnrCurve(timesteps=data["timestep"], train=data["psnr_train"], test=data["psnr_test"])
+    return {**metrics, PSNR_CURVE: curve.to_csv()}, str(checkpoint_dir)
 

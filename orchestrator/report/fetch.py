@@ -4,7 +4,6 @@ one sample grid per configuration, reproducibility scores and the Jacobian secti
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 from typing import Any
@@ -15,6 +14,7 @@ from orchestrator.report.rows import (MISSING, SEED_AXES, SIZE_PARAMS, ReportErr
 from orchestrator.spec import Compare, SpecError, parse_spec
 from orchestrator.run_states import FINISHED
 from orchestrator.tracking import Tracker, TrialRun
+from trainer.metrics import PSNR_CURVE_CSV, PsnrCurve
 
 
 def fetch_sweep(tracker: Tracker, sweep_id: str) -> SweepData:
@@ -108,17 +108,9 @@ def _trial_result(tracker: Tracker, entry: dict, run: TrialRun | None, cached: b
         return TrialResult(name=entry["name"], axes=entry["axes"], status=MISSING, cached=cached)
     run_id = run.run_id
     curve = None
-    if run.status == FINISHED and "psnr_curve.csv" in tracker.artifact_names(run_id):
-        curve = parse_curve_csv(tracker.read_text(run_id, "psnr_curve.csv"))
+    if run.status == FINISHED and PSNR_CURVE_CSV in tracker.artifact_names(run_id):
+        curve = PsnrCurve.from_csv(tracker.read_text(run_id, PSNR_CURVE_CSV))
     return TrialResult(
         name=entry["name"], axes=entry["axes"], status=run.status, params=dict(run.params),
         metrics=dict(run.metrics), curve=curve, run_id=run_id, cached=cached,
     )
-
-
-def parse_curve_csv(text: str) -> dict[str, list[float]]:
-    columns: dict[str, list[float]] = {}
-    for record in csv.DictReader(io.StringIO(text)):
-        for key, value in record.items():
-            columns.setdefault(key, []).append(float(value))
-    return columns

@@ -9,13 +9,16 @@ import json
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import paired
 from orchestrator.compare import PairedDifference, mean_interval
 from orchestrator.spec import Compare, axis_label
 from trainer.metric_names import (FID, KID, MEM_CLOSER_TO_TRAIN, MEM_COPY_FRACTION, MEM_NN_TEST, MEM_NN_TRAIN, PSNR_GAP,
                                   PSNR_TEST, PSNR_TRAIN)
+
+if TYPE_CHECKING:
+    from trainer.metrics import PsnrCurve
 from orchestrator.run_states import FINISHED
 
 SEED_AXES = ("seed", "data.shuffle_seed")  # averaged over, never a configuration of their own
@@ -40,7 +43,7 @@ class TrialResult:
     status: str  # FINISHED, FAILED, KILLED, RUNNING or MISSING
     params: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
-    curve: dict[str, list[float]] | None = None  # psnr_curve.csv: timestep, psnr_train, psnr_test, psnr_gap
+    curve: PsnrCurve | None = None  # its psnr_curve.csv
     run_id: str | None = None
     cached: bool = False
 
