@@ -1,18 +1,40 @@
 """The report's plots as plain series, and the figures drawn from them: each a function of the
-configurations' rows (`orchestrator.report.rows.ConfigRow`, read by attribute), with its file name and
-caption; `orchestrator.plots` draws them. A metric nobody logged gives no figure (not an error)."""
+configurations' rows, with its file name and caption; `orchestrator.plots` draws them. A metric nobody
+logged gives no figure (not an error).
+
+The rows are the report's `ConfigRow`s, read through the `ConfigRow` protocol below: this module sits
+below the report (which imports it) and imports nothing of it.
+"""
 
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from trainer.metric_names import ATTENTION_DISTANCE, FID, PSNR_GAP
 from trainer.schedule import GLOBAL
 
-if TYPE_CHECKING:
-    from orchestrator.report.rows import ConfigRow
+
+class ConfigRow(Protocol):
+    """What the series read of a configuration (orchestrator.report.rows.ConfigRow)."""
+
+    mean: dict[str, float]
+    std: dict[str, float | None]
+    interval: dict[str, Any]  # metric -> PairedDifference (low, high)
+
+    @property
+    def finished(self) -> list[Any]: ...  # its finished trials: curve, metrics
+
+    @property
+    def schedule(self) -> str: ...
+
+    @property
+    def size(self) -> tuple[float, str] | None: ...
+
+    def label(self, without: tuple[str, ...] = ()) -> str: ...
+
+    def label_without_size(self) -> str: ...
 
 FOREST_PNG = "forest_psnr_gap.png"
 
