@@ -321,3 +321,23 @@ def test_the_orchestrator_spells_no_metric_name():
         if module.startswith("orchestrator"):
             assert not string_literals(path) & names, f"{module} spells {string_literals(path) & names}"
     assert not imported_names(ROOT / "trainer" / "metric_names.py", "trainer.metric_names")
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for name in graph[todo.pop()] - seen:
+            seen.add(name)
+            todo.append(name)
+    return seen
+
+
+def test_the_state_machine_and_the_console_do_not_load_the_tracking_package():
+    """They read the run states (orchestrator.run_states) only: loading the tracking package would set
+    MLflow's environment and put MLflow one import away."""
+    graph = import_graph()
+    assert reachable({"a": {"b"}, "b": {"c"}, "c": {"a"}}, "a") == {"a", "b", "c"}
+    for module in ("orchestrator.trial_state", "orchestrator.console", "orchestrator.run_states"):
+        assert not {m for m in reachable(graph, module) if in_tracking(m)}, module
+

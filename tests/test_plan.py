@@ -19,7 +19,8 @@ from orchestrator.plan import (
     trials_manifest,
 )
 from orchestrator.spec import SpecError
-from orchestrator.tracking import FINISHED, TrialRun
+from orchestrator.run_states import FINISHED
+from orchestrator.tracking import TrialRun
 from tests.support.sweeps import tiny_config
 
 PLACEMENTS, SEEDS = ["none", "head"], [0, 1]
