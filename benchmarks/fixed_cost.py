@@ -16,7 +16,7 @@ excludes the wrapped parts it calls):
     ...                 the launch path's parts (spec and checks, tracking store, compute estimate,
                         sweep run, Ray start, Tune, the trial itself, the report)
     other               the rest of the launch call
-    exit                after the command returned: Ray's shutdown and the interpreter's teardown
+    exit                after the command returned: Ray's shutdown, the interpreter's teardown
 
 The user cache (`$DITSWEEP_CACHE`: data, the migrated empty MLflow store) is a temporary folder,
 filled by one launch before the clock starts, as on a machine that has run a sweep before; that
@@ -27,7 +27,6 @@ of the rounds; extra = launch - train, the target is half of what it was).
 from __future__ import annotations
 
 import argparse
-import atexit
 import functools
 import json
 import os
@@ -112,15 +111,9 @@ def install(timer: PartTimer) -> None:
 
 
 def child(spec: str, record: Path) -> None:
-    """Run `ditsweep launch SPEC` in this process, timing its parts; write them to `record` at exit."""
-    first_line = time.time()
-    timings: dict = {"first_line": first_line, "parts": {}}
-
-    def write() -> None:  # registered before ray.init: atexit runs it after Ray's own shutdown
-        timings["after_shutdown"] = time.time()
-        record.write_text(json.dumps(timings))
-
-    atexit.register(write)
+    """Run `ditsweep launch SPEC` in this process through the CLI's entry point, timing its parts;
+    write them to `record` when the command returns (the process then exits as that tree's CLI does)."""
+    timings: dict = {"first_line": time.time()}
     import importlib
 
     start = time.perf_counter()
@@ -132,15 +125,17 @@ def child(spec: str, record: Path) -> None:
     imports = time.perf_counter() - start
     timer = PartTimer()
     install(timer)
-    from orchestrator.cli import app
+    from orchestrator.cli import main
 
+    sys.argv = ["ditsweep", "launch", spec]
     start = time.perf_counter()
     try:
-        app(["launch", spec], standalone_mode=False)
+        main()
     finally:
         total = time.perf_counter() - start
         timings["returned"] = time.time()
         timings["parts"] = {"imports": imports, **timer.parts, "other": total - sum(timer.parts.values())}
+        record.write_text(json.dumps(timings))
 
 
 # ---------------------------------------------------------------------------------------------
