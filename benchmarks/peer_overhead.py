@@ -170,8 +170,11 @@ def main() -> None:
         for grid in args.grids:
             results[grid]["ditsweep"].append(run_ditsweep(*grids[grid], env))
             results[grid]["peer"].append(run_peer(configs[grid], env))
-            print(f"round {round_ + 1} {grid}: ditsweep {results[grid]['ditsweep'][-1]['wall']:.1f} s, "
-                  f"peer {results[grid]['peer'][-1]['wall']:.1f} s", flush=True)
+            ours, theirs = results[grid]["ditsweep"][-1], results[grid]["peer"][-1]
+            print(f"round {round_ + 1} {grid}: ditsweep {ours['wall']:.1f} s (trials {ours['trial_mean']:.2f} s, "
+                  f"overhead {ours['overhead_per_trial']:.2f} s a trial), peer {theirs['wall']:.1f} s (trials "
+                  f"{theirs['trial_mean']:.2f} s, overhead {theirs['overhead_per_trial']:.2f} s a trial); "
+                  f"ratio {ours['wall'] / theirs['wall']:.3f}; {machine().split('; ')[-1]}", flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
 
     print(f"machine at end: {machine()}")
