@@ -160,8 +160,10 @@ def write_files(folder: Path) -> tuple[Path, Path]:
     return folder / "spec.yaml", folder / "trial.yaml"
 
 
-def run_launch(tree: Path, spec: Path, env: dict) -> dict:
-    """One launch in a fresh folder, with `tree` first on the path: its parts, exit and total (s)."""
+def run_launch(tree: Path, spec: Path, env: dict, attempts: int = 3) -> dict:
+    """One launch in a fresh folder, with `tree` first on the path: its parts, exit and total (s).
+    A launch that fails is tried again (up to `attempts` in all), saying so: on a starved machine
+    Ray's node can miss its fixed 30 s start-up wait."""
     folder = Path(tempfile.mkdtemp(prefix="ditsweep-fixed-cost-"))
     record = folder / "timings.json"
     start = time.time()
@@ -171,7 +173,12 @@ def run_launch(tree: Path, spec: Path, env: dict) -> dict:
     )
     end = time.time()
     if result.returncode != 0 or not record.exists():
-        raise SystemExit(f"the launch failed (exit {result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+        shutil.rmtree(folder, ignore_errors=True)
+        error = (result.stdout[-2000:] + result.stderr[-2000:]).strip()
+        if attempts <= 1:
+            raise SystemExit(f"the launch failed (exit {result.returncode}):\n{error}")
+        print(f"a launch failed (exit {result.returncode}: {error.splitlines()[-1][:200]}); trying again", flush=True)
+        return run_launch(tree, spec, env, attempts - 1)
     timings = json.loads(record.read_text())
     parts = {"interpreter start": timings["first_line"] - start, **timings["parts"]}
     trial = trial_seconds(folder / "ditsweep_results")

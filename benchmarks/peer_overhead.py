@@ -112,13 +112,21 @@ def trial_configs(spec: Path, overrides: list[str]) -> list[dict]:
     return [t.config.model_dump(mode="json") for t in read_grid_file(spec, overrides).trials]
 
 
-def timed(command: list[str], folder: Path, env: dict) -> float:
+def timed(command: list[str], folder: Path, env: dict, attempts: int = 3) -> float:
+    """Wall time of the command in `folder`. A run that fails is tried again in a clean folder (up to
+    `attempts` in all), saying so: on a starved machine Ray's node can miss its fixed 30 s start-up wait."""
     start = time.perf_counter()
     result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=1800)
     elapsed = time.perf_counter() - start
     if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command[:4])} failed (exit {result.returncode}):\n"
-                         f"{result.stdout[-2000:]}{result.stderr[-2000:]}")
+        error = (result.stdout[-2000:] + result.stderr[-2000:]).strip()
+        if attempts <= 1:
+            raise SystemExit(f"{' '.join(command[:4])} failed (exit {result.returncode}):\n{error}")
+        print(f"a run failed (exit {result.returncode}: {error.splitlines()[-1][:200]}); trying again", flush=True)
+        for entry in folder.iterdir():
+            if entry.name != "configs.json":
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        return timed(command, folder, env, attempts - 1)
     return elapsed
 
 
