@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from orchestrator.progress import SweepSink
 
 DEFAULT_PENDING_TIMEOUT_S = 600.0  # how long trials may wait for resources with none running
+# The compute estimate in a sweep's plan.txt times a few training steps only when they are at most this
+# share of the sweep's training (for a sweep of a few steps they cost more than its trials).
+ESTIMATE_MAX_SHARE = 0.01
 
 
 def launch(
@@ -91,7 +94,7 @@ def launch(
         },
         texts={
             "spec.yaml": plan.spec_text,
-            "plan.txt": plan_table(plan) + "\n\n" + compute_estimate(plan) + "\n",
+            "plan.txt": plan_table(plan) + "\n\n" + compute_estimate(plan, max_share=ESTIMATE_MAX_SHARE) + "\n",
             "trials.json": json.dumps(trials_manifest(plan), indent=2),
             "versions.json": json.dumps(_versions(), indent=2),
         },

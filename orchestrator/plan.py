@@ -223,30 +223,37 @@ def trials_manifest(plan: Plan) -> list[dict[str, Any]]:
     ]
 
 
-def compute_estimate(plan: Plan) -> str:
+CALIBRATION_STEPS = 5  # training steps `_seconds_per_image` takes: two warm-up steps, best of three
+
+
+def compute_estimate(plan: Plan, max_share: float | None = None) -> str:
     """Training FLOPs (3x forward per image) for the trials that will run, and the time they take
-    on this machine: a few training steps of the first model are timed, the rest scaled by FLOPs."""
+    on this machine: a few training steps of the first model are timed, the rest scaled by FLOPs.
+    `max_share`: time them only when those steps are at most this share of the sweep's training FLOPs
+    (`launch` pays for the estimate before every sweep; a sweep of a few steps would pay more for it
+    than for its training)."""
     from trainer.arch import build_model
 
     flops_per_image: dict[tuple, float] = {}
     images: dict[tuple, int] = {}
-    calibration: tuple[float, float] | None = None  # (seconds per image, FLOPs per image)
+    first = None  # (model, image size, calibration batch) of the first shape
     for trial in plan.to_run:
         cfg = trial.config
         shape = (cfg.model.size, cfg.data.image_size, tuple(cfg.windows))
         if shape not in flops_per_image:
             model = build_model(cfg, in_channels=3)
             flops_per_image[shape] = 3.0 * model.flops_per_image()
-            if calibration is None:
-                batch = min(cfg.train.batch_size, 16)
-                calibration = (_seconds_per_image(model, cfg.data.image_size, batch), flops_per_image[shape])
+            first = first or (model, cfg.data.image_size, min(cfg.train.batch_size, 16), flops_per_image[shape])
         images[shape] = images.get(shape, 0) + cfg.train.steps * cfg.train.batch_size
     flops = sum(flops_per_image[s] * n for s, n in images.items())
-    seconds = flops * calibration[0] / calibration[1] if calibration else 0.0
-    return (
-        f"{len(plan.to_run)} of {len(plan.trials)} trials to run, {flops / 1e12:.2f} TFLOP of training, "
-        f"about {duration(seconds)} of training in one process on this machine (calibrated)"
-    )
+    work = f"{len(plan.to_run)} of {len(plan.trials)} trials to run, {flops / 1e12:.2f} TFLOP of training"
+    if first is None:
+        return f"{work}, about {duration(0.0)} of training in one process on this machine (calibrated)"
+    model, image_size, batch, model_flops = first
+    if max_share is not None and CALIBRATION_STEPS * batch * model_flops > max_share * flops:
+        return f"{work} (not timed: {CALIBRATION_STEPS} calibration steps would be over {max_share:.0%} of it)"
+    seconds = flops * _seconds_per_image(model, image_size, batch) / model_flops
+    return f"{work}, about {duration(seconds)} of training in one process on this machine (calibrated)"
 
 
 def _seconds_per_image(model, image_size: int, batch: int) -> float:
@@ -254,7 +261,7 @@ def _seconds_per_image(model, image_size: int, batch: int) -> float:
     (the first steps pay for kernel and thread-pool set-up)."""
     step = CalibrationStep(model, image_size, batch)
     best = float("inf")
-    for attempt in range(5):
+    for attempt in range(CALIBRATION_STEPS):
         start = time.perf_counter()
         step()
         if attempt >= 2:

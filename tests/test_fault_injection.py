@@ -307,13 +307,16 @@ def test_a_launch_killed_creating_the_store_then_four_launched_at_once_all_finis
     command could open again), and where a killed launch left one. First a launch is SIGKILLed as soon
     as a store file appears; then four launches of the same spec start at once in that folder."""
     spec = write_spec(tmp_path, name="together", base=smallest_config(), grid={"seed": [0]})
-    killed = start_launch(spec, tmp_path)
+    # The killed launch cannot use a cached empty store (its cache is a file), so it runs MLflow's
+    # migrations in place and is killed among them; the four build the cached one together, then copy it.
+    (tmp_path / "no-cache").write_text("")
+    killed = start_launch(spec, tmp_path, env={"DITSWEEP_CACHE": str(tmp_path / "no-cache")})
     try:
         wait_for(lambda: store_files(tmp_path), 240, "the store's creation", killed)
     finally:
         os.killpg(killed.pid, signal.SIGKILL)
         killed.wait(timeout=30)
-    drivers = [start_launch(spec, tmp_path) for _ in range(4)]
+    drivers = [start_launch(spec, tmp_path, env={"DITSWEEP_CACHE": str(tmp_path / "cache")}) for _ in range(4)]
     try:
         outputs = [driver.communicate(timeout=600)[0] for driver in drivers]
     finally:

@@ -1,6 +1,6 @@
 """orchestrator.plan's functions called directly (`ditsweep plan` itself is test_preflight's and
 test_input_limits'): which trials a Plan runs given the store's FINISHED runs and --force, its table
-and manifest, and the storage and FID checks that refuse a sweep before anything starts."""
+and manifest, the compute estimate, and the storage and FID checks that refuse a sweep before anything starts."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import pytest
 import yaml
 
 from orchestrator.plan import (
+    CALIBRATION_STEPS,
     build_plan,
     check_fid_weights,
     check_storage,
     check_storage_is_shared,
+    compute_estimate,
     plan_table,
     read_grid,
     trials_manifest,
@@ -116,3 +118,23 @@ def test_fid_weights_are_checked_only_for_trials_with_fid(tmp_path):
                          "test", []).trials
     with pytest.raises(SpecError, match=r"eval.fid.enabled=true needs the FID Inception weights \(eval.fid.weights\)"):
         check_fid_weights(with_fid)
+
+
+def test_the_estimate_is_timed_only_when_calibration_is_at_most_the_given_share_of_the_training():
+    """`launch` pays for its estimate before every sweep: calibration steps are timed only when they
+    are a small share of the sweep's training. One model for all trials, so the shares are of images:
+    calibration trains CALIBRATION_STEPS batches of min(batch, 16) images, the sweep trials x steps x batch."""
+    batch, share = 8, 0.01
+
+    def plan_of(steps: int):  # two tiny 8x8 trials: calibration steps of a few milliseconds
+        base = tiny_config({"train.steps": steps, "train.batch_size": batch, "data.image_size": 8})
+        spec = {"name": "estimate", "base": base, "grid": {"seed": [0, 1]}}
+        return build_plan(read_grid(yaml.safe_dump(spec), "the test's spec", []))
+
+    smallest_timed = CALIBRATION_STEPS * min(batch, 16) / (share * 2 * batch)  # steps of each trial: 250
+    assert smallest_timed == int(smallest_timed)
+    untimed = compute_estimate(plan_of(int(smallest_timed) - 1), max_share=share)
+    timed = compute_estimate(plan_of(int(smallest_timed)), max_share=share)
+    assert untimed.startswith("2 of 2 trials to run, ") and "TFLOP of training (not timed" in untimed
+    assert "calibrated" not in untimed
+    assert timed.startswith("2 of 2 trials to run, ") and timed.endswith("on this machine (calibrated)")
