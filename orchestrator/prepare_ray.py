@@ -1,0 +1,141 @@
+"""Ray Data for `prepare-data`, and only here: one task per shard, spread over a cluster's CPUs.
+
+The driver hands in the shards still to do as plain JSON-able task records and a module-level
+function that does one shard (decode its files, write it, return its record); Ray Data runs that
+function once per task on any node with a CPU free, streaming (a task's shard is written by the
+worker that made it, only the small record travels back). Results come back to the caller in the
+order they finish; the caller puts them in shard order, so the output does not depend on which
+node ran what.
+
+Waits are bounded: joining `--address` (orchestrator.sweep.connect), and the run itself, which stops
+with `PrepareStalled` when no shard has finished for `stall_timeout_s` (a cluster with no free CPU,
+or tasks stuck reading a storage that stopped answering).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import ray  # the third module allowed to import Ray (see tests/test_architecture.py)
+
+from orchestrator.sweep import init_ray, quiet_ray
+
+STALL_TIMEOUT_S = 600.0  # default: no shard finished for this long -> the run stops (PrepareStalled)
+_TASK, _RESULT, _ERROR = "task", "result", "error"  # the columns of the task rows and of the result rows
+_POLL_S = 1.0  # how often the waiting driver looks up (so a stall and Ctrl-C are noticed)
+
+
+class PrepareStalled(RuntimeError):
+    """No shard finished within the stall timeout; the message says what the cluster had."""
+
+
+def run_tasks(
+    tasks: list[dict],
+    work: Callable[[dict], dict],
+    address: str | None,
+    num_cpus: int | None = None,
+    stall_timeout_s: float = STALL_TIMEOUT_S,
+    on_tick: Callable[[], None] | None = None,
+    expected: tuple[type[BaseException], ...] = (),
+) -> Iterator[dict]:
+    """Yield `work(task)` for every task, in the order they finish, computed on Ray Data.
+
+    `address`: join that cluster (bounded: orchestrator.sweep.connect raises ClusterUnreachable);
+    None: an in-process Ray on this machine with `num_cpus` CPUs (default all). `on_tick` is called
+    about once a second while the driver waits (a progress line). A task's exception is raised here
+    of the `expected` types is raised here as itself (e.g. trainer.data.DataError naming the unreadable
+    files), not as Ray's wrapper; the first one stops the run.
+    """
+    if not tasks:
+        return
+    started_here = not ray.is_initialized()
+    _start(address, num_cpus)
+    try:
+        yield from _stream(_dataset(tasks, work, expected), stall_timeout_s, on_tick)
+    finally:
+        if started_here:
+            ray.shutdown()  # also cancels the tasks still running (Ctrl-C, a stall, an error)
+
+
+def _start(address: str | None, num_cpus: int | None) -> None:
+    if address is None and num_cpus is not None and not ray.is_initialized():
+        quiet_ray()
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
+    init_ray(address)  # joins --address (bounded), or starts Ray in-process on all cores
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the caller prints one progress line with an ETA instead
+    context.print_on_execution_start = False
+    context.enable_auto_log_stats = False
+
+
+def _dataset(tasks: list[dict], work: Callable[[dict], dict], expected: tuple[type[BaseException], ...]) -> ray.data.Dataset:
+    """One row (and one block, so one task) per shard; each row is its task as JSON text, so the
+    records cross Arrow unchanged whatever they hold."""
+    rows = [{_TASK: json.dumps(task)} for task in tasks]
+    source = ray.data.from_items(rows, override_num_blocks=len(rows))
+    return source.map(_Apply(work, expected), num_cpus=1)
+
+
+class _Apply:
+    """`work` on one task row -> one result row (a plain callable object, so Ray Data runs it as tasks).
+
+    An exception of the `expected` types (the user's to fix, e.g. DataError) travels back pickled in
+    the row and is raised by the driver as itself: Ray Data would wrap it in a UserCodeException that
+    keeps only its text. Anything else (a bug) fails the task the usual way, with Ray's traceback."""
+
+    def __init__(self, work: Callable[[dict], dict], expected: tuple[type[BaseException], ...]) -> None:
+        self.work = work
+        self.expected = expected
+
+    def __call__(self, row: dict) -> dict:
+        try:
+            return {_RESULT: json.dumps(self.work(json.loads(row[_TASK]))), _ERROR: b""}
+        except self.expected as err:
+            return {_RESULT: "", _ERROR: pickle.dumps(err)}
+
+
+def _stream(dataset: ray.data.Dataset, stall_timeout_s: float, on_tick: Callable[[], None] | None) -> Iterator[dict]:
+    """The dataset's results as they arrive, read by a thread so the driver can watch the clock."""
+    arrived: queue.Queue = queue.Queue()
+    done = object()
+
+    def consume() -> None:
+        try:
+            for row in dataset.iter_rows():
+                arrived.put(pickle.loads(row[_ERROR]) if row[_ERROR] else json.loads(row[_RESULT]))
+            arrived.put(done)
+        except BaseException as err:  # noqa: BLE001 - handed to the driver thread, which raises it
+            arrived.put(err)
+
+    threading.Thread(target=consume, name="ditsweep-prepare-results", daemon=True).start()
+    last = time.monotonic()
+    while True:
+        try:
+            item = arrived.get(timeout=_POLL_S)
+        except queue.Empty:
+            if on_tick is not None:
+                on_tick()
+            if time.monotonic() - last > stall_timeout_s:
+                raise PrepareStalled(_stall_message(stall_timeout_s)) from None
+            continue
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        last = time.monotonic()
+        yield item
+
+
+def _stall_message(stall_timeout_s: float) -> str:
+    total = ray.cluster_resources().get("CPU", 0)
+    free = ray.available_resources().get("CPU", 0)
+    return (
+        f"no shard finished in {stall_timeout_s:.0f} s; the cluster has {total:g} CPUs, {free:g} free. "
+        f"Completed shards are kept: run the same command again to resume (--stall-timeout to wait longer)"
+    )
