@@ -1,5 +1,6 @@
 """The package's shape, checked from the source: imports flow one way (no cycle), Ray stays in
-orchestrator/sweep.py and the job client in orchestrator/cluster.py, MLflow stays in
+orchestrator/sweep.py, the job client in orchestrator/cluster.py and prepare-data's Ray Data runner in
+orchestrator/prepare_ray.py, MLflow stays in
 orchestrator/tracking.py, and trainer/ knows neither of them nor the orchestrator.
 
 Imports are read with `ast`, so imports hidden inside functions count as much as top-level ones.
@@ -12,7 +13,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("trainer", "orchestrator")
-RAY_MODULES = {"orchestrator.sweep", "orchestrator.cluster"}
+# Ray Tune (sweep), the job-submission client (cluster), and Ray Data for prepare-data (prepare_ray:
+# decoding shards across a cluster is Ray Data's job, not Tune's, and needs no Tune callbacks).
+RAY_MODULES = {"orchestrator.sweep", "orchestrator.cluster", "orchestrator.prepare_ray"}
 MLFLOW_MODULES = {"orchestrator.tracking"}
 
 
@@ -93,7 +96,7 @@ def test_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_ray_only_in_sweep_and_the_job_client():
+def test_ray_only_in_sweep_the_job_client_and_the_ray_data_runner():
     assert importers_of("ray") <= RAY_MODULES, importers_of("ray") - RAY_MODULES
     assert "orchestrator.sweep" in importers_of("ray")
 
