@@ -7,32 +7,47 @@ worker that made it, only the small record travels back). Results come back to t
 order they finish; the caller puts them in shard order, so the output does not depend on which
 node ran what.
 
-Waits are bounded: joining `--address` (orchestrator.sweep.connect), and the run itself, which stops
-with `PrepareStalled` when no shard has finished for `stall_timeout_s` (a cluster with no free CPU,
-or tasks stuck reading a storage that stopped answering).
+Local paths on a cluster: a worker reads the source's files and writes its shard where the driver
+names them, so a local source or output folder must be the same folder on every node (a shared
+filesystem, or a loopback cluster). `check_nodes_see` asks every node before any shard is written,
+and refuses (exit 2) naming the nodes that do not see them; `s3://` needs no such check.
+
+Waits are bounded: joining `--address` (orchestrator.sweep.connect), the nodes' answer to that check
+(`CHECK_TIMEOUT_S`), and the run itself, which stops with `PrepareStalled` when no shard has finished
+for `stall_timeout_s` (a cluster with no free CPU, or tasks stuck reading a storage that stopped
+answering).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import ray  # the third module allowed to import Ray (see tests/test_architecture.py)
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from orchestrator.spec import SpecError
 from orchestrator.sweep import init_ray, quiet_ray
 
+CHECK_TIMEOUT_S = 60.0  # the longest every node may take to say whether it sees the local paths
 STALL_TIMEOUT_S = 600.0  # default: no shard finished for this long -> the run stops (PrepareStalled)
-_TASK, _RESULT, _ERROR = "task", "result", "error"  # the columns of the task rows and of the result rows
+# The column of the task rows, and those of the result rows (the node is the id of the one that ran it).
+_TASK, _RESULT, _ERROR, _NODE = "task", "result", "error", "node"
 _POLL_S = 1.0  # how often the waiting driver looks up (so a stall and Ctrl-C are noticed)
 
 
 class PrepareStalled(RuntimeError):
     """No shard finished within the stall timeout; the message says what the cluster had."""
+
+
+class NotShared(SpecError):
+    """A local source or output folder that some node of the cluster does not see (exit 2)."""
 
 
 def run_tasks(
@@ -43,6 +58,8 @@ def run_tasks(
     stall_timeout_s: float = STALL_TIMEOUT_S,
     on_tick: Callable[[], None] | None = None,
     expected: tuple[type[BaseException], ...] = (),
+    local_paths: Sequence[str] = (),
+    nodes: set[str] | None = None,
 ) -> Iterator[dict]:
     """Yield `work(task)` for every task, in the order they finish, computed on Ray Data.
 
@@ -50,14 +67,21 @@ def run_tasks(
     None: an in-process Ray on this machine with `num_cpus` CPUs (default all). `on_tick` is called
     about once a second while the driver waits (a progress line). A task's exception is raised here
     of the `expected` types is raised here as itself (e.g. trainer.data.DataError naming the unreadable
-    files), not as Ray's wrapper; the first one stops the run.
+    files), not as Ray's wrapper; the first one stops the run. `local_paths`: files every node must
+    see when `address` names a cluster (see `check_nodes_see`). `nodes`, when given, collects the ids
+    of the nodes that ran a task.
     """
     if not tasks:
         return
     started_here = not ray.is_initialized()
     _start(address, num_cpus)
     try:
-        yield from _stream(_dataset(tasks, work, expected), stall_timeout_s, on_tick)
+        if address is not None and local_paths:
+            check_nodes_see(local_paths)
+        for record, node in _stream(_dataset(tasks, work, expected), stall_timeout_s, on_tick):
+            if nodes is not None:
+                nodes.add(node)
+            yield record
     finally:
         if started_here:
             ray.shutdown()  # also cancels the tasks still running (Ctrl-C, a stall, an error)
@@ -94,21 +118,23 @@ class _Apply:
         self.expected = expected
 
     def __call__(self, row: dict) -> dict:
+        node = ray.get_runtime_context().get_node_id()
         try:
-            return {_RESULT: json.dumps(self.work(json.loads(row[_TASK]))), _ERROR: b""}
+            return {_RESULT: json.dumps(self.work(json.loads(row[_TASK]))), _ERROR: b"", _NODE: node}
         except self.expected as err:
-            return {_RESULT: "", _ERROR: pickle.dumps(err)}
+            return {_RESULT: "", _ERROR: pickle.dumps(err), _NODE: node}
 
 
-def _stream(dataset: ray.data.Dataset, stall_timeout_s: float, on_tick: Callable[[], None] | None) -> Iterator[dict]:
-    """The dataset's results as they arrive, read by a thread so the driver can watch the clock."""
+def _stream(dataset: ray.data.Dataset, stall_timeout_s: float,
+            on_tick: Callable[[], None] | None) -> Iterator[tuple[dict, str]]:
+    """The dataset's (result, node id) as they arrive, read by a thread so the driver can watch the clock."""
     arrived: queue.Queue = queue.Queue()
     done = object()
 
     def consume() -> None:
         try:
             for row in dataset.iter_rows():
-                arrived.put(pickle.loads(row[_ERROR]) if row[_ERROR] else json.loads(row[_RESULT]))
+                arrived.put(pickle.loads(row[_ERROR]) if row[_ERROR] else (json.loads(row[_RESULT]), row[_NODE]))
             arrived.put(done)
         except BaseException as err:  # noqa: BLE001 - handed to the driver thread, which raises it
             arrived.put(err)
@@ -139,3 +165,34 @@ def _stall_message(stall_timeout_s: float) -> str:
         f"no shard finished in {stall_timeout_s:.0f} s; the cluster has {total:g} CPUs, {free:g} free. "
         f"Completed shards are kept: run the same command again to resume (--stall-timeout to wait longer)"
     )
+
+
+def check_nodes_see(paths: Sequence[str], timeout_s: float = CHECK_TIMEOUT_S) -> None:
+    """Refuse (NotShared) unless every alive node with CPUs sees every path in `paths` (local paths
+    this process sees). One task per node, pinned to it; a node that does not answer within
+    `timeout_s` counts as not seeing them."""
+    nodes = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()
+             if node["Alive"] and node["Resources"].get("CPU", 0) > 0}
+    probe = ray.remote(num_cpus=0)(_missing_here)
+    pending = {
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(list(paths)): node_id
+        for node_id in nodes
+    }
+    ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
+    blind = {pending[ref]: ray.get(ref) for ref in ready}
+    blind = {node_id: missing for node_id, missing in blind.items() if missing}
+    blind.update({pending[ref]: [f"no answer within {timeout_s:.0f} s"] for ref in late})
+    for ref in late:
+        ray.cancel(ref, force=True)
+    if blind:
+        named = "; ".join(f"{nodes[node_id]} ({node_id[:8]}): {', '.join(missing[:2])}" for node_id, missing in blind.items())
+        raise NotShared(
+            f"{len(blind)} of the cluster's {len(nodes)} nodes do not see the local files this command reads or "
+            f"writes ({named}); put the source and the output on storage every node reads, e.g. s3://bucket/prefix, "
+            f"or on a filesystem every node mounts at the same path"
+        )
+
+
+def _missing_here(paths: list[str]) -> list[str]:
+    """The paths this node does not see (run on each node by `check_nodes_see`)."""
+    return [path for path in paths if not os.path.exists(path)]
