@@ -24,9 +24,6 @@ import json
 import logging
 import os
 import pickle
-import queue
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 import ray  # the third module allowed to import Ray (see tests/test_architecture.py)
@@ -39,7 +36,6 @@ CHECK_TIMEOUT_S = 60.0  # the longest every node may take to say whether it sees
 STALL_TIMEOUT_S = 600.0  # default: no shard finished for this long -> the run stops (PrepareStalled)
 # The column of the task rows, and those of the result rows (the node is the id of the one that ran it).
 _TASK, _RESULT, _ERROR, _NODE = "task", "result", "error", "node"
-_POLL_S = 1.0  # how often the waiting driver looks up (so a stall and Ctrl-C are noticed)
 
 
 class PrepareStalled(RuntimeError):
@@ -56,7 +52,6 @@ def run_tasks(
     address: str | None,
     num_cpus: int | None = None,
     stall_timeout_s: float = STALL_TIMEOUT_S,
-    on_tick: Callable[[], None] | None = None,
     expected: tuple[type[BaseException], ...] = (),
     local_paths: Sequence[str] = (),
     nodes: set[str] | None = None,
@@ -64,8 +59,7 @@ def run_tasks(
     """Yield `work(task)` for every task, in the order they finish, computed on Ray Data.
 
     `address`: join that cluster (bounded: orchestrator.sweep.connect raises ClusterUnreachable);
-    None: an in-process Ray on this machine with `num_cpus` CPUs (default all). `on_tick` is called
-    about once a second while the driver waits (a progress line). A task's exception is raised here
+    None: an in-process Ray on this machine with `num_cpus` CPUs (default all). A task's exception is raised here
     of the `expected` types is raised here as itself (e.g. trainer.data.DataError naming the unreadable
     files), not as Ray's wrapper; the first one stops the run. `local_paths`: files every node must
     see when `address` names a cluster (see `check_nodes_see`). `nodes`, when given, collects the ids
@@ -78,7 +72,7 @@ def run_tasks(
     try:
         if address is not None and local_paths:
             check_nodes_see(local_paths)
-        for record, node in _stream(_dataset(tasks, work, expected), stall_timeout_s, on_tick):
+        for record, node in _stream(_dataset(tasks, work, expected), stall_timeout_s):
             if nodes is not None:
                 nodes.add(node)
             yield record
@@ -125,37 +119,21 @@ class _Apply:
             return {_RESULT: "", _ERROR: pickle.dumps(err), _NODE: node}
 
 
-def _stream(dataset: ray.data.Dataset, stall_timeout_s: float,
-            on_tick: Callable[[], None] | None) -> Iterator[tuple[dict, str]]:
-    """The dataset's (result, node id) as they arrive, read by a thread so the driver can watch the clock."""
-    arrived: queue.Queue = queue.Queue()
-    done = object()
-
-    def consume() -> None:
-        try:
-            for row in dataset.iter_rows():
-                arrived.put(pickle.loads(row[_ERROR]) if row[_ERROR] else (json.loads(row[_RESULT]), row[_NODE]))
-            arrived.put(done)
-        except BaseException as err:  # noqa: BLE001 - handed to the driver thread, which raises it
-            arrived.put(err)
-
-    threading.Thread(target=consume, name="ditsweep-prepare-results", daemon=True).start()
-    last = time.monotonic()
+def _stream(dataset: ray.data.Dataset, stall_timeout_s: float) -> Iterator[tuple[dict, str]]:
+    """The dataset's (result, node id) as they arrive. Ray Data's own no-progress guard bounds the wait
+    (it stops the execution cleanly, cancelling its tasks); a task's expected error is raised as itself."""
+    dataset.context.execution_no_progress_timeout_s = stall_timeout_s
+    rows = iter(dataset.iter_rows())
     while True:
         try:
-            item = arrived.get(timeout=_POLL_S)
-        except queue.Empty:
-            if on_tick is not None:
-                on_tick()
-            if time.monotonic() - last > stall_timeout_s:
-                raise PrepareStalled(_stall_message(stall_timeout_s)) from None
-            continue
-        if item is done:
+            row = next(rows)
+        except StopIteration:
             return
-        if isinstance(item, BaseException):
-            raise item
-        last = time.monotonic()
-        yield item
+        except ray.data.exceptions.ExecutionTimeoutError:
+            raise PrepareStalled(_stall_message(stall_timeout_s)) from None
+        if row[_ERROR]:
+            raise pickle.loads(row[_ERROR])
+        yield json.loads(row[_RESULT]), row[_NODE]
 
 
 def _stall_message(stall_timeout_s: float) -> str:

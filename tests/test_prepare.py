@@ -6,6 +6,7 @@ is in tests/test_multinode.py, which shares that module's cluster."""
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 
@@ -56,3 +57,36 @@ def test_progress_before_the_first_shard_has_no_eta():
     clock, out = Clock(), io.StringIO()
     PrepareProgress(total=50, stream=out, now=clock).tick(force=True)
     assert "0/50 images (0%)" in out.getvalue() and "eta --:--" in out.getvalue()
+
+
+@pytest.mark.slow
+def test_ray_data_runs_every_task_raises_the_users_error_as_itself_and_stops_a_stalled_run():
+    """orchestrator.prepare_ray on an in-process Ray of 2 CPUs: every task's result comes back (any
+    order), a DataError raised in a task reaches the driver as that DataError with its message, and a
+    run whose tasks never finish stops within the stall bound, naming the cluster's CPUs."""
+    import ray
+
+    from orchestrator.prepare_ray import PrepareStalled, run_tasks
+    from trainer.data import DataError  # trainer.storage after the shards merge
+
+    def square(task: dict) -> dict:  # defined here, so it travels to the workers by value
+        if task.get("unreadable"):
+            raise DataError(f"shard {task['i']}: 1 unreadable file(s): broken.png")
+        if task.get("hang"):
+            time.sleep(120)
+        return {"i": task["i"], "square": task["i"] ** 2}
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        nodes: set[str] = set()
+        results = list(run_tasks([{"i": i} for i in range(6)], square, None, nodes=nodes))
+        assert sorted((r["i"], r["square"]) for r in results) == [(i, i * i) for i in range(6)]
+        assert nodes == {ray.get_runtime_context().get_node_id()}
+        with pytest.raises(DataError, match=r"shard 3: 1 unreadable file\(s\): broken\.png"):
+            list(run_tasks([{"i": i, "unreadable": i == 3} for i in range(6)], square, None, expected=(DataError,)))
+        start = time.monotonic()
+        with pytest.raises(PrepareStalled, match=r"no shard finished in 3 s; the cluster has 2 CPUs"):
+            list(run_tasks([{"i": 0, "hang": True}], square, None, stall_timeout_s=3))
+        assert time.monotonic() - start < 30
+    finally:
+        ray.shutdown()
