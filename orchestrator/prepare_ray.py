@@ -1,7 +1,7 @@
 """Ray Data for `prepare-data`, and only here: one task per shard, spread over a cluster's CPUs.
 
-The driver hands in the shards still to do as plain JSON-able task records and a module-level
-function that does one shard (decode its files, write it, return its record); Ray Data runs that
+The driver hands in the shards still to do as task values (a shard's index) and a function that does
+one shard (decode its files, write it, return its record); Ray Data runs that
 function once per task on any node with a CPU free, streaming (a task's shard is written by the
 worker that made it, only the small record travels back). Results come back to the caller in the
 order they finish; the caller puts them in shard order, so the output does not depend on which
@@ -20,11 +20,11 @@ answering).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import ray  # the third module allowed to import Ray (see tests/test_architecture.py)
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -47,19 +47,19 @@ class NotShared(SpecError):
 
 
 def run_tasks(
-    tasks: list[dict],
-    work: Callable[[dict], dict],
+    tasks: Sequence[Any],
+    work: Callable[[Any], Any],
     address: str | None,
     num_cpus: int | None = None,
     stall_timeout_s: float = STALL_TIMEOUT_S,
     expected: tuple[type[BaseException], ...] = (),
     local_paths: Sequence[str] = (),
     nodes: set[str] | None = None,
-) -> Iterator[dict]:
+) -> Iterator[Any]:
     """Yield `work(task)` for every task, in the order they finish, computed on Ray Data.
 
     `address`: join that cluster (bounded: orchestrator.sweep.connect raises ClusterUnreachable);
-    None: an in-process Ray on this machine with `num_cpus` CPUs (default all). A task's exception is raised here
+    None: an in-process Ray on this machine with `num_cpus` CPUs (default all). A task's exception
     of the `expected` types is raised here as itself (e.g. trainer.data.DataError naming the unreadable
     files), not as Ray's wrapper; the first one stops the run. `local_paths`: files every node must
     see when `address` names a cluster (see `check_nodes_see`). `nodes`, when given, collects the ids
@@ -72,10 +72,10 @@ def run_tasks(
     try:
         if address is not None and local_paths:
             check_nodes_see(local_paths)
-        for record, node in _stream(_dataset(tasks, work, expected), stall_timeout_s):
+        for result, node in _stream(_dataset(tasks, work, expected), stall_timeout_s):
             if nodes is not None:
                 nodes.add(node)
-            yield record
+            yield result
     finally:
         if started_here:
             ray.shutdown()  # also cancels the tasks still running (Ctrl-C, a stall, an error)
@@ -92,10 +92,11 @@ def _start(address: str | None, num_cpus: int | None) -> None:
     context.enable_auto_log_stats = False
 
 
-def _dataset(tasks: list[dict], work: Callable[[dict], dict], expected: tuple[type[BaseException], ...]) -> ray.data.Dataset:
-    """One row (and one block, so one task) per shard; each row is its task as JSON text, so the
-    records cross Arrow unchanged whatever they hold."""
-    rows = [{_TASK: json.dumps(task)} for task in tasks]
+def _dataset(tasks: Sequence[Any], work: Callable[[Any], Any], expected: tuple[type[BaseException], ...]
+             ) -> ray.data.Dataset:
+    """One row (and one block, so one task) per shard; tasks and results cross Arrow pickled, so they
+    come back unchanged whatever they hold."""
+    rows = [{_TASK: pickle.dumps(task)} for task in tasks]
     source = ray.data.from_items(rows, override_num_blocks=len(rows))
     return source.map(_Apply(work, expected), num_cpus=1)
 
@@ -107,19 +108,19 @@ class _Apply:
     the row and is raised by the driver as itself: Ray Data would wrap it in a UserCodeException that
     keeps only its text. Anything else (a bug) fails the task the usual way, with Ray's traceback."""
 
-    def __init__(self, work: Callable[[dict], dict], expected: tuple[type[BaseException], ...]) -> None:
+    def __init__(self, work: Callable[[Any], Any], expected: tuple[type[BaseException], ...]) -> None:
         self.work = work
         self.expected = expected
 
     def __call__(self, row: dict) -> dict:
         node = ray.get_runtime_context().get_node_id()
         try:
-            return {_RESULT: json.dumps(self.work(json.loads(row[_TASK]))), _ERROR: b"", _NODE: node}
+            return {_RESULT: pickle.dumps(self.work(pickle.loads(row[_TASK]))), _ERROR: b"", _NODE: node}
         except self.expected as err:
-            return {_RESULT: "", _ERROR: pickle.dumps(err), _NODE: node}
+            return {_RESULT: b"", _ERROR: pickle.dumps(err), _NODE: node}
 
 
-def _stream(dataset: ray.data.Dataset, stall_timeout_s: float) -> Iterator[tuple[dict, str]]:
+def _stream(dataset: ray.data.Dataset, stall_timeout_s: float) -> Iterator[tuple[Any, str]]:
     """The dataset's (result, node id) as they arrive. Ray Data's own no-progress guard bounds the wait
     (it stops the execution cleanly, cancelling its tasks); a task's expected error is raised as itself."""
     dataset.context.execution_no_progress_timeout_s = stall_timeout_s
@@ -133,7 +134,7 @@ def _stream(dataset: ray.data.Dataset, stall_timeout_s: float) -> Iterator[tuple
             raise PrepareStalled(_stall_message(stall_timeout_s)) from None
         if row[_ERROR]:
             raise pickle.loads(row[_ERROR])
-        yield json.loads(row[_RESULT]), row[_NODE]
+        yield pickle.loads(row[_RESULT]), row[_NODE]
 
 
 def _stall_message(stall_timeout_s: float) -> str:
