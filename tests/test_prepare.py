@@ -1,16 +1,15 @@
-"""prepare-data's choice between one process and Ray Data, and its progress line (issue #26).
+"""prepare-data's choice between one process and Ray Data, and the Ray Data runner (issue #26).
 
 The byte-for-byte comparison of the Ray Data pack with the single-process pack on a 2-node cluster
 is in tests/test_multinode.py, which shares that module's cluster."""
 
 from __future__ import annotations
 
-import io
 import time
 
 import pytest
 
-from orchestrator.prepare import LOCAL_RAY_MIN_IMAGES, PrepareProgress, use_ray
+from orchestrator.prepare import LOCAL_RAY_MIN_IMAGES, use_ray
 
 
 @pytest.mark.parametrize(
@@ -26,37 +25,6 @@ from orchestrator.prepare import LOCAL_RAY_MIN_IMAGES, PrepareProgress, use_ray
 )
 def test_ray_is_used_for_a_cluster_or_a_large_source_on_several_cores(images, address, ray, cores, expected):
     assert use_ray(images, address, ray, cores) is expected
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_progress_line_counts_this_runs_rate_and_the_time_left():
-    clock, out = Clock(), io.StringIO()
-    progress = PrepareProgress(total=10_000, done=2_000, stream=out, every_s=5.0, now=clock)
-    clock.now += 4.0
-    progress.add(1_000)  # 1,000 images in 4 s: 250/s; 7,000 left -> 28 s
-    line = out.getvalue().strip()
-    assert line.startswith("prepare-data: 3,000/10,000 images (30%)"), line
-    assert "250/s" in line and "eta 00:28" in line and "elapsed 00:04" in line and "2,000 resumed" in line
-    clock.now += 1.0
-    progress.add(500)  # within 5 s of the last line: nothing printed
-    assert out.getvalue().count("\n") == 1
-    clock.now += 5.0
-    progress.tick()  # 1,500 in 10 s: 150/s; 6,500 left -> 43.3 s
-    last = out.getvalue().strip().splitlines()[-1]
-    assert "3,500/10,000" in last and "150/s" in last and "eta 00:43" in last
-
-
-def test_progress_before_the_first_shard_has_no_eta():
-    clock, out = Clock(), io.StringIO()
-    PrepareProgress(total=50, stream=out, now=clock).tick(force=True)
-    assert "0/50 images (0%)" in out.getvalue() and "eta --:--" in out.getvalue()
 
 
 @pytest.mark.slow
