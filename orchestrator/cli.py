@@ -43,6 +43,7 @@ _BAD_INPUT_ERRORS = {
     "orchestrator.tracking": "TrackingError",
     "trainer.config": "ConfigError",
     "trainer.data": "DataError",
+    "trainer.storage": "DataError",
     "trainer.inception": "WeightsError",
 }
 

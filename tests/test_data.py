@@ -315,9 +315,9 @@ def test_corrupt_remote_folder_is_not_cached(s3_bucket, tmp_path):
 def test_many_object_folder_on_s3_matches_local_bytes_and_order(s3_bucket, tmp_path, monkeypatch):
     """Fetched concurrently and in slices (4 slices of 64 here), the cached copy holds exactly the
     remote bytes and the images come back in the local folder's sorted order, odd names included."""
-    import trainer.data
+    import trainer.storage
 
-    monkeypatch.setattr(trainer.data, "FETCH_SLICE", 64)
+    monkeypatch.setattr(trainer.storage, "FETCH_SLICE", 64)
     rng = np.random.default_rng(5)
     images = {
         f"c{i % 3}/{i:04d}{'[x]' if i % 50 == 0 else ''}.png": Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
@@ -338,13 +338,13 @@ def test_many_object_folder_on_s3_matches_local_bytes_and_order(s3_bucket, tmp_p
 
 def test_an_object_that_vanishes_before_its_fetch_is_named(s3_bucket, tmp_path):
     """Listed but gone when fetched (deleted in between): DataError names the source and the file."""
-    from trainer.data import _fetch_all
+    from trainer.storage import fetch_all
 
     uri = f"s3://{s3_bucket}/imgs"
     upload_folder(write_folder(tmp_path / "src", {"a.png": solid(RED, 8, 8), "b.png": solid(GREEN, 8, 8)}), uri)
     fs = s3()
     with pytest.raises(DataError, match=r"1 object\(s\).*gone\.png \(missing\)") as info:
-        _fetch_all(uri, fs, f"{s3_bucket}/imgs", ["a.png", "gone.png", "b.png"], str(tmp_path / "out"))
+        fetch_all(uri, fs, f"{s3_bucket}/imgs", ["a.png", "gone.png", "b.png"], str(tmp_path / "out"))
     assert uri in str(info.value)
 
 

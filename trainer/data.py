@@ -21,18 +21,7 @@ A download is decoded in a temporary sibling and renamed into place only once it
 successfully, so a cache entry is always complete. The cache is keyed by the URI alone: if the remote
 data changes, delete the entry (or write the new data under a new URI).
 
-S3 configuration, all through the environment (nothing in the trial config):
-- Credentials and region: the usual ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-  ``AWS_DEFAULT_REGION`` (or a profile), read by botocore.
-- Endpoint (MinIO, moto, Ceph...): ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``. botocore >= 1.31
-  reads these itself, and s3fs passes them through (checked with s3fs/fsspec 2026.9, botocore 1.43).
-  ``DITSWEEP_S3_ENDPOINT``, when set, wins over both and is passed to s3fs as ``endpoint_url``; use it
-  with an older botocore. fsspec's own ``FSSPEC_S3_ENDPOINT_URL`` also works, but fsspec reads it
-  once at import, so it must be set before the process starts.
-- Retries: botocore's ``AWS_MAX_ATTEMPTS`` and ``AWS_RETRY_MODE`` (an unreachable endpoint fails after
-  about 6 s with the defaults, at once with ``AWS_MAX_ATTEMPTS=1``).
-Every load builds a fresh filesystem (no fsspec instance cache), so changes to these variables take
-effect on the next load.
+S3 configuration (credentials, endpoint, retries) comes from the environment: see `trainer.storage`.
 
 Failures of any kind (missing path, unreadable files, wrong arrays, S3 errors) raise `DataError`, a
 `ValueError` whose message names the source and says what to do.
@@ -40,8 +29,6 @@ Failures of any kind (missing path, unreadable files, wrong arrays, S3 errors) r
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import gzip
 import hashlib
@@ -49,16 +36,12 @@ import importlib.util
 import io
 import json
 import os
-import shutil
 import tempfile
-import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
-import fsspec.asyn
 import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
@@ -69,28 +52,30 @@ from trainer.decode import (
     UnreadableImage,
     class_folders,
     decode_folder,
-    name_some,
     to_channels,
+)
+from trainer.packs import LEGACY_IMAGES_NAME, LEGACY_LABELS_NAME, MANIFEST_NAME, SHARD_PATTERN, open_pack
+from trainer.storage import (
+    DataError,
+    cache_entry,
+    default_cache_dir,
+    fetch_all,
+    file_sha256,
+    filesystem,
+    put_bytes,
+    remote_errors,
+    staged,
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-MANIFEST_NAME = "manifest.json"
-IMAGES_NAME = "images.npy"
-LABELS_NAME = "labels.npy"  # optional in a prepared folder: int (N,) class labels
+IMAGES_NAME = LEGACY_IMAGES_NAME
+LABELS_NAME = LEGACY_LABELS_NAME  # optional in a prepared folder: int (N,) class labels
 LABELS_KEY = "labels"  # optional array in a .npz, next to the images
 # The held-out test set is drawn with this seed, whatever data.shuffle_seed is, so every trial of a
 # sweep measures PSNR on the same held-out images.
 TEST_SPLIT_SEED = 0
 # With data.disjoint, the pool is cut into shards in an order drawn with this seed.
 DISJOINT_SHARD_SEED = 1
-# Downloading a remote folder: objects requested at once, and names per slice (the contents of one
-# slice are held in memory before they are written: 1,024 small images are a few MiB).
-FETCH_THREADS = 32  # requests in flight (on fsspec's event loop for S3; threads for other filesystems)
-FETCH_SLICE = 1024
-
-
-class DataError(ValueError):
-    """The data source cannot be used; the message names it and says what to do."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,15 +90,15 @@ def load_images(source: str, image_size: int, cache_dir: str | None = None) -> n
         return natural_patches(image_size, gray=_PATCH_BUILTINS[builtin])
     if builtin is not None:
         return _square_all(_BUILTINS[builtin](), image_size)
-    fs, path = _filesystem(source)
+    fs, path = filesystem(source)
     if isinstance(fs, LocalFileSystem):
         if not os.path.exists(path):
             raise DataError(_missing_message(source))
         return _read_local(source, path, image_size)
-    cached = _cache_entry(source, cache_dir)
+    cached = cache_entry(source, cache_dir)
     if os.path.exists(cached):
         return _read_local(source, cached, image_size)
-    with _staged(cached) as staging:
+    with staged(cached) as staging:
         _download(source, fs, path, staging)
         images = _read_local(source, staging, image_size)
     return images
@@ -130,9 +115,9 @@ def source_fingerprint(source: str) -> tuple:
     if _builtin_name(source) is not None:
         return ("builtin", source.removeprefix("builtin:"))
     if fsspec.utils.get_protocol(source) != "file":
-        entry = _cache_entry(source, None)
+        entry = cache_entry(source, None)
         return ("remote", source, _local_fingerprint(entry) if os.path.exists(entry) else None)
-    _, path = _filesystem(source)
+    _, path = filesystem(source)
     if not os.path.exists(path):
         raise DataError(_missing_message(source))
     return ("local", _local_fingerprint(path))
@@ -342,9 +327,9 @@ def load_labels(source: str, cache_dir: str | None = None) -> np.ndarray | None:
     if builtin is not None:
         loader = _BUILTIN_LABELS.get(builtin)
         return None if loader is None else _checked_labels(loader(), source)
-    fs, path = _filesystem(source)
+    fs, path = filesystem(source)
     if not isinstance(fs, LocalFileSystem):
-        path = _cache_entry(source, cache_dir)
+        path = cache_entry(source, cache_dir)
         if not os.path.exists(path):
             raise DataError(f"labels of {source!r} are read from its local copy; call load_images({source!r}) first")
     elif not os.path.exists(path):
@@ -442,45 +427,7 @@ def _checked_array(array: np.ndarray, source: str) -> np.ndarray:
 
 
 def _read_prepared(source: str, folder: str) -> np.ndarray:
-    manifest = _read_manifest(source, folder)
-    images_path = os.path.join(folder, IMAGES_NAME)
-    if not os.path.exists(images_path):
-        raise DataError(f"prepared data {source!r} has a manifest but no {IMAGES_NAME}; run prepare-data again")
-    digest = file_sha256(images_path)
-    if digest != manifest["sha256"]:
-        raise DataError(
-            f"{IMAGES_NAME} in {source!r} does not match its manifest (sha256 {digest[:12]}... != "
-            f"{manifest['sha256'][:12]}...): the folder is incomplete or was modified; run "
-            f"`ditsweep prepare-data` again"
-        )
-    images = _read_npy(source, images_path)
-    if len(images) != manifest["count"]:
-        raise DataError(
-            f"{source!r}: manifest says {manifest['count']} images, {IMAGES_NAME} holds {len(images)}; "
-            f"run `ditsweep prepare-data` again"
-        )
-    return images
-
-
-def _read_manifest(source: str, folder: str) -> dict:
-    try:
-        manifest = json.loads(Path(folder, MANIFEST_NAME).read_text())
-        missing = [key for key in ("count", "sha256") if key not in manifest]
-    except (OSError, ValueError, TypeError) as err:
-        message = f"cannot read {MANIFEST_NAME} in {source!r} ({err}); run `ditsweep prepare-data` again"
-        raise DataError(message) from err
-    if missing:
-        raise DataError(f"{MANIFEST_NAME} in {source!r} lacks {missing}; run `ditsweep prepare-data` again")
-    return manifest
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a local file, read in 4 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return open_pack(folder, source).read_all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,81 +495,9 @@ def _square_all(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack([_square(Image.fromarray(image[..., 0] if squeeze else image), size) for image in images])
 
 
-# ---------------------------------------------------------------------------------------------
-# Filesystems, remote errors and the local cache
-
-
-def _filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """fsspec filesystem and path for `uri`, configured from the environment (see module docstring)."""
-    protocol = fsspec.utils.get_protocol(uri)
-    # A fresh instance per call: fsspec's instance cache would keep an endpoint read from an
-    # environment that has since changed, and s3fs's listing cache could hide new or deleted files.
-    options: dict = {"skip_instance_cache": True}
-    endpoint = os.environ.get("DITSWEEP_S3_ENDPOINT")
-    if protocol in ("s3", "s3a") and endpoint:
-        options["endpoint_url"] = endpoint
-    with _remote_errors(uri, "data location"):
-        if protocol == "file":
-            return fsspec.core.url_to_fs(uri)
-        return fsspec.core.url_to_fs(uri, **options)
-
-
-@contextlib.contextmanager
-def _remote_errors(uri: str, role: str = "data source") -> Iterator[None]:
-    """Turn filesystem and S3 client errors into DataError naming `uri`."""
-    try:
-        yield
-    except DataError:
-        raise
-    except FileNotFoundError as err:
-        raise DataError(f"{role} {uri!r} does not exist ({err}); check the bucket and key") from err
-    except Exception as err:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many unrelated types
-        hint = "Check the URI"
-        if fsspec.utils.get_protocol(uri) in ("s3", "s3a"):
-            hint += ", the credentials and the endpoint (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, DITSWEEP_S3_ENDPOINT)"
-        raise DataError(f"cannot access {role} {uri!r}: {type(err).__name__}: {err}. {hint}") from err
-
-
-def default_cache_dir() -> Path:
-    """Where ditsweep keeps downloads (data, weights, FID statistics): `$DITSWEEP_CACHE`, else `~/.cache/ditsweep`."""
-    return Path(os.environ.get("DITSWEEP_CACHE") or Path.home() / ".cache" / "ditsweep")
-
-
-def _cache_entry(uri: str, cache_dir: str | None) -> str:
-    root = cache_dir or str(default_cache_dir())
-    normalized = uri.rstrip("/")
-    key = hashlib.sha256(normalized.encode()).hexdigest()[:16]
-    name = normalized.rsplit("/", 1)[-1] or "data"
-    return os.path.join(root, "data", f"{key}-{name}")
-
-
-@contextlib.contextmanager
-def _staged(final: str) -> Iterator[str]:
-    """A temporary sibling path of `final`, renamed to `final` if the block succeeds, else removed."""
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    # Same folder (so the rename is atomic), same suffix (so the reader recognises .npy / .npz).
-    staging = os.path.join(os.path.dirname(final), f".partial-{uuid.uuid4().hex[:8]}-{os.path.basename(final)}")
-    try:
-        yield staging
-        try:
-            os.replace(staging, final)
-        except OSError:
-            if not os.path.isdir(final):  # another process may have completed the same folder first
-                raise
-    finally:
-        _remove(staging)
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.exists(path):
-        os.remove(path)
-
-
 def _download(uri: str, fs: fsspec.AbstractFileSystem, path: str, local: str) -> None:
     """Copy the remote file, or the images / prepared files of the remote folder, to `local`."""
-    with _remote_errors(uri):
+    with remote_errors(uri):
         info = fs.info(path)
         if info["type"] != "directory":
             fs.get_file(path, local)
@@ -636,74 +511,12 @@ def _download(uri: str, fs: fsspec.AbstractFileSystem, path: str, local: str) ->
                 f"{MANIFEST_NAME}; point data.source at the folder that holds them"
             )
         os.makedirs(local)
-        _fetch_all(uri, fs, root, wanted, local)
-
-
-def _fetch_all(uri: str, fs: fsspec.AbstractFileSystem, root: str, names: list[str], local: str) -> None:
-    """Copy `root`/name to `local`/name for every name, FETCH_THREADS objects in flight at a time.
-
-    Small objects (image files of a few KiB) are bound by round trips, not bandwidth: one GET at a time
-    reads a few hundred per second, many at once thousands. Names are fetched in slices of
-    FETCH_SLICE so at most one slice of contents is held in memory; each file lands at its own path,
-    so the order of arrival does not matter (the folder is read back in sorted order). A missing or
-    unreadable object raises DataError naming it (up to five of them).
-    """
-    for start in range(0, len(names), FETCH_SLICE):
-        chunk = names[start : start + FETCH_SLICE]
-        contents, failed = _fetch_slice(fs, root, chunk)
-        if failed:
-            raise DataError(
-                f"cannot fetch {len(failed)} object(s) of data source {uri!r}: {name_some(failed)}; check that they "
-                f"exist and are readable, or remove them"
-            )
-        for name, payload in zip(chunk, contents):
-            target = os.path.join(local, name)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, "wb") as handle:
-                handle.write(payload)
-
-
-def _fetch_slice(fs: fsspec.AbstractFileSystem, root: str, names: list[str]) -> tuple[list[bytes], dict[str, str]]:
-    """Contents of `root`/name for each name, in order, and {name: why} for those that failed."""
-
-    paths = [f"{root}/{name}" for name in names]
-    if getattr(fs, "async_impl", False):  # s3fs, gcsfs, ...: the requests in flight on fsspec's own event loop
-        results = fsspec.asyn.sync(fs.loop, _cat_concurrently, fs, paths)
-    else:
-
-        def fetch(path: str) -> bytes | BaseException:
-            try:
-                return fs.cat_file(path)
-            except Exception as err:  # noqa: BLE001 - reported by name below
-                return err
-
-        with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(names)), thread_name_prefix="ditsweep-fetch") as pool:
-            results = list(pool.map(fetch, paths))
-    failed = {
-        name: ("missing" if isinstance(result, FileNotFoundError) else f"{type(result).__name__}: {result}")
-        for name, result in zip(names, results)
-        if isinstance(result, BaseException)
-    }
-    return [r for r in results if not isinstance(r, BaseException)], failed
-
-
-async def _cat_concurrently(fs: fsspec.asyn.AsyncFileSystem, paths: list[str]) -> list[bytes | BaseException]:
-    """Each path's contents or its error, FETCH_THREADS requests in flight (no threads: one event loop)."""
-    in_flight = asyncio.Semaphore(FETCH_THREADS)
-
-    async def fetch(path: str) -> bytes | BaseException:
-        async with in_flight:
-            try:
-                return await fs._cat_file(path)
-            except Exception as err:  # noqa: BLE001 - reported by name by the caller
-                return err
-
-    return await asyncio.gather(*(fetch(path) for path in paths))
+        fetch_all(uri, fs, root, wanted, local)
 
 
 def _remote_selection(names: list[str]) -> list[str]:
     if MANIFEST_NAME in names:
-        return [name for name in (MANIFEST_NAME, IMAGES_NAME, LABELS_NAME) if name in names]
+        return [name for name in names if name in (MANIFEST_NAME, IMAGES_NAME, LABELS_NAME) or SHARD_PATTERN.match(name)]
     parts = [name.split("/") for name in names]
     return [
         name
@@ -743,14 +556,14 @@ def prepare_images(
     }
     if decoded is not None:
         manifest.update(decoded.summary())
-    fs, root = _filesystem(dst)
-    with _remote_errors(dst, "data destination"):
+    fs, root = filesystem(dst)
+    with remote_errors(dst, "data destination"):
         if isinstance(fs, LocalFileSystem):  # on S3, makedirs would create a missing (mistyped) bucket
             fs.makedirs(root, exist_ok=True)
-        _write(fs, f"{root.rstrip('/')}/{IMAGES_NAME}", payload)
+        put_bytes(fs, f"{root.rstrip('/')}/{IMAGES_NAME}", payload)
         if decoded is not None and decoded.labels is not None:
-            _write(fs, f"{root.rstrip('/')}/{LABELS_NAME}", _npy_bytes(decoded.labels))
-        _write(fs, f"{root.rstrip('/')}/{MANIFEST_NAME}", json.dumps(manifest, indent=2).encode())
+            put_bytes(fs, f"{root.rstrip('/')}/{LABELS_NAME}", _npy_bytes(decoded.labels))
+        put_bytes(fs, f"{root.rstrip('/')}/{MANIFEST_NAME}", json.dumps(manifest, indent=2).encode())
     return manifest
 
 
@@ -767,7 +580,7 @@ def _read_for_prepare(
     an image folder is decoded with the options of prepare-data (and its record kept)."""
     if _builtin_name(src) is not None:
         return _as_channels(load_images(src, image_size), channels), None
-    fs, path = _filesystem(src)
+    fs, path = filesystem(src)
     if isinstance(fs, LocalFileSystem):
         if not os.path.exists(path):
             raise DataError(_missing_message(src))
@@ -791,20 +604,6 @@ def _as_channels(images: np.ndarray, channels: int | None) -> np.ndarray:
     if channels is None or images.shape[-1] == channels:
         return images
     return np.stack(to_channels(list(images), channels))
-
-
-def _write(fs: fsspec.AbstractFileSystem, path: str, payload: bytes) -> None:
-    if isinstance(fs, LocalFileSystem):
-        temporary = f"{path}.partial-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(temporary, "wb") as handle:
-                handle.write(payload)
-            os.replace(temporary, path)
-        except BaseException:  # Ctrl-C or SIGTERM too: no half-written file left beside the output
-            Path(temporary).unlink(missing_ok=True)
-            raise
-    else:
-        fs.pipe_file(path, payload)  # one PUT (or a multipart upload completed at the end)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -265,9 +265,9 @@ def source_shape(source: str) -> tuple[int, int] | None:
         return None
     if builtin is not None:
         return datalib.builtin_shape(builtin)
-    fs, path = datalib._filesystem(source)
+    fs, path = datalib.filesystem(source)
     if not isinstance(fs, datalib.LocalFileSystem):
-        path = datalib._cache_entry(source, None)
+        path = datalib.cache_entry(source, None)
     if not os.path.exists(path):
         return None
     return _local_shape(path)
@@ -277,9 +277,9 @@ def _local_shape(path: str) -> tuple[int, int] | None:
     from trainer import data as datalib
 
     if os.path.isdir(path):
-        prepared = os.path.join(path, datalib.IMAGES_NAME)
-        if os.path.exists(os.path.join(path, datalib.MANIFEST_NAME)) and os.path.exists(prepared):
-            return _npy_shape(prepared)
+        if os.path.exists(os.path.join(path, datalib.MANIFEST_NAME)):
+            pack = datalib.open_pack(path)
+            return pack.count, pack.image_shape[-1]
         return len(datalib._image_names(path)), 3
     suffix = Path(path).suffix.lower()
     if suffix == ".npy":

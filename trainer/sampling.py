@@ -28,7 +28,8 @@ from PIL import Image
 from trainer.diffusion import Denoiser, Schedule, ddim_sample
 from trainer.fid import cached_reference_stats, extract_features, frechet_distance_of_features
 from trainer.fid import kernel_inception_distance
-from trainer.data import file_sha256, to_unit
+from trainer.data import to_unit
+from trainer.storage import file_sha256
 from trainer.inception import FIDInceptionV3, fetch_weights, load_fid_inception
 
 GRID_NOISE_SEED = 20240303
