@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 from tests.support.sweeps import free_port
-from trainer.data import DataError, load_images, pool_sample, prepare_images, split_subsets, to_tensor, to_unit
+from trainer.data import DataError, load_images, to_tensor, to_unit
+from trainer.prepare import prepare_images
+from trainer.subsets import pool_sample, split_subsets
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -220,9 +222,10 @@ def test_prepare_crops_mixed_sizes_and_loads_back(tmp_path):
     manifest = prepare_images(str(src), str(dst), 8)
     assert manifest["count"] == 3 and manifest["image_size"] == 8 and manifest["channels"] == 3
     assert manifest["source"] == str(src)
-    assert manifest["sha256"] == hashlib.sha256((dst / "images.npy").read_bytes()).hexdigest()
+    (shard,) = manifest["shards"]
+    assert shard["sha256"] == hashlib.sha256((dst / shard["name"]).read_bytes()).hexdigest()
     assert json.loads((dst / "manifest.json").read_text()) == manifest
-    assert sorted(p.name for p in dst.iterdir()) == ["images.npy", "manifest.json"]
+    assert sorted(p.name for p in dst.iterdir()) == ["manifest.json", shard["name"]]
     prepared = load_images(str(dst), 8)
     np.testing.assert_array_equal(prepared, load_images(str(src), 8))
     assert load_images(str(dst), 4).shape == (3, 4, 4, 3)
@@ -255,8 +258,8 @@ def test_prepare_packs_mixed_channel_modes_as_rgb_but_refuses_a_broken_file(tmp_
 def test_prepared_folder_checks_sha256(tmp_path):
     src = write_folder(tmp_path / "src", {"a.png": solid(RED, 8, 8), "b.png": solid(GREEN, 8, 8)})
     dst = tmp_path / "prepared"
-    prepare_images(str(src), str(dst), 8)
-    np.save(dst / "images.npy", np.zeros((2, 8, 8, 3), np.uint8))  # same shape, other content
+    manifest = prepare_images(str(src), str(dst), 8)
+    np.save(dst / manifest["shards"][0]["name"], np.zeros((2, 8, 8, 3), np.uint8))  # same shape, other content
     with pytest.raises(DataError, match="does not match its manifest") as info:
         load_images(str(dst), 8)
     assert str(dst) in str(info.value)
@@ -355,7 +358,7 @@ def test_prepare_to_s3_and_load_back(s3_bucket, tmp_path):
     dst = f"s3://{s3_bucket}/prepared/v1"
     manifest = prepare_images(src, dst, 8)
     assert manifest["source"] == src and manifest["count"] == 2
-    assert sorted(s3().ls(dst)) == [f"{s3_bucket}/prepared/v1/images.npy", f"{s3_bucket}/prepared/v1/manifest.json"]
+    assert sorted(s3().ls(dst)) == [f"{s3_bucket}/prepared/v1/manifest.json", f"{s3_bucket}/prepared/v1/shard-00000.npy"]
     assert json.loads(s3().cat(f"{dst}/manifest.json")) == manifest
     loaded = load_images(dst, 8, cache_dir=str(tmp_path / "cache"))
     np.testing.assert_array_equal(loaded, load_images(str(local), 8))
@@ -367,11 +370,12 @@ def test_prepared_on_s3_with_tampered_data_is_refused(s3_bucket, tmp_path):
     dst = f"s3://{s3_bucket}/prepared"
     prepare_images(str(local), dst, 8)
     np.save(tmp_path / "other.npy", np.zeros((1, 8, 8, 3), np.uint8))
-    s3().put_file(str(tmp_path / "other.npy"), f"{dst}/images.npy")
+    s3().put_file(str(tmp_path / "other.npy"), f"{dst}/shard-00000.npy")
     with pytest.raises(DataError, match="does not match its manifest") as info:
         load_images(dst, 8, cache_dir=str(tmp_path / "cache"))
     assert dst in str(info.value)
-    assert list((tmp_path / "cache" / "data").iterdir()) == []
+    (entry,) = (tmp_path / "cache" / "data").iterdir()
+    assert [p.name for p in entry.iterdir()] == ["manifest.json"]  # the tampered shard is not kept
 
 
 def test_missing_bucket_names_the_uri(s3_env, tmp_path):

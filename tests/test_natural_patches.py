@@ -7,14 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.data import (
-    DataError,
-    held_out_region,
-    load_images,
-    natural_patch_boxes,
-    pool_sample,
-    split_subsets,
-)
+from trainer.builtins import held_out_region, natural_patch_boxes
+from trainer.data import DataError, load_images
+from trainer.subsets import pool_sample, split_subsets
 
 
 @pytest.fixture(scope="module")

@@ -111,14 +111,16 @@ def test_single_file_packs_written_before_shards_still_load(tmp_path):
 
 def test_progress_keeps_only_shards_that_still_match(tmp_path):
     plan = {"source": "x", "shard_mb": 1}
-    done = {i: write_shard(str(tmp_path), i, random_images(2, seed=i)) for i in range(3)}
+    done = {i: (write_shard(str(tmp_path), i, random_images(2, seed=i)), {"seen": i}) for i in range(3)}
     record_progress(str(tmp_path), plan, done)
     assert read_progress(str(tmp_path), plan) == done
     assert read_progress(str(tmp_path), {**plan, "shard_mb": 2}) == {}  # other arguments: start over
     (tmp_path / "shard-00001.npy").write_bytes(b"half")
     assert sorted(read_progress(str(tmp_path), plan)) == [0, 2]
-    finish_manifest(str(tmp_path), [done[0], done[1], done[2]], 4, 3)
+    (tmp_path / "shard-00007.npy").write_bytes(b"left by an earlier, larger preparation")
+    finish_manifest(str(tmp_path), [done[i][0] for i in range(3)], 4, 3)
     assert not (tmp_path / packs.PROGRESS_NAME).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST_NAME, *(f"shard-0000{i}.npy" for i in range(3))]
 
 
 def test_shard_size_follows_the_byte_budget():

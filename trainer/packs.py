@@ -22,7 +22,8 @@ Writing (the single-process `prepare-data` and the Ray Data preparation share it
 appears whole or not at all); then, once every shard is written, ``finish_manifest(out_dir, records,
 image_size, channels, info)`` with the records in shard order. Identical inputs give byte-identical
 files: nothing time- or host-dependent is written. `read_progress` / `record_progress` keep the
-records of a preparation that may be killed, so a restart skips shards whose files still match.
+records of a preparation that may be killed, so a restart skips shards whose files still match;
+`begin_pack` removes an old manifest before any shard of a new preparation is written.
 
 Reading: ``open_pack(folder)`` -> `Pack`; ``pack.gather(indices)`` memory-maps only the shards that hold
 those indices and copies just those rows. Each shard's sha256 is checked the first time a process
@@ -122,8 +123,9 @@ def write_shard(out_dir: str, index: int, images: np.ndarray, labels: np.ndarray
 
 def finish_manifest(out_dir: str, shards: Sequence[ShardRecord], image_size: int, channels: int,
                     info: dict | None = None) -> dict:
-    """Write ``manifest.json`` for `shards` (in shard order, all already written) and return it; then drop
-    the progress file. `info` (source, conversions, classes, ...) is stored beside the pack's own keys."""
+    """Write ``manifest.json`` for `shards` (in shard order, all already written) and return it: first
+    remove shard files of the folder that `shards` do not list (left by an earlier preparation), then
+    write the manifest, then drop the progress file. `info` (source, conversions, classes, ...) is stored beside the pack's own keys."""
     if not shards:
         raise DataError(f"no images to write to {out_dir!r}")
     if len({record.labels is None for record in shards}) != 1:
@@ -133,8 +135,13 @@ def finish_manifest(out_dir: str, shards: Sequence[ShardRecord], image_size: int
         format=PACK_FORMAT, version=PACK_VERSION, count=sum(record.count for record in shards),
         image_size=int(image_size), channels=int(channels), shards=[record.to_json() for record in shards],
     )
+    listed = {name for record in shards for name in (record.name, record.labels) if name}
     fs, root = _folder(out_dir)
     with remote_errors(out_dir, "data destination"):
+        for path in fs.ls(root, detail=False):  # shards of an earlier, larger preparation
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if SHARD_PATTERN.match(name) and name not in listed:
+                fs.rm_file(path)
         put_bytes(fs, f"{root}/{MANIFEST_NAME}", manifest_bytes(manifest))
         if fs.exists(f"{root}/{PROGRESS_NAME}"):
             fs.rm_file(f"{root}/{PROGRESS_NAME}")
@@ -161,32 +168,43 @@ def _sha256(payload: bytes) -> str:
 # Progress of a preparation that may be killed
 
 
-def read_progress(out_dir: str, plan: dict) -> dict[int, ShardRecord]:
+def read_progress(out_dir: str, plan: dict) -> dict[int, tuple[ShardRecord, dict]]:
     """The shards a previous preparation of the same `plan` (any JSON: the arguments and inputs that decide
-    the output) finished at `out_dir` and that still match their sha256; {} when there was none."""
+    the output) finished at `out_dir` and whose files still match their sha256, each with the `info` it
+    was recorded with; {} when there was none."""
     fs, root = _folder(out_dir)
     with remote_errors(out_dir, "data destination"):
         try:
             progress = json.loads(fs.cat_file(f"{root}/{PROGRESS_NAME}"))
         except (FileNotFoundError, ValueError):
             return {}
-        if progress.get("plan") != plan:
+        if not isinstance(progress, dict) or progress.get("plan") != plan:
             return {}
         done = {}
-        for index, record in progress.get("shards", {}).items():
-            shard = ShardRecord.from_json(record)
+        for index, entry in progress.get("shards", {}).items():
+            shard = ShardRecord.from_json(entry["shard"])
             files = [(shard.name, shard.sha256)] + ([(shard.labels, shard.labels_sha256)] if shard.labels else [])
             if all(_remote_sha256(fs, f"{root}/{name}") == digest for name, digest in files):
-                done[int(index)] = shard
+                done[int(index)] = (shard, entry.get("info", {}))
     return done
 
 
-def record_progress(out_dir: str, plan: dict, done: dict[int, ShardRecord]) -> None:
-    """Note that the shards in `done` are written (atomically: the file is always one whole record)."""
+def record_progress(out_dir: str, plan: dict, done: dict[int, tuple[ShardRecord, dict]]) -> None:
+    """Note that the shards in `done` ({index: (record, info)}, info any JSON the caller wants back) are
+    written; atomically, so the file is always one whole record."""
     fs, root = _folder(out_dir)
-    progress = {"plan": plan, "shards": {str(index): done[index].to_json() for index in sorted(done)}}
+    shards = {str(index): {"shard": done[index][0].to_json(), "info": done[index][1]} for index in sorted(done)}
     with remote_errors(out_dir, "data destination"):
-        put_bytes(fs, f"{root}/{PROGRESS_NAME}", json.dumps(progress, sort_keys=True).encode())
+        put_bytes(fs, f"{root}/{PROGRESS_NAME}", json.dumps({"plan": plan, "shards": shards}, sort_keys=True).encode())
+
+
+def begin_pack(out_dir: str) -> None:
+    """Before (re)writing the pack at `out_dir`: remove its manifest, so that while shards are being
+    replaced no reader takes the folder for a complete pack."""
+    fs, root = _folder(out_dir)
+    with remote_errors(out_dir, "data destination"):
+        if fs.exists(f"{root}/{MANIFEST_NAME}"):
+            fs.rm_file(f"{root}/{MANIFEST_NAME}")
 
 
 def _remote_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
@@ -327,13 +345,19 @@ class Pack:
 
     def _map(self, name: str, sha256: str | None, count: int) -> np.ndarray:
         path = os.path.join(self.folder, name)
-        if not os.path.exists(path) and self.fetch is not None:
+        fetched = not os.path.exists(path) and self.fetch is not None
+        if fetched:
             self.fetch(name, path)
         if not os.path.exists(path):
             raise DataError(f"prepared data {self.source!r} lacks {name}, which its manifest lists; "
                             f"run `ditsweep prepare-data` again")
         if sha256 is not None:
-            verify_file(path, sha256, f"{name} of {self.source!r}")
+            try:
+                verify_file(path, sha256, f"{name} of {self.source!r}")
+            except DataError:
+                if fetched:  # a copy that does not match is not kept in the cache
+                    os.remove(path)
+                raise
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as err:

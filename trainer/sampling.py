@@ -6,7 +6,7 @@ from the same noise, so two trials' grids can be compared image by image (the re
 A class-conditional model is sampled unconditionally (the null class), as in the PSNR gap.
 
 FID and KID compare the samples' Inception features with those of reference images: a fixed random
-sample of the data's pool (every image but the held-out ones, `trainer.data.pool_sample`), the same
+sample of the data's pool (every image but the held-out ones, `trainer.subsets.pool_sample`), the same
 for every subset size and shuffle, i.e. FID against the data distribution, not against the training
 subset. Reference features are computed once and cached on disk, keyed by the reference images'
 content and the weights' sha256.
