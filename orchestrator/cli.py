@@ -42,7 +42,7 @@ _BAD_INPUT_ERRORS = {
     "orchestrator.spec": "SpecError",
     "orchestrator.tracking": "TrackingError",
     "trainer.config": "ConfigError",
-    "trainer.data": "DataError",
+    "trainer.storage": "DataError",
     "trainer.inception": "WeightsError",
 }
 
@@ -286,29 +286,35 @@ def prepare_data(
     skip_unreadable: Annotated[
         bool, typer.Option("--skip-unreadable", help="Leave out files that cannot be decoded (listed) instead of refusing.")
     ] = False,
+    shard_mb: Annotated[
+        Optional[float],
+        typer.Option(help="Largest shard in MiB (default 256); a trial reads only the shards holding its images."),
+    ] = None,
 ) -> None:
-    """Pack an image folder into a uint8 array plus a manifest (count, size, sha256, conversions).
+    """Pack images (a folder, class folders, Parquet files, an LMDB, arrays) into memory-mapped uint8
+    shards plus a manifest (count, size, each shard's sha256, conversions), written last.
 
     Every image mode is converted to one channel count, the EXIF orientation applied, and each image
-    resized as ADM and DiT do (box halving, bicubic, center crop). Class subfolders give labels."""
+    resized as ADM and DiT do (box halving, bicubic, center crop). Class subfolders give labels.
+    Killed, the same command resumes after the shards already written; progress and ETA on stderr."""
     if image_size < 2:
         raise BadInput(f"--image-size must be at least 2, got {image_size}")
     if channels not in (None, 1, 3):
         raise BadInput(f"--channels must be 1 or 3, got {channels}")
-    from trainer.data import prepare_images
+    from trainer.prepare import prepare_images, print_progress
 
-    manifest = prepare_images(src, dst, image_size, channels, skip_unreadable)
+    manifest = prepare_images(src, dst, image_size, channels, skip_unreadable, shard_mb, print_progress)
     for name, why in manifest.get("skipped", {}).items():
         print(f"skipped {name}: {why}", file=sys.stderr)
     notes = [f"{count} {what}" for what, count in manifest.get("conversions", {}).items()]
     if manifest.get("exif_rotated"):
         notes.append(f"{manifest['exif_rotated']} turned upright (EXIF)")
     if "classes" in manifest:
-        notes.append(f"{len(manifest['classes'])} classes from subfolders")
+        notes.append(f"{len(manifest['classes'])} classes")
     if manifest.get("skipped"):
         notes.append(f"{len(manifest['skipped'])} unreadable skipped")
     print(f"wrote {manifest['count']} images of {image_size}x{image_size}x{manifest['channels']} to {dst} "
-          f"(sha256 {manifest['sha256'][:12]})" + (f"; {', '.join(notes)}" if notes else ""))
+          f"in {len(manifest['shards'])} shard(s)" + (f"; {', '.join(notes)}" if notes else ""))
 
 
 @app.command()

@@ -158,9 +158,17 @@ class Trial:
         return {**flatten(self.config), "attention.schedule": self.config.schedule}
 
 
+# Raised whenever what a trial measures changes for the same config (2: the PSNR gap scores a uniform
+# sample of the held-out set, not its lowest indices): a store's cached trials of an older measurement
+# then no longer match any key and are run again instead of being mixed with new ones.
+MEASUREMENT = 2
+
+
 def trial_key(config: TrialConfig) -> str:
-    """sha256 of the normalized resolved config: equal configs, equal keys, whatever the YAML spelling."""
-    normalized = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """sha256 of the normalized resolved config and the MEASUREMENT it is measured by: equal configs, equal
+    keys, whatever the YAML spelling."""
+    normalized = json.dumps({"config": config.model_dump(mode="json"), "measurement": MEASUREMENT},
+                            sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(normalized.encode()).hexdigest()
 
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.data import DataError, load_images, load_labels, prepare_images
 from tests.support.images import mixed_folder, save
+from trainer.data import DataError, load_images, load_labels
+from trainer.prepare import prepare_images
 from trainer.decode import center_crop_resize
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,14 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.data import (
-    DataError,
-    held_out_region,
-    load_images,
-    natural_patch_boxes,
-    pool_sample,
-    split_subsets,
-)
+from trainer.builtins import held_out_region, natural_patch_boxes
+from trainer.data import DataError, load_images
+from trainer.subsets import pool_sample, split_subsets
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +115,21 @@ def test_a_trial_trains_on_training_region_patches_and_scores_held_out_region_on
     assert subsets.train.shape == (8, 1, 16, 16) and subsets.test.shape == (64, 1, 16, 16)
     assert all(origin(image) == {False} for image in subsets.train)
     assert all(origin(image) == {True} for image in subsets.test)
+
+
+@pytest.mark.parametrize("scored", [32, 128])
+def test_the_scored_held_out_images_sample_both_photographs_in_proportion(scored):
+    """The PSNR gap scores the first `eval.psnr_gap.images` of the held-out set: they must be a uniform
+    sample of it, not its lowest indices (the region lists china.jpg's patches before flower.jpg's, so a
+    sorted held-out set scored only china.jpg: a difficulty offset between the two sides of the gap)."""
+    from scipy.stats import hypergeom
+
+    boxes = natural_patch_boxes(16)
+    total, region = len(boxes), held_out_region("natural", 16)
+    _, test = split_subsets(total, 256, 64, None, 0, region=region)
+    in_test_china = sum(boxes[i].photo == "china.jpg" for i in test)
+    scored_china = sum(boxes[i].photo == "china.jpg" for i in test[:scored])
+    # Drawn without replacement from the 256, `scored_china` follows a hypergeometric law: a 99.9% range.
+    law = hypergeom(256, in_test_china, scored)
+    assert 0 < in_test_china < 256
+    assert law.ppf(0.0005) <= scored_china <= law.ppf(0.9995), (scored_china, scored, in_test_china)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.data import default_cache_dir
+from trainer.storage import default_cache_dir
 
 # The largest imaginary part of diag(sqrtm(S1 S2)), relative to its real part, that is rounding
 # noise rather than a sign that the inputs are not covariance matrices.

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import FID_WEIGHTS_FILENAME, FID_WEIGHTS_SHA256_PREFIX, FID_WEIGHTS_URL  # noqa: F401
-from trainer.data import default_cache_dir, file_sha256
+from trainer.storage import default_cache_dir, file_sha256
 
 INPUT_SIZE = 299  # Inception-v3 sees 299x299 images
 FEATURE_DIM = 2048  # pool features after Mixed_7c: the space FID and KID are computed in

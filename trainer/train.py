@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from trainer import data as datalib
+from trainer.builtins import held_out_region
+from trainer.subsets import pool_sample, split_subsets
 from trainer.config import TrialConfig
 from trainer import memorization, sampling
 from trainer.diffusion import Schedule, linear_schedule, training_loss
@@ -80,71 +83,64 @@ class Subsets:
         return self.train.shape[1]
 
 
-@dataclass(frozen=True)
-class Pool:
-    """A data source decoded once: all its images as one uint8 (N, C, H, W) CPU tensor, and its int64
-    (N,) class labels when the model is class-conditional (else None). Shared; never written to."""
-
-    images: torch.Tensor
-    labels: torch.Tensor | None
-
-
 class PoolCache:
-    """The decoded pool of the last data source, kept for the next trial in the same process.
+    """The opened data source of the last trial, kept for the next trial in the same process.
 
     A Ray worker runs trial after trial (Tune reuses its actors), and trials of a sweep mostly differ in
-    the subset they draw from one source; decoding (for S3 data, reading the downloaded copy; for an
-    image folder, every PNG) then happens once per worker instead of once per trial. The key holds the
-    source's fingerprint (size and modification times of local files), so edited data is read again.
-    One entry: a sweep over several sources alternates between them at worst, and a pool can be large.
+    the subset they draw from one source. A prepared pack or a .npy is opened memory-mapped (cheap:
+    each trial then reads only the shards or rows of its own subset and held-out set); an image folder,
+    a .npz, Parquet or LMDB source is decoded when opened, which then happens once per worker instead of
+    once per trial. The key holds the source's fingerprint (size and modification times of local files),
+    so edited data is read again. One entry: a sweep over several sources alternates between them at
+    worst, and a decoded source can be large.
     """
 
     def __init__(self) -> None:
         self._key: tuple | None = None
-        self._pool: Pool | None = None
+        self._source: datalib.ImageSource | None = None
         self._lock = threading.Lock()  # Tune runs a trainable in a thread of its worker
         self.hits = self.misses = 0
 
-    def get(self, config: TrialConfig) -> Pool:
+    def get(self, config: TrialConfig) -> datalib.ImageSource:
         with self._lock:
             return self._get(config)
 
-    def _get(self, config: TrialConfig) -> Pool:
+    def _get(self, config: TrialConfig) -> datalib.ImageSource:
         before = self._key_of(config)
-        if self._pool is not None and self._key == before:
+        if self._source is not None and self._key == before:
             self.hits += 1
-            return self._pool
-        self._key = self._pool = None  # drop the old pool before decoding the new one
-        images = torch.from_numpy(datalib.load_images(config.data.source, config.data.image_size))
-        images = images.permute(0, 3, 1, 2).contiguous()
-        pool = Pool(images=images, labels=load_class_labels(config, images.shape[0]))
+            return self._source
+        self._key = self._source = None  # drop the old source before opening the new one
+        source = datalib.open_source(config.data.source, config.data.image_size)
         self.misses += 1
         after = self._key_of(config)
         # The first load of a remote source makes the local copy that its key names. A local source
         # edited while it was being read gets no key, so the next trial reads it again.
         if before == after or before[-1][0] == "remote":
-            self._key, self._pool = after, pool
-        return pool
+            self._key, self._source = after, source
+        return source
 
     @staticmethod
     def _key_of(config: TrialConfig) -> tuple:
         data = config.data
-        return (data.source, data.image_size, config.model.num_classes, datalib.source_fingerprint(data.source))
+        return (data.source, data.image_size, datalib.source_fingerprint(data.source))
 
     def clear(self) -> None:
         with self._lock:
-            self._key = self._pool = None
+            self._key = self._source = None
 
 
 POOLS = PoolCache()
 
 
 def load_subsets(config: TrialConfig, device: torch.device) -> Subsets:
-    pool = POOLS.get(config)
-    images, labels = pool.images, pool.labels
-    region = datalib.held_out_region(config.data.source, config.data.image_size)
-    train_idx, test_idx = datalib.split_subsets(
-        len(images),
+    """The trial's training subset, held-out set and FID reference, gathered from the source by index:
+    from a prepared pack only the shards that hold them are read, never the whole pool."""
+    source = POOLS.get(config)
+    _check_has_labels(config, source)
+    region = held_out_region(config.data.source, config.data.image_size)
+    train_idx, test_idx = split_subsets(
+        source.count,
         config.data.test_images,
         config.data.num_images,
         config.data.fraction,
@@ -153,41 +149,48 @@ def load_subsets(config: TrialConfig, device: torch.device) -> Subsets:
         region=region,
     )
     # One uint8 tensor on the device: batches are gathered by index, so the data path never stalls.
-    # Indexing with an index array copies, so nothing below can write into the shared pool.
     fid = config.eval.fid
-    reference_idx = (datalib.pool_sample(len(images), config.data.test_images, fid.samples, region=region)
-                     if fid.enabled else None)
+    reference_idx = pool_sample(source.count, config.data.test_images, fid.samples, region=region) if fid.enabled else None
+    train_labels, test_labels = (class_labels(config, source, idx) for idx in (train_idx, test_idx))
     return Subsets(
-        train=images[train_idx].to(device),
-        test=images[test_idx].to(device),
-        train_labels=None if labels is None else labels[train_idx].to(device),
-        test_labels=None if labels is None else labels[test_idx].to(device),
-        fid_reference=None if reference_idx is None else images[reference_idx],
+        train=_channels_first(source.gather(train_idx)).to(device),
+        test=_channels_first(source.gather(test_idx)).to(device),
+        train_labels=None if train_labels is None else train_labels.to(device),
+        test_labels=None if test_labels is None else test_labels.to(device),
+        fid_reference=None if reference_idx is None else _channels_first(source.gather(reference_idx)),
         train_ids=[int(i) for i in train_idx],
         test_ids=[int(i) for i in test_idx],
     )
 
 
-def load_class_labels(config: TrialConfig, count: int) -> torch.Tensor | None:
-    """The data's (N,) int64 labels when model.num_classes > 0, checked against it; else None."""
-    num_classes, source = config.model.num_classes, config.data.source
+def _channels_first(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> uint8 (N, C, H, W), contiguous."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def class_labels(config: TrialConfig, source: datalib.ImageSource, indices: np.ndarray) -> torch.Tensor | None:
+    """The (n,) int64 labels of the images at `indices` when model.num_classes > 0, checked against it;
+    else None."""
+    num_classes, name = config.model.num_classes, config.data.source
     if num_classes == 0:
         return None
-    labels = datalib.load_labels(source)
-    if labels is None:
+    labels = source.labels(indices)
+    if len(labels) and labels.max() >= num_classes:
         raise datalib.DataError(
-            f"model.num_classes={num_classes} needs labels, but data source {source!r} has none; use a source "
-            f"with labels (digits, a .npz with a '{datalib.LABELS_KEY}' array, a prepared folder with "
-            f"{datalib.LABELS_NAME}) or set model.num_classes=0"
-        )
-    if len(labels) != count:
-        raise datalib.DataError(f"data source {source!r} has {count} images but {len(labels)} labels")
-    if labels.max() >= num_classes:
-        raise datalib.DataError(
-            f"data source {source!r} has labels up to {labels.max()} but model.num_classes={num_classes}; "
+            f"data source {name!r} has labels up to {labels.max()} but model.num_classes={num_classes}; "
             f"set model.num_classes to at least {labels.max() + 1}"
         )
     return torch.from_numpy(labels)
+
+
+def _check_has_labels(config: TrialConfig, source: datalib.ImageSource) -> None:
+    num_classes, name = config.model.num_classes, config.data.source
+    if num_classes and not source.has_labels:
+        raise datalib.DataError(
+            f"model.num_classes={num_classes} needs labels, but data source {name!r} has none; use a source "
+            f"with labels (digits, a .npz with a 'labels' array, class folders, a prepared pack with labels) "
+            f"or set model.num_classes=0"
+        )
 
 
 def to_model_scale(images: torch.Tensor) -> torch.Tensor:
