@@ -1,32 +1,38 @@
 """`ditsweep prepare-data`: where the shards are decoded, in this process or on Ray Data.
 
-The pack itself (shard boundaries, decoding, the shard files, the manifest, resuming) is
-`trainer`'s, the same whichever way the shards run; this module only picks how they run:
+The pack itself (the plan and shard boundaries, decoding, the shard files, the progress file, the
+manifest, resuming, the progress line) is `trainer.prepare`'s, and this process writes every file of
+it whichever way the shards are decoded; this module only picks where the decoding runs:
 
-- ``--address ADDR``: on the Ray cluster at ADDR, through Ray Data (orchestrator.prepare_ray);
-- otherwise in this process, unless the shards still to do hold at least `LOCAL_RAY_MIN_IMAGES` images
-  and this machine has more than one core: then on an in-process Ray using every core. Starting Ray
-  costs about 10 s on a small machine, a tenth of what a second core saves on 20,000 images;
+- ``--address ADDR``: on the Ray cluster at ADDR, through Ray Data (orchestrator.prepare_ray), each
+  shard cut into parts of at most 1,024 images that any node's CPU decodes;
+- otherwise in this process, unless the images still to decode number at least `LOCAL_RAY_MIN_IMAGES`
+  and this machine has more than one core: then on an in-process Ray using every core (starting Ray
+  and its workers costs 10-20 s, more than a second core saves on fewer images at ~800 images/s);
 - ``--ray`` / ``--no-ray`` force either way.
 
-Progress (a line per shard with the rate and the time left), resuming and the manifest are
-`trainer.prepare`'s, whichever way the shards run. Nothing in this module imports Ray; prepare_ray is
-imported only when Ray is used.
+Nothing in this module imports Ray; prepare_ray is imported only when Ray is used.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
+from trainer.prepare import Decoded, Part, ShardDecoder, decode_in_order, prepare_images, print_progress
+from trainer.storage import DataError
 
 LOCAL_RAY_MIN_IMAGES = 20_000
+STALL_TIMEOUT_S = 600.0  # no part decoded for this long: the run stops (resumable); --stall-timeout
+
+
+class PrepareStalled(RuntimeError):
+    """Ray Data decoded nothing for --stall-timeout seconds: stopped, resumable (exit 1)."""
 
 
 def use_ray(images: int, address: str | None, ray: bool | None, cores: int | None = None) -> bool:
-    """Whether shards holding `images` images (the ones still to do) run on Ray Data."""
+    """Whether shards holding `images` images (the ones still to do) are decoded on Ray Data."""
     if ray is not None:
         return ray
     if address:
@@ -34,22 +40,64 @@ def use_ray(images: int, address: str | None, ray: bool | None, cores: int | Non
     return images >= LOCAL_RAY_MIN_IMAGES and (cores or os.cpu_count() or 1) > 1
 
 
-def run_serially(tasks: list[dict], work: Callable[[dict], dict]) -> Iterator[dict]:
-    """Each task's result in this process, in order."""
-    return map(work, tasks)
+@dataclass
+class ShardPlacement:
+    """A `trainer.prepare.ShardRunner` that decodes in this process or on Ray Data (see the module
+    docstring), and remembers where: `shards` decoded on Ray and the ids of the `nodes` that did."""
 
+    address: str | None = None
+    ray: bool | None = None
+    ray_cpus: int | None = None  # an in-process Ray's CPUs (default: all)
+    stall_timeout_s: float = STALL_TIMEOUT_S
+    shards: int = 0
+    nodes: set[str] = field(default_factory=set)
 
-def shard_runner(address: str | None, ray: bool | None, count: Callable[[dict], int],
-                 stall_timeout_s: float, expected: tuple[type[BaseException], ...]
-                 ) -> Callable[[list[dict], Callable[[dict], dict]], Iterable[dict]]:
-    """How the shards still to do run: in this process, or on Ray Data (see the module docstring).
-    `count(task)` says how many images a task decodes."""
+    def __call__(self, todo: list[int], decoder: ShardDecoder) -> Iterable[tuple[int, Decoded]]:
+        images = sum(len(decoder.plan.shard_inputs(index)) for index in todo)
+        if not todo or not use_ray(images, self.address, self.ray):
+            return decode_in_order(todo, decoder)
+        return self._on_ray(todo, decoder)
 
-    def run(tasks: list[dict], work: Callable[[dict], dict]) -> Iterable[dict]:
-        if not use_ray(sum(map(count, tasks)), address, ray):
-            return run_serially(tasks, work)
+    def _on_ray(self, todo: list[int], decoder: ShardDecoder) -> Iterator[tuple[int, Decoded]]:
         from orchestrator.prepare_ray import run_tasks
 
-        return run_tasks(tasks, work, address, stall_timeout_s=stall_timeout_s, expected=expected)
+        parts = [part for index in todo for part in decoder.parts(index)]
+        decoded = run_tasks(parts, decoder.decode_part, self.address, num_cpus=self.ray_cpus,
+                            stall_timeout_s=self.stall_timeout_s, expected=(DataError,),
+                            local_paths=_local_inputs(decoder), nodes=self.nodes, stalled=PrepareStalled)
+        for index, shard_parts in _by_shard(parts, decoded):
+            self.shards += 1
+            yield index, decoder.join(index, shard_parts)
 
-    return run
+    def summary(self) -> str:
+        """'on Ray Data: 4 shard(s) decoded on 2 node(s)', or '' when nothing ran on Ray."""
+        return f"on Ray Data: {self.shards} shard(s) decoded on {len(self.nodes)} node(s)" if self.shards else ""
+
+
+def _by_shard(parts: list[Part], decoded: Iterable[Decoded]) -> Iterator[tuple[int, list[Decoded]]]:
+    """(shard index, its decoded parts in order) from the parts and their results, both in task order."""
+    current, joined = None, []
+    for (index, _, _), result in zip(parts, decoded):
+        if joined and index != current:
+            yield current, joined
+            joined = []
+        current = index
+        joined.append(result)
+    if joined:
+        yield current, joined
+
+
+def _local_inputs(decoder: ShardDecoder) -> list[str]:
+    """The first and last input, when the source's items are local files (what every node must see)."""
+    names = decoder.plan.names
+    opened = [decoder.items.open(name) for name in (names[0], names[-1])]
+    return [os.path.abspath(path) for path in opened if isinstance(path, str)]
+
+
+def prepare_pack(src: str, dst: str, image_size: int = 32, channels: int | None = None,
+                 skip_unreadable: bool = False, shard_mb: float | None = None,
+                 placement: ShardPlacement | None = None, quiet: bool = False) -> dict:
+    """`ditsweep prepare-data`: pack `src` into `dst` with the shards decoded where `placement` says
+    (default: see the module docstring); returns the manifest."""
+    return prepare_images(src, dst, image_size, channels, skip_unreadable, shard_mb,
+                          None if quiet else print_progress, placement or ShardPlacement())

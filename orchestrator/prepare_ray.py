@@ -1,19 +1,18 @@
 """Ray Data for `prepare-data`, and only here: one task per shard, spread over a cluster's CPUs.
 
-The driver hands in the shards still to do as task values (a shard's index) and a function that does
-one shard (decode its files, write it, return its record); Ray Data runs that
-function once per task on any node with a CPU free, streaming (a task's shard is written by the
-worker that made it, only the small record travels back). Results come back to the caller in the
-order they finish; the caller puts them in shard order, so the output does not depend on which
-node ran what.
+The driver hands in the tasks (parts of the shards still to do) and the function that does one
+(`trainer.prepare.ShardDecoder.decode_part`: read and decode a few hundred files); Ray Data runs it
+once per task on any node with a CPU free, streaming, and hands the decoded parts back in task order,
+so the driver joins and writes each shard exactly as the single-process path does: the pack does not
+depend on which node decoded what. Decoded images are small next to the files they come from
+(3 KiB for a 32x32 RGB image), so the files are read where the CPUs are and only pixels travel.
 
-Local paths on a cluster: a worker reads the source's files and writes its shard where the driver
-names them, so a local source or output folder must be the same folder on every node (a shared
-filesystem, or a loopback cluster). `check_nodes_see` asks every node before any shard is written,
-and refuses (exit 2) naming the nodes that do not see them; `s3://` needs no such check.
+A local source on a cluster: workers read the source's files by the driver's paths, so it must be
+the same folder on every node (a shared filesystem, or a loopback cluster). `check_nodes_see` asks
+every node before any shard is decoded, and refuses (exit 2) naming the nodes that do not see it.
 
 Waits are bounded: joining `--address` (orchestrator.sweep.connect), the nodes' answer to that check
-(`CHECK_TIMEOUT_S`), and the run itself, which stops with `PrepareStalled` when no shard has finished
+(`CHECK_TIMEOUT_S`), and the run itself, which stops (`stalled`, a TimeoutError by default) when no task has finished
 for `stall_timeout_s` (a cluster with no free CPU, or tasks stuck reading a storage that stopped
 answering).
 """
@@ -33,17 +32,13 @@ from orchestrator.spec import SpecError
 from orchestrator.sweep import init_ray, quiet_ray
 
 CHECK_TIMEOUT_S = 60.0  # the longest every node may take to say whether it sees the local paths
-STALL_TIMEOUT_S = 600.0  # default: no shard finished for this long -> the run stops (PrepareStalled)
+STALL_TIMEOUT_S = 600.0  # default: no task finished for this long -> the run stops
 # The column of the task rows, and those of the result rows (the node is the id of the one that ran it).
 _TASK, _RESULT, _ERROR, _NODE = "task", "result", "error", "node"
 
 
-class PrepareStalled(RuntimeError):
-    """No shard finished within the stall timeout; the message says what the cluster had."""
-
-
 class NotShared(SpecError):
-    """A local source or output folder that some node of the cluster does not see (exit 2)."""
+    """A local source that some node of the cluster does not see (exit 2)."""
 
 
 def run_tasks(
@@ -55,15 +50,16 @@ def run_tasks(
     expected: tuple[type[BaseException], ...] = (),
     local_paths: Sequence[str] = (),
     nodes: set[str] | None = None,
+    stalled: Callable[[str], BaseException] = TimeoutError,
 ) -> Iterator[Any]:
-    """Yield `work(task)` for every task, in the order they finish, computed on Ray Data.
+    """Yield `work(task)` for every task, in the order of `tasks`, computed on Ray Data.
 
     `address`: join that cluster (bounded: orchestrator.sweep.connect raises ClusterUnreachable);
     None: an in-process Ray on this machine with `num_cpus` CPUs (default all). A task's exception
     of the `expected` types is raised here as itself (e.g. trainer.data.DataError naming the unreadable
     files), not as Ray's wrapper; the first one stops the run. `local_paths`: files every node must
     see when `address` names a cluster (see `check_nodes_see`). `nodes`, when given, collects the ids
-    of the nodes that ran a task.
+    of the nodes that ran a task. No task done for `stall_timeout_s`: `stalled(message)` is raised.
     """
     if not tasks:
         return
@@ -72,7 +68,7 @@ def run_tasks(
     try:
         if address is not None and local_paths:
             check_nodes_see(local_paths)
-        for result, node in _stream(_dataset(tasks, work, expected), stall_timeout_s):
+        for result, node in _stream(_dataset(tasks, work, expected), stall_timeout_s, stalled):
             if nodes is not None:
                 nodes.add(node)
             yield result
@@ -94,8 +90,8 @@ def _start(address: str | None, num_cpus: int | None) -> None:
 
 def _dataset(tasks: Sequence[Any], work: Callable[[Any], Any], expected: tuple[type[BaseException], ...]
              ) -> ray.data.Dataset:
-    """One row (and one block, so one task) per shard; tasks and results cross Arrow pickled, so they
-    come back unchanged whatever they hold."""
+    """One row (and one block, so one Ray task) per task; tasks and results cross Arrow pickled, so
+    they come back unchanged whatever they hold."""
     rows = [{_TASK: pickle.dumps(task)} for task in tasks]
     source = ray.data.from_items(rows, override_num_blocks=len(rows))
     return source.map(_Apply(work, expected), num_cpus=1)
@@ -120,10 +116,12 @@ class _Apply:
             return {_RESULT: b"", _ERROR: pickle.dumps(err), _NODE: node}
 
 
-def _stream(dataset: ray.data.Dataset, stall_timeout_s: float) -> Iterator[tuple[Any, str]]:
+def _stream(dataset: ray.data.Dataset, stall_timeout_s: float,
+            stalled: Callable[[str], BaseException]) -> Iterator[tuple[Any, str]]:
     """The dataset's (result, node id) as they arrive. Ray Data's own no-progress guard bounds the wait
     (it stops the execution cleanly, cancelling its tasks); a task's expected error is raised as itself."""
     dataset.context.execution_no_progress_timeout_s = stall_timeout_s
+    dataset.context.execution_options.preserve_order = True  # results in task order, so parts join in order
     rows = iter(dataset.iter_rows())
     while True:
         try:
@@ -131,7 +129,7 @@ def _stream(dataset: ray.data.Dataset, stall_timeout_s: float) -> Iterator[tuple
         except StopIteration:
             return
         except ray.data.exceptions.ExecutionTimeoutError:
-            raise PrepareStalled(_stall_message(stall_timeout_s)) from None
+            raise stalled(_stall_message(stall_timeout_s)) from None
         if row[_ERROR]:
             raise pickle.loads(row[_ERROR])
         yield pickle.loads(row[_RESULT]), row[_NODE]
@@ -141,7 +139,7 @@ def _stall_message(stall_timeout_s: float) -> str:
     total = ray.cluster_resources().get("CPU", 0)
     free = ray.available_resources().get("CPU", 0)
     return (
-        f"no shard finished in {stall_timeout_s:.0f} s; the cluster has {total:g} CPUs, {free:g} free. "
+        f"no part of a shard decoded in {stall_timeout_s:.0f} s; the cluster has {total:g} CPUs, {free:g} free. "
         f"Completed shards are kept: run the same command again to resume (--stall-timeout to wait longer)"
     )
 
@@ -166,9 +164,9 @@ def check_nodes_see(paths: Sequence[str], timeout_s: float = CHECK_TIMEOUT_S) ->
     if blind:
         named = "; ".join(f"{nodes[node_id]} ({node_id[:8]}): {', '.join(missing[:2])}" for node_id, missing in blind.items())
         raise NotShared(
-            f"{len(blind)} of the cluster's {len(nodes)} nodes do not see the local files this command reads or "
-            f"writes ({named}); put the source and the output on storage every node reads, e.g. s3://bucket/prefix, "
-            f"or on a filesystem every node mounts at the same path"
+            f"{len(blind)} of the cluster's {len(nodes)} nodes do not see the local files this command reads "
+            f"({named}); put the source where every node reads it: a filesystem every node mounts at the same "
+            f"path, or run prepare-data without --address on the machine that holds it"
         )
 
 

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +63,9 @@ from trainer.storage import DataError, filesystem, is_local
 PREPROCESSING = "EXIF orientation; box halving then bicubic resize, center crop (ADM/DiT)"
 
 Progress = Callable[[str], None]
+# Decodes the shards still to do (their indices) with a ShardDecoder, yielding (index, decoded shard) in
+# any order: `decode_in_order` here, or Ray Data across a cluster (orchestrator.prepare).
+ShardRunner = Callable[[list[int], "ShardDecoder"], Iterable[tuple[int, "Decoded"]]]
 
 
 @dataclass(frozen=True)
@@ -115,17 +118,62 @@ def plan_items(source: str, items: EncodedItems, image_size: int, channels: int 
 def decode_shard(plan: PreparePlan, items: EncodedItems, index: int, skip_unreadable: bool
                  ) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Shard `index` of `plan`: its images, their labels (or None) and what decoding did (JSON)."""
-    inputs = plan.shard_inputs(index)
-    decoded = decode_items(inputs, items.open, plan.image_size, plan.channels, skip_unreadable=True)
-    if decoded.skipped and not skip_unreadable:
-        raise DataError(
-            f"cannot use the images in {plan.source!r}: {len(decoded.skipped)} unreadable file(s): "
-            f"{name_some(decoded.skipped)}; fix or remove them, or pass --skip-unreadable (the {index} shard(s) "
-            f"before are kept: the same command resumes after them)"
-        )
-    labels = None if plan.labels is None else np.array([plan.labels[name] for name in decoded.names], np.int64)
-    info = {"conversions": decoded.conversions, "exif_rotated": decoded.rotated, "skipped": decoded.skipped}
-    return decoded.images, labels, info
+    return ShardDecoder(plan, items, skip_unreadable)(index)
+
+
+# A decoded shard, or a part of one: images (n, S, S, C), labels (n,) or None, what decoding did (JSON).
+Decoded = tuple[np.ndarray, np.ndarray | None, dict]
+# Part of a shard: (shard index, first input, end) as positions in `plan.shard_inputs(index)`.
+Part = tuple[int, int, int]
+PART_MB = 16  # the decoded bytes of one part, so a part's images travel between processes in one piece
+PART_IMAGES = 1024  # and at most this many images, so a shard of small images is still many parts
+
+
+@dataclass(frozen=True)
+class ShardDecoder:
+    """Decodes the shards of a plan, whole (`decoder(index)`) or in parts that any process may decode
+    (`parts`, `decode_part`) and this one joins (`join`): the same images and counts either way, since
+    every image is decoded alone at the plan's channel count. Picklable when `items.open` is."""
+
+    plan: PreparePlan
+    items: EncodedItems
+    skip_unreadable: bool
+
+    def __call__(self, index: int) -> Decoded:
+        return self.join(index, [self.decode_part((index, 0, len(self.plan.shard_inputs(index))))])
+
+    def parts(self, index: int) -> list[Part]:
+        """Shard `index` cut into parts of at most PART_MB decoded MiB and PART_IMAGES images."""
+        image_bytes = self.plan.image_size * self.plan.image_size * self.plan.channels
+        size = max(1, min(PART_IMAGES, (PART_MB << 20) // image_bytes))
+        count = len(self.plan.shard_inputs(index))
+        return [(index, start, min(start + size, count)) for start in range(0, count, size)]
+
+    def decode_part(self, part: Part) -> Decoded:
+        index, start, stop = part
+        inputs = self.plan.shard_inputs(index)[start:stop]
+        decoded = decode_items(inputs, self.items.open, self.plan.image_size, self.plan.channels, skip_unreadable=True)
+        labels = None if self.plan.labels is None else np.array([self.plan.labels[n] for n in decoded.names], np.int64)
+        info = {"conversions": decoded.conversions, "exif_rotated": decoded.rotated, "skipped": decoded.skipped}
+        return decoded.images, labels, info
+
+    def join(self, index: int, parts: list[Decoded]) -> Decoded:
+        """Shard `index` from its parts in order; unreadable pixels refuse it unless skip_unreadable."""
+        conversions, skipped = Counter(), {}
+        for _, _, info in parts:
+            conversions.update(info["conversions"])
+            skipped.update(info["skipped"])
+        if skipped and not self.skip_unreadable:
+            raise DataError(
+                f"cannot use the images in {self.plan.source!r}: {len(skipped)} unreadable file(s): "
+                f"{name_some(skipped)}; fix or remove them, or pass --skip-unreadable (the {index} shard(s) "
+                f"before are kept: the same command resumes after them)"
+            )
+        images = np.concatenate([images for images, _, _ in parts])
+        labels = None if self.plan.labels is None else np.concatenate([labels for _, labels, _ in parts])
+        info = {"conversions": dict(sorted(conversions.items())), "skipped": dict(sorted(skipped.items())),
+                "exif_rotated": sum(info["exif_rotated"] for _, _, info in parts)}
+        return images, labels, info
 
 
 def manifest_info(plan: PreparePlan, infos: list[dict]) -> dict:
@@ -152,11 +200,14 @@ def manifest_info(plan: PreparePlan, infos: list[dict]) -> dict:
 
 
 def prepare_images(src: str, dst: str, image_size: int, channels: int | None = None, skip_unreadable: bool = False,
-                   shard_mb: float | None = None, progress: Progress | None = None) -> dict:
+                   shard_mb: float | None = None, progress: Progress | None = None,
+                   decode_shards: ShardRunner | None = None) -> dict:
     """Pack `src` into the sharded pack `dst` (see the module docstring); returns the manifest.
 
     `shard_mb` bounds a shard's bytes (default `DEFAULT_SHARD_MB`); `progress` receives a line after each
-    shard (done, rate, ETA) and one when a restart skips shards."""
+    shard (done, rate, ETA) and one when a restart skips shards. `decode_shards` decodes the shards of
+    encoded images still to do (default: here, one after the other; orchestrator.prepare passes Ray
+    Data's); this process writes them, the progress file and the manifest either way."""
     shard_mb = DEFAULT_SHARD_MB if shard_mb is None else shard_mb
     check_image_size(image_size, src)
     if channels not in (None, 1, 3):
@@ -170,7 +221,8 @@ def prepare_images(src: str, dst: str, image_size: int, channels: int | None = N
         items = encoded_items(src, local)
         if items is not None:
             plan = plan_items(src, items, image_size, channels, skip_unreadable, shard_mb)
-            return _write_pack(dst, plan, lambda k: decode_shard(plan, items, k, skip_unreadable), report)
+            return _write_pack(dst, plan, ShardDecoder(plan, items, skip_unreadable), report,
+                               decode_shards=decode_shards)
         return _prepare_arrays(src, open_local(src, local, image_size), dst, channels, shard_mb, report)
 
 
@@ -193,17 +245,20 @@ def _prepare_arrays(src: str, opened: ImageSource, dst: str, channels: int | Non
     return _write_pack(dst, plan, shard, report, {"source": src})
 
 
-def _write_pack(dst: str, plan: PreparePlan, shard: Callable[[int], tuple[np.ndarray, np.ndarray | None, dict]],
-                report: Progress, info: dict | None = None) -> dict:
+def decode_in_order(todo: list[int], shard: Callable[[int], Decoded]) -> Iterator[tuple[int, Decoded]]:
+    """The default `ShardRunner`: each shard decoded here, in order."""
+    return ((index, shard(index)) for index in todo)
+
+
+def _write_pack(dst: str, plan: PreparePlan, shard: Callable[[int], Decoded], report: Progress,
+                info: dict | None = None, decode_shards: ShardRunner | None = None) -> dict:
     done = read_progress(dst, plan.key)
     if done:
         report(f"resuming: {len(done)} of {plan.shards} shard(s) already written and intact")
     begin_pack(dst)
     started, inputs_done = time.monotonic(), 0
-    for index in range(plan.shards):
-        if index in done:
-            continue
-        images, labels, shard_info = shard(index)
+    todo = [index for index in range(plan.shards) if index not in done]
+    for index, (images, labels, shard_info) in (decode_shards or decode_in_order)(todo, shard):
         done[index] = (write_shard(dst, index, images, labels), shard_info)
         record_progress(dst, plan.key, done)
         inputs_done += len(plan.shard_inputs(index))
