@@ -132,7 +132,7 @@ def main() -> None:
         single = prepare(folder, scratch / "single", ray=False, ray_cpus=args.ray_cpus)
         cold = prepare(folder, scratch / "cold", ray=True, ray_cpus=args.ray_cpus)
         warm = prepare_on_started_ray(folder, scratch / "warm", args.ray_cpus)
-        identical = same_files(scratch / "single", scratch / "cold") and same_files(scratch / "single", scratch / "warm")
+        identical = all(same_files(scratch / "single", scratch / name) for name in ("cold", "warm"))
         rates = {name: args.images / seconds for name, seconds in (("single", single), ("cold", cold), ("warm", warm))}
         print(f"machine: {machine()}")
         print(f"one process: {single:.1f} s; Ray Data on {args.ray_cpus} CPUs: {cold:.1f} s with its start, "

@@ -151,10 +151,9 @@ def check_nodes_see(paths: Sequence[str], timeout_s: float = CHECK_TIMEOUT_S) ->
     nodes = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()
              if node["Alive"] and node["Resources"].get("CPU", 0) > 0}
     probe = ray.remote(num_cpus=0)(_missing_here)
-    pending = {
-        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(list(paths)): node_id
-        for node_id in nodes
-    }
+    pinned = {node_id: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+              for node_id in nodes}
+    pending = {task.remote(list(paths)): node_id for node_id, task in pinned.items()}
     ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
     blind = {pending[ref]: ray.get(ref) for ref in ready}
     blind = {node_id: missing for node_id, missing in blind.items() if missing}
@@ -162,7 +161,8 @@ def check_nodes_see(paths: Sequence[str], timeout_s: float = CHECK_TIMEOUT_S) ->
     for ref in late:
         ray.cancel(ref, force=True)
     if blind:
-        named = "; ".join(f"{nodes[node_id]} ({node_id[:8]}): {', '.join(missing[:2])}" for node_id, missing in blind.items())
+        named = "; ".join(f"{nodes[node_id]} ({node_id[:8]}): {', '.join(missing[:2])}"
+                          for node_id, missing in blind.items())
         raise NotShared(
             f"{len(blind)} of the cluster's {len(nodes)} nodes do not see the local files this command reads "
             f"({named}); put the source where every node reads it: a filesystem every node mounts at the same "

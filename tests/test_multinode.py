@@ -95,7 +95,8 @@ def test_local_storage_on_a_multi_node_cluster_is_refused(ray_cluster, tmp_path)
 
 
 @pytest.mark.slow
-def test_prepare_data_on_ray_data_across_both_workers_equals_one_process_byte_for_byte(ray_cluster, s3_bucket, tmp_path):
+def test_prepare_data_on_ray_data_across_both_workers_equals_one_process_byte_for_byte(ray_cluster, s3_bucket,
+                                                                                      tmp_path):
     """A mixed-mode folder in class folders (RGB, grayscale, 16-bit, palette, RGBA, CMYK, EXIF-turned,
     one unreadable file skipped) packed in one process to a local folder, and on Ray Data across the
     two workers to S3: the same files, byte for byte, and the shards decoded on both workers."""
@@ -118,6 +119,40 @@ def test_prepare_data_on_ray_data_across_both_workers_equals_one_process_byte_fo
     assert {name for name in local if local[name] != remote[name]} == set()
     manifest = json.loads(local["manifest.json"])
     assert manifest["count"] == 35 and list(manifest["skipped"]) == ["class_1/0003.png"]
+
+
+@pytest.mark.slow
+def test_a_prepare_data_killed_on_the_cluster_resumes_in_one_process_byte_identical(ray_cluster, tmp_path):
+    """One resume mechanism for both paths: a preparation decoding on the cluster, its driver SIGKILLed
+    after the first shard it recorded, is finished by the single-process command, which keeps the
+    shards already written (same inode and mtime) and gives the uninterrupted pack byte for byte."""
+    src = tmp_path / "src"
+    mixed_collection(src, per_class=140, classes=3)  # 420 images: 20 shards of 21
+    options = ["--image-size", "8", "--shard-mb", str(21 * 8 * 8 * 3 / (1 << 20))]
+    reference = ditsweep("prepare-data", str(src), str(tmp_path / "reference"), *options, "--no-ray", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "pack"
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "prepare-data", str(src), str(out), *options,
+                               "--address", ray_cluster.address], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for("the first shard recorded", lambda: (out / "progress.json").exists(), 240, driver)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and anything it started; the cluster stays
+        driver.communicate(timeout=60)
+    assert not (out / "manifest.json").exists(), "the preparation finished before it could be killed"
+    recorded = json.loads((out / "progress.json").read_text())["shards"]
+    finished = {e["shard"]["name"]: (out / e["shard"]["name"]).stat() for e in recorded.values()}
+    assert 1 <= len(finished) < 20
+
+    resumed = ditsweep("prepare-data", str(src), str(out), *options, "--no-ray", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {len(recorded)} of 20 shard(s) already written" in resumed.stderr
+    files = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert files == {path.name: path.read_bytes() for path in (tmp_path / "reference").iterdir()}
+    for name, before in finished.items():
+        after = (out / name).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), f"{name} was rewritten"
 
 
 def _trial_runs(client: MlflowClient, experiment: str) -> list:
