@@ -11,12 +11,18 @@ it whichever way the shards are decoded; this module only picks where the decodi
   and its workers costs 10-20 s, more than a second core saves on fewer images at ~800 images/s);
 - ``--ray`` / ``--no-ray`` force either way.
 
+Workers read the source's files themselves, by the paths this machine uses: on a cluster a local
+source must be on a filesystem every node mounts at the same path (checked before anything is
+decoded, exit 2 otherwise). A remote source (``s3://``) is downloaded to this machine first by
+`trainer.prepare`, so it works on this machine's cores but not across a cluster's machines.
+
 Nothing in this module imports Ray; prepare_ray is imported only when Ray is used.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -56,6 +62,14 @@ class ShardPlacement:
         images = sum(len(decoder.plan.shard_inputs(index)) for index in todo)
         if not todo or not use_ray(images, self.address, self.ray):
             return decode_in_order(todo, decoder)
+        from orchestrator.prepare_ray import travels
+
+        if not travels(decoder):  # e.g. a reader holding an open database handle
+            message = f"the reader of {decoder.plan.source!r} cannot be sent to Ray workers"
+            if self.address:
+                raise DataError(f"{message}; run prepare-data without --address on the machine that holds it")
+            print(f"{message}: decoding in this process", file=sys.stderr, flush=True)
+            return decode_in_order(todo, decoder)
         return self._on_ray(todo, decoder)
 
     def _on_ray(self, todo: list[int], decoder: ShardDecoder) -> Iterator[tuple[int, Decoded]]:
@@ -64,7 +78,8 @@ class ShardPlacement:
         parts = [part for index in todo for part in decoder.parts(index)]
         decoded = run_tasks(parts, decoder.decode_part, self.address, num_cpus=self.ray_cpus,
                             stall_timeout_s=self.stall_timeout_s, expected=(DataError,),
-                            local_paths=_local_inputs(decoder), nodes=self.nodes, stalled=PrepareStalled)
+                            local_paths=_local_inputs(decoder), local_advice=_where_to_put(decoder.plan.source),
+                            nodes=self.nodes, stalled=PrepareStalled)
         for index, shard_parts in _by_shard(parts, decoded):
             self.shards += 1
             yield index, decoder.join(index, shard_parts)
@@ -92,6 +107,16 @@ def _local_inputs(decoder: ShardDecoder) -> list[str]:
     names = decoder.plan.names
     opened = [decoder.items.open(name) for name in (names[0], names[-1])]
     return [os.path.abspath(path) for path in opened if isinstance(path, str)]
+
+
+def _where_to_put(source: str) -> str:
+    """The end of the refusal when some node does not see the source's files."""
+    if "://" in source and not source.startswith("file://"):
+        return (f"{source} was downloaded to this machine first (a remote source is read through the machine "
+                f"that runs prepare-data): run it without --address on one large machine, or copy the files to "
+                f"a filesystem every node mounts and give that path")
+    return ("put the source on a filesystem every node mounts at the same path, or run prepare-data without "
+            "--address on the machine that holds it")
 
 
 def prepare_pack(src: str, dst: str, image_size: int = 32, channels: int | None = None,

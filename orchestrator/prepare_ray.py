@@ -49,6 +49,7 @@ def run_tasks(
     stall_timeout_s: float = STALL_TIMEOUT_S,
     expected: tuple[type[BaseException], ...] = (),
     local_paths: Sequence[str] = (),
+    local_advice: str = "",
     nodes: set[str] | None = None,
     stalled: Callable[[str], BaseException] = TimeoutError,
 ) -> Iterator[Any]:
@@ -58,7 +59,7 @@ def run_tasks(
     None: an in-process Ray on this machine with `num_cpus` CPUs (default all). A task's exception
     of the `expected` types is raised here as itself (e.g. trainer.data.DataError naming the unreadable
     files), not as Ray's wrapper; the first one stops the run. `local_paths`: files every node must
-    see when `address` names a cluster (see `check_nodes_see`). `nodes`, when given, collects the ids
+    see when `address` names a cluster (see `check_nodes_see`; `local_advice` ends its refusal). `nodes`, when given, collects the ids
     of the nodes that ran a task. No task done for `stall_timeout_s`: `stalled(message)` is raised.
     """
     if not tasks:
@@ -67,7 +68,7 @@ def run_tasks(
     _start(address, num_cpus)
     try:
         if address is not None and local_paths:
-            check_nodes_see(local_paths)
+            check_nodes_see(local_paths, local_advice)
         for result, node in _stream(_dataset(tasks, work, expected), stall_timeout_s, stalled):
             if nodes is not None:
                 nodes.add(node)
@@ -144,10 +145,19 @@ def _stall_message(stall_timeout_s: float) -> str:
     )
 
 
-def check_nodes_see(paths: Sequence[str], timeout_s: float = CHECK_TIMEOUT_S) -> None:
-    """Refuse (NotShared) unless every alive node with CPUs sees every path in `paths` (local paths
-    this process sees). One task per node, pinned to it; a node that does not answer within
-    `timeout_s` counts as not seeing them."""
+def travels(value: Any) -> bool:
+    """Whether `value` can be sent to Ray workers (Ray pickles functions and their data with cloudpickle)."""
+    try:
+        ray.cloudpickle.dumps(value)
+    except Exception:  # noqa: BLE001 - pickling raises TypeError, PicklingError and the object's own errors
+        return False
+    return True
+
+
+def check_nodes_see(paths: Sequence[str], advice: str = "", timeout_s: float = CHECK_TIMEOUT_S) -> None:
+    """Refuse (NotShared, ending with `advice`) unless every alive node with CPUs sees every path in
+    `paths` (local paths this process sees). One task per node, pinned to it; a node that does not
+    answer within `timeout_s` counts as not seeing them."""
     nodes = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()
              if node["Alive"] and node["Resources"].get("CPU", 0) > 0}
     probe = ray.remote(num_cpus=0)(_missing_here)
@@ -165,8 +175,7 @@ def check_nodes_see(paths: Sequence[str], timeout_s: float = CHECK_TIMEOUT_S) ->
                           for node_id, missing in blind.items())
         raise NotShared(
             f"{len(blind)} of the cluster's {len(nodes)} nodes do not see the local files this command reads "
-            f"({named}); put the source where every node reads it: a filesystem every node mounts at the same "
-            f"path, or run prepare-data without --address on the machine that holds it"
+            f"({named}); " + (advice or "put them where every node reads them at the same path")
         )
 
 

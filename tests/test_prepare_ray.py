@@ -5,11 +5,16 @@ is in tests/test_multinode.py, which shares that module's cluster."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
-from orchestrator.prepare import LOCAL_RAY_MIN_IMAGES, use_ray
+from orchestrator.prepare import LOCAL_RAY_MIN_IMAGES, ShardPlacement, use_ray
+from tests.support.images import mixed_folder
+from trainer.archives import EncodedItems
+from trainer.prepare import ShardDecoder, plan_items
+from trainer.storage import DataError
 
 
 @pytest.mark.parametrize(
@@ -25,6 +30,22 @@ from orchestrator.prepare import LOCAL_RAY_MIN_IMAGES, use_ray
 )
 def test_ray_is_used_for_a_cluster_or_a_large_source_on_several_cores(images, address, ray, cores, expected):
     assert use_ray(images, address, ray, cores) is expected
+
+
+def test_a_reader_that_cannot_travel_to_ray_workers_decodes_here_or_is_refused_on_a_cluster(tmp_path, capsys):
+    """A source whose reader holds something that does not pickle (an open database handle, here a
+    lock) is decoded in this process, saying so, instead of failing inside Ray; with --address
+    (no other machine could read it) it is refused naming the way out."""
+    mixed_folder(tmp_path)
+    handle = threading.Lock()
+    names = sorted(path.name for path in tmp_path.iterdir())
+    items = EncodedItems(names, lambda name: (handle, str(tmp_path / name))[1], "fingerprint")
+    decoder = ShardDecoder(plan_items("src", items, 8, None, False, 1.0), items, False)
+    [(index, (images, _, info))] = list(ShardPlacement(ray=True)([0], decoder))
+    assert "the reader of 'src' cannot be sent to Ray workers: decoding in this process" in capsys.readouterr().err
+    assert index == 0 and images.shape == (6, 8, 8, 3) and info["conversions"]["CMYK->RGB"] == 1
+    with pytest.raises(DataError, match="cannot be sent to Ray workers; run prepare-data without --address"):
+        ShardPlacement(address="127.0.0.1:1")([0], decoder)
 
 
 @pytest.mark.slow
