@@ -298,8 +298,8 @@ def prepare_data(
     ray: Annotated[
         Optional[bool],
         typer.Option("--ray/--no-ray", help="Decode on Ray Data, or in this process. Default: Ray with --address, else "
-                     "an in-process Ray on every core when 20,000 or more images are to be decoded and there is "
-                     "more than one core."),
+                     "an in-process Ray on every core when 20,000 or more images are to be decoded on a machine "
+                     "of 4 or more cores."),
     ] = None,
     stall_timeout: Annotated[
         float,

@@ -7,8 +7,10 @@ it whichever way the shards are decoded; this module only picks where the decodi
 - ``--address ADDR``: on the Ray cluster at ADDR, through Ray Data (orchestrator.prepare_ray), each
   shard cut into parts of at most 1,024 images that any node's CPU decodes;
 - otherwise in this process, unless the images still to decode number at least `LOCAL_RAY_MIN_IMAGES`
-  and this machine has more than one core: then on an in-process Ray using every core (starting Ray
-  and its workers costs 10-20 s, more than a second core saves on fewer images at ~800 images/s);
+  and this machine has at least `LOCAL_RAY_MIN_CORES` cores: then on an in-process Ray using every
+  core. On 2 loaded cores (benchmarks/RESULTS.md section 10) starting Ray and its workers cost 28 s
+  and one process decodes ~860 JPEGs/s, so Ray did not pay on 2 cores; on 4 quiet cores at 80% of
+  linear and a start of ~15 s it would from about 20,000 images (an estimate from those numbers);
 - ``--ray`` / ``--no-ray`` force either way.
 
 Workers read the source's files themselves, by the paths this machine uses: on a cluster a local
@@ -23,13 +25,16 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from trainer.builtins import builtin_name
 from trainer.prepare import Decoded, Part, ShardDecoder, decode_in_order, prepare_images, print_progress
 from trainer.storage import DataError
 
 LOCAL_RAY_MIN_IMAGES = 20_000
+LOCAL_RAY_MIN_CORES = 4
 STALL_TIMEOUT_S = 600.0  # no part decoded for this long: the run stops (resumable); --stall-timeout
 
 
@@ -43,7 +48,7 @@ def use_ray(images: int, address: str | None, ray: bool | None, cores: int | Non
         return ray
     if address:
         return True
-    return images >= LOCAL_RAY_MIN_IMAGES and (cores or os.cpu_count() or 1) > 1
+    return images >= LOCAL_RAY_MIN_IMAGES and (cores or os.cpu_count() or 1) >= LOCAL_RAY_MIN_CORES
 
 
 @dataclass
@@ -77,12 +82,27 @@ class ShardPlacement:
 
         parts = [part for index in todo for part in decoder.parts(index)]
         decoded = run_tasks(parts, decoder.decode_part, self.address, num_cpus=self.ray_cpus,
-                            stall_timeout_s=self.stall_timeout_s, expected=(DataError,),
-                            local_paths=_local_inputs(decoder), local_advice=_where_to_put(decoder.plan.source),
-                            nodes=self.nodes, stalled=PrepareStalled)
+                            stall_timeout_s=self.stall_timeout_s, expected=(DataError,), nodes=self.nodes,
+                            stalled=PrepareStalled)
         for index, shard_parts in _by_shard(parts, decoded):
             self.shards += 1
             yield index, decoder.join(index, shard_parts)
+
+    def join(self, src: str) -> None:
+        """With an --address: join the cluster (bounded) and check that every node sees the files its
+        workers will read by this machine's paths (the source, or for a remote source the temporary
+        folder it is downloaded to), before anything is read or written."""
+        if not self.address:
+            return
+        from orchestrator.prepare_ray import join_cluster
+
+        if builtin_name(src) is not None:  # arrays in memory: nothing for the nodes to read
+            join_cluster(self.address, [], "")
+        elif _is_remote(src):
+            with tempfile.TemporaryDirectory(prefix="ditsweep-prepare-") as scratch:
+                join_cluster(self.address, [scratch], _where_to_put(src))
+        else:
+            join_cluster(self.address, [os.path.abspath(src)], _where_to_put(src))
 
     def summary(self) -> str:
         """'on Ray Data: 4 shard(s) decoded on 2 node(s)', or '' when nothing ran on Ray."""
@@ -102,16 +122,9 @@ def _by_shard(parts: list[Part], decoded: Iterable[Decoded]) -> Iterator[tuple[i
         yield current, joined
 
 
-def _local_inputs(decoder: ShardDecoder) -> list[str]:
-    """The first and last input, when the source's items are local files (what every node must see)."""
-    names = decoder.plan.names
-    opened = [decoder.items.open(name) for name in (names[0], names[-1])]
-    return [os.path.abspath(path) for path in opened if isinstance(path, str)]
-
-
 def _where_to_put(source: str) -> str:
     """The end of the refusal when some node does not see the source's files."""
-    if "://" in source and not source.startswith("file://"):
+    if _is_remote(source):
         return (f"{source} was downloaded to this machine first (a remote source is read through the machine "
                 f"that runs prepare-data): run it without --address on one large machine, or copy the files to "
                 f"a filesystem every node mounts and give that path")
@@ -119,10 +132,17 @@ def _where_to_put(source: str) -> str:
             "--address on the machine that holds it")
 
 
+def _is_remote(source: str) -> bool:
+    return "://" in source and not source.startswith("file://")
+
+
 def prepare_pack(src: str, dst: str, image_size: int = 32, channels: int | None = None,
                  skip_unreadable: bool = False, shard_mb: float | None = None,
                  placement: ShardPlacement | None = None, quiet: bool = False) -> dict:
     """`ditsweep prepare-data`: pack `src` into `dst` with the shards decoded where `placement` says
-    (default: see the module docstring); returns the manifest."""
+    (default: see the module docstring); returns the manifest. A cluster (`placement.address`) is
+    joined and checked first, so one that does not answer, or cannot see the source, changes nothing."""
+    placement = placement or ShardPlacement()
+    placement.join(src)
     return prepare_images(src, dst, image_size, channels, skip_unreadable, shard_mb,
-                          None if quiet else print_progress, placement or ShardPlacement())
+                          None if quiet else print_progress, placement)

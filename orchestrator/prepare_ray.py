@@ -48,8 +48,6 @@ def run_tasks(
     num_cpus: int | None = None,
     stall_timeout_s: float = STALL_TIMEOUT_S,
     expected: tuple[type[BaseException], ...] = (),
-    local_paths: Sequence[str] = (),
-    local_advice: str = "",
     nodes: set[str] | None = None,
     stalled: Callable[[str], BaseException] = TimeoutError,
 ) -> Iterator[Any]:
@@ -58,8 +56,7 @@ def run_tasks(
     `address`: join that cluster (bounded: orchestrator.sweep.connect raises ClusterUnreachable);
     None: an in-process Ray on this machine with `num_cpus` CPUs (default all). A task's exception
     of the `expected` types is raised here as itself (e.g. trainer.data.DataError naming the unreadable
-    files), not as Ray's wrapper; the first one stops the run. `local_paths`: files every node must
-    see when `address` names a cluster (see `check_nodes_see`; `local_advice` ends its refusal). `nodes`, when given, collects the ids
+    files), not as Ray's wrapper; the first one stops the run. `nodes`, when given, collects the ids
     of the nodes that ran a task. No task done for `stall_timeout_s`: `stalled(message)` is raised.
     """
     if not tasks:
@@ -67,8 +64,6 @@ def run_tasks(
     started_here = not ray.is_initialized()
     _start(address, num_cpus)
     try:
-        if address is not None and local_paths:
-            check_nodes_see(local_paths, local_advice)
         for result, node in _stream(_dataset(tasks, work, expected), stall_timeout_s, stalled):
             if nodes is not None:
                 nodes.add(node)
@@ -76,6 +71,14 @@ def run_tasks(
     finally:
         if started_here:
             ray.shutdown()  # also cancels the tasks still running (Ctrl-C, a stall, an error)
+
+
+def join_cluster(address: str, local_paths: Sequence[str], advice: str) -> None:
+    """Join the cluster at `address` (bounded: ClusterUnreachable) and check that every node sees
+    `local_paths` (NotShared, ending with `advice`): before anything is read or written."""
+    _start(address, None)
+    if local_paths:
+        check_nodes_see(local_paths, advice)
 
 
 def _start(address: str | None, num_cpus: int | None) -> None:

@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from orchestrator.prepare import LOCAL_RAY_MIN_IMAGES, ShardPlacement, use_ray
+from orchestrator.prepare import LOCAL_RAY_MIN_CORES, LOCAL_RAY_MIN_IMAGES, ShardPlacement, use_ray
 from tests.support.images import mixed_folder
+from tests.support.sweeps import ditsweep, free_port
 from trainer.archives import EncodedItems
 from trainer.prepare import ShardDecoder, plan_items
 from trainer.storage import DataError
@@ -23,6 +24,7 @@ from trainer.storage import DataError
         (LOCAL_RAY_MIN_IMAGES - 1, None, None, 8, False),  # small: Ray's start would cost more than it saves
         (LOCAL_RAY_MIN_IMAGES, None, None, 8, True),  # large, several cores: Ray in-process
         (LOCAL_RAY_MIN_IMAGES * 10, None, None, 1, False),  # one core: nothing to spread over
+        (LOCAL_RAY_MIN_IMAGES * 10, None, None, LOCAL_RAY_MIN_CORES - 1, False),  # too few to pay for Ray's start
         (10, "10.0.0.1:6379", None, 1, True),  # a cluster was asked for
         (LOCAL_RAY_MIN_IMAGES * 10, None, False, 8, False),  # --no-ray wins
         (10, None, True, 1, True),  # --ray wins
@@ -46,6 +48,27 @@ def test_a_reader_that_cannot_travel_to_ray_workers_decodes_here_or_is_refused_o
     assert index == 0 and images.shape == (6, 8, 8, 3) and info["conversions"]["CMYK->RGB"] == 1
     with pytest.raises(DataError, match="cannot be sent to Ray workers; run prepare-data without --address"):
         ShardPlacement(address="127.0.0.1:1")([0], decoder)
+
+
+@pytest.mark.slow  # two CLI processes, one of them importing Ray: ~13 s on 2 loaded cores
+def test_an_unreachable_cluster_is_refused_in_seconds_leaving_an_existing_pack_as_it_was(tmp_path):
+    """Exit 2 with one line naming the address, within the connect bound, before the source is read or
+    the output touched: the complete pack already at the output keeps its manifest and files."""
+    mixed_folder(tmp_path / "src")
+    first = ditsweep("prepare-data", str(tmp_path / "src"), str(tmp_path / "pack"), "--image-size", "8", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = {path.name: path.read_bytes() for path in (tmp_path / "pack").iterdir()}
+    address = f"127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    result = ditsweep("prepare-data", str(tmp_path / "src"), str(tmp_path / "pack"), "--image-size", "8",
+                      "--address", address, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and time.monotonic() - start < 60, result.stderr
+    assert f"--address '{address}': no Ray cluster answers" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert {path.name: path.read_bytes() for path in (tmp_path / "pack").iterdir()} == before
+    both = ditsweep("prepare-data", str(tmp_path / "src"), str(tmp_path / "other"), "--address", address, "--no-ray",
+                    cwd=tmp_path)
+    assert both.returncode == 2 and "give one of them" in both.stderr and not (tmp_path / "other").exists()
 
 
 @pytest.mark.slow
