@@ -136,8 +136,8 @@ def read_labels(source: str, path: str) -> np.ndarray | None:
         if os.path.exists(os.path.join(path, MANIFEST_NAME)):
             return open_local(source, path, 1).labels()
         items = archives.folder_items(source, path)
-        if items is not None:
-            return None  # Parquet and LMDB sources carry no labels here
+        if items is not None:  # a Parquet label column (LMDB has none)
+            return None if items.labels is None else np.array([items.labels[n] for n in items.names], np.int64)
         found = class_folders(image_names(path))  # class_name/file: ImageNet's layout
         return None if found is None else found[1]
     if Path(path).suffix.lower() != ".npz":
