@@ -22,6 +22,7 @@ import torch
 
 from trainer import data as datalib
 from trainer.builtins import held_out_region
+from trainer.storage import atomic_file
 from trainer.subsets import pool_sample, split_subsets
 from trainer.config import TrialConfig
 from trainer import memorization, sampling
@@ -241,20 +242,8 @@ def describe_device(device: torch.device) -> dict[str, str]:
 
 def save_checkpoint(directory: Path, state: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        current = directory / CHECKPOINT_FILE
-        if current.exists():
-            os.replace(current, directory / PREVIOUS_CHECKPOINT_FILE)
-        os.replace(tmp, current)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(directory / CHECKPOINT_FILE, durable=True, previous=directory / PREVIOUS_CHECKPOINT_FILE) as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(directory: Path) -> dict | None:
