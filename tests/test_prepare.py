@@ -22,7 +22,7 @@ from trainer.data import DataError, load_images, load_labels
 from trainer.packs import MANIFEST_NAME, PROGRESS_NAME
 from trainer.prepare import prepare_images
 from trainer.subsets import split_subsets
-from trainer.train import PoolCache, load_subsets
+from trainer.pool import PoolCache, load_subsets
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_SHARD_MB = 21 * 8 * 8 * 3 / (1 << 20)  # 21 images of 8x8 RGB a shard
@@ -122,7 +122,7 @@ def test_a_trial_reads_only_the_shards_of_its_subset_and_held_out_set(tmp_path, 
             (tmp_path / "pack" / shard["name"]).unlink()
 
     cache = PoolCache()
-    monkeypatch.setattr("trainer.train.POOLS", cache)
+    monkeypatch.setattr("trainer.pool.POOLS", cache)
     subsets = load_subsets(config, torch.device("cpu"))
     assert sorted(cache.get(config).images.opened) == sorted(needed)
     np.testing.assert_array_equal(subsets.train.permute(0, 2, 3, 1).numpy(), images[train_idx])

@@ -63,6 +63,11 @@ class ImageSource:
     def has_labels(self) -> bool:
         return self.images.has_labels if isinstance(self.images, Pack) else self.all_labels is not None
 
+    def check_label_count(self) -> None:
+        """Refuse labels that do not pair one to one with the images (a pack's always do)."""
+        if self.all_labels is not None and len(self.all_labels) != self.count:
+            raise DataError(f"data source {self.name!r} has {self.count} images but {len(self.all_labels)} labels")
+
     def read_all(self) -> np.ndarray:
         return self.gather(np.arange(self.count))
 
@@ -72,9 +77,8 @@ class ImageSource:
             labels = self.images.labels(indices)
         elif self.all_labels is None:
             return None
-        elif len(self.all_labels) != self.count:
-            raise DataError(f"data source {self.name!r} has {self.count} images but {len(self.all_labels)} labels")
         else:
+            self.check_label_count()
             labels = self.all_labels if indices is None else self.all_labels[np.asarray(indices, dtype=np.int64)]
         return None if labels is None else checked_labels(labels, self.name)
 
