@@ -127,3 +127,34 @@ def test_a_trial_reads_only_the_shards_of_its_subset_and_held_out_set(tmp_path, 
     assert sorted(cache.get(config).images.opened) == sorted(needed)
     np.testing.assert_array_equal(subsets.train.permute(0, 2, 3, 1).numpy(), images[train_idx])
     np.testing.assert_array_equal(subsets.test.permute(0, 2, 3, 1).numpy(), images[test_idx])
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_preparation_from_s3_interrupted_after_a_shard_resumes_there(tmp_path, s3_bucket):
+    """A remote source is downloaded again on restart, but its objects (names, sizes, ETags) are what
+    the progress file's plan names, so the shards already written are kept."""
+    import s3fs
+
+    src = noise_folder(tmp_path / "src", 50)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    for path in sorted(src.iterdir()):
+        fs.put_file(str(path), f"{s3_bucket}/raw/{path.name}")
+    uri, out = f"s3://{s3_bucket}/raw", tmp_path / "pack"
+
+    def stop_after_first(line: str) -> None:
+        raise Interrupted(line)
+
+    with pytest.raises(Interrupted, match="shard 1/3 written"):
+        prepare_images(uri, str(out), 8, shard_mb=PER_SHARD_MB, progress=stop_after_first)
+    assert not (out / MANIFEST_NAME).exists()
+    first = (out / "shard-00000.npy").stat()
+    lines = []
+    prepare_images(uri, str(out), 8, shard_mb=PER_SHARD_MB, progress=lines.append)
+    assert lines[0] == "resuming: 1 of 3 shard(s) already written and intact"
+    assert (out / "shard-00000.npy").stat().st_ino == first.st_ino
+    prepare_images(str(src), str(tmp_path / "local"), 8, shard_mb=PER_SHARD_MB)
+    assert {n: b for n, b in folder_files(out).items() if n != MANIFEST_NAME} == {
+        n: b for n, b in folder_files(tmp_path / "local").items() if n != MANIFEST_NAME}
