@@ -69,6 +69,8 @@ def test_an_undecodable_file_found_in_a_later_shard_stops_without_a_manifest_and
     with pytest.raises(DataError, match=r"0025\.png.*the same command resumes"):
         prepare_images(str(src), str(tmp_path / "pack"), 8, shard_mb=PER_SHARD_MB)
     assert sorted(p.name for p in (tmp_path / "pack").iterdir()) == [PROGRESS_NAME, "shard-00000.npy"]
+    with pytest.raises(DataError, match="no manifest.json: its preparation did not finish"):
+        load_images(str(tmp_path / "pack"), 8)  # no trial reads incomplete data
     manifest = prepare_images(str(src), str(tmp_path / "pack"), 8, shard_mb=PER_SHARD_MB, skip_unreadable=True)
     assert manifest["count"] == 29 and list(manifest["skipped"]) == ["0025.png"]
 

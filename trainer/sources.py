@@ -28,7 +28,7 @@ from PIL import Image
 from trainer import archives
 from trainer.builtins import builtin_images, builtin_labels, builtin_name, builtin_names, builtin_shape
 from trainer.decode import DecodedFolder, UnreadableImage, class_folders, decode_folder, to_channels
-from trainer.packs import MANIFEST_NAME, Pack, open_pack
+from trainer.packs import MANIFEST_NAME, Pack, check_not_incomplete, open_pack
 from trainer.storage import DataError, cache_entry, filesystem, is_local
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -105,6 +105,7 @@ def open_local(source: str, path: str, image_size: int, fetch: Callable[[str, st
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, MANIFEST_NAME)):
             return ImageSource(source, image_size, open_pack(path, source, fetch))
+        check_not_incomplete(path, source)
         decoded = _decoded(source, path, image_size)
         return ImageSource(source, image_size, decoded.images, decoded.labels)
     suffix = Path(path).suffix.lower()
@@ -248,6 +249,7 @@ def encoded_items(source: str, path: str) -> archives.EncodedItems | None:
     sources that are already arrays (a pack, .npy, .npz)."""
     if not os.path.isdir(path) or os.path.exists(os.path.join(path, MANIFEST_NAME)):
         return None
+    check_not_incomplete(path, source)
     items = archives.folder_items(source, path)
     if items is not None:
         return items
