@@ -14,6 +14,10 @@ TF's graph differs from torchvision's Inception3 in ways that change FID, and we
 The network is inference-only: batch norm uses the stored running statistics and nothing in it
 trains, so its batch norm keeps no `num_batches_tracked` counter (one in a file is accepted and
 ignored).
+
+Why one file of about 620 lines: the layers exist only to load that one weights file, and finding,
+downloading and checking the file (its sha256 prefix) is the rest; the two change together when
+other weights are ever used.
 """
 
 from __future__ import annotations
