@@ -5,8 +5,8 @@ plus axis values, so everything here has a default and `extra="forbid"` catches 
 
 Why one file of about 580 lines: the models nest into one `TrialConfig` tree whose field documentation
 is the README's configuration reference (tests/test_readme.py regenerates it from here), and the
-cross-field checks (windows against image size and patch, FID against eval settings) need the whole
-tree; split, each part would import the others.
+cross-field checks (image size against the model's patch, windows against its depth, evaluation
+timesteps against the diffusion schedule) need the whole tree; split, each part would import the others.
 """
 
 from __future__ import annotations
