@@ -14,7 +14,8 @@ from scipy.spatial.distance import cdist
 from trainer import memorization as mem
 from trainer.config import apply_overrides, build_config
 from trainer.data import load_images
-from trainer.train import Trainer, load_subsets
+from trainer.pool import load_subsets
+from trainer.train import Trainer
 
 
 @pytest.fixture(scope="module")

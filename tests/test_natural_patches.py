@@ -101,7 +101,7 @@ def test_a_trial_trains_on_training_region_patches_and_scores_held_out_region_on
 
     from tests.support.sweeps import tiny_config
     from trainer.config import build_config
-    from trainer.train import load_subsets
+    from trainer.pool import load_subsets
 
     config = build_config(tiny_config({"data.source": "natural-gray", "data.image_size": 16,
                                        "data.num_images": 8, "data.test_images": 64}))

@@ -13,7 +13,8 @@ from trainer import sampling
 from trainer.config import apply_overrides, build_config
 from trainer.diffusion import linear_schedule
 from trainer.model import DiT
-from trainer.train import Trainer, load_subsets
+from trainer.pool import load_subsets
+from trainer.train import Trainer
 
 TINY = [
     "data.num_images=16",

@@ -20,14 +20,12 @@ import torch
 from trainer.config import TrialConfig, apply_overrides, build_config
 from trainer.data import DataError, load_images, load_labels
 from trainer.prepare import prepare_images
+from trainer.pool import POOLS, PoolCache, load_subsets
 from trainer.train import (
     CHECKPOINT_FILE,
-    POOLS,
     PREVIOUS_CHECKPOINT_FILE,
-    PoolCache,
     Trainer,
     load_checkpoint,
-    load_subsets,
     parse_curve_record,
     save_checkpoint,
     train,

@@ -125,7 +125,8 @@ def finish_manifest(out_dir: str, shards: Sequence[ShardRecord], image_size: int
                     info: dict | None = None) -> dict:
     """Write ``manifest.json`` for `shards` (in shard order, all already written) and return it: first
     remove shard files of the folder that `shards` do not list (left by an earlier preparation), then
-    write the manifest, then drop the progress file. `info` (source, conversions, classes, ...) is stored beside the pack's own keys."""
+    write the manifest, then drop the progress file. `info` (source, conversions, classes, ...) is stored
+    beside the pack's own keys."""
     if not shards:
         raise DataError(f"no images to write to {out_dir!r}")
     if len({record.labels is None for record in shards}) != 1:
@@ -229,6 +230,16 @@ _VERIFIED: dict[tuple, str] = {}
 
 def is_pack(folder: str) -> bool:
     return os.path.exists(os.path.join(folder, MANIFEST_NAME))
+
+
+def check_not_incomplete(folder: str, source: str) -> None:
+    """Refuse a local folder holding shards or a progress file but no manifest: a preparation that
+    did not finish."""
+    if is_pack(folder):
+        return
+    if os.path.exists(os.path.join(folder, PROGRESS_NAME)) or any(SHARD_PATTERN.match(n) for n in os.listdir(folder)):
+        raise DataError(f"{source!r} holds shards but no {MANIFEST_NAME}: its preparation did not finish; run the "
+                        f"same `ditsweep prepare-data` command again (it resumes after the shards already written)")
 
 
 def read_manifest(folder: str, source: str | None = None) -> dict:

@@ -22,7 +22,9 @@ naming it, with the finished shards kept for a restart and no manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -58,7 +60,7 @@ from trainer.sources import (
     open_builtin,
     open_local,
 )
-from trainer.storage import DataError, filesystem, is_local
+from trainer.storage import DataError, filesystem, is_local, remote_errors
 
 PREPROCESSING = "EXIF orientation; box halving then bicubic resize, center crop (ADM/DiT)"
 
@@ -217,9 +219,11 @@ def prepare_images(src: str, dst: str, image_size: int, channels: int | None = N
     builtin = builtin_name(src)
     if builtin is not None:
         return _prepare_arrays(src, open_builtin(builtin, image_size), dst, channels, shard_mb, report)
-    with _local_copy(src) as local:
+    with _local_copy(src) as (local, remote_fingerprint):
         items = encoded_items(src, local)
         if items is not None:
+            if remote_fingerprint is not None:  # the copy's own times are those of this download
+                items = dataclasses.replace(items, fingerprint=remote_fingerprint)
             plan = plan_items(src, items, image_size, channels, skip_unreadable, shard_mb)
             return _write_pack(dst, plan, ShardDecoder(plan, items, skip_unreadable), report,
                                decode_shards=decode_shards)
@@ -287,18 +291,23 @@ def _array_fingerprint(images: np.ndarray, labels: np.ndarray | None) -> str:
 
 
 @contextmanager
-def _local_copy(src: str) -> Iterator[str]:
-    """A local path holding `src`: the path itself, or a throwaway download of a remote source."""
+def _local_copy(src: str) -> Iterator[tuple[str, str | None]]:
+    """A local path holding `src` (the path itself, or a throwaway download of a remote source) and, for a
+    remote source, a fingerprint of its objects as the store lists them (names, sizes, ETags)."""
     fs, path = filesystem(src)
     if is_local(fs):
         if not os.path.exists(path):
             raise DataError(missing_message(src))
-        yield path
+        yield path, None
         return
+    with remote_errors(src):
+        listing = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    fingerprint = json.dumps(sorted([name, info.get("size"), str(info.get("ETag") or info.get("LastModified"))]
+                                    for name, info in listing.items()))
     with tempfile.TemporaryDirectory(prefix="ditsweep-prepare-") as scratch:
         local = os.path.join(scratch, "source" + Path(path).suffix)
         download(src, fs, path, local)
-        yield local
+        yield local, fingerprint
 
 
 def print_progress(line: str) -> None:

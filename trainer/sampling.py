@@ -29,7 +29,7 @@ from trainer.diffusion import Denoiser, Schedule, ddim_sample
 from trainer.fid import cached_reference_stats, extract_features, frechet_distance_of_features
 from trainer.fid import kernel_inception_distance
 from trainer.data import to_unit
-from trainer.storage import file_sha256
+from trainer.storage import file_sha256, write_atomically
 from trainer.inception import FIDInceptionV3, fetch_weights, load_fid_inception
 
 GRID_NOISE_SEED = 20240303
@@ -104,16 +104,10 @@ def save_grid(directory: Path, samples: torch.Tensor, side: int) -> None:
     """Write `samples.png` (the grid) and `samples.npy` (uint8 (n, H, W, C)) into `directory`."""
     images = to_uint8(samples)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / GRID_PNG, grid_png(images, side))
+    write_atomically(directory / GRID_PNG, grid_png(images, side))
     buffer = io.BytesIO()
     np.save(buffer, images, allow_pickle=False)
-    _write_atomically(directory / GRID_NPY, buffer.getvalue())
-
-
-def _write_atomically(path: Path, payload: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(payload)
-    os.replace(temporary, path)
+    write_atomically(directory / GRID_NPY, buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from PIL import Image
 from trainer import archives
 from trainer.builtins import builtin_images, builtin_labels, builtin_name, builtin_names, builtin_shape
 from trainer.decode import DecodedFolder, UnreadableImage, class_folders, decode_folder, to_channels
-from trainer.packs import MANIFEST_NAME, Pack, open_pack
+from trainer.packs import MANIFEST_NAME, Pack, check_not_incomplete, open_pack
 from trainer.storage import DataError, cache_entry, filesystem, is_local
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -63,6 +63,11 @@ class ImageSource:
     def has_labels(self) -> bool:
         return self.images.has_labels if isinstance(self.images, Pack) else self.all_labels is not None
 
+    def check_label_count(self) -> None:
+        """Refuse labels that do not pair one to one with the images (a pack's always do)."""
+        if self.all_labels is not None and len(self.all_labels) != self.count:
+            raise DataError(f"data source {self.name!r} has {self.count} images but {len(self.all_labels)} labels")
+
     def read_all(self) -> np.ndarray:
         return self.gather(np.arange(self.count))
 
@@ -72,9 +77,8 @@ class ImageSource:
             labels = self.images.labels(indices)
         elif self.all_labels is None:
             return None
-        elif len(self.all_labels) != self.count:
-            raise DataError(f"data source {self.name!r} has {self.count} images but {len(self.all_labels)} labels")
         else:
+            self.check_label_count()
             labels = self.all_labels if indices is None else self.all_labels[np.asarray(indices, dtype=np.int64)]
         return None if labels is None else checked_labels(labels, self.name)
 
@@ -101,6 +105,7 @@ def open_local(source: str, path: str, image_size: int, fetch: Callable[[str, st
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, MANIFEST_NAME)):
             return ImageSource(source, image_size, open_pack(path, source, fetch))
+        check_not_incomplete(path, source)
         decoded = _decoded(source, path, image_size)
         return ImageSource(source, image_size, decoded.images, decoded.labels)
     suffix = Path(path).suffix.lower()
@@ -136,8 +141,8 @@ def read_labels(source: str, path: str) -> np.ndarray | None:
         if os.path.exists(os.path.join(path, MANIFEST_NAME)):
             return open_local(source, path, 1).labels()
         items = archives.folder_items(source, path)
-        if items is not None:
-            return None  # Parquet and LMDB sources carry no labels here
+        if items is not None:  # a Parquet label column (LMDB has none)
+            return None if items.labels is None else np.array([items.labels[n] for n in items.names], np.int64)
         found = class_folders(image_names(path))  # class_name/file: ImageNet's layout
         return None if found is None else found[1]
     if Path(path).suffix.lower() != ".npz":
@@ -244,6 +249,7 @@ def encoded_items(source: str, path: str) -> archives.EncodedItems | None:
     sources that are already arrays (a pack, .npy, .npz)."""
     if not os.path.isdir(path) or os.path.exists(os.path.join(path, MANIFEST_NAME)):
         return None
+    check_not_incomplete(path, source)
     items = archives.folder_items(source, path)
     if items is not None:
         return items

@@ -96,17 +96,25 @@ def remote_errors(uri: str, role: str = "data source") -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+def atomic_file(path: str | os.PathLike, durable: bool = False,
+                previous: str | os.PathLike | None = None) -> Iterator[BinaryIO]:
     """A binary handle whose contents appear at `path` all at once when the block succeeds.
 
     The bytes go to a temporary sibling (same folder, so the rename is atomic), which replaces `path`
     at the end; on any failure, Ctrl-C and SIGTERM included, the temporary file is removed and `path`
-    is left as it was."""
+    is left as it was. `durable`: flushed to disk (fsync) before the rename, so a power cut leaves the
+    old or the new file, never an empty one. `previous`: the file at `path`, if any, is first moved
+    there (a fallback should the new one prove unreadable)."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
         with open(temporary, "wb") as handle:
             yield handle
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
