@@ -4,8 +4,9 @@ The pack itself (the plan and shard boundaries, decoding, the shard files, the p
 manifest, resuming, the progress line) is `trainer.prepare`'s, and this process writes every file of
 it whichever way the shards are decoded; this module only picks where the decoding runs:
 
-- ``--address ADDR``: on the Ray cluster at ADDR, through Ray Data (orchestrator.prepare_ray), each
-  shard cut into parts of at most 1,024 images that any node's CPU decodes;
+- ``--address ADDR``: on the Ray cluster at ADDR, through Ray Data (orchestrator.prepare_ray): the
+  headers in chunks of 2,048 files, then each shard in parts of at most 1,024 images, read and decoded
+  by any node's CPU;
 - otherwise in this process, unless the images still to decode number at least `LOCAL_RAY_MIN_IMAGES`
   and this machine has at least `LOCAL_RAY_MIN_CORES` cores: then on an in-process Ray using every
   core. On 2 loaded cores (benchmarks/RESULTS.md section 10) starting Ray and its workers cost 28 s
@@ -26,11 +27,12 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from trainer.builtins import builtin_name
-from trainer.prepare import Decoded, Part, ShardDecoder, decode_in_order, prepare_images, print_progress
+from trainer.prepare import in_order, prepare_images, print_progress
 from trainer.storage import DataError
 
 LOCAL_RAY_MIN_IMAGES = 20_000
@@ -53,40 +55,31 @@ def use_ray(images: int, address: str | None, ray: bool | None, cores: int | Non
 
 @dataclass
 class ShardPlacement:
-    """A `trainer.prepare.ShardRunner` that decodes in this process or on Ray Data (see the module
-    docstring), and remembers where: `shards` decoded on Ray and the ids of the `nodes` that did."""
+    """Where `prepare-data` reads and decodes: a `trainer.prepare.Run` that runs the plan's header scan
+    and the shards' parts in this process or on Ray Data (see the module docstring). Ray, once started
+    for a preparation, serves both steps; `close` stops it. `nodes`: the ids of the nodes that ran tasks."""
 
     address: str | None = None
     ray: bool | None = None
     ray_cpus: int | None = None  # an in-process Ray's CPUs (default: all)
     stall_timeout_s: float = STALL_TIMEOUT_S
-    shards: int = 0
     nodes: set[str] = field(default_factory=set)
+    _started: bool = False
 
-    def __call__(self, todo: list[int], decoder: ShardDecoder) -> Iterable[tuple[int, Decoded]]:
-        images = sum(len(decoder.plan.shard_inputs(index)) for index in todo)
-        if not todo or not use_ray(images, self.address, self.ray):
-            return decode_in_order(todo, decoder)
-        from orchestrator.prepare_ray import travels
+    def __call__(self, fn: Callable[[Any], Any], tasks: list, images: int) -> Iterable[Any]:
+        if not tasks or not use_ray(images, self.address, self.ray):
+            return in_order(fn, tasks, images)
+        from orchestrator.prepare_ray import run_tasks, start, travels
 
-        if not travels(decoder):  # e.g. a reader holding an open database handle
-            message = f"the reader of {decoder.plan.source!r} cannot be sent to Ray workers"
+        if not travels(fn):  # e.g. a reader holding an open database handle
+            message = "the reader of this source cannot be sent to Ray workers"
             if self.address:
                 raise DataError(f"{message}; run prepare-data without --address on the machine that holds it")
-            print(f"{message}: decoding in this process", file=sys.stderr, flush=True)
-            return decode_in_order(todo, decoder)
-        return self._on_ray(todo, decoder)
-
-    def _on_ray(self, todo: list[int], decoder: ShardDecoder) -> Iterator[tuple[int, Decoded]]:
-        from orchestrator.prepare_ray import run_tasks
-
-        parts = [part for index in todo for part in decoder.parts(index)]
-        decoded = run_tasks(parts, decoder.decode_part, self.address, num_cpus=self.ray_cpus,
-                            stall_timeout_s=self.stall_timeout_s, expected=(DataError,), nodes=self.nodes,
-                            stalled=PrepareStalled)
-        for index, shard_parts in _by_shard(parts, decoded):
-            self.shards += 1
-            yield index, decoder.join(index, shard_parts)
+            print(f"{message}: reading it in this process", file=sys.stderr, flush=True)
+            return in_order(fn, tasks, images)
+        self._started = start(self.address, self.ray_cpus) or self._started
+        return run_tasks(tasks, fn, stall_timeout_s=self.stall_timeout_s, expected=(DataError,), nodes=self.nodes,
+                         stalled=PrepareStalled)
 
     def join(self, src: str) -> None:
         """With an --address: join the cluster (bounded) and check that every node sees the files its
@@ -94,32 +87,28 @@ class ShardPlacement:
         folder it is downloaded to), before anything is read or written."""
         if not self.address:
             return
-        from orchestrator.prepare_ray import join_cluster
+        from orchestrator.prepare_ray import check_nodes_see, start
 
+        self._started = start(self.address, None) or self._started
         if builtin_name(src) is not None:  # arrays in memory: nothing for the nodes to read
-            join_cluster(self.address, [], "")
-        elif _is_remote(src):
+            return
+        if _is_remote(src):
             with tempfile.TemporaryDirectory(prefix="ditsweep-prepare-") as scratch:
-                join_cluster(self.address, [scratch], _where_to_put(src))
+                check_nodes_see([scratch], _where_to_put(src))
         else:
-            join_cluster(self.address, [os.path.abspath(src)], _where_to_put(src))
+            check_nodes_see([os.path.abspath(src)], _where_to_put(src))
+
+    def close(self) -> None:
+        """Stop (or leave) the Ray this placement started or joined; tasks still running are cancelled."""
+        if self._started:
+            from orchestrator.prepare_ray import stop
+
+            stop()
+            self._started = False
 
     def summary(self) -> str:
-        """'on Ray Data: 4 shard(s) decoded on 2 node(s)', or '' when nothing ran on Ray."""
-        return f"on Ray Data: {self.shards} shard(s) decoded on {len(self.nodes)} node(s)" if self.shards else ""
-
-
-def _by_shard(parts: list[Part], decoded: Iterable[Decoded]) -> Iterator[tuple[int, list[Decoded]]]:
-    """(shard index, its decoded parts in order) from the parts and their results, both in task order."""
-    current, joined = None, []
-    for (index, _, _), result in zip(parts, decoded):
-        if joined and index != current:
-            yield current, joined
-            joined = []
-        current = index
-        joined.append(result)
-    if joined:
-        yield current, joined
+        """'read on Ray Data by 2 node(s)', or '' when nothing ran on Ray."""
+        return f"read on Ray Data by {len(self.nodes)} node(s)" if self.nodes else ""
 
 
 def _where_to_put(source: str) -> str:
@@ -143,6 +132,9 @@ def prepare_pack(src: str, dst: str, image_size: int = 32, channels: int | None 
     (default: see the module docstring); returns the manifest. A cluster (`placement.address`) is
     joined and checked first, so one that does not answer, or cannot see the source, changes nothing."""
     placement = placement or ShardPlacement()
-    placement.join(src)
-    return prepare_images(src, dst, image_size, channels, skip_unreadable, shard_mb,
-                          None if quiet else print_progress, placement)
+    try:
+        placement.join(src)
+        return prepare_images(src, dst, image_size, channels, skip_unreadable, shard_mb,
+                              None if quiet else print_progress, placement)
+    finally:
+        placement.close()

@@ -1,20 +1,21 @@
-"""Ray Data for `prepare-data`, and only here: one task per shard, spread over a cluster's CPUs.
+"""Ray Data for `prepare-data`, and only here: reading and decoding spread over a cluster's CPUs.
 
-The driver hands in the tasks (parts of the shards still to do) and the function that does one
-(`trainer.prepare.ShardDecoder.decode_part`: read and decode a few hundred files); Ray Data runs it
-once per task on any node with a CPU free, streaming, and hands the decoded parts back in task order,
-so the driver joins and writes each shard exactly as the single-process path does: the pack does not
-depend on which node decoded what. Decoded images are small next to the files they come from
-(3 KiB for a 32x32 RGB image), so the files are read where the CPUs are and only pixels travel.
+`trainer.prepare` hands in its tasks (chunks of headers to read, then parts of the shards still to
+do) and the function that does one (`read_modes`, `ShardDecoder.decode_part`: open and read a few
+hundred or thousand files); Ray Data runs it once per task on any node with a CPU free, streaming, and
+hands the results back in task order, so this process joins and writes each shard exactly as the
+single-process path does: the pack does not depend on which node decoded what. Decoded images are
+small next to the files they come from (3 KiB for a 32x32 RGB image), so the files are read where the
+CPUs are and only modes and pixels travel.
 
-A local source on a cluster: workers read the source's files by the driver's paths, so it must be
+A local source on a cluster: workers read the source's files by this machine's paths, so it must be
 the same folder on every node (a shared filesystem, or a loopback cluster). `check_nodes_see` asks
-every node before any shard is decoded, and refuses (exit 2) naming the nodes that do not see it.
+every node before anything is read, and refuses (exit 2) naming the nodes that do not see it.
 
 Waits are bounded: joining `--address` (orchestrator.sweep.connect), the nodes' answer to that check
-(`CHECK_TIMEOUT_S`), and the run itself, which stops (`stalled`, a TimeoutError by default) when no task has finished
-for `stall_timeout_s` (a cluster with no free CPU, or tasks stuck reading a storage that stopped
-answering).
+(`CHECK_TIMEOUT_S`), and a run, which stops (`stalled`, a TimeoutError by default) when no task has
+finished for `stall_timeout_s` (a cluster with no free CPU, or tasks stuck reading a storage that
+stopped answering).
 """
 
 from __future__ import annotations
@@ -41,55 +42,46 @@ class NotShared(SpecError):
     """A local source that some node of the cluster does not see (exit 2)."""
 
 
+def start(address: str | None, num_cpus: int | None = None) -> bool:
+    """Join the cluster at `address` (bounded: orchestrator.sweep.connect raises ClusterUnreachable), or
+    start an in-process Ray of `num_cpus` CPUs (default all); whether this call started or joined it
+    (False when this process was already connected)."""
+    if ray.is_initialized():
+        return False
+    if address is None and num_cpus is not None:
+        quiet_ray()
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
+    init_ray(address)  # joins --address (bounded), or starts Ray in-process on all cores
+    return True
+
+
+def stop() -> None:
+    """Leave the cluster, or stop the in-process Ray: tasks still running are cancelled."""
+    ray.shutdown()
+
+
 def run_tasks(
     tasks: Sequence[Any],
     work: Callable[[Any], Any],
-    address: str | None,
-    num_cpus: int | None = None,
     stall_timeout_s: float = STALL_TIMEOUT_S,
     expected: tuple[type[BaseException], ...] = (),
     nodes: set[str] | None = None,
     stalled: Callable[[str], BaseException] = TimeoutError,
 ) -> Iterator[Any]:
-    """Yield `work(task)` for every task, in the order of `tasks`, computed on Ray Data.
-
-    `address`: join that cluster (bounded: orchestrator.sweep.connect raises ClusterUnreachable);
-    None: an in-process Ray on this machine with `num_cpus` CPUs (default all). A task's exception
-    of the `expected` types is raised here as itself (e.g. trainer.data.DataError naming the unreadable
-    files), not as Ray's wrapper; the first one stops the run. `nodes`, when given, collects the ids
-    of the nodes that ran a task. No task done for `stall_timeout_s`: `stalled(message)` is raised.
+    """Yield `work(task)` for every task, in the order of `tasks`, computed on Ray Data on the Ray
+    this process is connected to (`start`). A task's exception of the `expected` types is raised here
+    as itself (e.g. DataError naming a storage problem), not as Ray's wrapper; the first one stops the
+    run. `nodes`, when given, collects the ids of the nodes that ran a task. No task done for
+    `stall_timeout_s`: `stalled(message)` is raised.
     """
-    if not tasks:
-        return
-    started_here = not ray.is_initialized()
-    _start(address, num_cpus)
-    try:
-        for result, node in _stream(_dataset(tasks, work, expected), stall_timeout_s, stalled):
-            if nodes is not None:
-                nodes.add(node)
-            yield result
-    finally:
-        if started_here:
-            ray.shutdown()  # also cancels the tasks still running (Ctrl-C, a stall, an error)
-
-
-def join_cluster(address: str, local_paths: Sequence[str], advice: str) -> None:
-    """Join the cluster at `address` (bounded: ClusterUnreachable) and check that every node sees
-    `local_paths` (NotShared, ending with `advice`): before anything is read or written."""
-    _start(address, None)
-    if local_paths:
-        check_nodes_see(local_paths, advice)
-
-
-def _start(address: str | None, num_cpus: int | None) -> None:
-    if address is None and num_cpus is not None and not ray.is_initialized():
-        quiet_ray()
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
-    init_ray(address)  # joins --address (bounded), or starts Ray in-process on all cores
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the caller prints one progress line with an ETA instead
+    context.enable_progress_bars = False  # the caller prints its own progress line with an ETA
     context.print_on_execution_start = False
     context.enable_auto_log_stats = False
+    for result, node in _stream(_dataset(tasks, work, expected), stall_timeout_s, stalled):
+        if nodes is not None:
+            nodes.add(node)
+        yield result
 
 
 def _dataset(tasks: Sequence[Any], work: Callable[[Any], Any], expected: tuple[type[BaseException], ...]

@@ -8,13 +8,14 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from orchestrator.prepare import LOCAL_RAY_MIN_CORES, LOCAL_RAY_MIN_IMAGES, ShardPlacement, use_ray
 from tests.support.images import mixed_folder
 from tests.support.sweeps import ditsweep, free_port
 from trainer.archives import EncodedItems
-from trainer.prepare import ShardDecoder, plan_items
+from trainer.prepare import ShardDecoder, decoded_shards, plan_items
 from trainer.storage import DataError
 
 
@@ -34,20 +35,22 @@ def test_ray_is_used_for_a_cluster_or_a_large_source_on_several_cores(images, ad
     assert use_ray(images, address, ray, cores) is expected
 
 
-def test_a_reader_that_cannot_travel_to_ray_workers_decodes_here_or_is_refused_on_a_cluster(tmp_path, capsys):
+def test_a_reader_that_cannot_travel_to_ray_workers_is_read_here_or_refused_on_a_cluster(tmp_path, capsys):
     """A source whose reader holds something that does not pickle (an open database handle, here a
-    lock) is decoded in this process, saying so, instead of failing inside Ray; with --address
-    (no other machine could read it) it is refused naming the way out."""
-    mixed_folder(tmp_path)
+    lock) is read in this process, saying so, instead of failing inside Ray, and packs as the
+    one-process path packs it; with --address (no other machine could read it) it is refused."""
+    mixed_folder(tmp_path / "src")
     handle = threading.Lock()
-    names = sorted(path.name for path in tmp_path.iterdir())
-    items = EncodedItems(names, lambda name: (handle, str(tmp_path / name))[1], "fingerprint")
-    decoder = ShardDecoder(plan_items("src", items, 8, None, False, 1.0), items, False)
-    [(index, (images, _, info))] = list(ShardPlacement(ray=True)([0], decoder))
-    assert "the reader of 'src' cannot be sent to Ray workers: decoding in this process" in capsys.readouterr().err
+    names = sorted(path.name for path in (tmp_path / "src").iterdir())
+    items = EncodedItems(names, lambda name: (handle, str(tmp_path / "src" / name))[1], "fingerprint")
+    plan = plan_items("src", items, 8, None, False, 1.0, ShardPlacement(ray=True))
+    assert "cannot be sent to Ray workers: reading it in this process" in capsys.readouterr().err
+    decoder = ShardDecoder(plan, items, False)
+    [(index, (images, _, info))] = list(decoded_shards(decoder, ShardPlacement(ray=True), [0]))
     assert index == 0 and images.shape == (6, 8, 8, 3) and info["conversions"]["CMYK->RGB"] == 1
+    np.testing.assert_array_equal(images, decoder(0)[0])
     with pytest.raises(DataError, match="cannot be sent to Ray workers; run prepare-data without --address"):
-        ShardPlacement(address="127.0.0.1:1")([0], decoder)
+        list(decoded_shards(decoder, ShardPlacement(address="127.0.0.1:1"), [0]))
 
 
 @pytest.mark.slow  # two CLI processes, one of them importing Ray: ~13 s on 2 loaded cores
@@ -91,14 +94,14 @@ def test_ray_data_runs_every_task_raises_the_users_error_as_itself_and_stops_a_s
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         nodes: set[str] = set()
-        results = list(run_tasks([{"i": i} for i in range(6)], square, None, nodes=nodes))
+        results = list(run_tasks([{"i": i} for i in range(6)], square, nodes=nodes))
         assert [(r["i"], r["square"]) for r in results] == [(i, i * i) for i in range(6)]
         assert nodes == {ray.get_runtime_context().get_node_id()}
         with pytest.raises(DataError, match=r"shard 3: 1 unreadable file\(s\): broken\.png"):
-            list(run_tasks([{"i": i, "unreadable": i == 3} for i in range(6)], square, None, expected=(DataError,)))
+            list(run_tasks([{"i": i, "unreadable": i == 3} for i in range(6)], square, expected=(DataError,)))
         start = time.monotonic()
         with pytest.raises(TimeoutError, match=r"no part of a shard decoded in 3 s; the cluster has 2 CPUs"):
-            list(run_tasks([{"i": 0, "hang": True}], square, None, stall_timeout_s=3))
+            list(run_tasks([{"i": 0, "hang": True}], square, stall_timeout_s=3))
         assert time.monotonic() - start < 30
     finally:
         ray.shutdown()

@@ -23,6 +23,7 @@ naming it, with the finished shards kept for a restart and no manifest.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,9 +67,12 @@ from trainer.storage import DataError, filesystem, is_local, remote_errors
 PREPROCESSING = "EXIF orientation; box halving then bicubic resize, center crop (ADM/DiT)"
 
 Progress = Callable[[str], None]
-# Decodes the shards still to do (their indices) with a ShardDecoder, yielding (index, decoded shard) in
-# any order: `decode_in_order` here, or Ray Data across a cluster (orchestrator.prepare).
-ShardRunner = Callable[[list[int], "ShardDecoder"], Iterable[tuple[int, "Decoded"]]]
+# Where the reading runs: `run(fn, tasks, images)` yields fn(task) for every task, in task order; `images`
+# says how many images the tasks read. `in_order` runs them here; orchestrator.prepare may run them on
+# Ray Data across a cluster (fn and tasks then travel to other processes, pickled). Every file of the
+# pack is written by this process either way, so where the reading ran does not change a byte.
+Run = Callable[[Callable[[Any], Any], list, int], Iterable[Any]]
+HEADER_CHUNK = 2048  # headers read by one task of the plan's scan
 
 
 @dataclass(frozen=True)
@@ -93,16 +98,31 @@ class PreparePlan:
         return self.names[index * self.per_shard : (index + 1) * self.per_shard]
 
 
-def plan_items(source: str, items: EncodedItems, image_size: int, channels: int | None, skip_unreadable: bool,
-               shard_mb: float) -> PreparePlan:
-    """Read every input's header, refuse (or with `skip_unreadable` leave out) those that do not parse,
-    settle the channel count and the shards."""
+def in_order(fn: Callable[[Any], Any], tasks: list, images: int) -> Iterator[Any]:
+    """The default `Run`: every task here, one after the other."""
+    return map(fn, tasks)
+
+
+def read_modes(items: EncodedItems, names: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The PIL mode of each of `names` read from its header, and {name: why} for those that do not parse."""
     modes, unreadable = {}, {}
-    for name in items.names:
+    for name in names:
         try:
             modes[name] = file_mode(items.open(name))
         except UnreadableImage as err:
             unreadable[name] = str(err)
+    return modes, unreadable
+
+
+def plan_items(source: str, items: EncodedItems, image_size: int, channels: int | None, skip_unreadable: bool,
+               shard_mb: float, run: Run = in_order) -> PreparePlan:
+    """Read every input's header (in chunks, where `run` says), refuse (or with `skip_unreadable` leave
+    out) those that do not parse, settle the channel count and the shards."""
+    modes, unreadable = {}, {}
+    chunks = [items.names[start : start + HEADER_CHUNK] for start in range(0, len(items.names), HEADER_CHUNK)]
+    for chunk_modes, chunk_unreadable in run(functools.partial(read_modes, items), chunks, len(items.names)):
+        modes.update(chunk_modes)
+        unreadable.update(chunk_unreadable)
     if unreadable and not skip_unreadable:
         raise DataError(f"cannot use the images in {source!r}: {len(unreadable)} unreadable file(s): "
                         f"{name_some(unreadable)}; fix or remove them, or pass --skip-unreadable")
@@ -203,13 +223,13 @@ def manifest_info(plan: PreparePlan, infos: list[dict]) -> dict:
 
 def prepare_images(src: str, dst: str, image_size: int, channels: int | None = None, skip_unreadable: bool = False,
                    shard_mb: float | None = None, progress: Progress | None = None,
-                   decode_shards: ShardRunner | None = None) -> dict:
+                   run: Run = in_order) -> dict:
     """Pack `src` into the sharded pack `dst` (see the module docstring); returns the manifest.
 
     `shard_mb` bounds a shard's bytes (default `DEFAULT_SHARD_MB`); `progress` receives a line after each
-    shard (done, rate, ETA) and one when a restart skips shards. `decode_shards` decodes the shards of
-    encoded images still to do (default: here, one after the other; orchestrator.prepare passes Ray
-    Data's); this process writes them, the progress file and the manifest either way."""
+    shard (done, rate, ETA) and one when a restart skips shards. `run` says where encoded images are
+    read (headers and pixels; see `Run`); this process writes the shards, the progress file and the
+    manifest either way."""
     shard_mb = DEFAULT_SHARD_MB if shard_mb is None else shard_mb
     check_image_size(image_size, src)
     if channels not in (None, 1, 3):
@@ -224,9 +244,9 @@ def prepare_images(src: str, dst: str, image_size: int, channels: int | None = N
         if items is not None:
             if remote_fingerprint is not None:  # the copy's own times are those of this download
                 items = dataclasses.replace(items, fingerprint=remote_fingerprint)
-            plan = plan_items(src, items, image_size, channels, skip_unreadable, shard_mb)
-            return _write_pack(dst, plan, ShardDecoder(plan, items, skip_unreadable), report,
-                               decode_shards=decode_shards)
+            plan = plan_items(src, items, image_size, channels, skip_unreadable, shard_mb, run)
+            decoder = ShardDecoder(plan, items, skip_unreadable)
+            return _write_pack(dst, plan, functools.partial(decoded_shards, decoder, run), report)
         return _prepare_arrays(src, open_local(src, local, image_size), dst, channels, shard_mb, report)
 
 
@@ -242,27 +262,41 @@ def _prepare_arrays(src: str, opened: ImageSource, dst: str, channels: int | Non
            "per_shard": per_shard, "inputs": _array_fingerprint(images, labels)}
     plan = PreparePlan(src, image_size, channels, per_shard, names, {}, None, None, key)
 
-    def shard(index: int) -> tuple[np.ndarray, np.ndarray | None, dict]:
-        rows = slice(index * per_shard, (index + 1) * per_shard)
-        return images[rows], None if labels is None else labels[rows], {"conversions": {}, "exif_rotated": 0, "skipped": {}}
+    def shards(todo: list[int]) -> Iterator[tuple[int, Decoded]]:
+        for index in todo:
+            rows = slice(index * per_shard, (index + 1) * per_shard)
+            info = {"conversions": {}, "exif_rotated": 0, "skipped": {}}
+            yield index, (images[rows], None if labels is None else labels[rows], info)
 
-    return _write_pack(dst, plan, shard, report, {"source": src})
-
-
-def decode_in_order(todo: list[int], shard: Callable[[int], Decoded]) -> Iterator[tuple[int, Decoded]]:
-    """The default `ShardRunner`: each shard decoded here, in order."""
-    return ((index, shard(index)) for index in todo)
+    return _write_pack(dst, plan, shards, report, {"source": src})
 
 
-def _write_pack(dst: str, plan: PreparePlan, shard: Callable[[int], Decoded], report: Progress,
-                info: dict | None = None, decode_shards: ShardRunner | None = None) -> dict:
+def decoded_shards(decoder: ShardDecoder, run: Run, todo: list[int]) -> Iterator[tuple[int, Decoded]]:
+    """(index, decoded shard) for each shard of `todo`, in order: all their parts read where `run`
+    says, each shard joined here as soon as its last part is in."""
+    parts = [part for index in todo for part in decoder.parts(index)]
+    images = sum(len(decoder.plan.shard_inputs(index)) for index in todo)
+    joined, current = [], None
+    for (index, _, _), decoded in zip(parts, run(decoder.decode_part, parts, images)):
+        if joined and index != current:
+            yield current, decoder.join(current, joined)
+            joined = []
+        current = index
+        joined.append(decoded)
+    if joined:
+        yield current, decoder.join(current, joined)
+
+
+def _write_pack(dst: str, plan: PreparePlan, decode: Callable[[list[int]], Iterable[tuple[int, Decoded]]],
+                report: Progress, info: dict | None = None) -> dict:
+    """Decode (`decode(todo)`) and write the shards a previous run did not finish, then the manifest."""
     done = read_progress(dst, plan.key)
     if done:
         report(f"resuming: {len(done)} of {plan.shards} shard(s) already written and intact")
     begin_pack(dst)
     started, inputs_done = time.monotonic(), 0
     todo = [index for index in range(plan.shards) if index not in done]
-    for index, (images, labels, shard_info) in (decode_shards or decode_in_order)(todo, shard):
+    for index, (images, labels, shard_info) in decode(todo):
         done[index] = (write_shard(dst, index, images, labels), shard_info)
         record_progress(dst, plan.key, done)
         inputs_done += len(plan.shard_inputs(index))
