@@ -76,6 +76,7 @@ class ShardPlacement:
             if self.address:
                 raise DataError(f"{message}; run prepare-data without --address on the machine that holds it")
             print(f"{message}: reading it in this process", file=sys.stderr, flush=True)
+            self.ray = False  # the shards' parts hold the same reader: said once
             return in_order(fn, tasks, images)
         self._started = start(self.address, self.ray_cpus) or self._started
         return run_tasks(tasks, fn, stall_timeout_s=self.stall_timeout_s, expected=(DataError,), nodes=self.nodes,
