@@ -9,9 +9,9 @@ it whichever way the shards are decoded; this module only picks where the decodi
   by any node's CPU;
 - otherwise in this process, unless the images still to decode number at least `LOCAL_RAY_MIN_IMAGES`
   and this machine has at least `LOCAL_RAY_MIN_CORES` cores: then on an in-process Ray using every
-  core. On 2 loaded cores (benchmarks/RESULTS.md section 10) starting Ray and its workers cost 28 s
-  and one process decodes ~860 JPEGs/s, so Ray did not pay on 2 cores; on 4 quiet cores at 80% of
-  linear and a start of ~15 s it would from about 20,000 images (an estimate from those numbers);
+  core. On 2 loaded cores (benchmarks/RESULTS.md section 10) starting Ray and its workers cost 25-28 s
+  and one process read 530-860 JPEGs/s, so Ray did not pay for itself on 2 cores; on 4 quiet cores at
+  80% of linear and a start of ~15 s it would from about 20,000 images (an estimate, not measured);
 - ``--ray`` / ``--no-ray`` force either way.
 
 Workers read the source's files themselves, by the paths this machine uses: on a cluster a local
