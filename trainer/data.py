@@ -160,6 +160,10 @@ def _open_remote_pack(source: str, fs: fsspec.AbstractFileSystem, path: str, cac
     manifest = os.path.join(cached, MANIFEST_NAME)
     if not os.path.exists(manifest):
         fetch(MANIFEST_NAME, manifest)
+        # a single-file pack's labels.npy is optional and unlisted: copied now if it is there
+        with remote_errors(source):
+            if fs.exists(f"{root}/{LEGACY_LABELS_NAME}"):
+                fetch(LEGACY_LABELS_NAME, os.path.join(cached, LEGACY_LABELS_NAME))
     return open_local(source, cached, image_size, fetch)
 
 
