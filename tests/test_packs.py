@@ -139,3 +139,15 @@ def test_shards_and_manifest_written_to_s3(s3_bucket, tmp_path):
     fs.get(f"{s3_bucket}/pack/", str(tmp_path / "copy"), recursive=True)
     np.testing.assert_array_equal(open_pack(str(tmp_path / "copy")).read_all(), images)
     assert manifest["count"] == 5
+
+
+def test_a_single_file_pack_on_s3_loads_with_its_labels(s3_bucket, tmp_path):
+    from trainer.data import load_images, load_labels
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    for path in (FIXTURES / "single_file_pack").iterdir():
+        fs.put_file(str(path), f"{s3_bucket}/old/{path.name}")
+    uri, cache = f"s3://{s3_bucket}/old", str(tmp_path / "cache")
+    np.testing.assert_array_equal(load_images(uri, 4, cache_dir=cache),
+                                  np.load(FIXTURES / "single_file_pack" / "images.npy"))
+    np.testing.assert_array_equal(load_labels(uri, cache_dir=cache), [0, 0, 0, 1, 1, 1])

@@ -17,6 +17,7 @@ packs and `decode_all` decodes in one go for a direct `data.source`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import os
@@ -69,9 +70,13 @@ def decode_all(source: str, items: EncodedItems, image_size: int) -> DecodedFold
 
 
 def files_fingerprint(folder: str, names: list[str]) -> str:
-    """Names, sizes and modification times of files under `folder`: what says the inputs changed."""
-    stats = [(name, os.stat(os.path.join(folder, name))) for name in names]
-    return json.dumps([[name, stat.st_size, stat.st_mtime_ns] for name, stat in stats])
+    """sha256 of the names, sizes and modification times of files under `folder`: what says the inputs
+    changed (a digest, so a progress file stays small for a million files)."""
+    digest = hashlib.sha256()
+    for name in names:
+        stat = os.stat(os.path.join(folder, name))
+        digest.update(json.dumps([name, stat.st_size, stat.st_mtime_ns]).encode())
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

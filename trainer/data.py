@@ -7,8 +7,8 @@ them into the model's float (N, C, H, W) in [-1, 1].
 The rooms behind this door: `trainer.builtins` (digits, natural patches), `trainer.sources` (what each
 kind of local source holds and how it is read; `source_shape`), `trainer.archives` (Parquet, LMDB),
 `trainer.packs` (the prepared, sharded format), `trainer.subsets` (which indices a trial trains on and
-holds out), `trainer.storage` (filesystems, S3, the cache, atomic writes), `trainer.prepare`
-(``prepare-data``).
+holds out), `trainer.pool` (what a trial gathers), `trainer.storage` (filesystems, S3, the cache, atomic
+writes), `trainer.prepare` (``prepare-data``).
 
 `open_source(source, image_size)` returns a `trainer.sources.ImageSource`: its count, and `gather(indices)`
 which reads only those images: from a prepared pack only the shards that hold them (memory-mapped),
@@ -160,6 +160,10 @@ def _open_remote_pack(source: str, fs: fsspec.AbstractFileSystem, path: str, cac
     manifest = os.path.join(cached, MANIFEST_NAME)
     if not os.path.exists(manifest):
         fetch(MANIFEST_NAME, manifest)
+        # a single-file pack's labels.npy is optional and unlisted: copied now if it is there
+        with remote_errors(source):
+            if fs.exists(f"{root}/{LEGACY_LABELS_NAME}"):
+                fetch(LEGACY_LABELS_NAME, os.path.join(cached, LEGACY_LABELS_NAME))
     return open_local(source, cached, image_size, fetch)
 
 

@@ -280,7 +280,6 @@ class Pack:
     shards: list[ShardRecord]
     fetch: Callable[[str, str], None] | None = None
     opened: list[str] = field(default_factory=list)  # image shards read, in order of first use
-    _maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def count(self) -> int:
@@ -324,18 +323,18 @@ class Pack:
         return self.gather(np.arange(self.count))
 
     def images_of(self, shard: int) -> np.ndarray:
-        """Shard `shard`'s images, memory-mapped (checked against its sha256 on first use)."""
+        """Shard `shard`'s images, memory-mapped (checked against its sha256 on first use).
+
+        A fresh map each call, dropped by the caller once it has copied its rows: a map kept open would
+        keep every page it touched (and the kernel's fault-around neighbours) in this process's RSS."""
         record = self.shards[shard]
-        if record.name not in self._maps:
-            self._maps[record.name] = self._map(record.name, record.sha256, record.count)
+        if record.name not in self.opened:
             self.opened.append(record.name)
-        return self._maps[record.name]
+        return self._map(record.name, record.sha256, record.count)
 
     def labels_of(self, shard: int) -> np.ndarray:
         record = self.shards[shard]
-        if record.labels not in self._maps:
-            self._maps[record.labels] = self._map(record.labels, record.labels_sha256, record.count)
-        return self._maps[record.labels]
+        return self._map(record.labels, record.labels_sha256, record.count)
 
     def _gather(self, indices: np.ndarray, part: Callable[[int], np.ndarray]) -> np.ndarray:
         offsets = self.offsets
@@ -349,6 +348,7 @@ class Pack:
             if result is None:
                 result = np.empty((len(indices), *block.shape[1:]), dtype=block.dtype)
             result[rows] = block[indices[rows] - offsets[shard]]  # copies only these rows out of the map
+            del block  # unmapped here
         if result is None:  # no indices: the shape from the header alone
             block = part(0)
             result = np.empty((0, *block.shape[1:]), dtype=block.dtype)

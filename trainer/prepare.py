@@ -336,8 +336,9 @@ def _local_copy(src: str) -> Iterator[tuple[str, str | None]]:
         return
     with remote_errors(src):
         listing = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
-    fingerprint = json.dumps(sorted([name, info.get("size"), str(info.get("ETag") or info.get("LastModified"))]
-                                    for name, info in listing.items()))
+    objects = sorted([name, info.get("size"), str(info.get("ETag") or info.get("LastModified"))]
+                     for name, info in listing.items())
+    fingerprint = hashlib.sha256(json.dumps(objects).encode()).hexdigest()
     with tempfile.TemporaryDirectory(prefix="ditsweep-prepare-") as scratch:
         local = os.path.join(scratch, "source" + Path(path).suffix)
         download(src, fs, path, local)
