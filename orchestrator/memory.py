@@ -2,6 +2,8 @@
 
 The estimate per trial is `trainer.memory.estimate_trial_memory`; this module finds each data source's
 size without decoding it, compares every trial with the memory available and names the numbers.
+A trial on a GPU worker (`device="cuda"`) is estimated under bf16 autocast and compared with the memory
+of its GPU share (`gpu_share_bytes`) where that GPU is known.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ import os
 from pathlib import Path
 
 from orchestrator.spec import SpecError, Trial
-from trainer.config import short_text
+from trainer.messages import short_text
 from trainer.memory import MemoryEstimate, estimate_trial_memory, format_bytes
 
 # What to change, by the term that dominates the estimate.
 _FIXES = {
     "data pool": "lower data.image_size, or pack the source with `ditsweep prepare-data` (a trial then "
     "reads only its subset and held-out images; an image folder is decoded whole, whatever data.num_images)",
+    "device data": "lower data.num_images or data.test_images, or data.image_size (both subsets are moved to "
+    "the GPU)",
     "model state": "choose a smaller model.size",
     "attention masks": "lower data.image_size, or use attention.backend: banded (or flex on a GPU)",
     "activations": "lower train.batch_size or data.image_size",
@@ -44,6 +48,22 @@ def _meminfo_total() -> int:
         if line.startswith("MemTotal:"):
             return int(line.split()[1]) * 1024
     raise OSError("no MemTotal in /proc/meminfo")
+
+
+def gpu_memory_bytes() -> int | None:
+    """Memory of this machine's first CUDA GPU, or None when it has none (a laptop planning a cluster
+    sweep: the GPU is unknown here). torch is imported only to ask."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory
+
+
+def gpu_share_bytes(gpu: float, memory: int) -> int:
+    """The GPU memory one trial may use: a fraction `gpu` < 1 packs several trials on one GPU; a trial
+    asking for more runs its model on one of them."""
+    return int(memory * min(gpu, 1.0))
 
 
 def trial_estimates(trials: list[Trial], device: str = "cpu") -> dict[str, MemoryEstimate]:

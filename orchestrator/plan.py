@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.display import duration, format_table, show_value
-from orchestrator.memory import check_trial_memory, trial_estimates
+from orchestrator.memory import check_trial_memory, gpu_memory_bytes, gpu_share_bytes, trial_estimates
 from orchestrator.spec import SpecError, SweepSpec, Trial, check_tag_value, expand, load_spec, parse_spec
 from trainer.memory import format_bytes
 
@@ -54,12 +54,15 @@ def read_grid(spec_text: str, source: str, overrides: list[str]) -> Grid:
 
 def read_grid_file(spec_path: str | Path, overrides: list[str], refuse_gpu_memory: bool = True) -> Grid:
     """A spec file, its grid expanded and validated, and every trial's data checked. A trial too big
-    for this machine is refused; with `refuse_gpu_memory` False (`plan`, which runs no trial) a spec
-    whose trials run on GPU workers is not measured against this machine: `gpu_memory_note` says it."""
+    for this machine is refused (a GPU trial: too big for this machine's GPU share, or, with no GPU
+    here, for its RAM); with `refuse_gpu_memory` False (`plan`, which runs no trial) a spec whose trials
+    run on GPU workers is not measured against this machine: `gpu_memory_note` says it."""
     spec = load_spec(spec_path)
     grid = Grid(spec, Path(spec_path).read_text(), tuple(overrides), tuple(expand(spec, overrides)))
-    if refuse_gpu_memory or not spec.resources.gpu:
-        check_trial_memory(grid.trials, device=_device(spec))  # before check_data decodes the images
+    if not spec.resources.gpu:
+        check_trial_memory(grid.trials)  # before check_data decodes the images
+    elif refuse_gpu_memory:
+        _check_gpu_trial_memory(spec, grid.trials)
     check_data(grid.trials)
     return grid
 
@@ -72,6 +75,19 @@ def build_plan(grid: Grid, cached: Mapping[str, TrialRun] | None = None, force: 
 
 # ---------------------------------------------------------------------------------------------
 # Checks before anything starts
+
+
+def _check_gpu_trial_memory(spec: SweepSpec, trials: tuple[Trial, ...]) -> None:
+    """GPU trials against a GPU share when this machine has a GPU; otherwise (the GPU is unknown here)
+    against this machine's RAM, as before the estimate knew GPUs."""
+    memory = gpu_memory_bytes()
+    if memory is None:
+        check_trial_memory(list(trials), device="cuda",
+                           where="this machine has in RAM (it has no CUDA GPU, so a GPU's memory is unknown here)")
+        return
+    share = gpu_share_bytes(spec.resources.gpu, memory)
+    check_trial_memory(list(trials), share, device="cuda",
+                       where=f"a share of {spec.resources.gpu:g} of this machine's GPU ({format_bytes(memory)})")
 
 
 def _device(spec: SweepSpec) -> str:
@@ -172,17 +188,26 @@ GPU_SIZES_GIB = (16, 24, 40, 80)  # common GPU memory sizes, for the plan's info
 
 
 def gpu_memory_note(plan: Plan) -> str:
-    """For trials on GPU workers: the largest trial's estimate and which GPU sizes it fits, as
-    information (`launch` refuses against the workers that will run it). The estimate counts fp32
-    activations; under CUDA's bf16 autocast a step keeps less, so it is an upper bound there."""
-    if not plan.spec.resources.gpu:
+    """For trials on GPU workers: the largest trial's GPU memory estimate (bf16 autocast, the backend
+    that runs there) and which GPU sizes it fits, and this machine's GPU share when it has a GPU; all
+    information (`launch` refuses against the workers that will run it)."""
+    gpu = plan.spec.resources.gpu
+    if not gpu:
         return ""
     estimates = trial_estimates(plan.trials, device="cuda")
-    peak = max(estimate.total for estimate in estimates.values())
-    biggest = max(estimates.values(), key=lambda estimate: estimate.total).biggest
-    fits = ", ".join(f"{size} GiB {'yes' if peak <= size * 2**30 else 'no'}" for size in GPU_SIZES_GIB)
-    return (f"GPU workers: up to {format_bytes(peak)} a trial ({biggest} the largest part; fp32 upper bound, "
-            f"bf16 autocast keeps less); fits a GPU of {fits}")
+    largest = max(estimates.values(), key=lambda estimate: estimate.total)
+    peak = largest.total
+
+    def fits(limit: float) -> str:
+        return "yes" if peak <= limit else "no"
+
+    sizes = ", ".join(f"{size} GiB {fits(gpu_share_bytes(gpu, size * 2**30))}" for size in GPU_SIZES_GIB)
+    memory = gpu_memory_bytes()
+    here = ("this machine has no CUDA GPU, so its GPU memory is unknown here (not checked)" if memory is None
+            else f"this machine's GPU share: {format_bytes(gpu_share_bytes(gpu, memory))} {fits(gpu_share_bytes(gpu, memory))}")
+    share = "" if gpu >= 1 else f" (a {gpu:g} share)"
+    return (f"GPU workers: up to {format_bytes(peak)} of GPU memory a trial (bf16 autocast; {largest.biggest} the "
+            f"largest part) and {format_bytes(largest.host)} of host RAM; fits a GPU{share} of {sizes}; {here}")
 
 
 def trials_manifest(plan: Plan) -> list[dict[str, Any]]:

@@ -20,21 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator.display import param_text
 from trainer.schedule import schedule_string
-from trainer.config import (
-    ConfigError,
-    TrialConfig,
-    apply_overrides,
-    build_config,
-    flatten,
-    format_validation_error,
-    load_yaml,
-    parse_override,
-    parse_yaml_mapping,
-    set_dotted,
-    short_path,
-    short_repr,
-    short_text,
-)
+from trainer.bounded_yaml import load_yaml, parse_yaml_mapping
+from trainer.config import TrialConfig, apply_overrides, build_config, flatten, parse_override, set_dotted
+from trainer.messages import ConfigError, format_validation_error, short_path, short_repr, short_text
 
 
 # What MLflow keeps (mlflow/store/tracking/dbmodels/models.py, mlflow/utils/validation.py): beyond these

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from trainer.bounded_yaml import load_yaml
 from trainer.config import (
     ConfigError,
     TrialConfig,
@@ -12,7 +13,6 @@ from trainer.config import (
     build_config,
     flatten,
     load_config,
-    load_yaml,
     parse_override,
     set_dotted,
 )

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.support.sweeps import free_port
-
+from tests.support.weights import expected_state_dict_shapes
 from trainer.fid import extract_features
 from trainer.inception import (
     FID_WEIGHTS_FILENAME,
@@ -26,7 +26,6 @@ from trainer.inception import (
     FIDInceptionC,
     FIDInceptionV3,
     WeightsError,
-    expected_state_dict_shapes,
     load_fid_inception,
     weights_available,
 )

@@ -1,5 +1,7 @@
 """Specs, configs and `--set` values a researcher really types, or a broken file: refused fast, exit 2,
-a message of a few bounded lines, and nothing written in the working directory."""
+a message of a few bounded lines, and nothing written in the working directory. Also what `launch`
+refuses before anything starts: grid values, data it cannot read, a tracking store it cannot open,
+and strings MLflow would refuse or cut."""
 
 from __future__ import annotations
 
@@ -20,9 +22,9 @@ import orchestrator.tracking  # noqa: F401
 import trainer.inception  # noqa: F401
 import trainer.train  # noqa: F401
 from orchestrator.cli import app
-from trainer.config import MAX_YAML_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES
+from tests.support.sweeps import free_port, invoke, tiny_config, write_spec
+from trainer.bounded_yaml import MAX_YAML_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES
 
-TINY_BASE = {"train": {"steps": 2, "batch_size": 4}, "data": {"num_images": 16, "test_images": 16}}
 MAX_MESSAGE_LINES = 8
 MAX_MESSAGE_CHARS = 1200
 
@@ -56,7 +58,7 @@ def write(workdir: Path, content: bytes | str, name: str = "spec.yaml") -> Path:
 
 
 def spec_text(**fields) -> str:
-    spec = {"name": "t", "base": TINY_BASE, "grid": {"attention.placement": ["none", "head"]}, **fields}
+    spec = {"name": "t", "base": tiny_config(), "grid": {"attention.placement": ["none", "head"]}, **fields}
     return yaml.safe_dump(spec)
 
 
@@ -154,9 +156,10 @@ def test_a_set_invalid_only_with_some_grid_values_is_blamed(workdir):
     assert message.startswith("error: --set data.image_size=6: data.image_size=6 is not divisible by the patch size 4")
 
 
-def test_an_unknown_set_key_is_blamed_on_the_set(workdir):
+@pytest.mark.parametrize("command", ["plan", "launch"])
+def test_an_unknown_set_key_is_blamed_on_the_set(workdir, command):
     path = write(workdir, spec_text())
-    message = refused(["plan", str(path), "--set", "train.stepz=5"], workdir)
+    message = refused([command, str(path), "--set", "train.stepz=5"], workdir)
     assert message.startswith("error: --set train.stepz=5: unknown config key 'train.stepz'")
 
 
@@ -168,7 +171,7 @@ def test_an_invalid_grid_value_still_names_its_axis(workdir):
 
 
 def test_an_invalid_base_is_blamed_on_the_base(workdir):
-    path = write(workdir, spec_text(base={**TINY_BASE, "train": {"steps": -3}}, grid={"seed": [0, 1]}))
+    path = write(workdir, spec_text(base=tiny_config({"train.steps": -3}), grid={"seed": [0, 1]}))
     message = refused(["plan", str(path)], workdir)
     assert message.startswith("error: base: train.steps: Input should be greater than or equal to 1")
 
@@ -183,8 +186,7 @@ def test_a_valid_set_still_applies(workdir):
     path = write(workdir, spec_text(grid={"seed": [0, 1]}))
     result = CliRunner().invoke(app, ["plan", str(path), "--set", "train.steps=3"])
     assert result.exit_code == 0, result.output
-    same = write(workdir, spec_text(base={**TINY_BASE, "train": {**TINY_BASE["train"], "steps": 3}},
-                                    grid={"seed": [0, 1]}), "same.yaml")
+    same = write(workdir, spec_text(base=tiny_config({"train.steps": 3}), grid={"seed": [0, 1]}), "same.yaml")
     without = CliRunner().invoke(app, ["plan", str(path)])
     expected = CliRunner().invoke(app, ["plan", str(same)])
     assert len(plan_keys(result.output)) == 2
@@ -197,6 +199,114 @@ def test_any_bad_input_message_is_bounded_at_the_cli(workdir):
     message = refused(["prepare-data", "x" * 100_000, "out"], workdir, seconds=5)
     assert message.startswith("error: data source 'xxx") and len(message) <= len("error: ") + 1000
     assert message.endswith("...")
+
+
+# ---------------------------------------------------------------------------------------------
+# `launch` refuses bad grid values, data it cannot read, a store it cannot open, strings MLflow would
+# refuse or cut: exit 2, one message naming the problem, nothing started or written (the CLI in this
+# process: it stops before Ray or MLflow start).
+
+
+BAD_GRIDS = {
+    "even window": ({"attention.windows": [[3, 4]]}, "4"),
+    "zero window": ({"attention.windows": [[0]]}, "0"),
+    "schedule longer than depth": ({"attention.windows": [[3] * 13]}, "13 windows"),
+    "fraction above 1": ({"data.fraction": [1.5]}, "1.5"),
+    "fraction zero": ({"data.fraction": [0]}, "data.fraction"),
+    "empty axis": ({"seed": []}, "grid.seed"),
+    "unknown axis": ({"train.stepz": [1]}, "stepz"),
+    "wrong type": ({"train.batch_size": ["big"]}, "big"),
+    "bad placement": ({"attention.placement": ["head", "sideways"]}, "sideways"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GRIDS))
+def test_bad_grid_values_exit_2_and_write_nothing(tmp_path, monkeypatch, case):
+    grid, expected = BAD_GRIDS[case]
+    spec = write_spec(tmp_path, grid=grid)
+    result, written = invoke(tmp_path, monkeypatch, "launch", str(spec))
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+    assert written == set()
+
+
+def test_unknown_top_level_key_exits_2(tmp_path, monkeypatch):
+    spec = write_spec(tmp_path, retries=3)
+    result, written = invoke(tmp_path, monkeypatch, "launch", str(spec))
+    assert result.exit_code == 2 and "retries" in result.output
+    assert written == set()
+
+
+def test_num_images_beyond_the_pool_exits_2(tmp_path, monkeypatch):
+    spec = write_spec(tmp_path, grid={"data.num_images": [16, 5000]})
+    result, written = invoke(tmp_path, monkeypatch, "launch", str(spec))
+    assert result.exit_code == 2
+    assert "data.num_images=5000" in result.output and "1781" in result.output
+    assert written == set()
+
+
+def test_missing_data_uri_exits_2(tmp_path, monkeypatch):
+    spec = write_spec(tmp_path, grid={"data.source": [str(tmp_path / "no-such-data.npy")]})
+    result, written = invoke(tmp_path, monkeypatch, "launch", str(spec))
+    assert result.exit_code == 2 and "no-such-data.npy" in result.output
+    assert written == set()
+
+
+def test_unreachable_s3_data_exits_2(tmp_path, monkeypatch, s3_env):
+    dead = f"http://127.0.0.1:{free_port()}"
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.setenv(name, dead)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    spec = write_spec(tmp_path, grid={"data.source": ["s3://ditsweep-data/digits.npy"]})
+    result, written = invoke(tmp_path, monkeypatch, "launch", str(spec))
+    assert result.exit_code == 2 and "s3://ditsweep-data/digits.npy" in result.output
+    assert written == set()
+
+
+@pytest.mark.parametrize("uri", ["sqlite:///{tmp}/missing-folder/mlflow.db", "http://127.0.0.1:{port}"])
+def test_tracking_uri_that_cannot_be_opened_exits_2(tmp_path, monkeypatch, uri):
+    spec = write_spec(tmp_path)
+    uri = uri.format(tmp=tmp_path, port=free_port())
+    result, written = invoke(tmp_path, monkeypatch, "launch", str(spec), "--tracking-uri", uri)
+    assert result.exit_code == 2, result.output
+    expected = "cannot reach tracking server" if uri.startswith("http") else "does not exist"
+    assert expected in result.stderr and uri in result.stderr
+    assert written == set()
+
+
+# Strings that reach MLflow, Ray or a file name: refused at validation where MLflow would refuse or cut them.
+
+
+@pytest.mark.parametrize(
+    ("spec_fields", "args", "expected"),
+    [
+        ({"name": "n" * 5000}, [], "name: String should have at most 256 characters"),
+        ({"description": "d" * 9000}, [], "description: String should have at most 8000 characters"),
+        ({}, ["--set", "train.steps=4"] * 600, "MLflow keeps at most 8000"),
+        ({}, ["--storage", "s" * 9000], "--storage is 9000 characters; MLflow keeps at most 8000"),
+    ],
+    ids=["long-name", "long-description", "many-sets", "long-storage"],
+)
+def test_strings_mlflow_would_refuse_or_cut_exit_2_and_write_nothing(tmp_path, monkeypatch, spec_fields, args,
+                                                                      expected):
+    spec = write_spec(tmp_path)
+    spec.write_text(yaml.safe_dump({**yaml.safe_load(spec.read_text()), **spec_fields}))
+    result, written = invoke(tmp_path, monkeypatch, "launch", str(spec), *args)
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr, result.stderr
+    assert written == set()
+
+
+def test_a_trial_name_fits_mlflow_and_its_folder_name_fits_the_file_system():
+    from orchestrator.spec import run_name
+    from orchestrator.sweep import _dirname
+
+    class Trial:
+        config = {"trial": {"name": run_name({"data.source": "/data/" + "é" * 400}), "key": "0123456789abcdef"}}
+
+    assert len(Trial.config["trial"]["name"]) == 250  # MLflow's runs.name column
+    folder = _dirname(Trial)
+    assert len(folder.encode()) <= 255 and folder.isascii() and folder.endswith("-0123456789")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 from scipy.spatial.distance import cdist
 
+from tests.support.sweeps import tiny_config
 from trainer import memorization as mem
-from trainer.config import apply_overrides, build_config
+from trainer.config import build_config
 from trainer.data import load_images
 from trainer.pool import load_subsets
 from trainer.train import Trainer
@@ -191,9 +192,7 @@ def test_pair_grid_puts_each_sample_beside_its_nearest_training_image(digits):
 
 
 def test_a_trainer_evaluation_reports_memorization_and_saves_the_pairs(tmp_path, one_torch_thread):
-    config = build_config(
-        apply_overrides({}, ["data.num_images=4", "data.test_images=8", "eval.samples.grid=2", "eval.samples.steps=3"])
-    )
+    config = build_config(tiny_config({"data.num_images": 4, "data.test_images": 8, "eval.samples.steps": 3}))
     trainer = Trainer(config, torch.device("cpu"), load_subsets(config, torch.device("cpu")))
     metrics = trainer.save_sample_grid(tmp_path)
     assert set(metrics) == {"mem_copy_fraction", "mem_nn_train", "mem_nn_test", "mem_closer_to_train"}

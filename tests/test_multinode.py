@@ -1,6 +1,6 @@
-"""Sweeps, and `prepare-data` on Ray Data, on a real multi-node Ray cluster on 127.0.0.1 (`ray_cluster`
-in conftest.py): a head with no CPUs and two one-CPU worker nodes, checkpoints and packs on S3 (moto's
-server), tracking to a real `mlflow server`."""
+"""Sweeps, and `prepare-data` on Ray Data, on a real multi-node Ray cluster on 127.0.0.1 (the
+`ray_cluster` fixture of tests/plugins/ray_cluster.py): a head with no CPUs and two one-CPU worker
+nodes, checkpoints and packs on S3 (moto's server), tracking to a real `mlflow server`."""
 
 from __future__ import annotations
 

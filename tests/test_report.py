@@ -1,4 +1,4 @@
-"""`ditsweep report`: the comparison table read back from MLflow, plots, HTML; and `ditsweep ui`'s command.
+"""`ditsweep report`: the comparison table read back from MLflow, plots, HTML.
 
 The table's numbers are checked against the runs in MLflow, computed here independently (grouped by
 the runs' own params, numpy for the statistics): once on a store built run by run with the MLflow
@@ -22,7 +22,6 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.report import TrialResult, configuration_rows, table_csv, window_label, write_report
-from orchestrator.tracking import TrackingError, ui_command
 from tests.support.sweeps import ditsweep, sqlite_uri
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -254,33 +253,6 @@ def test_a_report_failure_only_warns_at_sweep_end(monkeypatch, capsys):
     monkeypatch.setattr(report, "publish", broken)
     launch._refresh_report(tracker=None, sweep_id="s1")
     assert "warning: could not build the report of sweep s1: RuntimeError: disk full" in capsys.readouterr().out
-
-
-def test_a_new_experiment_is_model_training(tmp_path):
-    """MLflow 3's UI opens an experiment without a kind as GenAI; ditsweep's are model training."""
-    from orchestrator.tracking import Tracker
-
-    uri = sqlite_uri(tmp_path)
-    experiment = Tracker(uri).experiment_id("kinds")
-    assert MlflowClient(tracking_uri=uri).get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
-
-
-def test_ui_command(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("DITSWEEP_ARTIFACT_ROOT", raising=False)
-    (tmp_path / "mlflow.db").touch()
-    command = ui_command("sqlite:///mlflow.db", "127.0.0.1", 5123)
-    assert command[1:3] == ["-m", "mlflow"] and command[3] == "ui"
-    flags = dict(zip(command[4::2], command[5::2]))
-    assert flags["--host"] == "127.0.0.1" and flags["--port"] == "5123"
-    assert flags["--backend-store-uri"] == "sqlite:///mlflow.db"
-    assert flags["--default-artifact-root"] == (tmp_path / "mlartifacts").as_uri()
-    with pytest.raises(TrackingError, match="its UI is at that address"):
-        ui_command("http://127.0.0.1:5000", "127.0.0.1", 5000)
-    with pytest.raises(TrackingError, match="no tracking store"):
-        ui_command("sqlite:///elsewhere.db", "127.0.0.1", 5000)
-    result = CliRunner().invoke(app, ["ui", "--tracking-uri", "sqlite:///elsewhere.db"])
-    assert result.exit_code == 2 and "no tracking store" in result.output
 
 
 # ---------------------------------------------------------------------------------------------

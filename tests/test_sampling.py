@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.support.sweeps import tiny_config
 from trainer import sampling
 from trainer.config import apply_overrides, build_config
 from trainer.diffusion import linear_schedule
@@ -16,12 +17,7 @@ from trainer.model import DiT
 from trainer.pool import load_subsets
 from trainer.train import Trainer
 
-TINY = [
-    "data.num_images=16",
-    "data.test_images=8",
-    "eval.samples.grid=2",
-    "eval.samples.steps=3",
-]
+TINY = tiny_config({"data.test_images": 8, "eval.samples.steps": 3})
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,7 +26,7 @@ def one_thread(one_torch_thread):
 
 
 def trainer(*overrides: str) -> Trainer:
-    config = build_config(apply_overrides({}, TINY + list(overrides)))
+    config = build_config(apply_overrides(TINY, list(overrides)))
     return Trainer(config, torch.device("cpu"), load_subsets(config, torch.device("cpu")))
 
 
@@ -105,7 +101,7 @@ def test_train_reports_fid_and_kid_and_computes_the_reference_once(tmp_path, mon
         return extract(model, images, batch_size, device)
 
     monkeypatch.setattr(sampling, "extract_features", counting)
-    config = build_config(apply_overrides({}, TINY + [
+    config = build_config(apply_overrides(TINY, [
         "train.steps=2", "train.batch_size=4", "eval.every=1", "eval.psnr_gap.images=2", "eval.psnr_gap.timesteps=1",
         "eval.fid.enabled=true", "eval.fid.samples=2", "eval.fid.steps=2", f"eval.fid.weights={weights}",
         f"eval.fid.weights_sha256={prefix}",

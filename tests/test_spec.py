@@ -5,20 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from orchestrator.spec import SpecError, expand, load_spec, run_name, trial_key
+from tests.support.sweeps import TINY, tiny_config, write_spec
 from trainer.config import build_config
-
-TINY_BASE = {"train": {"steps": 2, "batch_size": 4}, "data": {"num_images": 16, "test_images": 16}}
-
-
-def write_spec(tmp_path: Path, **fields) -> Path:
-    spec = {"name": "t", "base": TINY_BASE, "grid": {"attention.placement": ["none", "head"]}, **fields}
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
 
 def test_grid_is_the_cartesian_product_in_stable_order(tmp_path):
     path = write_spec(tmp_path, grid={"attention.placement": ["head", "tail"], "data.num_images": [16, 32], "seed": [0, 1]},
@@ -31,7 +21,7 @@ def test_grid_is_the_cartesian_product_in_stable_order(tmp_path):
     ]
     assert trials[0].config.attention.placement == "head"
     assert trials[-1].config.data.num_images == 32
-    assert trials[-1].config.train.steps == 2  # the base reaches every trial
+    assert trials[-1].config.train.steps == TINY["train"]["steps"]  # the base reaches every trial
     assert len({t.key for t in trials}) == 8
 
 
@@ -118,14 +108,15 @@ def test_shipped_search_spaces_are_valid(path):
 
 def test_excluded_grid_points_are_left_out_and_bad_entries_refused(tmp_path):
     grid = {"model.arch": ["unet", "dit"], "attention.placement": ["none", "head"]}
-    path = write_spec(tmp_path, grid=grid, exclude=[{"model.arch": "unet", "attention.placement": "head"}])
+    base = tiny_config(drop=("model.size",))  # each architecture's default size
+    path = write_spec(tmp_path, base=base, grid=grid, exclude=[{"model.arch": "unet", "attention.placement": "head"}])
     trials = expand(load_spec(path))
     assert [t.axes for t in trials] == [{"model.arch": "unet", "attention.placement": "none"},
                                         {"model.arch": "dit", "attention.placement": "none"},
                                         {"model.arch": "dit", "attention.placement": "head"}]
     with pytest.raises(SpecError, match="attention.placement must be 'none'"):  # without it: the UNet refuses windows
-        expand(load_spec(write_spec(tmp_path, grid=grid)))
+        expand(load_spec(write_spec(tmp_path, base=base, grid=grid)))
     with pytest.raises(SpecError, match=r"exclude\[0\] names 'seed', which is not a grid axis"):
-        load_spec(write_spec(tmp_path, grid=grid, exclude=[{"seed": 0}]))
+        load_spec(write_spec(tmp_path, base=base, grid=grid, exclude=[{"seed": 0}]))
     with pytest.raises(SpecError, match=r"exclude\[0\].model.arch is 'cnn', not one of"):
-        load_spec(write_spec(tmp_path, grid=grid, exclude=[{"model.arch": "cnn"}]))
+        load_spec(write_spec(tmp_path, base=base, grid=grid, exclude=[{"model.arch": "cnn"}]))

@@ -3,6 +3,7 @@ is this repository's package whatever else is installed."""
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,15 @@ def test_an_installed_tests_package_does_not_shadow_the_suite(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert Path(done.stdout.strip()).resolve() == REPO / "tests" / "__init__.py"
+
+
+def test_every_fixture_module_is_loaded_as_a_plugin(request):
+    """A module of tests/plugins that conftest.py's `pytest_plugins` forgets would leave its fixtures
+    unknown to every test; one listed but absent would stop the whole suite at start."""
+    listed = set(importlib.import_module("tests.conftest").pytest_plugins)
+    present = {f"tests.plugins.{path.stem}" for path in (REPO / "tests" / "plugins").glob("*.py") if path.stem != "__init__"}
+    assert listed == present
+    assert all(request.config.pluginmanager.get_plugin(name) is not None for name in listed)
 
 
 # ---------------------------------------------------------------------------------------------

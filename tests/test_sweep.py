@@ -2,9 +2,9 @@
 
 Each sweep is `ditsweep` run as a subprocess in a fresh folder, so Ray and MLflow start exactly as
 they do for a user; commands that start no Ray (plan, status, a launch with nothing to run, bad
-input) run in this process. A real `mlflow server` is in test_reliability (one that goes away),
+input) run in this process. A real `mlflow server` is in test_fault_injection (one that goes away),
 S3 storage in test_cluster (data, checkpoints and artifacts all on S3), resume after a killed
-driver in test_reliability and test_multinode.
+driver in test_fault_injection and test_multinode.
 """
 
 from __future__ import annotations

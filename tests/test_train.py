@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.support.sweeps import tiny_config
 from trainer.config import TrialConfig, apply_overrides, build_config
 from trainer.data import DataError, load_images, load_labels
 from trainer.prepare import prepare_images
@@ -31,23 +32,14 @@ from trainer.train import (
     train,
 )
 
-TINY = [
-    "model.size=DiT-T/1",
-    "data.num_images=32",
-    "data.test_images=16",
-    "train.steps=6",
-    "train.batch_size=8",
-    "train.warmup_steps=2",
-    "eval.psnr_gap.images=8",
-    "eval.psnr_gap.timesteps=2",
-    "eval.samples.grid=2",
-    "eval.samples.steps=2",
-]
+# The factory's tiny config with more images and steps and a warmup, evaluated only at the end.
+TINY = tiny_config({"data.num_images": 32, "train.steps": 6, "train.warmup_steps": 2},
+                   drop=("train.log_every", "eval.every"))
 TIMING_KEYS = {"images_per_sec"}
 
 
 def tiny(*overrides: str) -> TrialConfig:
-    return build_config(apply_overrides({}, TINY + list(overrides)))
+    return build_config(apply_overrides(TINY, list(overrides)))
 
 
 class Recorder:

@@ -1,12 +1,8 @@
 """The trial configuration: one pydantic model per concern, every key documented where it is declared.
 
 A trial is fully described by a `TrialConfig`. Sweeps build one per grid point from a partial `base`
-plus axis values, so everything here has a default and `extra="forbid"` catches typos early.
-
-Why one file of about 580 lines: the models nest into one `TrialConfig` tree whose field documentation
-is the README's configuration reference (tests/test_readme.py regenerates it from here), and the
-cross-field checks (image size against the model's patch, windows against its depth, evaluation
-timesteps against the diffusion schedule) need the whole tree; split, each part would import the others.
+plus axis values, so everything here has a default and `extra="forbid"` catches typos early. Files are
+read by `trainer.bounded_yaml`; the messages of a refused config are bounded by `trainer.messages`.
 """
 
 from __future__ import annotations
@@ -19,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from trainer.bounded_yaml import load_yaml, safe_load_bounded, yaml_problem
+from trainer.messages import ConfigError, format_validation_error, short_repr
 from trainer.schedule import UNET_SIZES, block_windows, check_unet_image_size, parse_size, schedule_string
 
 # The FID weights (trainer/inception.py loads them): Inception-v3 as pytorch-fid ships it.
@@ -29,9 +27,6 @@ FID_WEIGHTS_URL = (
 FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 # The file name carries the first 8 hex digits of the file's sha256 (torch.hub's convention).
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"
-
-class ConfigError(ValueError):
-    """A configuration the trainer would reject; the message names the field and the value."""
 
 
 class _Section(BaseModel):
@@ -387,181 +382,6 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         key, value = parse_override(item)
         set_dotted(out, key, value)
     return out
-
-
-# Bounds on what a config or spec file may be: far above any real spec (a few KiB, a few levels),
-# far below what makes parsing slow or validation run out of memory (YAML alias "billion laughs").
-MAX_YAML_BYTES = 64 << 10  # checked on the file size, before anything is read (shipped specs: ~1 KiB)
-MAX_YAML_DEPTH = 32  # nested mappings and lists
-MAX_YAML_NODES = 100_000  # scalars, lists and mappings, counting each alias as the node it repeats
-_SHORT_REPR = 80  # characters of a value quoted in an error message
-_MESSAGE_LINES = 5  # problems listed in one validation message
-
-
-def short_repr(value: Any, limit: int = _SHORT_REPR) -> str:
-    """repr(value) cut to about `limit` characters, for error messages: a value from a file or the command
-    line can be megabytes long, and a message must stay a few lines."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    return f"{text[: limit - 3]}... ({len(text)} characters)"
-
-
-def short_path(path: str | Path, limit: int = _SHORT_REPR) -> str:
-    """A file path quoted in an error message: whole when short, else its end, where the file's own
-    name is (a deep temporary or cluster folder must not push the name out of the message)."""
-    text = str(path)
-    return repr(text) if len(text) <= limit else repr(f"...{text[-(limit - 3):]}")
-
-
-def short_text(text: str, limit: int = 200) -> str:
-    """One line of at most about `limit` characters (for messages quoting foreign text, e.g. a YAML error)."""
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else f"{line[: limit - 3]}..."
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses nesting deeper than MAX_YAML_DEPTH while composing, before Python's
-    recursion limit is reached."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent, index):
-        self._depth += 1
-        try:
-            if self._depth > MAX_YAML_DEPTH:
-                mark = self.peek_event().start_mark
-                raise _YamlTooComplex(
-                    f"nests deeper than {MAX_YAML_DEPTH} levels (line {mark.line + 1}); configs are a few levels deep"
-                )
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-class _YamlTooComplex(yaml.YAMLError):
-    pass
-
-
-def _expanded_nodes(node: yaml.Node) -> int:
-    """Nodes of the document with every alias expanded, stopping past MAX_YAML_NODES; each distinct node
-    is visited once (memoized), so an alias bomb is measured in microseconds, and cycles are refused."""
-    sizes: dict[int, int] = {}
-    visiting: set[int] = set()
-
-    def size(current: yaml.Node, depth: int) -> int:
-        key = id(current)
-        if key in sizes:
-            return sizes[key]
-        if key in visiting:
-            raise _YamlTooComplex("has an alias that refers to itself (a recursive structure)")
-        if depth > MAX_YAML_DEPTH:
-            line = current.start_mark.line + 1
-            raise _YamlTooComplex(f"nests deeper than {MAX_YAML_DEPTH} levels (line {line}); configs are a few levels deep")
-        visiting.add(key)
-        children: list = []
-        if isinstance(current, yaml.SequenceNode):
-            children = current.value
-        elif isinstance(current, yaml.MappingNode):
-            children = [item for pair in current.value for item in pair]
-        total = 1
-        for child in children:
-            total += size(child, depth + 1)
-            if total > MAX_YAML_NODES:
-                raise _YamlTooComplex(
-                    f"expands to more than {MAX_YAML_NODES} values (aliases included); configs hold a few hundred"
-                )
-        visiting.discard(key)
-        sizes[key] = total
-        return total
-
-    return size(node, 0)
-
-
-def safe_load_bounded(text: str) -> Any:
-    """yaml.safe_load with bounded depth and size (aliases expanded), raising yaml.YAMLError beyond them.
-
-    libyaml's loader composes when present (about 10x faster than PyYAML's; it refuses flow nesting past
-    1000 levels itself); the depth and size bounds are then checked on the composed nodes, before any
-    Python object is built."""
-    loader = getattr(yaml, "CSafeLoader", _BoundedLoader)(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _expanded_nodes(node)
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def yaml_problem(err: yaml.YAMLError) -> str:
-    """A YAML error as one short line: what is wrong and where (PyYAML's own text spans several lines)."""
-    problem = getattr(err, "problem", None)
-    mark = getattr(err, "problem_mark", None)
-    if problem and mark is not None:
-        return short_text(f"{problem} at line {mark.line + 1}, column {mark.column + 1}")
-    return short_text(str(err))
-
-
-def read_yaml_text(path: str | Path) -> str:
-    """The text of a YAML file: an existing file of at most MAX_YAML_BYTES, valid UTF-8 (size checked first)."""
-    path = Path(path)
-    shown = short_path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {shown} does not exist")
-    size = path.stat().st_size
-    if size > MAX_YAML_BYTES:
-        raise ConfigError(
-            f"{shown} is {size} bytes; config and spec files are limited to {MAX_YAML_BYTES} bytes "
-            f"(a spec is a few KiB: put data in a data source, not in the YAML)"
-        )
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ConfigError(
-            f"{shown} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
-            f"save it as UTF-8 YAML"
-        ) from None
-
-
-def parse_yaml_mapping(text: str, source: str) -> dict:
-    """A YAML mapping from text (bounded, see safe_load_bounded); `source` names it in messages."""
-    try:
-        data = safe_load_bounded(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source} is not valid YAML: {yaml_problem(err)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source} must hold a mapping of config keys, got {type(data).__name__}")
-    return data
-
-
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping (bounded size, UTF-8, bounded depth); an empty file is an empty mapping."""
-    return parse_yaml_mapping(read_yaml_text(path), short_path(path))
-
-
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """One line per problem: `field.path: message (got value)`; values, keys and the number of lines
-    are bounded (short_repr), whatever the input holds."""
-    lines = []
-    problems = err.errors()
-    for problem in problems[:_MESSAGE_LINES]:
-        loc = ".".join(str(p) if len(str(p)) <= 40 else short_repr(str(p), 40) for p in problem["loc"])
-        path = ".".join(p for p in (prefix, loc) if p)
-        msg = short_text(problem["msg"].removeprefix("Value error, "), 300)
-        got = problem.get("input")
-        shown = "" if isinstance(got, dict) or problem["type"] == "value_error" else f" (got {short_repr(got)})"
-        # Checks across sections (TrialConfig._consistent) have no location; their message names the field.
-        lines.append(f"{path}: {msg}{shown}" if path else f"{msg}{shown}")
-    if len(problems) > _MESSAGE_LINES:
-        lines.append(f"... and {len(problems) - _MESSAGE_LINES} more problems")
-    return "\n".join(lines)
 
 
 def build_config(tree: dict, *, prefix: str = "") -> TrialConfig:

@@ -34,6 +34,7 @@ Failures of any kind (missing path, unreadable files, wrong arrays, S3 errors) r
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import fsspec
@@ -47,6 +48,7 @@ from trainer.packs import LEGACY_IMAGES_NAME, LEGACY_LABELS_NAME, SHARD_PATTERN
 from trainer.sources import (
     IMAGE_SUFFIXES,
     ImageSource,
+    MappedNpy,
     check_image_size,
     missing_message,
     open_builtin,
@@ -77,7 +79,9 @@ def open_source(source: str, image_size: int, cache_dir: str | None = None) -> I
         return open_local(source, cached, image_size)
     with staged(cached) as staging:
         download(source, fs, path, staging)
-        opened = open_local(source, staging, image_size)  # decoded (or mapped) before it is kept
+        opened = open_local(source, staging, image_size)  # decoded (or its header checked) before it is kept
+    if isinstance(opened.images, MappedNpy):  # mapped at each gather: by its name in the cache from now on
+        opened.images = dataclasses.replace(opened.images, path=cached)
     return opened
 
 

@@ -14,6 +14,22 @@ The estimate is the peak of one `trainer.train` process, in bytes, as a sum of n
 - `activations`: what backward keeps per block, ACTIVATION_FACTOR x batch x tokens x width x 4 bytes
   (layer-norm inputs, modulated inputs, q/k/v, attention output, the MLP's two 4 x width tensors, ...;
   about 20 widths written out in DiTBlock.forward, rounded up for the copies reshapes make).
+  On a GPU (`device="cuda"`, bf16 autocast in training) the bytes autocast really keeps, per token of
+  one block (`gpu_block_bytes`, read from trainer/model.py's DiTBlock and trainer/attention.py):
+    fp32, 4 bytes a value (the residual stream stays fp32, since x + a bf16 update promotes to fp32,
+    and autocast runs LayerNorm in fp32): the block input x (saved by norm1), norm1's output (saved
+    by the modulate product), x after the attention branch (saved by norm2), norm2's output: 4 widths.
+    bf16, 2 bytes (every Linear's output, and the bf16 copy autocast makes of a Linear's fp32 input,
+    which the Linear saves for its weight gradient): the modulated inputs of qkv and fc1, the attention
+    output reshaped for proj (a copy: the transpose is not contiguous), proj's and fc2's outputs (saved
+    by the gate products): 5 widths; fc1's output (saved by GELU) and GELU's output (saved by fc2):
+    2 x the MLP's hidden width.
+    Attention: FlexAttention and fused SDPA (global blocks) keep q, k, v and their output in bf16,
+    4 x heads x the head dim the kernel runs at (`flex_head_dim`: 63 -> 64 for DiT-XS/1, as the padded
+    copies are what is saved), and a fp32 logsumexp per head; no score matrix.
+  Plus one more block's worth for the stem, the final layer and the loss, and the gradients backward
+  holds while it walks a block. Dense and banded masks on a GPU keep the fp32 CPU rate and their
+  scores (an upper bound; flex is the GPU default).
 - `attention scores`: the softmax weights each local block keeps for backward, batch x heads x queries x
   keys x 4 bytes: the dense-mask backend keeps all N x N pairs; the banded backend each tile's band of
   keys; FlexAttention and global blocks (fused SDPA) keep none.
@@ -29,8 +45,12 @@ counted from its layers (`unet_parameter_count`).
 
 Training and evaluation never overlap (the graph is freed after each step), so the peak is
 data pool + model state + masks + max(activations + attention scores, evaluation).
+On a GPU the pool stays in host RAM (`host` in MemoryEstimate) and `total` is the GPU's peak:
+`device data` (the uint8 subsets moved to the GPU) + model state (with autocast's cached bf16 copy of
+the weights, 2 bytes a parameter) + masks + max(activations + attention scores, evaluation); evaluation
+runs in fp32 without autocast, so its rate is the CPU's.
 The factors are rounded up from reading the model; tests/test_memory.py checks the total against the
-peak resident memory of a real run. Allocator overhead and the Python/torch runtime (~0.3-0.5 GiB)
+peak resident memory of a real run, and (`gpu`-marked) against torch.cuda.max_memory_allocated. Allocator overhead and the Python/torch runtime (~0.3-0.5 GiB)
 are not counted.
 """
 
@@ -51,6 +71,9 @@ MLP_RATIO = 4.0
 # einsum's float64 product; plus its (N, N) float64 distance and neighbourhood maps.
 LOCALITY_BYTES = 24
 LOCALITY_MAPS = 4
+GPU_EXTRA_BLOCKS = 1  # stem, final layer, loss and backward's gradients of one block (module docstring)
+BF16_BYTES = 2  # what CUDA's autocast keeps Linear outputs and inputs in
+AUTOCAST_WEIGHT_BYTES = 2  # autocast caches a bf16 copy of each weight for the step
 UNET_ACTIVATION_FACTOR = 8  # per ResBlock output element: two norms, two SiLUs, two convs, the sum, the skip
 
 
@@ -59,16 +82,26 @@ class MemoryEstimate:
     """Bytes per term (see the module docstring) and the peak they add up to."""
 
     terms: dict[str, int]
+    device: str = "cpu"  # where the trial's tensors live: "cpu" or "cuda"
 
     @property
     def total(self) -> int:
+        """The peak of the memory the trial is limited by: RAM on "cpu", the GPU's memory on "cuda"."""
         t = self.terms
-        resident = t["data pool"] + t["model state"] + t["attention masks"]
+        data = t["device data"] if self.device == "cuda" else t["data pool"]
+        resident = data + t["model state"] + t["attention masks"]
         return resident + max(t["activations"] + t["attention scores"], t["evaluation"])
 
     @property
+    def host(self) -> int:
+        """Host RAM: everything on "cpu"; the decoded pool (and the subsets gathered from it) on "cuda"."""
+        return self.terms["data pool"] if self.device == "cuda" else self.total
+
+    @property
     def biggest(self) -> str:
-        return max(self.terms, key=self.terms.get)
+        """The largest term of `total` (on "cuda" the host-side pool is not one)."""
+        counted = {k: v for k, v in self.terms.items() if not (self.device == "cuda" and k == "data pool")}
+        return max(counted, key=counted.get)
 
 
 def parameter_count(size: str, image_size: int, channels: int, num_classes: int = 0) -> int:
@@ -90,6 +123,18 @@ def parameter_count(size: str, image_size: int, channels: int, num_classes: int 
     count += depth * block
     count += linear(width, pixels) + linear(width, 2 * width)  # final layer, its adaLN
     return count
+
+
+def gpu_block_bytes(width: int, heads: int) -> int:
+    """Bytes backward keeps per token of one DiTBlock under CUDA bf16 autocast with FlexAttention or fused
+    SDPA (the accounting is in the module docstring)."""
+    from trainer.attention import flex_head_dim
+
+    hidden = int(width * MLP_RATIO)
+    fp32 = 4 * width * FLOAT_BYTES  # x, norm1(x), x after attention, norm2(x)
+    bf16 = (5 * width + 2 * hidden) * BF16_BYTES  # qkv/fc1 inputs, proj input/output, fc2 output; fc1, GELU
+    attention = 4 * heads * flex_head_dim(width // heads) * BF16_BYTES + heads * FLOAT_BYTES  # q, k, v, out; lse
+    return fp32 + bf16 + attention
 
 
 def attention_score_elements(grid: tuple[int, int], window: int | None, backend: str) -> int:
@@ -133,7 +178,7 @@ def estimate_trial_memory(config: TrialConfig, pool_images: int, channels: int, 
     from trainer.model import parse_size
 
     if config.model.arch == "unet":
-        return _unet_memory(config, pool_images, channels, mapped)
+        return _unet_memory(config, pool_images, channels, mapped, device)
     data, train, ev = config.data, config.train, config.eval
     depth, width, heads, patch = parse_size(config.model.size)
     grid = (data.image_size // patch, data.image_size // patch)
@@ -147,6 +192,12 @@ def estimate_trial_memory(config: TrialConfig, pool_images: int, channels: int, 
     def forward_bytes(batch: int, factor: int) -> int:
         return batch * tokens * width * factor * FLOAT_BYTES
 
+    if device == "cuda" and backend == "flex":  # bf16 autocast, no scores: see gpu_block_bytes
+        activations = (depth + GPU_EXTRA_BLOCKS) * train.batch_size * tokens * gpu_block_bytes(width, heads)
+    else:
+        activations = depth * forward_bytes(train.batch_size, ACTIVATION_FACTOR)
+    weight_copies = params * AUTOCAST_WEIGHT_BYTES if device == "cuda" else 0
+
     eval_batch = ev.psnr_gap.batch_size
     if ev.samples.grid > 0 or ev.fid.enabled:
         eval_batch = max(eval_batch, ev.fid.batch_size)  # sample grids and FID both sample in fid.batch_size
@@ -159,27 +210,40 @@ def estimate_trial_memory(config: TrialConfig, pool_images: int, channels: int, 
         evaluation = max(evaluation, jacobian + _jacobian_matrix_bytes(image_bytes))
     terms = {
         "data pool": _data_pool_bytes(config, pool_images, image_bytes, mapped),
-        "model state": OPTIMIZER_COPIES * params * FLOAT_BYTES + 2 * tokens * width * FLOAT_BYTES,
+        "device data": _subset_bytes(config, pool_images, image_bytes) if device == "cuda" else 0,
+        "model state": OPTIMIZER_COPIES * params * FLOAT_BYTES + 2 * tokens * width * FLOAT_BYTES + weight_copies,
         "attention masks": _mask_bytes(grid, windows, backend),
-        "activations": depth * forward_bytes(train.batch_size, ACTIVATION_FACTOR),
+        "activations": activations,
         "attention scores": train.batch_size * heads * sum(scores) * FLOAT_BYTES,
         "evaluation": evaluation,
     }
-    return MemoryEstimate(terms)
+    return MemoryEstimate(terms, device)
 
 
 def _data_pool_bytes(config: TrialConfig, pool_images: int, image_bytes: int, mapped: bool) -> int:
-    """The decoded pool (none when it is read memory-mapped), plus the training subset, the held-out
-    images and the FID reference images gathered from it."""
+    """The decoded pool (none when it is read memory-mapped: a trial then holds only what it gathers),
+    plus the training subset, the held-out images and the FID reference images gathered from it."""
+    resident = 0 if mapped else pool_images * image_bytes
+    return resident + _subset_bytes(config, pool_images, image_bytes) + _reference_bytes(config, pool_images, image_bytes)
+
+
+def _reference_bytes(config: TrialConfig, pool_images: int, image_bytes: int) -> int:
+    """The FID reference images, gathered from the pool when FID is on."""
+    if not config.eval.fid.enabled:
+        return 0
+    pool_left = max(pool_images - min(config.data.test_images, pool_images), 0)
+    return min(config.eval.fid.samples, pool_left) * image_bytes
+
+
+def _subset_bytes(config: TrialConfig, pool_images: int, image_bytes: int) -> int:
+    """The uint8 training subset and held-out images (on the trial's device)."""
     data = config.data
     held_out = min(data.test_images, pool_images)
     pool_left = max(pool_images - held_out, 0)
     train_images = min(data.num_images or pool_left, pool_left)
     if data.fraction is not None:
         train_images = max(1, round(data.fraction * pool_left))
-    reference = min(config.eval.fid.samples, pool_left) if config.eval.fid.enabled else 0
-    resident = 0 if mapped else pool_images
-    return (resident + train_images + held_out + reference) * image_bytes
+    return (train_images + held_out) * image_bytes
 
 
 def _jacobian_matrix_bytes(d: int) -> int:
@@ -227,7 +291,8 @@ def unet_parameter_count(size: str, channels: int) -> int:
     return count + 2 * previous + conv(previous, channels)
 
 
-def _unet_memory(config: TrialConfig, pool_images: int, channels: int, mapped: bool) -> MemoryEstimate:
+def _unet_memory(config: TrialConfig, pool_images: int, channels: int, mapped: bool, device: str) -> MemoryEstimate:
+    """fp32 rates on every device (an upper bound under CUDA's bf16 autocast)."""
     data, train, ev = config.data, config.train, config.eval
     image_bytes = channels * data.image_size * data.image_size
     params = unet_parameter_count(config.model.size, channels)
@@ -240,13 +305,14 @@ def _unet_memory(config: TrialConfig, pool_images: int, channels: int, mapped: b
         evaluation = max(evaluation, min(ev.jacobian.chunk, image_bytes) * features + _jacobian_matrix_bytes(image_bytes))
     terms = {
         "data pool": _data_pool_bytes(config, pool_images, image_bytes, mapped),
+        "device data": _subset_bytes(config, pool_images, image_bytes) if device == "cuda" else 0,
         "model state": OPTIMIZER_COPIES * params * FLOAT_BYTES,
         "attention masks": 0,
         "activations": train.batch_size * features,
         "attention scores": 0,
         "evaluation": evaluation,
     }
-    return MemoryEstimate(terms)
+    return MemoryEstimate(terms, device)
 
 
 def format_bytes(count: float) -> str:

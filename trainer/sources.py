@@ -35,14 +35,34 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 LABELS_KEY = "labels"  # optional array in a .npz, next to the images
 
 
+@dataclass(frozen=True)
+class MappedNpy:
+    """A .npy file indexed like an array, memory-mapped for each indexing and unmapped after: only the
+    rows asked for are read, and no page stays mapped between trials (see `Pack.images_of`)."""
+
+    source: str
+    path: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def open(cls, source: str, path: str) -> MappedNpy:
+        return cls(source, path, read_npy(source, path, mmap=True).shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, indices) -> np.ndarray:
+        return np.asarray(read_npy(self.source, self.path, mmap=True)[indices])
+
+
 @dataclass
 class ImageSource:
-    """A data source opened for reading at one image size. `images` is an array (possibly memory-mapped)
-    or a `Pack`; gathering copies only the rows asked for."""
+    """A data source opened for reading at one image size. `images` is an array, a `MappedNpy` or a
+    `Pack`; gathering copies only the rows asked for."""
 
     name: str
     image_size: int
-    images: np.ndarray | Pack
+    images: np.ndarray | MappedNpy | Pack
     all_labels: np.ndarray | None = None  # for arrays; a pack reads its own
 
     @property
@@ -110,7 +130,7 @@ def open_local(source: str, path: str, image_size: int, fetch: Callable[[str, st
         return ImageSource(source, image_size, decoded.images, decoded.labels)
     suffix = Path(path).suffix.lower()
     if suffix == ".npy":
-        return ImageSource(source, image_size, read_npy(source, path, mmap=True))
+        return ImageSource(source, image_size, MappedNpy.open(source, path))
     if suffix == ".npz":
         return ImageSource(source, image_size, _read_npz(source, path), read_labels(source, path))
     raise DataError(

@@ -42,6 +42,14 @@ def tiny_config(changes: dict[str, Any] | None = None, drop: tuple[str, ...] = (
     return config
 
 
+def smallest_config() -> dict:
+    """The smallest trial that still runs every stage once (one step of two images, evaluated at the
+    end): for tests of many trials or many launches, where what a trial learns does not matter."""
+    return tiny_config({"data.num_images": 4, "data.test_images": 4, "train.steps": 1, "train.batch_size": 2,
+                        "train.log_every": 1, "eval.psnr_gap.images": 2, "eval.psnr_gap.timesteps": 1,
+                        "eval.locality.enabled": False}, drop=("eval.every",))
+
+
 def set_options(config: dict, prefix: str = "") -> list[str]:
     """A config as `--set key=value` options of the CLI, leaves in order."""
     options = []
