@@ -32,7 +32,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from orchestrator.spec import SpecError
 from orchestrator.sweep import init_ray, quiet_ray
 
-CHECK_TIMEOUT_S = 60.0  # the longest every node may take to say whether it sees the local paths
+# The longest every node may take to say whether it sees the local paths: starting a worker process
+# took over 60 s on the loaded 2-core test machine, so a node that does not answer is named as such.
+CHECK_TIMEOUT_S = 180.0
 STALL_TIMEOUT_S = 600.0  # default: no task finished for this long -> the run stops
 # The column of the task rows, and those of the result rows (the node is the id of the one that ran it).
 _TASK, _RESULT, _ERROR, _NODE = "task", "result", "error", "node"
@@ -168,8 +170,9 @@ def check_nodes_see(paths: Sequence[str], advice: str = "", timeout_s: float = C
     if blind:
         named = "; ".join(f"{nodes[node_id]} ({node_id[:8]}): {', '.join(missing[:2])}"
                           for node_id, missing in blind.items())
+        what = "do not see" if len(late) < len(blind) else f"did not say within {timeout_s:.0f} s whether they see"
         raise NotShared(
-            f"{len(blind)} of the cluster's {len(nodes)} nodes do not see the local files this command reads "
+            f"{len(blind)} of the cluster's {len(nodes)} nodes {what} the local files this command reads "
             f"({named}); " + (advice or "put them where every node reads them at the same path")
         )
 
