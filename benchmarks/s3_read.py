@@ -35,7 +35,7 @@ import numpy as np
 from _common import best_times, machine  # first: puts the repository root on sys.path
 from PIL import Image
 
-import trainer.data
+import trainer.storage
 from trainer.data import load_images
 
 
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="side of each PNG in pixels")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the best of each is kept")
     parser.add_argument("--sequential", action="store_true",
-                        help="also time S3 with one GET at a time (trainer.data.FETCH_THREADS = 1), the old rate")
+                        help="also time S3 with one GET at a time (trainer.storage.FETCH_THREADS = 1), the old rate")
     args = parser.parse_args()
 
     server, endpoint = start_moto()
@@ -116,11 +116,11 @@ def main() -> None:
             shutil.rmtree(cache)
 
         def read_s3_sequential() -> None:
-            threads, trainer.data.FETCH_THREADS = trainer.data.FETCH_THREADS, 1
+            threads, trainer.storage.FETCH_THREADS = trainer.storage.FETCH_THREADS, 1
             try:
                 read_s3()
             finally:
-                trainer.data.FETCH_THREADS = threads
+                trainer.storage.FETCH_THREADS = threads
 
         candidates = {"local": read_local, "s3": read_s3}
         if args.sequential:
@@ -138,7 +138,7 @@ def main() -> None:
     print(f"{args.files} PNGs of {args.size}x{args.size}, moto S3 at {endpoint}, best of {args.repeats} "
           f"interleaved ({took:.0f} s in all)")
     print(f"local: {best['local']:.3f} s  ({local_rate:,.0f} files/s)")
-    print(f"s3:    {best['s3']:.3f} s  ({s3_rate:,.0f} files/s, {trainer.data.FETCH_THREADS} GETs in flight)")
+    print(f"s3:    {best['s3']:.3f} s  ({s3_rate:,.0f} files/s, {trainer.storage.FETCH_THREADS} GETs in flight)")
     if "s3_sequential" in best:
         print(f"s3, one GET at a time: {best['s3_sequential']:.3f} s  ({args.files / best['s3_sequential']:,.0f} files/s)")
     met = s3_rate >= 3000 or best["s3"] / best["local"] <= 2.0

@@ -30,7 +30,8 @@ from pydantic import ValidationError
 
 from trainer.attention import BACKENDS, resolve_backend
 from trainer.config import TrialConfig
-from trainer.train import Subsets, Trainer
+from trainer.pool import Subsets
+from trainer.train import Trainer
 
 PAPER_WINDOWS = [3, 5, 7, 9, 11, 13]
 

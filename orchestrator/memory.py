@@ -13,12 +13,12 @@ from pathlib import Path
 
 from orchestrator.spec import SpecError, Trial
 from trainer.messages import short_text
-from trainer.memory import MemoryEstimate, estimate_trial_memory, format_bytes, source_shape
+from trainer.memory import MemoryEstimate, estimate_trial_memory, format_bytes
 
 # What to change, by the term that dominates the estimate.
 _FIXES = {
-    "data pool": "lower data.image_size, or use a smaller data source (the whole source is decoded, "
-    "whatever data.num_images)",
+    "data pool": "lower data.image_size, or pack the source with `ditsweep prepare-data` (a trial then "
+    "reads only its subset and held-out images; an image folder is decoded whole, whatever data.num_images)",
     "device data": "lower data.num_images or data.test_images, or data.image_size (both subsets are moved to "
     "the GPU)",
     "model state": "choose a smaller model.size",
@@ -68,7 +68,9 @@ def gpu_share_bytes(gpu: float, memory: int) -> int:
 
 def trial_estimates(trials: list[Trial], device: str = "cpu") -> dict[str, MemoryEstimate]:
     """Trial key -> memory estimate; each data source is sized once, from headers or file names."""
-    shapes: dict[str, tuple[int, int]] = {}
+    from trainer.sources import source_shape  # fsspec and PIL: only once a spec is valid
+
+    shapes: dict[str, tuple] = {}
     estimates = {}
     for trial in trials:
         data = trial.config.data

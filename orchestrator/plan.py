@@ -97,14 +97,16 @@ def _device(spec: SweepSpec) -> str:
 
 def check_data(trials: tuple[Trial, ...] | list[Trial]) -> None:
     """Load each distinct data source once and check every trial's subset fits it."""
-    from trainer.data import held_out_region, load_images, split_subsets
+    from trainer.builtins import held_out_region
+    from trainer.data import open_source
+    from trainer.subsets import split_subsets
 
     sizes: dict[tuple[str, int], int] = {}
     for trial in trials:
         data = trial.config.data
         source = (data.source, data.image_size)
         if source not in sizes:
-            sizes[source] = len(load_images(data.source, data.image_size))
+            sizes[source] = open_source(data.source, data.image_size).count  # a pack: its manifest only
         split_subsets(
             sizes[source], data.test_images, data.num_images, data.fraction, data.shuffle_seed, disjoint=data.disjoint,
             region=held_out_region(data.source, data.image_size),

@@ -200,7 +200,7 @@ def test_prepare_data_packs_a_folder(runner, tmp_path):
     assert "wrote 6 images of 8x8" in result.stdout
     manifest = json.loads((dst / "manifest.json").read_text())
     assert (manifest["count"], manifest["image_size"], manifest["channels"]) == (6, 8, 1)
-    packed = np.load(dst / "images.npy")
+    packed = np.load(dst / manifest["shards"][0]["name"], mmap_mode="r")
     assert packed.shape == (6, 8, 8, 1) and packed.dtype == np.uint8
     np.testing.assert_array_equal(load_images(str(dst), 8), load_images(str(src), 8))
 

@@ -418,7 +418,7 @@ def test_sweep_with_data_checkpoints_and_artifacts_on_s3_and_no_credentials_anyw
     sweep_id = runs["sweep"][0].data.tags["ditsweep.sweep_id"]
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     stored = fs.find(s3_bucket)
-    assert {f"{s3_bucket}/data/images.npy", f"{s3_bucket}/data/manifest.json"} <= set(stored)
+    assert {f"{s3_bucket}/data/shard-00000.npy", f"{s3_bucket}/data/manifest.json"} <= set(stored)
     assert any(p.startswith(f"{s3_bucket}/results/{sweep_id}/") and "/checkpoint_" in p and p.endswith("state.pt")
                for p in stored), stored
     trial_artifacts = trial.info.artifact_uri.removeprefix("s3://")

@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 from tests.support.sweeps import free_port
-from trainer.data import DataError, load_images, pool_sample, prepare_images, split_subsets, to_tensor, to_unit
+from trainer.data import DataError, load_images, to_tensor, to_unit
+from trainer.prepare import prepare_images
+from trainer.subsets import pool_sample, split_subsets
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -220,9 +222,10 @@ def test_prepare_crops_mixed_sizes_and_loads_back(tmp_path):
     manifest = prepare_images(str(src), str(dst), 8)
     assert manifest["count"] == 3 and manifest["image_size"] == 8 and manifest["channels"] == 3
     assert manifest["source"] == str(src)
-    assert manifest["sha256"] == hashlib.sha256((dst / "images.npy").read_bytes()).hexdigest()
+    (shard,) = manifest["shards"]
+    assert shard["sha256"] == hashlib.sha256((dst / shard["name"]).read_bytes()).hexdigest()
     assert json.loads((dst / "manifest.json").read_text()) == manifest
-    assert sorted(p.name for p in dst.iterdir()) == ["images.npy", "manifest.json"]
+    assert sorted(p.name for p in dst.iterdir()) == ["manifest.json", shard["name"]]
     prepared = load_images(str(dst), 8)
     np.testing.assert_array_equal(prepared, load_images(str(src), 8))
     assert load_images(str(dst), 4).shape == (3, 4, 4, 3)
@@ -255,8 +258,8 @@ def test_prepare_packs_mixed_channel_modes_as_rgb_but_refuses_a_broken_file(tmp_
 def test_prepared_folder_checks_sha256(tmp_path):
     src = write_folder(tmp_path / "src", {"a.png": solid(RED, 8, 8), "b.png": solid(GREEN, 8, 8)})
     dst = tmp_path / "prepared"
-    prepare_images(str(src), str(dst), 8)
-    np.save(dst / "images.npy", np.zeros((2, 8, 8, 3), np.uint8))  # same shape, other content
+    manifest = prepare_images(str(src), str(dst), 8)
+    np.save(dst / manifest["shards"][0]["name"], np.zeros((2, 8, 8, 3), np.uint8))  # same shape, other content
     with pytest.raises(DataError, match="does not match its manifest") as info:
         load_images(str(dst), 8)
     assert str(dst) in str(info.value)
@@ -315,9 +318,9 @@ def test_corrupt_remote_folder_is_not_cached(s3_bucket, tmp_path):
 def test_many_object_folder_on_s3_matches_local_bytes_and_order(s3_bucket, tmp_path, monkeypatch):
     """Fetched concurrently and in slices (4 slices of 64 here), the cached copy holds exactly the
     remote bytes and the images come back in the local folder's sorted order, odd names included."""
-    import trainer.data
+    import trainer.storage
 
-    monkeypatch.setattr(trainer.data, "FETCH_SLICE", 64)
+    monkeypatch.setattr(trainer.storage, "FETCH_SLICE", 64)
     rng = np.random.default_rng(5)
     images = {
         f"c{i % 3}/{i:04d}{'[x]' if i % 50 == 0 else ''}.png": Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
@@ -338,13 +341,13 @@ def test_many_object_folder_on_s3_matches_local_bytes_and_order(s3_bucket, tmp_p
 
 def test_an_object_that_vanishes_before_its_fetch_is_named(s3_bucket, tmp_path):
     """Listed but gone when fetched (deleted in between): DataError names the source and the file."""
-    from trainer.data import _fetch_all
+    from trainer.storage import fetch_all
 
     uri = f"s3://{s3_bucket}/imgs"
     upload_folder(write_folder(tmp_path / "src", {"a.png": solid(RED, 8, 8), "b.png": solid(GREEN, 8, 8)}), uri)
     fs = s3()
     with pytest.raises(DataError, match=r"1 object\(s\).*gone\.png \(missing\)") as info:
-        _fetch_all(uri, fs, f"{s3_bucket}/imgs", ["a.png", "gone.png", "b.png"], str(tmp_path / "out"))
+        fetch_all(uri, fs, f"{s3_bucket}/imgs", ["a.png", "gone.png", "b.png"], str(tmp_path / "out"))
     assert uri in str(info.value)
 
 
@@ -355,7 +358,7 @@ def test_prepare_to_s3_and_load_back(s3_bucket, tmp_path):
     dst = f"s3://{s3_bucket}/prepared/v1"
     manifest = prepare_images(src, dst, 8)
     assert manifest["source"] == src and manifest["count"] == 2
-    assert sorted(s3().ls(dst)) == [f"{s3_bucket}/prepared/v1/images.npy", f"{s3_bucket}/prepared/v1/manifest.json"]
+    assert sorted(s3().ls(dst)) == [f"{s3_bucket}/prepared/v1/manifest.json", f"{s3_bucket}/prepared/v1/shard-00000.npy"]
     assert json.loads(s3().cat(f"{dst}/manifest.json")) == manifest
     loaded = load_images(dst, 8, cache_dir=str(tmp_path / "cache"))
     np.testing.assert_array_equal(loaded, load_images(str(local), 8))
@@ -367,11 +370,12 @@ def test_prepared_on_s3_with_tampered_data_is_refused(s3_bucket, tmp_path):
     dst = f"s3://{s3_bucket}/prepared"
     prepare_images(str(local), dst, 8)
     np.save(tmp_path / "other.npy", np.zeros((1, 8, 8, 3), np.uint8))
-    s3().put_file(str(tmp_path / "other.npy"), f"{dst}/images.npy")
+    s3().put_file(str(tmp_path / "other.npy"), f"{dst}/shard-00000.npy")
     with pytest.raises(DataError, match="does not match its manifest") as info:
         load_images(dst, 8, cache_dir=str(tmp_path / "cache"))
     assert dst in str(info.value)
-    assert list((tmp_path / "cache" / "data").iterdir()) == []
+    (entry,) = (tmp_path / "cache" / "data").iterdir()
+    assert [p.name for p in entry.iterdir()] == ["manifest.json"]  # the tampered shard is not kept
 
 
 def test_missing_bucket_names_the_uri(s3_env, tmp_path):

@@ -12,40 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.data import DataError, load_images, load_labels, prepare_images
+from tests.support.images import mixed_folder, save
+from trainer.data import DataError, load_images, load_labels
+from trainer.prepare import prepare_images
 from trainer.decode import center_crop_resize
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def save(folder: Path, name: str, image: Image.Image, **kwargs) -> None:
-    path = folder / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, **kwargs)
-
-
 def pixel(images: np.ndarray, index: int) -> np.ndarray:
     """Mean colour of one decoded image (all solid here)."""
     return images[index].reshape(-1, images.shape[-1]).mean(axis=0)
-
-
-def mixed_folder(folder: Path) -> dict[str, tuple[float, float, float]]:
-    """One image of each awkward kind, and the RGB each must decode to (worked out by hand)."""
-    save(folder, "a_rgb.png", Image.new("RGB", (12, 12), (200, 30, 60)))
-    save(folder, "b_gray.png", Image.new("L", (12, 12), 100))
-    # 16-bit grayscale: 51400 of 65535 is 200.0 of 255 (scaled, not clipped to 255).
-    save(folder, "c_gray16.png", Image.fromarray(np.full((12, 12), 51400, dtype=np.uint16)))
-    save(folder, "d_palette.png", Image.new("RGB", (12, 12), (10, 200, 30)).convert("P", palette=Image.Palette.ADAPTIVE))
-    save(folder, "e_rgba.png", Image.new("RGBA", (12, 12), (40, 50, 220, 128)))  # alpha dropped
-    save(folder, "f_cmyk.jpg", Image.new("RGB", (12, 12), (220, 120, 20)).convert("CMYK"), quality=95)
-    return {
-        "a_rgb.png": (200, 30, 60),
-        "b_gray.png": (100, 100, 100),
-        "c_gray16.png": (200, 200, 200),
-        "d_palette.png": (10, 200, 30),
-        "e_rgba.png": (40, 50, 220),
-        "f_cmyk.jpg": (220, 120, 20),
-    }
 
 
 def test_a_mixed_mode_folder_packs_with_every_image_converted(tmp_path):

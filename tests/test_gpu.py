@@ -16,7 +16,8 @@ import torch
 
 from trainer.attention import attend, window_mask
 from trainer.config import TrialConfig
-from trainer.train import Subsets, Trainer
+from trainer.pool import Subsets
+from trainer.train import Trainer
 
 pytestmark = [
     pytest.mark.gpu,

@@ -15,7 +15,8 @@ from tests.support.sweeps import tiny_config
 from trainer import memorization as mem
 from trainer.config import build_config
 from trainer.data import load_images
-from trainer.train import Trainer, load_subsets
+from trainer.pool import load_subsets
+from trainer.train import Trainer
 
 
 @pytest.fixture(scope="module")

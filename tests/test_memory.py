@@ -24,7 +24,8 @@ from orchestrator.memory import TrialMemoryError, check_trial_memory, machine_me
 from orchestrator.spec import expand, load_spec
 from tests.support.sweeps import write_spec
 from trainer.config import build_config
-from trainer.memory import estimate_trial_memory, format_bytes, parameter_count, source_shape
+from trainer.memory import estimate_trial_memory, format_bytes, parameter_count
+from trainer.sources import source_shape
 from trainer.model import build_dit
 
 DIGITS = 1797  # scikit-learn's digits: 8x8 grayscale
@@ -81,17 +82,34 @@ def test_data_pool_is_the_decoded_source_plus_the_subset_copies():
     assert estimate_trial_memory(config, DIGITS, 1).terms["data pool"] == expected
 
 
+def test_a_memory_mapped_source_counts_only_what_a_trial_gathers(tmp_path):
+    """A prepared pack (or a .npy) is read memory-mapped: the subset, held-out and FID reference images,
+    whatever the size of the pool."""
+    from trainer.packs import finish_manifest, write_shard
+
+    config = build_config({"data": {"image_size": 16, "num_images": 100, "test_images": 50},
+                           "eval": {"fid": {"enabled": True, "samples": 200}}})
+    for pool in (1_000, 1_000_000):
+        assert estimate_trial_memory(config, pool, 3, mapped=True).terms["data pool"] == (100 + 50 + 200) * 16 * 16 * 3
+    assert estimate_trial_memory(config, 1_000_000, 3).terms["data pool"] == (1_000_000 + 350) * 16 * 16 * 3
+    import numpy as np
+
+    records = [write_shard(str(tmp_path), i, np.zeros((4, 16, 16, 3), np.uint8)) for i in range(3)]
+    finish_manifest(str(tmp_path), records, 16, 3)
+    assert source_shape(str(tmp_path)) == (12, 3, True)
+
+
 def test_source_shape_reads_headers_not_pixels(tmp_path):
     import numpy as np
 
-    assert source_shape("digits") == (DIGITS, 1)
+    assert source_shape("digits") == (DIGITS, 1, False)
     array = np.zeros((7, 5, 5, 3), dtype=np.uint8)
     np.save(tmp_path / "a.npy", array)
     np.savez(tmp_path / "b.npz", images=array, labels=np.arange(7))
     np.save(tmp_path / "gray.npy", array[..., 0])
-    assert source_shape(str(tmp_path / "a.npy")) == (7, 3)
-    assert source_shape(str(tmp_path / "b.npz")) == (7, 3)
-    assert source_shape(str(tmp_path / "gray.npy")) == (7, 1)
+    assert source_shape(str(tmp_path / "a.npy")) == (7, 3, True)  # memory-mapped
+    assert source_shape(str(tmp_path / "b.npz")) == (7, 3, False)  # decoded whole
+    assert source_shape(str(tmp_path / "gray.npy")) == (7, 1, True)
     assert source_shape(str(tmp_path / "absent.npy")) is None
 
 

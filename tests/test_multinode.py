@@ -1,9 +1,10 @@
-"""Sweeps on a real multi-node Ray cluster on 127.0.0.1 (the `ray_cluster` fixture of
-tests/plugins/ray_cluster.py): a head with no CPUs and two one-CPU worker nodes, checkpoints on S3
-(moto's server), tracking to a real `mlflow server`."""
+"""Sweeps, and `prepare-data` on Ray Data, on a real multi-node Ray cluster on 127.0.0.1 (the
+`ray_cluster` fixture of tests/plugins/ray_cluster.py): a head with no CPUs and two one-CPU worker
+nodes, checkpoints and packs on S3 (moto's server), tracking to a real `mlflow server`."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,10 +12,12 @@ import sys
 import time
 
 import pytest
+import s3fs
 from mlflow.tracking import MlflowClient
 
 from orchestrator.status import status
 from orchestrator.tracking import TAG_DEVICE, TAG_NODE_ID, TAG_NODE_IP, TAG_ROLE, TAG_SWEEP_ID
+from tests.support.images import mixed_collection
 from tests.support.sweeps import TINY, ditsweep, write_spec
 
 FOUR_TRIALS = {"attention.placement": ["none", "head"], "seed": [0, 1]}
@@ -89,6 +92,67 @@ def test_local_storage_on_a_multi_node_cluster_is_refused(ray_cluster, tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "--storage" in result.stderr and "3 nodes" in result.stderr and "s3://" in result.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_prepare_data_on_ray_data_across_both_workers_equals_one_process_byte_for_byte(ray_cluster, s3_bucket,
+                                                                                      tmp_path):
+    """A mixed-mode folder in class folders (RGB, grayscale, 16-bit, palette, RGBA, CMYK, EXIF-turned,
+    one unreadable file skipped) packed in one process to a local folder, and on Ray Data across the
+    two workers to S3: the same files, byte for byte, and the shards decoded on both workers."""
+    src = tmp_path / "src"
+    mixed_collection(src, per_class=12, classes=3)
+    (src / "class_1" / "0003.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # listed in both manifests
+    # 8x8x3 = 192 bytes an image: 0.002 MiB holds 10, so 36 images make 4 shards.
+    options = ["--image-size", "8", "--shard-mb", "0.002", "--skip-unreadable"]
+    one = ditsweep("prepare-data", str(src), str(tmp_path / "one"), *options, "--no-ray", cwd=tmp_path)
+    assert one.returncode == 0, one.stdout + one.stderr
+    on_ray = ditsweep("prepare-data", str(src), f"s3://{s3_bucket}/pack", *options, "--address", ray_cluster.address,
+                      cwd=tmp_path, timeout=300)
+    assert on_ray.returncode == 0, on_ray.stdout + on_ray.stderr
+    assert "read on Ray Data by 2 node(s)" in on_ray.stdout, on_ray.stdout
+    assert "eta" in on_ray.stderr.lower()
+    local = {path.name: path.read_bytes() for path in (tmp_path / "one").iterdir()}
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    remote = {path.rsplit("/", 1)[-1]: fs.cat_file(path) for path in fs.find(f"{s3_bucket}/pack")}
+    assert sorted(local) == sorted(remote) and "manifest.json" in local and "shard-00003.npy" in local
+    assert {name for name in local if local[name] != remote[name]} == set()
+    manifest = json.loads(local["manifest.json"])
+    assert manifest["count"] == 35 and list(manifest["skipped"]) == ["class_1/0003.png"]
+
+
+@pytest.mark.slow
+def test_a_prepare_data_killed_on_the_cluster_resumes_in_one_process_byte_identical(ray_cluster, tmp_path):
+    """One resume mechanism for both paths: a preparation decoding on the cluster, its driver SIGKILLed
+    after the first shard it recorded, is finished by the single-process command, which keeps the
+    shards already written (same inode and mtime) and gives the uninterrupted pack byte for byte."""
+    src = tmp_path / "src"
+    mixed_collection(src, per_class=140, classes=3)  # 420 images: 20 shards of 21
+    options = ["--image-size", "8", "--shard-mb", str(21 * 8 * 8 * 3 / (1 << 20))]
+    reference = ditsweep("prepare-data", str(src), str(tmp_path / "reference"), *options, "--no-ray", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "pack"
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "prepare-data", str(src), str(out), *options,
+                               "--address", ray_cluster.address], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for("the first shard recorded", lambda: (out / "progress.json").exists(), 240, driver)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and anything it started; the cluster stays
+        driver.communicate(timeout=60)
+    assert not (out / "manifest.json").exists(), "the preparation finished before it could be killed"
+    recorded = json.loads((out / "progress.json").read_text())["shards"]
+    finished = {e["shard"]["name"]: (out / e["shard"]["name"]).stat() for e in recorded.values()}
+    assert 1 <= len(finished) < 20
+
+    resumed = ditsweep("prepare-data", str(src), str(out), *options, "--no-ray", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {len(recorded)} of 20 shard(s) already written" in resumed.stderr
+    files = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert files == {path.name: path.read_bytes() for path in (tmp_path / "reference").iterdir()}
+    for name, before in finished.items():
+        after = (out / name).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), f"{name} was rewritten"
 
 
 def _trial_runs(client: MlflowClient, experiment: str) -> list:

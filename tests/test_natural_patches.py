@@ -7,14 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.data import (
-    DataError,
-    held_out_region,
-    load_images,
-    natural_patch_boxes,
-    pool_sample,
-    split_subsets,
-)
+from trainer.builtins import held_out_region, natural_patch_boxes
+from trainer.data import DataError, load_images
+from trainer.subsets import pool_sample, split_subsets
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +101,7 @@ def test_a_trial_trains_on_training_region_patches_and_scores_held_out_region_on
 
     from tests.support.sweeps import tiny_config
     from trainer.config import build_config
-    from trainer.train import load_subsets
+    from trainer.pool import load_subsets
 
     config = build_config(tiny_config({"data.source": "natural-gray", "data.image_size": 16,
                                        "data.num_images": 8, "data.test_images": 64}))

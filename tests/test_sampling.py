@@ -14,7 +14,8 @@ from trainer import sampling
 from trainer.config import apply_overrides, build_config
 from trainer.diffusion import linear_schedule
 from trainer.model import DiT
-from trainer.train import Trainer, load_subsets
+from trainer.pool import load_subsets
+from trainer.train import Trainer
 
 TINY = tiny_config({"data.test_images": 8, "eval.samples.steps": 3})
 

@@ -19,16 +19,15 @@ import torch
 
 from tests.support.sweeps import tiny_config
 from trainer.config import TrialConfig, apply_overrides, build_config
-from trainer.data import DataError, load_images, load_labels, prepare_images
+from trainer.data import DataError, load_images, load_labels
 from trainer.metrics import PsnrCurve
+from trainer.pool import POOLS, PoolCache, load_subsets
+from trainer.prepare import prepare_images
 from trainer.train import (
     CHECKPOINT_FILE,
-    POOLS,
     PREVIOUS_CHECKPOINT_FILE,
-    PoolCache,
     Trainer,
     load_checkpoint,
-    load_subsets,
     save_checkpoint,
     train,
 )
@@ -238,7 +237,7 @@ def test_load_labels_from_each_kind_of_source(tmp_path):
 
     prepare_images(str(tmp_path / "plain.npy"), str(tmp_path / "prepared"), 8)
     assert load_labels(str(tmp_path / "prepared")) is None
-    np.save(tmp_path / "prepared" / "labels.npy", labels)
+    prepare_images(str(tmp_path / "with.npz"), str(tmp_path / "prepared"), 8)  # labels travel into the pack
     np.testing.assert_array_equal(load_labels(str(tmp_path / "prepared")), labels)
 
     with pytest.raises(DataError, match="does not exist"):
@@ -252,11 +251,10 @@ def test_load_labels_from_s3_reads_the_local_copy(tmp_path, s3_bucket, monkeypat
     images, labels = digit_like(5), np.array([3, 1, 4, 1, 5])
     np.savez(tmp_path / "set.npz", images=images, labels=labels)
     prepare_images(str(tmp_path / "set.npz"), str(tmp_path / "prepared"), 8)
-    np.save(tmp_path / "prepared" / "labels.npy", labels)
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.put_file(str(tmp_path / "set.npz"), f"{s3_bucket}/set.npz")
-    for name in ("manifest.json", "images.npy", "labels.npy"):
-        fs.put_file(str(tmp_path / "prepared" / name), f"{s3_bucket}/prepared/{name}")
+    for path in (tmp_path / "prepared").iterdir():
+        fs.put_file(str(path), f"{s3_bucket}/prepared/{path.name}")
 
     for uri in (f"s3://{s3_bucket}/set.npz", f"s3://{s3_bucket}/prepared"):
         with pytest.raises(DataError, match="call load_images"):
@@ -328,10 +326,6 @@ def test_label_count_must_match_the_images(tmp_path):
 # One decode per source and process: Ray reuses a worker for trial after trial of a sweep.
 
 
-def as_pool(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2)
-
-
 def touch_later(path: Path) -> None:
     """Move the modification time forward, as an edit a second later would (coarse-mtime file systems)."""
     stat = os.stat(path)
@@ -348,15 +342,18 @@ def test_trials_on_one_source_decode_it_once_and_an_edit_decodes_it_again(tmp_pa
 
     pool = cache.get(a)
     assert cache.get(b) is pool and (cache.misses, cache.hits) == (1, 1)
-    assert torch.equal(pool.images, as_pool(first)) and pool.labels is None
+    np.testing.assert_array_equal(pool.read_all(), first)
+    assert pool.labels() is None
 
     second = 255 - first  # same size: only the modification time tells them apart
-    np.save(path, second)
+    np.save(path.with_name("next.npy"), second)
+    os.replace(path.with_name("next.npy"), path)
     touch_later(path)
-    assert torch.equal(cache.get(a).images, as_pool(second)) and cache.misses == 2
+    np.testing.assert_array_equal(cache.get(a).read_all(), second)
+    assert cache.misses == 2
 
-    assert cache.get(tiny(f"data.source={path}", "data.image_size=4")).images.shape[-1] == 4  # another size
-    assert cache.get(tiny("data.source=digits")).images.shape[0] == 1797  # another source
+    assert cache.get(tiny(f"data.source={path}", "data.image_size=4")).read_all().shape[1:3] == (4, 4)  # another size
+    assert cache.get(tiny("data.source=digits")).count == 1797  # another source
     assert cache.misses == 4
 
 
@@ -369,18 +366,18 @@ def test_an_image_folder_is_decoded_again_when_a_file_is_added(tmp_path):
     for i in range(20):
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / "sub" / f"{i:02}.png")
     cache, config = PoolCache(), tiny(f"data.source={folder}", "data.num_images=4", "data.test_images=8")
-    assert cache.get(config).images.shape[0] == 20 and cache.get(config).images.shape[0] == 20
+    assert cache.get(config).count == 20 and cache.get(config).count == 20
     assert (cache.misses, cache.hits) == (1, 1)
 
     Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / "sub" / "20.png")
-    assert cache.get(config).images.shape[0] == 21 and cache.misses == 2
+    assert cache.get(config).count == 21 and cache.misses == 2
 
 
 def test_labels_are_checked_against_each_trials_num_classes_even_when_cached():
-    cache = PoolCache()
-    assert cache.get(tiny("model.num_classes=10")).labels.shape == (1797,)
+    POOLS.clear()
+    assert load_subsets(tiny("model.num_classes=10"), torch.device("cpu")).train_labels.shape == (32,)
     with pytest.raises(DataError, match="num_classes=5"):
-        cache.get(tiny("model.num_classes=5"))
+        load_subsets(tiny("model.num_classes=5"), torch.device("cpu"))
 
 
 def test_a_trial_writing_into_its_subsets_leaves_the_shared_pool_alone():
@@ -404,8 +401,8 @@ def test_a_remote_source_is_served_from_memory_after_its_first_download(tmp_path
     np.save(tmp_path / "set.npy", images)
     s3fs.S3FileSystem(skip_instance_cache=True).put_file(str(tmp_path / "set.npy"), f"{s3_bucket}/set.npy")
     cache, config = PoolCache(), tiny(f"data.source=s3://{s3_bucket}/set.npy", "data.num_images=8")
-    assert torch.equal(cache.get(config).images, as_pool(images))
-    assert torch.equal(cache.get(config).images, as_pool(images))
+    np.testing.assert_array_equal(cache.get(config).read_all(), images)
+    np.testing.assert_array_equal(cache.get(config).read_all(), images)
     assert (cache.misses, cache.hits) == (1, 1)
 
     monkeypatch.setenv("DITSWEEP_CACHE", str(tmp_path / "elsewhere"))  # another disk cache: read again

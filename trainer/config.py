@@ -109,7 +109,9 @@ class DataConfig(_Section):
         "16x16 or 32x32 patches of two photographs, RGB or grayscale, training and held-out ones from interleaved "
         "stripes 16 pixels apart: 1040 training + 520 held-out at 16 (N up to 1024), 260 + 130 at 32 (N up to "
         "256); none downloaded), an image folder, a `.npy`/`.npz` uint8 array "
-        "(N, H, W, C), a folder made by `prepare-data`; local path or `s3://` URI (cached locally)",
+        "(N, H, W, C), a folder of Parquet files with an image column, an LMDB export (LSUN), a pack made by "
+        "`prepare-data` (read memory-mapped: a trial reads only the shards of its images); local path or `s3://` URI "
+        "(cached locally)",
     )
     image_size: int = Field(8, ge=2, description="images are center-cropped and resized to this square size")
     num_images: int | None = Field(

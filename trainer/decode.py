@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -95,7 +97,21 @@ def upright_l_or_rgb(image: Image.Image) -> tuple[Image.Image, bool]:
     return image, orientation not in (None, 1)
 
 
-def decode_file(path: str, size: int) -> tuple[np.ndarray, str, bool]:
+def reads_as_gray(mode: str) -> bool:
+    """Whether a file of PIL mode `mode` is read as grayscale (L) by `upright_l_or_rgb` (else RGB)."""
+    return mode in _GRAY_MODES or mode.startswith("I")
+
+
+def file_mode(path: str | BinaryIO) -> str:
+    """The PIL mode of an image file, from its header alone (no pixels decoded)."""
+    try:
+        with Image.open(path) as image:
+            return image.mode
+    except Exception as err:  # noqa: BLE001 - any failure to parse the header means "unusable"
+        raise UnreadableImage(f"{type(err).__name__}: {err}") from err
+
+
+def decode_file(path: str | BinaryIO, size: int) -> tuple[np.ndarray, str, bool]:
     """(size, size, 1 or 3) uint8 of one file, its original mode, and whether EXIF turned it."""
     try:
         with Image.open(path) as image:
@@ -141,12 +157,19 @@ def decode_folder(folder: str, names: list[str], size: int, channels: int | None
                   skip_unreadable: bool = False) -> DecodedFolder:
     """Decode `names` (relative to `folder`). Unreadable files raise UnreadableImage naming them all,
     unless `skip_unreadable`, when they are left out and listed in `skipped`."""
+    return decode_items(names, lambda name: os.path.join(folder, name), size, channels, skip_unreadable)
+
+
+def decode_items(names: list[str], open_item: Callable[[str], str | BinaryIO], size: int,
+                 channels: int | None = None, skip_unreadable: bool = False) -> DecodedFolder:
+    """`decode_folder` for images that are not files of one folder: `open_item(name)` gives a path or a
+    binary file object (an LMDB value, a Parquet cell). With `channels` given, an empty result is allowed."""
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1 or 3 (or None for the folder's own), got {channels!r}")
     arrays, kept, skipped, conversions, rotated = [], [], {}, Counter(), 0
     for name in names:
         try:
-            array, mode, turned = decode_file(os.path.join(folder, name), size)
+            array, mode, turned = decode_file(open_item(name), size)
         except UnreadableImage as err:
             skipped[name] = str(err)
             continue
@@ -157,7 +180,7 @@ def decode_folder(folder: str, names: list[str], size: int, channels: int | None
         raise UnreadableImage(
             f"{len(skipped)} unreadable file(s): {name_some(skipped)}; fix or remove them, or pass --skip-unreadable"
         )
-    if not arrays:
+    if not arrays and channels is None:
         raise UnreadableImage(f"none of the {len(names)} image file(s) could be read")
     target = channels or (3 if any(a.shape[-1] == 3 for a in arrays) else 1)
     final = "RGB" if target == 3 else "L"
@@ -168,7 +191,8 @@ def decode_folder(folder: str, names: list[str], size: int, channels: int | None
                         else f"{mode}->{natural}->{final}"] += 1
     kept_names = [name for name, _ in kept]
     decoded = DecodedFolder(
-        images=np.stack(to_channels(arrays, target)), names=kept_names, conversions=dict(conversions),
+        images=np.stack(to_channels(arrays, target)) if arrays else np.empty((0, size, size, target), np.uint8),
+        names=kept_names, conversions=dict(conversions),
         rotated=rotated, skipped=skipped,
     )
     found = class_folders(kept_names)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.data import default_cache_dir
+from trainer.storage import atomic_file, default_cache_dir
 
 # The largest imaginary part of diag(sqrtm(S1 S2)), relative to its real part, that is rounding
 # noise rather than a sign that the inputs are not covariance matrices.
@@ -258,11 +257,5 @@ def _write_stats(
     path: Path, key_json: str, mu: np.ndarray, sigma: np.ndarray, features: np.ndarray
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, key=np.array(key_json), mu=mu, sigma=sigma, features=features)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    with atomic_file(path) as f:
+        np.savez(f, key=np.array(key_json), mu=mu, sigma=sigma, features=features)

@@ -19,13 +19,16 @@ TF's graph differs from torchvision's Inception3 in ways that change FID, and we
 The network is inference-only: batch norm uses the stored running statistics and nothing in it
 trains, so its batch norm keeps no `num_batches_tracked` counter (one in a file is accepted and
 ignored).
+
+Why one file of about 490 lines: the layers exist only to load that one weights file, and finding,
+downloading and checking the file (its sha256 prefix) is the rest; the two change together when
+other weights are ever used.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import threading
 import urllib.error
 import urllib.parse
@@ -40,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import FID_WEIGHTS_FILENAME, FID_WEIGHTS_SHA256_PREFIX, FID_WEIGHTS_URL  # noqa: F401
-from trainer.data import default_cache_dir, file_sha256
+from trainer.storage import default_cache_dir, file_sha256, staged
 
 INPUT_SIZE = 299  # Inception-v3 sees 299x299 images
 FEATURE_DIM = 2048  # pool features after Mixed_7c: the space FID and KID are computed in
@@ -418,25 +421,19 @@ def _download(
     uri: str, target: Path, expected_prefix: str, cache_dir: str | os.PathLike | None
 ) -> None:
     """Copy `uri` to `target` via a temporary file, renamed into place if its digest is right."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    os.close(fd)
     try:
-        # get_file streams the way each backend does best (HTTP without range requests, S3
-        # multipart); reading the file object would make HTTP ask for byte ranges.
-        fs, path = fsspec.core.url_to_fs(uri)
-        fs.get_file(path, tmp_name)
-        _check_digest(uri, file_sha256(Path(tmp_name)), expected_prefix, cache_dir)
-        os.replace(tmp_name, target)
+        with staged(str(target)) as tmp_name:
+            # get_file streams the way each backend does best (HTTP without range requests, S3
+            # multipart); reading the file object would make HTTP ask for byte ranges.
+            fs, path = fsspec.core.url_to_fs(uri)
+            fs.get_file(path, tmp_name)
+            _check_digest(uri, file_sha256(Path(tmp_name)), expected_prefix, cache_dir)
     except WeightsError:
         raise
     except Exception as err:  # fsspec backends raise their own error types
         raise WeightsError(
             f"could not download FID Inception weights {uri}: {err!r}. {_how_to_supply(cache_dir)}"
         ) from err
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
 
 
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:

@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from trainer.diffusion import Schedule, predict_x0, q_sample
-from trainer.sampling import _write_atomically
+from trainer.storage import write_atomically
 
 # Noise for the analysis is fixed, as for the PSNR gap: trials differ only by their model.
 JACOBIAN_NOISE_SEED = 20240505
@@ -184,8 +184,8 @@ class JacobianAnalysis:
     def save(self, directory: Path) -> None:
         """Write JACOBIAN_NPZ and JACOBIAN_PNG into `directory`."""
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomically(directory / JACOBIAN_NPZ, self.npz())
-        _write_atomically(directory / JACOBIAN_PNG, eigenvector_png(self))
+        write_atomically(directory / JACOBIAN_NPZ, self.npz())
+        write_atomically(directory / JACOBIAN_PNG, eigenvector_png(self))
 
 
 def parse_spectrum_record(record: str) -> dict[int, list[float]]:

@@ -153,14 +153,14 @@ def query_maps(model: DiT, schedule: Schedule, image: torch.Tensor, t: int) -> n
 def save_query_maps(directory: Path, maps: np.ndarray, grid: tuple[int, int], t: int) -> None:
     """QUERIES_NPZ and QUERIES_PNG (each map scaled to its own maximum, the query token marked mid-grey)."""
     from trainer.jacobian import tiles_png
-    from trainer.sampling import _write_atomically
+    from trainer.storage import write_atomically
 
     queries = query_tokens(grid)
     buffer = io.BytesIO()
     np.savez(buffer, maps=maps, queries=np.asarray(queries), timestep=np.asarray(t))
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / QUERIES_NPZ, buffer.getvalue())
-    _write_atomically(directory / QUERIES_PNG, tiles_png(query_tiles(maps, queries)))
+    write_atomically(directory / QUERIES_NPZ, buffer.getvalue())
+    write_atomically(directory / QUERIES_PNG, tiles_png(query_tiles(maps, queries)))
 
 
 def query_tiles(maps: np.ndarray, queries: list[tuple[int, int]]) -> list[list[np.ndarray]]:

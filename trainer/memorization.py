@@ -43,12 +43,13 @@ Pure numpy; no Ray, no MLflow.
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from trainer.storage import write_atomically
 
 COPY_RATIO = 1.0 / 3.0  # d1 / d2 below this: a copy (Yoon et al. 2023; Gu et al. 2023)
 PAIRS_PNG = "nearest_train.png"
@@ -213,8 +214,8 @@ def save_memorization(directory: Path, samples: np.ndarray, train, test, columns
     result = memorization(samples, train_images, test_images)
     pair_images = pairs(samples, train_images, result)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / PAIRS_PNG, pairs_png(pair_images, columns))
-    _write_atomically(directory / PAIRS_NPY, pairs_npy(pair_images))
+    write_atomically(directory / PAIRS_PNG, pairs_png(pair_images, columns))
+    write_atomically(directory / PAIRS_NPY, pairs_npy(pair_images))
     return result.summary()
 
 
@@ -222,9 +223,3 @@ def _channels_last(images) -> np.ndarray:
     """(N, C, H, W) tensor or array -> numpy (N, H, W, C)."""
     array = np.asarray(images.cpu() if hasattr(images, "cpu") else images)
     return array.transpose(0, 2, 3, 1)
-
-
-def _write_atomically(path: Path, payload: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(payload)
-    os.replace(temporary, path)

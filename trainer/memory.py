@@ -2,9 +2,11 @@
 
 The estimate is the peak of one `trainer.train` process, in bytes, as a sum of named terms:
 
-- `data pool`: the decoded source as uint8 (count x C x S x S), held for the whole trial (PoolCache),
-  plus the uint8 copies of the training subset and the held-out images gathered from it. Decoding an
-  image folder or resizing an array briefly holds a second copy; that happens before the model exists.
+- `data pool`: the uint8 copies of the training subset, the held-out images and the FID reference images
+  gathered from the source, plus, unless the source is read memory-mapped (a prepared pack or a .npy,
+  of which a trial reads only the shards or rows it gathers), the whole decoded source (count x C x S x S),
+  held for the whole trial (PoolCache). Decoding an image folder or resizing an array briefly holds a
+  second copy; that happens before the model exists.
 - `model state`: fp32 parameters, their gradients, AdamW's two moments and the EMA copy (5 x 4 bytes a
   parameter), plus the position-embedding buffer of the model and of the EMA copy.
 - `attention masks`: the masks the backend caches, one per distinct window (dense: an (N, N) bool;
@@ -55,12 +57,7 @@ are not counted.
 from __future__ import annotations
 
 import math
-import os
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
 
 from trainer.config import TrialConfig
 
@@ -173,13 +170,15 @@ def resolved_backend(requested: str, device: str) -> str:
     return requested
 
 
-def estimate_trial_memory(config: TrialConfig, pool_images: int, channels: int, device: str = "cpu") -> MemoryEstimate:
+def estimate_trial_memory(config: TrialConfig, pool_images: int, channels: int, mapped: bool = False,
+                          device: str = "cpu") -> MemoryEstimate:
     """Peak bytes of one trial of `config` whose data source holds `pool_images` images of `channels`
-    channels, training on `device` ("cpu" or "cuda")."""
+    channels, training on `device` ("cpu" or "cuda"). `mapped`: the source is read memory-mapped (a
+    prepared pack or a .npy: `trainer.sources.source_shape`), so a trial holds only what it gathers."""
     from trainer.model import parse_size
 
     if config.model.arch == "unet":
-        return _unet_memory(config, pool_images, channels, device)
+        return _unet_memory(config, pool_images, channels, mapped, device)
     data, train, ev = config.data, config.train, config.eval
     depth, width, heads, patch = parse_size(config.model.size)
     grid = (data.image_size // patch, data.image_size // patch)
@@ -210,7 +209,7 @@ def estimate_trial_memory(config: TrialConfig, pool_images: int, channels: int, 
         jacobian = depth * forward_bytes(chunk, ACTIVATION_FACTOR) + chunk * heads * sum(scores) * FLOAT_BYTES
         evaluation = max(evaluation, jacobian + _jacobian_matrix_bytes(image_bytes))
     terms = {
-        "data pool": _data_pool_bytes(config, pool_images, image_bytes),
+        "data pool": _data_pool_bytes(config, pool_images, image_bytes, mapped),
         "device data": _subset_bytes(config, pool_images, image_bytes) if device == "cuda" else 0,
         "model state": OPTIMIZER_COPIES * params * FLOAT_BYTES + 2 * tokens * width * FLOAT_BYTES + weight_copies,
         "attention masks": _mask_bytes(grid, windows, backend),
@@ -221,9 +220,19 @@ def estimate_trial_memory(config: TrialConfig, pool_images: int, channels: int, 
     return MemoryEstimate(terms, device)
 
 
-def _data_pool_bytes(config: TrialConfig, pool_images: int, image_bytes: int) -> int:
-    """The decoded pool, plus the training subset and held-out images gathered from it."""
-    return pool_images * image_bytes + _subset_bytes(config, pool_images, image_bytes)
+def _data_pool_bytes(config: TrialConfig, pool_images: int, image_bytes: int, mapped: bool) -> int:
+    """The decoded pool (none when it is read memory-mapped: a trial then holds only what it gathers),
+    plus the training subset, the held-out images and the FID reference images gathered from it."""
+    resident = 0 if mapped else pool_images * image_bytes
+    return resident + _subset_bytes(config, pool_images, image_bytes) + _reference_bytes(config, pool_images, image_bytes)
+
+
+def _reference_bytes(config: TrialConfig, pool_images: int, image_bytes: int) -> int:
+    """The FID reference images, gathered from the pool when FID is on."""
+    if not config.eval.fid.enabled:
+        return 0
+    pool_left = max(pool_images - min(config.data.test_images, pool_images), 0)
+    return min(config.eval.fid.samples, pool_left) * image_bytes
 
 
 def _subset_bytes(config: TrialConfig, pool_images: int, image_bytes: int) -> int:
@@ -282,7 +291,7 @@ def unet_parameter_count(size: str, channels: int) -> int:
     return count + 2 * previous + conv(previous, channels)
 
 
-def _unet_memory(config: TrialConfig, pool_images: int, channels: int, device: str) -> MemoryEstimate:
+def _unet_memory(config: TrialConfig, pool_images: int, channels: int, mapped: bool, device: str) -> MemoryEstimate:
     """fp32 rates on every device (an upper bound under CUDA's bf16 autocast)."""
     data, train, ev = config.data, config.train, config.eval
     image_bytes = channels * data.image_size * data.image_size
@@ -295,7 +304,7 @@ def _unet_memory(config: TrialConfig, pool_images: int, channels: int, device: s
     if ev.jacobian.enabled:
         evaluation = max(evaluation, min(ev.jacobian.chunk, image_bytes) * features + _jacobian_matrix_bytes(image_bytes))
     terms = {
-        "data pool": _data_pool_bytes(config, pool_images, image_bytes),
+        "data pool": _data_pool_bytes(config, pool_images, image_bytes, mapped),
         "device data": _subset_bytes(config, pool_images, image_bytes) if device == "cuda" else 0,
         "model state": OPTIMIZER_COPIES * params * FLOAT_BYTES,
         "attention masks": 0,
@@ -304,81 +313,6 @@ def _unet_memory(config: TrialConfig, pool_images: int, channels: int, device: s
         "evaluation": evaluation,
     }
     return MemoryEstimate(terms, device)
-
-
-# ---------------------------------------------------------------------------------------------
-# The size of a data source without decoding it
-
-
-def source_shape(source: str) -> tuple[int, int] | None:
-    """(images, channels) of a data source, read from headers, manifests or file names only; None when
-    that is unknown without downloading it (a remote source not yet in the local cache).
-
-    An image folder is counted by its image files and assumed RGB (3 channels, the upper bound).
-    """
-    from trainer import data as datalib
-
-    try:
-        builtin = datalib._builtin_name(source)
-    except datalib.DataError:
-        return None
-    if builtin is not None:
-        return datalib.builtin_shape(builtin)
-    fs, path = datalib._filesystem(source)
-    if not isinstance(fs, datalib.LocalFileSystem):
-        path = datalib._cache_entry(source, None)
-    if not os.path.exists(path):
-        return None
-    return _local_shape(path)
-
-
-def _local_shape(path: str) -> tuple[int, int] | None:
-    from trainer import data as datalib
-
-    if os.path.isdir(path):
-        prepared = os.path.join(path, datalib.IMAGES_NAME)
-        if os.path.exists(os.path.join(path, datalib.MANIFEST_NAME)) and os.path.exists(prepared):
-            return _npy_shape(prepared)
-        return len(datalib._image_names(path)), 3
-    suffix = Path(path).suffix.lower()
-    if suffix == ".npy":
-        return _npy_shape(path)
-    if suffix == ".npz":
-        return _npz_shape(path)
-    return None
-
-
-def _images_shape(shape: tuple[int, ...]) -> tuple[int, int] | None:
-    if len(shape) == 3:
-        return shape[0], 1
-    if len(shape) == 4:
-        return shape[0], shape[-1]
-    return None
-
-
-def _npy_shape(path: str) -> tuple[int, int] | None:
-    try:
-        return _images_shape(np.load(path, mmap_mode="r", allow_pickle=False).shape)
-    except (OSError, ValueError):
-        return None
-
-
-def _npz_shape(path: str) -> tuple[int, int] | None:
-    from trainer import data as datalib
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith(".npy") and n != f"{datalib.LABELS_KEY}.npy"]
-            name = "images.npy" if "images.npy" in names else (names[0] if len(names) == 1 else None)
-            if name is None:
-                return None
-            with archive.open(name) as handle:
-                version = np.lib.format.read_magic(handle)
-                reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _, _ = reader(handle)
-    except (OSError, ValueError, zipfile.BadZipFile):
-        return None
-    return _images_shape(shape)
 
 
 def format_bytes(count: float) -> str:

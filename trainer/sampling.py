@@ -6,7 +6,7 @@ from the same noise, so two trials' grids can be compared image by image (the re
 A class-conditional model is sampled unconditionally (the null class), as in the PSNR gap.
 
 FID and KID compare the samples' Inception features with those of reference images: a fixed random
-sample of the data's pool (every image but the held-out ones, `trainer.data.pool_sample`), the same
+sample of the data's pool (every image but the held-out ones, `trainer.subsets.pool_sample`), the same
 for every subset size and shuffle, i.e. FID against the data distribution, not against the training
 subset. Reference features are computed once and cached on disk, keyed by the reference images'
 content and the weights' sha256.
@@ -28,7 +28,8 @@ from PIL import Image
 from trainer.diffusion import Denoiser, Schedule, ddim_sample
 from trainer.fid import cached_reference_stats, extract_features, frechet_distance_of_features
 from trainer.fid import kernel_inception_distance
-from trainer.data import file_sha256, to_unit
+from trainer.data import to_unit
+from trainer.storage import file_sha256, write_atomically
 from trainer.inception import FIDInceptionV3, fetch_weights, load_fid_inception
 
 GRID_NOISE_SEED = 20240303
@@ -103,16 +104,10 @@ def save_grid(directory: Path, samples: torch.Tensor, side: int) -> None:
     """Write `samples.png` (the grid) and `samples.npy` (uint8 (n, H, W, C)) into `directory`."""
     images = to_uint8(samples)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / GRID_PNG, grid_png(images, side))
+    write_atomically(directory / GRID_PNG, grid_png(images, side))
     buffer = io.BytesIO()
     np.save(buffer, images, allow_pickle=False)
-    _write_atomically(directory / GRID_NPY, buffer.getvalue())
-
-
-def _write_atomically(path: Path, payload: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(payload)
-    os.replace(temporary, path)
+    write_atomically(directory / GRID_NPY, buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,11 @@
 
 `train(config, report)` knows nothing of Ray or MLflow: `report(metrics, checkpoint_dir)` is how
 results leave, so the same loop runs alone (`ditsweep train`), in tests and under Ray Tune.
+
+Why one file of about 430 lines: the `Trainer` (model, EMA, optimizer, one step, each evaluation) and
+the loop of `train` that drives it read top to bottom as the paper's procedure, and the checkpoint
+format they save and resume is theirs alone; the trial's images (`trainer.pool`), the metrics
+(`trainer.metrics`, `sampling`, `locality`, `jacobian`) and the model already live elsewhere.
 """
 
 from __future__ import annotations
@@ -11,15 +16,14 @@ import copy
 import json
 import os
 import tempfile
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from trainer import data as datalib
+from trainer.pool import Subsets, load_subsets
+from trainer.storage import atomic_file
 from trainer.config import TrialConfig
 from trainer import memorization, sampling
 from trainer.diffusion import Schedule, linear_schedule, training_loss
@@ -53,137 +57,6 @@ def is_trial_metric(key: str) -> bool:
 def reported(values: dict) -> dict:
     """The part of a result dict (e.g. Tune's, full of its own bookkeeping) that the trial reported."""
     return {k: v for k, v in values.items() if is_trial_metric(k) or k in (STEP, *RECORDS)}
-
-
-@dataclass
-class Subsets:
-    """The training subset and the held-out set, as uint8 (N, C, H, W) tensors on the device, with
-    their int64 (N,) class labels when the model is class-conditional (else None), and the FID
-    reference images (uint8 on the CPU) when FID is enabled. `train_ids` and `test_ids` name each image
-    by its index in the data source (the evaluation noise follows them); None means 0..n-1 (tests,
-    benchmarks)."""
-
-    train: torch.Tensor
-    test: torch.Tensor
-    train_labels: torch.Tensor | None = None
-    test_labels: torch.Tensor | None = None
-    fid_reference: torch.Tensor | None = None
-    train_ids: list[int] | None = None
-    test_ids: list[int] | None = None
-
-    @property
-    def channels(self) -> int:
-        return self.train.shape[1]
-
-
-@dataclass(frozen=True)
-class Pool:
-    """A data source decoded once: all its images as one uint8 (N, C, H, W) CPU tensor, and its int64
-    (N,) class labels when the model is class-conditional (else None). Shared; never written to."""
-
-    images: torch.Tensor
-    labels: torch.Tensor | None
-
-
-class PoolCache:
-    """The decoded pool of the last data source, kept for the next trial in the same process.
-
-    A Ray worker runs trial after trial (Tune reuses its actors), and trials of a sweep mostly differ in
-    the subset they draw from one source; decoding (for S3 data, reading the downloaded copy; for an
-    image folder, every PNG) then happens once per worker instead of once per trial. The key holds the
-    source's fingerprint (size and modification times of local files), so edited data is read again.
-    One entry: a sweep over several sources alternates between them at worst, and a pool can be large.
-    """
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._pool: Pool | None = None
-        self._lock = threading.Lock()  # Tune runs a trainable in a thread of its worker
-        self.hits = self.misses = 0
-
-    def get(self, config: TrialConfig) -> Pool:
-        with self._lock:
-            return self._get(config)
-
-    def _get(self, config: TrialConfig) -> Pool:
-        before = self._key_of(config)
-        if self._pool is not None and self._key == before:
-            self.hits += 1
-            return self._pool
-        self._key = self._pool = None  # drop the old pool before decoding the new one
-        images = torch.from_numpy(datalib.load_images(config.data.source, config.data.image_size))
-        images = images.permute(0, 3, 1, 2).contiguous()
-        pool = Pool(images=images, labels=load_class_labels(config, images.shape[0]))
-        self.misses += 1
-        after = self._key_of(config)
-        # The first load of a remote source makes the local copy that its key names. A local source
-        # edited while it was being read gets no key, so the next trial reads it again.
-        if before == after or before[-1][0] == "remote":
-            self._key, self._pool = after, pool
-        return pool
-
-    @staticmethod
-    def _key_of(config: TrialConfig) -> tuple:
-        data = config.data
-        return (data.source, data.image_size, config.model.num_classes, datalib.source_fingerprint(data.source))
-
-    def clear(self) -> None:
-        with self._lock:
-            self._key = self._pool = None
-
-
-POOLS = PoolCache()
-
-
-def load_subsets(config: TrialConfig, device: torch.device) -> Subsets:
-    pool = POOLS.get(config)
-    images, labels = pool.images, pool.labels
-    region = datalib.held_out_region(config.data.source, config.data.image_size)
-    train_idx, test_idx = datalib.split_subsets(
-        len(images),
-        config.data.test_images,
-        config.data.num_images,
-        config.data.fraction,
-        config.data.shuffle_seed,
-        disjoint=config.data.disjoint,
-        region=region,
-    )
-    # One uint8 tensor on the device: batches are gathered by index, so the data path never stalls.
-    # Indexing with an index array copies, so nothing below can write into the shared pool.
-    fid = config.eval.fid
-    reference_idx = (datalib.pool_sample(len(images), config.data.test_images, fid.samples, region=region)
-                     if fid.enabled else None)
-    return Subsets(
-        train=images[train_idx].to(device),
-        test=images[test_idx].to(device),
-        train_labels=None if labels is None else labels[train_idx].to(device),
-        test_labels=None if labels is None else labels[test_idx].to(device),
-        fid_reference=None if reference_idx is None else images[reference_idx],
-        train_ids=[int(i) for i in train_idx],
-        test_ids=[int(i) for i in test_idx],
-    )
-
-
-def load_class_labels(config: TrialConfig, count: int) -> torch.Tensor | None:
-    """The data's (N,) int64 labels when model.num_classes > 0, checked against it; else None."""
-    num_classes, source = config.model.num_classes, config.data.source
-    if num_classes == 0:
-        return None
-    labels = datalib.load_labels(source)
-    if labels is None:
-        raise datalib.DataError(
-            f"model.num_classes={num_classes} needs labels, but data source {source!r} has none; use a source "
-            f"with labels (digits, a .npz with a '{datalib.LABELS_KEY}' array, a prepared folder with "
-            f"{datalib.LABELS_NAME}) or set model.num_classes=0"
-        )
-    if len(labels) != count:
-        raise datalib.DataError(f"data source {source!r} has {count} images but {len(labels)} labels")
-    if labels.max() >= num_classes:
-        raise datalib.DataError(
-            f"data source {source!r} has labels up to {labels.max()} but model.num_classes={num_classes}; "
-            f"set model.num_classes to at least {labels.max() + 1}"
-        )
-    return torch.from_numpy(labels)
 
 
 def to_model_scale(images: torch.Tensor) -> torch.Tensor:
@@ -234,20 +107,8 @@ def describe_device(device: torch.device) -> dict[str, str]:
 
 def save_checkpoint(directory: Path, state: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        current = directory / CHECKPOINT_FILE
-        if current.exists():
-            os.replace(current, directory / PREVIOUS_CHECKPOINT_FILE)
-        os.replace(tmp, current)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(directory / CHECKPOINT_FILE, durable=True, previous=directory / PREVIOUS_CHECKPOINT_FILE) as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(directory: Path) -> dict | None:
