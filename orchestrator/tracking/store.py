@@ -158,7 +158,7 @@ def _empty_store() -> Path | None:
     None (migrate in place) when the cache cannot be written or its copy is not a complete store."""
     import mlflow
 
-    from trainer.data import default_cache_dir
+    from trainer.storage import default_cache_dir
 
     folder = default_cache_dir() / "mlflow-stores"
     empty = folder / f"empty-{mlflow.__version__}.db"
