@@ -255,3 +255,17 @@ def test_attend_rejects_unresolved_backend():
     q, k, v = random_qkv((4, 4))
     with pytest.raises(ValueError, match="resolved backend.*'auto'"):
         attend(q, k, v, 3, (4, 4), "auto")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_banded_takes_q_k_v_as_the_model_slices_them_from_one_projection(batch):
+    """In the model q, k and v are slices of one (B, N, 3, heads, head_dim) projection, permuted: not
+    contiguous. A batch of one (trainer.locality's attention maps) once made the key bands' `view` fail."""
+    grid, heads, head_dim, window = (16, 16), 2, 8, 3
+    assert band_rows_per_tile(grid, window) is not None  # the banded path is taken
+    qkv = torch.randn(batch, grid[0] * grid[1], 3, heads, head_dim, generator=torch.Generator().manual_seed(0))
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim), strided views
+    assert not k.is_contiguous()
+    banded = attend(q, k, v, window, grid, "banded")
+    dense = naive_attention(q.contiguous(), k.contiguous(), v.contiguous(), window_mask(*grid, window))
+    torch.testing.assert_close(banded, dense, atol=1e-5, rtol=0)

@@ -242,7 +242,8 @@ class _KeyBands(torch.autograd.Function):
         ctx.geometry = (grid, rows, radius)
         BH, _, hd = x.shape
         # radius zero rows above; below, radius plus the rows that pad the grid to whole tiles
-        padded = F.pad(x.view(BH, height, width * hd), (0, 0, radius, tiles * rows - height + radius))
+        # reshape, not view: k arrives as a view of the qkv projection, not contiguous for a batch of one
+        padded = F.pad(x.reshape(BH, height, width * hd), (0, 0, radius, tiles * rows - height + radius))
         return padded.as_strided((BH, tiles, band * width, hd), (padded.stride(0), rows * width * hd, hd, 1))
 
     @staticmethod

@@ -239,8 +239,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> PsnrCurve:
         """PSNR gap of the EMA model, in fp32. The held-out side is always the first `eval.psnr_gap.images`
-        held-out images (one fixed set per data source, image size and data.test_images: the same for every
-        trial, N and shuffle); the train side is the first min(N, eval.psnr_gap.images) training images.
+        held-out images in their fixed random order (a uniform sample; one fixed set per data source, image
+        size and data.test_images: the same for every trial, N and shuffle); the train side is the first min(N, eval.psnr_gap.images) training images.
         Each image is noised by its own identity (`trainer.metrics.image_noise`), so an image scores the same
         noise in every trial that scores it. A class-conditional model is evaluated unconditionally (the null
         class, as psnr_gap_curve calls model(x_t, t, None)), so its gap compares with unconditional trials."""
