@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +103,8 @@ def test_an_lsun_lmdb_export_packs(tmp_path):
     np.testing.assert_allclose(mean_colours(load_images(str(tmp_path / "pack"), 8)), COLOURS, atol=4)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lmdb") is not None, reason="lmdb is installed")
-def test_without_lmdb_an_lmdb_folder_names_the_extra_to_install(tmp_path):
+def test_without_lmdb_an_lmdb_folder_names_the_extra_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lmdb", None)  # as if not installed: `import lmdb` raises ImportError
     (tmp_path / "bedroom_train_lmdb").mkdir()
     (tmp_path / "bedroom_train_lmdb" / "data.mdb").write_bytes(b"\0" * 64)
     with pytest.raises(DataError, match=r"ditsweep\[lmdb\]"):
