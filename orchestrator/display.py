@@ -8,8 +8,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from trainer.metric_names import (FID, KID, MEM_CLOSER_TO_TRAIN, MEM_COPY_FRACTION, MEM_NN_TEST, MEM_NN_TRAIN, PSNR_GAP,
-                                  PSNR_TEST, PSNR_TRAIN)
+from trainer.metric_names import (FID, KID, MEMORIZATION_CLOSER_TO_TRAIN, MEMORIZATION_COPY_FRACTION,
+                                  MEMORIZATION_NN_TEST, MEMORIZATION_NN_TRAIN, PSNR_GAP, PSNR_TEST, PSNR_TRAIN)
 
 
 def format_table(rows: list[list[str]], rule: bool = False) -> str:
@@ -31,8 +31,8 @@ def show_value(value: Any, none: str = "") -> str:
 
 
 # Decimals per metric, one per column so that numbers line up: dB to 3, fractions to 2.
-DECIMALS = {PSNR_GAP: 3, PSNR_TRAIN: 3, PSNR_TEST: 3, MEM_COPY_FRACTION: 2, MEM_NN_TRAIN: 3, MEM_NN_TEST: 3,
-            MEM_CLOSER_TO_TRAIN: 2, FID: 2, KID: 4}
+DECIMALS = {PSNR_GAP: 3, PSNR_TRAIN: 3, PSNR_TEST: 3, MEMORIZATION_COPY_FRACTION: 2, MEMORIZATION_NN_TRAIN: 3,
+            MEMORIZATION_NN_TEST: 3, MEMORIZATION_CLOSER_TO_TRAIN: 2, FID: 2, KID: 4}
 UNITS = {PSNR_GAP: " dB", PSNR_TRAIN: " dB", PSNR_TEST: " dB"}
 DASH = "—"
 

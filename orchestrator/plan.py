@@ -16,9 +16,9 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.display import duration, format_table, show_value
-from orchestrator.memory import check_trial_memory, gpu_memory_bytes, gpu_share_bytes, trial_estimates
+from orchestrator.fit_check import check_trial_memory, gpu_memory_bytes, gpu_share_bytes, trial_estimates
 from orchestrator.spec import SpecError, SweepSpec, Trial, check_tag_value, expand, load_spec, parse_spec
-from trainer.memory import format_bytes
+from trainer.footprint import format_bytes
 
 if TYPE_CHECKING:
     from orchestrator.tracking import TrialRun

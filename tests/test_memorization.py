@@ -12,7 +12,7 @@ from PIL import Image
 from scipy.spatial.distance import cdist
 
 from tests.support.sweeps import tiny_config
-from trainer import memorization as mem
+from trainer import memorization
 from trainer.config import build_config
 from trainer.data import load_images
 from trainer.pool import load_subsets
@@ -34,7 +34,7 @@ def reference(samples: np.ndarray, images: np.ndarray) -> np.ndarray:
 def test_exact_copies_of_training_images_are_memorized(digits):
     train, test = digits[:32], digits[1000:1256]
     samples = train[[3, 7, 7, 31, 0]]
-    result = mem.memorization(samples, train, test)
+    result = memorization.memorization(samples, train, test)
     assert result.copy_fraction == 1.0
     assert np.array_equal(result.nn_train, np.zeros(5))  # exactly 0, not merely small
     assert result.nn_train_index.tolist() == [3, 7, 7, 31, 0]
@@ -50,9 +50,9 @@ def test_exact_copies_of_training_images_are_memorized(digits):
 def test_held_out_images_are_not_memorized(digits):
     train, test = digits[:256], digits[1000:1256]
     samples = digits[1500:1564]  # neither training nor held-out images
-    result = mem.memorization(samples, train, test)
+    result = memorization.memorization(samples, train, test)
     assert result.copy_fraction == 0.0
-    held_out = mem.memorization(test[:64], train, test)  # the held-out images themselves
+    held_out = memorization.memorization(test[:64], train, test)  # the held-out images themselves
     assert held_out.copy_fraction == 0.0
     assert np.array_equal(held_out.nn_test, np.zeros(64)) and (held_out.nn_train > 0).all()
 
@@ -61,18 +61,18 @@ def test_slightly_noisy_copies_are_copies_and_blends_are_not(digits):
     train, test = digits[:64], digits[1000:1064]
     rng = np.random.default_rng(0)
     noisy = np.clip(train[:16].astype(int) + rng.integers(-3, 4, train[:16].shape), 0, 255).astype(np.uint8)
-    assert mem.memorization(noisy, train, test).copy_fraction == 1.0
+    assert memorization.memorization(noisy, train, test).copy_fraction == 1.0
     blend = ((train[:16].astype(int) + train[16:32].astype(int)) // 2).astype(np.uint8)  # halfway between two
-    assert mem.memorization(blend, train, test).copy_fraction == 0.0
+    assert memorization.memorization(blend, train, test).copy_fraction == 0.0
 
 
 def test_distances_match_scipy_across_chunks(digits, monkeypatch):
-    monkeypatch.setattr(mem, "_CHUNK", 7)  # several blocks, the two nearest often in different ones
+    monkeypatch.setattr(memorization, "_CHUNK", 7)  # several blocks, the two nearest often in different ones
     rng = np.random.default_rng(1)
     samples = rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)
     samples[:5] = digits[[10, 20, 30, 40, 50]]
     train, test = digits[:100], digits[1000:1050]
-    result = mem.memorization(samples, train, test)
+    result = memorization.memorization(samples, train, test)
     expected_train, expected_test = reference(samples, train), reference(samples, test)
     np.testing.assert_allclose(result.nn_train, expected_train[:, 0], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(result.second_train, expected_train[:, 1], rtol=1e-12, atol=1e-12)
@@ -109,7 +109,7 @@ def test_samples_near_training_images_read_as_memorized_whatever_the_held_out_si
     samples = samples.astype(np.uint8)
     nn_train, nn_test_all = old_reading(samples, train, test)
     assert nn_test_all < nn_train  # the size confound alone flips the old reading
-    result = mem.memorization(samples, train, test)
+    result = memorization.memorization(samples, train, test)
     assert result.summary()["mem_nn_test"] > result.summary()["mem_nn_train"]  # the matched reading: nearer training
     assert result.matched_size == 16 and result.closer_to_train > 0.7
     np.testing.assert_allclose(result.nn_test, reference(samples, test[:16])[:, 0], rtol=1e-12)
@@ -123,9 +123,9 @@ def test_samples_from_the_data_read_as_no_preference(digits):
     train, test, fresh = digits[perm[:16]], digits[perm[500:1524]], digits[perm[1524:1780]]
     nn_train, nn_test_all = old_reading(fresh, train, test)
     assert nn_test_all < 0.7 * nn_train
-    result = mem.memorization(fresh, train, test)
+    result = memorization.memorization(fresh, train, test)
     assert 0.3 < result.closer_to_train < 0.7
-    swapped = mem.memorization(fresh, test[:16], train)
+    swapped = memorization.memorization(fresh, test[:16], train)
     assert swapped.closer_to_train == pytest.approx(1.0 - result.closer_to_train, abs=1e-12)
     # By hand: the share of samples strictly nearer to the training set, ties counting one half.
     d_train, d_test = reference(fresh, train)[:, 0], reference(fresh, test[:16])[:, 0]
@@ -135,7 +135,7 @@ def test_samples_from_the_data_read_as_no_preference(digits):
 def test_more_training_than_held_out_images_matches_the_first_m_of_each(digits):
     train, test = digits[:300], digits[1000:1100]
     samples = digits[1500:1532]
-    result = mem.memorization(samples, train, test)
+    result = memorization.memorization(samples, train, test)
     assert result.matched_size == 100
     np.testing.assert_allclose(result.nn_train_matched, reference(samples, train[:100])[:, 0], rtol=1e-12)
     np.testing.assert_allclose(result.nn_train, reference(samples, train)[:, 0], rtol=1e-12)
@@ -145,14 +145,14 @@ def test_rgb_images_and_an_image_size_free_scale():
     rng = np.random.default_rng(2)
     train = rng.integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
     shifted = np.clip(train.astype(int) + 51, 0, 255).astype(np.uint8)  # 0.2 brighter where not saturated
-    result = mem.memorization(shifted, train, train)
+    result = memorization.memorization(shifted, train, train)
     expected = np.sqrt(((shifted.astype(float) - train) / 255.0) ** 2).reshape(10, -1)
     np.testing.assert_allclose(result.nn_train, np.sqrt((expected**2).mean(axis=1)), rtol=1e-12)
 
 
 def test_one_training_image_reports_distances_but_no_copy_fraction(digits):
     train, test = digits[:1], digits[1000:1100]
-    result = mem.memorization(digits[[0, 0, 500]], train, test)
+    result = memorization.memorization(digits[[0, 0, 500]], train, test)
     assert result.copies is None and result.copy_fraction is None
     assert np.isinf(result.second_train).all()
     summary = result.summary()
@@ -163,27 +163,27 @@ def test_one_training_image_reports_distances_but_no_copy_fraction(digits):
 def test_two_equal_training_images_do_not_make_copies():
     image = np.full((1, 8, 8, 1), 200, np.uint8)
     train = np.concatenate([image, image, np.zeros_like(image)])
-    result = mem.memorization(image, train, train[2:])
+    result = memorization.memorization(image, train, train[2:])
     assert result.nn_train[0] == 0 and result.second_train[0] == 0 and result.copy_fraction == 0.0
 
 
 def test_bad_inputs_are_refused(digits):
     with pytest.raises(ValueError, match="image shape"):
-        mem.memorization(digits[:2], digits[:4, :4], digits[:4])
+        memorization.memorization(digits[:2], digits[:4, :4], digits[:4])
     with pytest.raises(ValueError, match="uint8"):
-        mem.memorization(digits[:2].astype(np.float32), digits[:4], digits[:4])
+        memorization.memorization(digits[:2].astype(np.float32), digits[:4], digits[:4])
     with pytest.raises(ValueError, match="at least one"):
-        mem.memorization(digits[:2], digits[:0], digits[:4])
+        memorization.memorization(digits[:2], digits[:0], digits[:4])
 
 
 def test_pair_grid_puts_each_sample_beside_its_nearest_training_image(digits):
     train = digits[:16]
     samples = train[[5, 2, 9]]
-    result = mem.memorization(samples, train, digits[1000:1010])
-    pair_images = mem.pairs(samples, train, result)
+    result = memorization.memorization(samples, train, digits[1000:1010])
+    pair_images = memorization.pairs(samples, train, result)
     assert pair_images.shape == (3, 2, 8, 8, 1) and pair_images.dtype == np.uint8
     assert np.array_equal(pair_images[:, 0], samples) and np.array_equal(pair_images[:, 1], train[[5, 2, 9]])
-    canvas = np.asarray(Image.open(io.BytesIO(mem.pairs_png(pair_images, columns=2))))
+    canvas = np.asarray(Image.open(io.BytesIO(memorization.pairs_png(pair_images, columns=2))))
     scale = 8  # 8x8 images upscaled to 64 pixels
     # Two pairs a row, two rows: width 8 + 2 * (2 * 64 + 2 + 8), height 8 + 2 * (64 + 8).
     assert canvas.shape == (8 + 2 * (64 + 8), 8 + 2 * (2 * 64 + 2 + 8))
@@ -197,9 +197,9 @@ def test_a_trainer_evaluation_reports_memorization_and_saves_the_pairs(tmp_path,
     metrics = trainer.save_sample_grid(tmp_path)
     assert set(metrics) == {"mem_copy_fraction", "mem_nn_train", "mem_nn_test", "mem_closer_to_train"}
     samples = np.load(tmp_path / "samples.npy")
-    pair_images = np.load(tmp_path / mem.PAIRS_NPY)
+    pair_images = np.load(tmp_path / memorization.PAIRS_NPY)
     assert pair_images.shape == (4, 2, 8, 8, 1) and np.array_equal(pair_images[:, 0], samples)
     train = trainer.subsets.train.permute(0, 2, 3, 1).numpy()
     nearest = reference(samples, train)[:, 0]
     assert metrics["mem_nn_train"] == pytest.approx(nearest.mean(), rel=1e-12)
-    assert (tmp_path / mem.PAIRS_PNG).read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / memorization.PAIRS_PNG).read_bytes().startswith(b"\x89PNG")

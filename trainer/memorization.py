@@ -49,6 +49,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from trainer.metric_names import (MEMORIZATION_CLOSER_TO_TRAIN, MEMORIZATION_COPY_FRACTION, MEMORIZATION_NN_TEST,
+                                  MEMORIZATION_NN_TRAIN)
 from trainer.storage import write_atomically
 
 COPY_RATIO = 1.0 / 3.0  # d1 / d2 below this: a copy (Yoon et al. 2023; Gu et al. 2023)
@@ -98,10 +100,10 @@ class Memorization:
     def summary(self) -> dict[str, float]:
         """mem_copy_fraction (absent with one training image), mem_nn_train, mem_nn_test (size-matched) and
         mem_closer_to_train: means over samples."""
-        metrics = {"mem_nn_train": float(self.nn_train.mean()), "mem_nn_test": float(self.nn_test.mean()),
-                   "mem_closer_to_train": self.closer_to_train}
+        metrics = {MEMORIZATION_NN_TRAIN: float(self.nn_train.mean()), MEMORIZATION_NN_TEST: float(self.nn_test.mean()),
+                   MEMORIZATION_CLOSER_TO_TRAIN: self.closer_to_train}
         if self.copy_fraction is not None:
-            metrics["mem_copy_fraction"] = self.copy_fraction
+            metrics[MEMORIZATION_COPY_FRACTION] = self.copy_fraction
         return metrics
 
 

@@ -266,7 +266,7 @@ class Trainer:
 
     def save_sample_grid(self, directory: Path) -> dict[str, float]:
         """DDIM samples of the EMA model from the fixed grid noise (fp32), as samples.png and samples.npy; returns
-        their memorization metrics (mem_*), with each sample beside its nearest training image saved as
+        their memorization metrics (stored as mem_*), with each sample beside its nearest training image saved as
         nearest_train.png and nearest_train.npy (empty and nothing saved when the grid is off)."""
         side, cfg = self.config.eval.samples.grid, self.config.eval
         if side == 0:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 from orchestrator import paired
 from orchestrator.compare import PairedDifference, mean_interval
 from orchestrator.spec import Compare, axis_label
-from trainer.metric_names import (FID, KID, MEM_CLOSER_TO_TRAIN, MEM_COPY_FRACTION, MEM_NN_TEST, MEM_NN_TRAIN, PSNR_GAP,
-                                  PSNR_TEST, PSNR_TRAIN)
+from trainer.metric_names import (FID, KID, MEMORIZATION_CLOSER_TO_TRAIN, MEMORIZATION_COPY_FRACTION,
+                                  MEMORIZATION_NN_TEST, MEMORIZATION_NN_TRAIN, PSNR_GAP, PSNR_TEST, PSNR_TRAIN)
 
 if TYPE_CHECKING:
     from trainer.metrics import PsnrCurve
@@ -23,8 +23,9 @@ from orchestrator.run_states import FINISHED
 
 SEED_AXES = ("seed", "data.shuffle_seed")  # averaged over, never a configuration of their own
 SIZE_PARAMS = paired.SIZE_AXES
-METRICS = (PSNR_GAP, MEM_COPY_FRACTION, MEM_CLOSER_TO_TRAIN, MEM_NN_TRAIN, MEM_NN_TEST, PSNR_TRAIN, PSNR_TEST, FID, KID)
-PAIRED_METRICS = (PSNR_GAP, PSNR_TRAIN, PSNR_TEST, MEM_COPY_FRACTION, MEM_CLOSER_TO_TRAIN, FID)
+METRICS = (PSNR_GAP, MEMORIZATION_COPY_FRACTION, MEMORIZATION_CLOSER_TO_TRAIN, MEMORIZATION_NN_TRAIN, MEMORIZATION_NN_TEST,
+           PSNR_TRAIN, PSNR_TEST, FID, KID)
+PAIRED_METRICS = (PSNR_GAP, PSNR_TRAIN, PSNR_TEST, MEMORIZATION_COPY_FRACTION, MEMORIZATION_CLOSER_TO_TRAIN, FID)
 # Metrics whose per-configuration mean also gets its 95% Student-t interval over seeds and shuffles.
 INTERVAL_METRICS = (PSNR_GAP, FID)
 MISSING = "MISSING"  # a trial of the manifest without a run (never started, or its run was deleted)

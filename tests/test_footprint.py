@@ -1,5 +1,6 @@
-"""The memory estimate of a trial: its terms against the built model and formulas written out here, its
-total against the peak resident memory of a real run, and the check that refuses a trial too big."""
+"""A trial's memory footprint (trainer.footprint): its terms against the built model and formulas written out here, its
+total against the peak resident memory of a real run, and the check that refuses a trial too big
+(orchestrator.fit_check)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ from typer.testing import CliRunner
 
 import orchestrator.tracking  # noqa: F401  (plan imports it; the timed plan below measures the check)
 from orchestrator.cli import app
-from orchestrator.memory import TrialMemoryError, check_trial_memory, machine_memory_bytes, trial_estimates
+from orchestrator.fit_check import TrialMemoryError, check_trial_memory, machine_memory_bytes, trial_estimates
 from orchestrator.spec import expand, load_spec
 from tests.support.sweeps import write_spec
 from trainer.config import build_config
-from trainer.memory import estimate_trial_memory, format_bytes, parameter_count
+from trainer.footprint import estimate_trial_memory, format_bytes, parameter_count
 from trainer.sources import source_shape
 from trainer.model import build_dit
 
@@ -279,7 +280,7 @@ def test_plan_of_the_paper_gpu_spec_prints_the_gpu_estimate_and_does_not_refuse(
     RAM holds a trial."""
     import numpy as np
 
-    from orchestrator.memory import gpu_memory_bytes
+    from orchestrator.fit_check import gpu_memory_bytes
 
     monkeypatch.chdir(tmp_path)
     spec = yaml.safe_load((Path(__file__).parents[1] / "search_spaces/paper/placement_xs.yaml").read_text())

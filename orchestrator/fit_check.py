@@ -1,6 +1,7 @@
-"""Refuse a sweep whose trials need more memory than a worker has, before anything decodes or allocates.
+"""Does the grid fit: refuse a sweep whose trials need more memory than a worker has (this machine's RAM or
+its GPU share), before anything decodes or allocates; `plan` and `launch` run this check.
 
-The estimate per trial is `trainer.memory.estimate_trial_memory`; this module finds each data source's
+The estimate per trial is `trainer.footprint.estimate_trial_memory`; this module finds each data source's
 size without decoding it, compares every trial with the memory available and names the numbers.
 A trial on a GPU worker (`device="cuda"`) is estimated under bf16 autocast and compared with the memory
 of its GPU share (`gpu_share_bytes`) where that GPU is known.
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from orchestrator.spec import SpecError, Trial
 from trainer.messages import short_text
-from trainer.memory import MemoryEstimate, estimate_trial_memory, format_bytes
+from trainer.footprint import MemoryEstimate, estimate_trial_memory, format_bytes
 
 # What to change, by the term that dominates the estimate.
 _FIXES = {

@@ -1,4 +1,5 @@
-"""How much memory a trial needs, estimated from its config alone (nothing is decoded or allocated).
+"""A trial's memory footprint: the bytes it needs, estimated from its config alone (nothing is decoded or
+allocated). `orchestrator.fit_check` compares it with what a worker has.
 
 The estimate is the peak of one `trainer.train` process, in bytes, as a sum of named terms:
 
@@ -49,7 +50,7 @@ On a GPU the pool stays in host RAM (`host` in MemoryEstimate) and `total` is th
 `device data` (the uint8 subsets moved to the GPU) + model state (with autocast's cached bf16 copy of
 the weights, 2 bytes a parameter) + masks + max(activations + attention scores, evaluation); evaluation
 runs in fp32 without autocast, so its rate is the CPU's.
-The factors are rounded up from reading the model; tests/test_memory.py checks the total against the
+The factors are rounded up from reading the model; tests/test_footprint.py checks the total against the
 peak resident memory of a real run, and (`gpu`-marked) against torch.cuda.max_memory_allocated. Allocator overhead and the Python/torch runtime (~0.3-0.5 GiB)
 are not counted.
 """
