@@ -49,7 +49,7 @@ _BAD_INPUT_ERRORS = {
     "orchestrator.tracking": "TrackingError",
     "trainer.config": "ConfigError",
     "trainer.storage": "DataError",
-    "trainer.inception": "WeightsError",
+    "trainer.fid_weights": "WeightsError",
 }
 
 

@@ -119,7 +119,7 @@ def check_fid_weights(trials: tuple[Trial, ...] | list[Trial]) -> None:
     A local file must exist and have the expected digest; a URI must be cached or answer. On a remote
     Ray cluster the same path or URI must also work on the workers.
     """
-    from trainer.inception import WeightsError, fetch_weights, weights_available
+    from trainer.fid_weights import WeightsError, fetch_weights, weights_available
 
     wanted = {(t.config.eval.fid.weights, t.config.eval.fid.weights_sha256) for t in trials if t.config.eval.fid.enabled}
     for weights, sha256_prefix in sorted(wanted):

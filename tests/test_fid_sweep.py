@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.plan import check_fid_weights
 from orchestrator.spec import SpecError, expand, load_spec
 from tests.support.sweeps import ditsweep, free_port, runs_by_role, sqlite_uri, tiny_config, write_spec
-from trainer.inception import FID_WEIGHTS_URL
+from trainer.config import FID_WEIGHTS_URL
 
 BASE = tiny_config(
     {"train.steps": 2, "train.log_every": 1, "eval.psnr_gap.images": 4,

@@ -1,4 +1,5 @@
-"""The FID Inception port: weights layout, loading, caching, preflight, and features.
+"""The FID Inception port (trainer.inception) and its weights file (trainer.fid_weights): weights layout,
+loading, caching, preflight, and features.
 
 The real weights cannot be downloaded here, so a file of random weights with the same keys and
 shapes stands in for them (with its own sha256 prefix). Forward passes run at 299x299 on CPU
@@ -19,15 +20,14 @@ import torch
 from tests.support.sweeps import free_port
 from tests.support.weights import expected_state_dict_shapes
 from trainer.fid import extract_features
+from trainer.config import FID_WEIGHTS_FILENAME
+from trainer.fid_weights import WeightsError, weights_available
 from trainer.inception import (
-    FID_WEIGHTS_FILENAME,
     FIDInceptionE,
     FIDInceptionA,
     FIDInceptionC,
     FIDInceptionV3,
-    WeightsError,
     load_fid_inception,
-    weights_available,
 )
 
 # torchvision's Inception-v3 without its auxiliary head and with 1000 classes has 23,834,568

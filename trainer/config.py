@@ -19,7 +19,8 @@ from trainer.bounded_yaml import load_yaml, safe_load_bounded, yaml_problem
 from trainer.messages import ConfigError, format_validation_error, short_repr
 from trainer.schedule import UNET_SIZES, block_windows, check_unet_image_size, parse_size, schedule_string
 
-# The FID weights (trainer/inception.py loads them): Inception-v3 as pytorch-fid ships it.
+# The FID weights (trainer/fid_weights.py fetches and checks them, trainer/inception.py loads them):
+# Inception-v3 as pytorch-fid ships it.
 FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
     "pt_inception-2015-12-05-6726825d.pth"

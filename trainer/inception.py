@@ -1,9 +1,7 @@
-"""The FID Inception-v3 network in plain torch, and its weights file.
+"""The FID Inception-v3 network in plain torch, and loading its weights file's state dict into it.
 
-One job past 400 lines: the network and the one file it loads are a single contract (the file's keys
-are the module's names, its digest fixes the network's numbers). About 200 of the lines fetch that file
-(a local path or an fsspec URI, cached once, checked by sha256) with trainer.data's storage helpers;
-they would move with those helpers to a storage module of the trainer.
+Finding, downloading, caching and checking that file (a local path or an fsspec URI, its sha256 prefix)
+is trainer.fid_weights' job; `load_fid_inception` asks it for a checked local copy, then loads it here.
 
 FID is defined on the pool features of one specific network: TensorFlow's 2015-12-05 Inception-v3
 graph, as used by the original FID code (TTUR). pytorch-fid converted that graph's weights into
@@ -19,41 +17,28 @@ TF's graph differs from torchvision's Inception3 in ways that change FID, and we
 The network is inference-only: batch norm uses the stored running statistics and nothing in it
 trains, so its batch norm keeps no `num_batches_tracked` counter (one in a file is accepted and
 ignored).
-
-Why one file of about 490 lines: the layers exist only to load that one weights file, and finding,
-downloading and checking the file (its sha256 prefix) is the rest; the two change together when
-other weights are ever used.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import threading
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-import fsspec
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import FID_WEIGHTS_FILENAME, FID_WEIGHTS_SHA256_PREFIX, FID_WEIGHTS_URL  # noqa: F401
-from trainer.storage import default_cache_dir, file_sha256, staged
+from trainer.config import FID_WEIGHTS_SHA256_PREFIX, FID_WEIGHTS_URL
+from trainer.fid_weights import WeightsError, fetch_weights
 
 INPUT_SIZE = 299  # Inception-v3 sees 299x299 images
 FEATURE_DIM = 2048  # pool features after Mixed_7c: the space FID and KID are computed in
 NUM_CLASSES = 1008  # TF's classifier: 1000 ImageNet classes plus 8 unused
 
 _BN_EPS = 1e-3  # TF's batch norm epsilon in this graph
-
-
-class WeightsError(ValueError):
-    """The FID Inception weights are missing, unreachable or not the right file."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,20 +283,8 @@ def _to_network_input(images: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Weights: local path or fsspec URI, cached once, checked by sha256
+# Loading the weights file (fetched and checked by trainer.fid_weights)
 # ----------------------------------------------------------------------------------------------
-
-
-def cached_weights_path(weights: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where the cached copy of the remote file `weights` lives: <cache>/weights/<file name>."""
-    name = Path(urllib.parse.urlsplit(weights).path).name
-    if not name:
-        raise WeightsError(f"cannot tell a file name from the weights URI {weights!r}")
-    return _weights_folder(cache_dir) / name
-
-
-def _weights_folder(cache_dir: str | os.PathLike | None) -> Path:
-    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "weights"
 
 
 def load_fid_inception(
@@ -323,7 +296,8 @@ def load_fid_inception(
     """The FID Inception network with the weights in `weights`, on CPU, in eval mode.
 
     `weights` is a local path, used in place, or an fsspec URI (https://, s3://, file://,
-    memory://, ...), downloaded once into `<cache_dir>/weights/` (default `default_cache_dir()`).
+    memory://, ...), downloaded once into `<cache_dir>/weights/` (default `default_cache_dir()`) by
+    `trainer.fid_weights.fetch_weights`.
     The file's sha256 must start with `expected_sha256_prefix`; raises WeightsError otherwise, or
     when the file is missing or does not hold exactly the FID Inception state dict.
     """
@@ -337,105 +311,6 @@ def load_fid_inception(
     return model.eval()
 
 
-def fetch_weights(
-    weights: str,
-    cache_dir: str | os.PathLike | None = None,
-    *,
-    expected_sha256_prefix: str = FID_WEIGHTS_SHA256_PREFIX,
-) -> Path:
-    """A local, digest-checked copy of `weights` (see `load_fid_inception`)."""
-    if not _is_uri(weights):
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise WeightsError(
-                f"FID Inception weights file {path} does not exist. {_how_to_supply(cache_dir)}"
-            )
-        _check_digest(str(path), file_sha256(path), expected_sha256_prefix, cache_dir)
-        return path
-    cached = cached_weights_path(weights, cache_dir)
-    if cached.is_file():
-        _check_digest(
-            f"{cached} (cached copy of {weights}; delete it to download again)",
-            file_sha256(cached),
-            expected_sha256_prefix,
-            cache_dir,
-        )
-        return cached
-    _download(weights, cached, expected_sha256_prefix, cache_dir)
-    return cached
-
-
-def weights_available(
-    weights: str, cache_dir: str | os.PathLike | None = None, timeout_s: float = 5.0
-) -> tuple[bool, str]:
-    """Preflight: can `load_fid_inception(weights, cache_dir)` get the file? (ok, explanation).
-
-    True for an existing local file, a cached copy of a URI, or a URI that answers within
-    `timeout_s` (HTTP HEAD for http(s), `fs.exists` otherwise). Does not check the digest.
-    """
-    if not _is_uri(weights):
-        path = Path(weights).expanduser()
-        if path.is_file():
-            return True, f"FID Inception weights: local file {path}"
-        how_to = _how_to_supply(cache_dir)
-        return False, f"FID Inception weights file {path} does not exist. {how_to}"
-    cached = cached_weights_path(weights, cache_dir)
-    if cached.is_file():
-        return True, f"FID Inception weights: cached copy {cached} of {weights}"
-    reachable, detail = _remote_exists(weights, timeout_s)
-    if reachable:
-        return True, (
-            f"FID Inception weights: {weights} is reachable ({detail}); will be cached at {cached}"
-        )
-    return False, (
-        f"FID Inception weights {weights} cannot be reached ({detail}) and there is no cached copy "
-        f"at {cached}. {_how_to_supply(cache_dir)}"
-    )
-
-
-def _how_to_supply(cache_dir: str | os.PathLike | None) -> str:
-    return (
-        f"To supply it: download {FID_WEIGHTS_URL} on a machine with internet access (its sha256 "
-        f"starts {FID_WEIGHTS_SHA256_PREFIX}), copy it to this machine and set "
-        f"eval.fid.weights=/path/to/{FID_WEIGHTS_FILENAME} (or put it in the cache folder "
-        f"{_weights_folder(cache_dir)}/); or set eval.fid.enabled=false."
-    )
-
-
-def _is_uri(weights: str) -> bool:
-    return "://" in weights
-
-
-def _check_digest(
-    source: str, digest: str, expected_prefix: str, cache_dir: str | os.PathLike | None
-) -> None:
-    if not digest.startswith(expected_prefix.lower()):
-        raise WeightsError(
-            f"{source} has sha256 {digest}, but the FID Inception weights' sha256 starts with "
-            f"{expected_prefix}: it is not {FID_WEIGHTS_FILENAME} (or it is damaged). "
-            f"{_how_to_supply(cache_dir)}"
-        )
-
-
-def _download(
-    uri: str, target: Path, expected_prefix: str, cache_dir: str | os.PathLike | None
-) -> None:
-    """Copy `uri` to `target` via a temporary file, renamed into place if its digest is right."""
-    try:
-        with staged(str(target)) as tmp_name:
-            # get_file streams the way each backend does best (HTTP without range requests, S3
-            # multipart); reading the file object would make HTTP ask for byte ranges.
-            fs, path = fsspec.core.url_to_fs(uri)
-            fs.get_file(path, tmp_name)
-            _check_digest(uri, file_sha256(Path(tmp_name)), expected_prefix, cache_dir)
-    except WeightsError:
-        raise
-    except Exception as err:  # fsspec backends raise their own error types
-        raise WeightsError(
-            f"could not download FID Inception weights {uri}: {err!r}. {_how_to_supply(cache_dir)}"
-        ) from err
-
-
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
@@ -445,50 +320,3 @@ def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
         raise WeightsError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
     return state_dict
 
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect already proves the server is there; following it would start the download."""
-
-    def redirect_request(self, *args, **kwargs):  # noqa: ANN002, ANN003
-        return None
-
-
-def _remote_exists(uri: str, timeout_s: float) -> tuple[bool, str]:
-    if urllib.parse.urlsplit(uri).scheme in ("http", "https"):
-        return _http_head(uri, timeout_s)
-    return _fsspec_exists(uri, timeout_s)
-
-
-def _http_head(url: str, timeout_s: float) -> tuple[bool, str]:
-    opener = urllib.request.build_opener(_NoRedirect)
-    try:
-        with opener.open(urllib.request.Request(url, method="HEAD"), timeout=timeout_s) as response:
-            status = response.status
-    except urllib.error.HTTPError as err:
-        status = err.code
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        return False, str(getattr(err, "reason", err))
-    if status in (405, 501):  # the server is up but does not answer HEAD
-        return True, f"HTTP {status} to HEAD"
-    return status < 400, f"HTTP {status}"
-
-
-def _fsspec_exists(uri: str, timeout_s: float) -> tuple[bool, str]:
-    """`fs.exists(uri)` with a deadline; a daemon thread so a hung backend cannot block exit."""
-    answer: dict[str, object] = {}
-
-    def probe() -> None:
-        try:
-            fs, path = fsspec.core.url_to_fs(uri)
-            answer["exists"] = bool(fs.exists(path))
-        except Exception as err:  # any backend error means "not available"
-            answer["error"] = err
-
-    thread = threading.Thread(target=probe, daemon=True, name="fid-weights-probe")
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        return False, f"no answer within {timeout_s:g} s"
-    if "error" in answer:
-        return False, repr(answer["error"])
-    return (True, "exists") if answer["exists"] else (False, "no such file")

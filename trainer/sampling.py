@@ -30,7 +30,8 @@ from trainer.fid import cached_reference_stats, extract_features, frechet_distan
 from trainer.fid import kernel_inception_distance
 from trainer.data import to_unit
 from trainer.storage import file_sha256, write_atomically
-from trainer.inception import FIDInceptionV3, fetch_weights, load_fid_inception
+from trainer.fid_weights import fetch_weights
+from trainer.inception import FIDInceptionV3, load_fid_inception
 
 GRID_NOISE_SEED = 20240303
 FID_NOISE_SEED = 20240404
