@@ -2,16 +2,16 @@
 
 Exit codes: 0 success, 1 some trials failed, 2 bad input (with one message naming the problem).
 
-Over 400 lines and still one job: the options of every command and their help, each command a few
-lines that parse and call one plain function elsewhere; the options shared by several commands are
-defined once here, which a file per command would have to import from a third place.
+The options of every command and their help, each command a few lines that parse and call one plain
+function elsewhere; the options shared by several commands are defined once here. `prepare-data`, whose
+options share nothing with the others, is in orchestrator.cli_prepare and registered here in its place
+in the list; the guards every command runs inside (bad input -> exit 2, Ctrl-C and SIGTERM -> 130 and
+143) are orchestrator.cli_guards'.
 """
 
 from __future__ import annotations
 
 import atexit
-import functools
-import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +19,8 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from orchestrator.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED
+from orchestrator.cli_guards import BadInput, handles_bad_input, stops_like_ctrl_c
+from orchestrator.cli_prepare import prepare_data
 from trainer.metric_names import IMAGES_PER_SEC, LOSS, PSNR_GAP, PSNR_TEST, PSNR_TRAIN, STEP
 
 app = typer.Typer(
@@ -34,73 +35,6 @@ SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override a trial config key, e.g. --set train.steps=50 (repeatable)."),
 ]
-
-
-class BadInput(Exception):
-    """Anything the user can fix: reported as one message, exit code 2, nothing started."""
-
-
-# The errors a user can fix, by module. An error can only come from a module that was imported, so
-# only those are looked up: answering bad input never imports torch, Ray or MLflow just to name it.
-_BAD_INPUT_ERRORS = {
-    "orchestrator.cluster": "ClusterError",
-    "orchestrator.report": "ReportError",
-    "orchestrator.spec": "SpecError",
-    "orchestrator.tracking": "TrackingError",
-    "trainer.config": "ConfigError",
-    "trainer.storage": "DataError",
-    "trainer.fid_weights": "WeightsError",
-}
-
-
-def _bad_input_types() -> tuple[type[BaseException], ...]:
-    loaded = [getattr(sys.modules[module], name) for module, name in _BAD_INPUT_ERRORS.items() if module in sys.modules]
-    return (BadInput, *loaded)
-
-
-def bounded_message(message: str, lines: int = 10, width: int = 1000) -> str:
-    """The last guard on "a message of a few lines": whatever a check quoted, at most `lines` lines of
-    at most `width` characters reach the terminal (checks shorten values themselves; see short_repr)."""
-    kept = [line if len(line) <= width else f"{line[: width - 3]}..." for line in message.splitlines()[:lines]]
-    if len(message.splitlines()) > lines:
-        kept.append(f"... ({len(message.splitlines()) - lines} more lines)")
-    return "\n".join(kept)
-
-
-def handles_bad_input(command: Callable) -> Callable:
-    """Turn the errors a user can fix into one line on stderr and exit code 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except _bad_input_types() as err:
-            typer.secho(f"error: {bounded_message(str(err))}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(EXIT_BAD_INPUT) from None
-
-    return wrapper
-
-
-def stops_like_ctrl_c(command: Callable) -> Callable:
-    """SIGTERM stops the command as Ctrl-C does (see orchestrator.interrupt); an interrupt that reaches
-    here is one line and exit 130 (143 for SIGTERM), not a traceback or click's "Aborted!" and exit 1."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from orchestrator.interrupt import interrupted_exit_code, terminate_as_interrupt
-
-        previous = signal.getsignal(signal.SIGTERM)
-        terminate_as_interrupt()
-        try:
-            return command(*args, **kwargs)
-        except KeyboardInterrupt:
-            typer.secho("interrupted", err=True)
-            raise typer.Exit(interrupted_exit_code()) from None
-        finally:
-            if previous is not None:  # None: set outside Python, cannot be put back from here
-                signal.signal(signal.SIGTERM, previous)
-
-    return wrapper
 
 
 SpecArgument = Annotated[Path, typer.Argument(help="Sweep spec YAML, e.g. search_spaces/placement.yaml.")]
@@ -278,75 +212,7 @@ def status(
     print(sweep_status(sweep_id, tracking_uri))
 
 
-@app.command("prepare-data")
-@handles_bad_input
-@stops_like_ctrl_c
-def prepare_data(
-    src: Annotated[str, typer.Argument(help="Image folder, Parquet folder, LMDB or array (local path or s3://...).")],
-    dst: Annotated[str, typer.Argument(help="Output folder (local path or s3://...).")],
-    image_size: Annotated[int, typer.Option(help="Square size after center crop and resize.")] = 32,
-    channels: Annotated[
-        Optional[int],
-        typer.Option(help="1 (grayscale) or 3 (RGB) for every image; default: 3 when any image is colour."),
-    ] = None,
-    skip_unreadable: Annotated[
-        bool, typer.Option("--skip-unreadable", help="Leave out files that cannot be decoded (listed) instead of refusing.")
-    ] = False,
-    shard_mb: Annotated[
-        Optional[float],
-        typer.Option(help="Largest shard in MiB (default 256); a trial reads only the shards holding its images."),
-    ] = None,
-    address: Annotated[
-        Optional[str],
-        typer.Option("--address", help="Decode on the Ray cluster at this address (host:6379, auto, ray://host:10001) "
-                     "through Ray Data; refused (exit 2) if it does not answer within 30 s."),
-    ] = None,
-    ray: Annotated[
-        Optional[bool],
-        typer.Option("--ray/--no-ray", help="Decode on Ray Data, or in this process. Default: Ray with --address, else "
-                     "an in-process Ray on every core when 20,000 or more images are to be decoded on a machine "
-                     "of 4 or more cores."),
-    ] = None,
-    stall_timeout: Annotated[
-        float,
-        typer.Option("--stall-timeout", min=1, metavar="SECONDS",
-                     help="On Ray: stop (exit 1, resumable) when no part of a shard has been decoded for this long."),
-    ] = 600.0,
-) -> None:
-    """Pack images (a folder, class folders, Parquet files, an LMDB, arrays) into memory-mapped uint8
-    shards plus a manifest (count, size, each shard's sha256, conversions), written last.
-
-    Every image mode is converted to one channel count, the EXIF orientation applied, and each image
-    resized as ADM and DiT do (box halving, bicubic, center crop). Class subfolders give labels.
-    Killed, the same command resumes after the shards already written; progress and ETA on stderr.
-    On Ray Data (a cluster, or every local core for a large source) the pack is byte-identical."""
-    if image_size < 2:
-        raise BadInput(f"--image-size must be at least 2, got {image_size}")
-    if channels not in (None, 1, 3):
-        raise BadInput(f"--channels must be 1 or 3, got {channels}")
-    if address is not None and ray is False:
-        raise BadInput("--address decodes on that Ray cluster; --no-ray decodes in this process: give one of them")
-    from orchestrator.prepare import PrepareStalled, ShardPlacement, prepare_pack
-
-    placement = ShardPlacement(address, ray, stall_timeout_s=stall_timeout)
-    try:
-        manifest = prepare_pack(src, dst, image_size, channels, skip_unreadable, shard_mb, placement)
-    except PrepareStalled as err:
-        typer.secho(f"error: {bounded_message(str(err))}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(EXIT_FAILED) from None
-    for name, why in manifest.get("skipped", {}).items():
-        print(f"skipped {name}: {why}", file=sys.stderr)
-    notes = [f"{count} {what}" for what, count in manifest.get("conversions", {}).items()]
-    if manifest.get("exif_rotated"):
-        notes.append(f"{manifest['exif_rotated']} turned upright (EXIF)")
-    if "classes" in manifest:
-        notes.append(f"{len(manifest['classes'])} classes")
-    if manifest.get("skipped"):
-        notes.append(f"{len(manifest['skipped'])} unreadable skipped")
-    if placement.summary():
-        notes.append(placement.summary())
-    print(f"wrote {manifest['count']} images of {image_size}x{image_size}x{manifest['channels']} to {dst} "
-          f"in {len(manifest['shards'])} shard(s)" + (f"; {', '.join(notes)}" if notes else ""))
+app.command("prepare-data")(prepare_data)  # orchestrator/cli_prepare.py
 
 
 @app.command()
