@@ -1,13 +1,16 @@
 """What a person watching a sweep reads: a progress line every few seconds, a line per trial that
-ends, fails or retries, and a closing summary. Reads trial states; changes nothing."""
+ends, fails or retries, and a closing summary. Reads trial states; changes nothing.
+
+"failed" counts trials that failed for good; an attempt that errored and was retried is counted apart
+("2 errors retried"), on the progress line and in the summary, and gets a line of its own when it happens."""
 
 from __future__ import annotations
 
 import time
 
-from orchestrator.display import clock
+from orchestrator.display import clock, retried_text
 from orchestrator.run_states import FAILED, FINISHED, KILLED, RUNNING
-from orchestrator.trial_state import TrialState, counts
+from orchestrator.trial_state import TrialState, counts, retries
 from trainer.metric_names import FID, LOSS, PSNR_GAP
 
 PRINT_EVERY_S = 10.0
@@ -35,7 +38,7 @@ class ConsoleProgress:
         eta = elapsed * (len(self.states) - done) / done if done > 0 else float("nan")
         parts = [
             f"[{clock(elapsed)}] {count[FINISHED]}/{len(self.states)} done, {count[RUNNING]} running, "
-            f"{count[FAILED]} failed, eta {clock(eta)}"
+            f"{count[FAILED]} failed{retried_text(retries(self.states), ', ')}, eta {clock(eta)}"
         ]
         if self.waiting and count[RUNNING] == 0 and count[FINISHED] + count[FAILED] < len(self.states):
             parts.append(self.waiting)
@@ -53,12 +56,13 @@ class ConsoleProgress:
         print(f"  done   {state.trial.name}  {summary}  ({elapsed:.0f}s)", flush=True)
         self.tick(force=True)
 
-    def failed(self, state: TrialState, error: str) -> None:
-        print(f"  FAILED {state.trial.name}: {error}", flush=True)
+    def failed(self, state: TrialState) -> None:
+        print(f"  FAILED {state.trial.name}: {errored_attempt(state)}", flush=True)
         self.tick(force=True)
 
-    def retrying(self, state: TrialState, error: str) -> None:
-        print(f"  retry  {state.trial.name} (attempt {state.retries + 1}) after: {error}", flush=True)
+    def retrying(self, state: TrialState) -> None:
+        print(f"  retry  {state.trial.name}: {errored_attempt(state)}", flush=True)
+        self.tick(force=True)
 
     def closed(self, sweep_id: str, stopped: bool, delivered: bool) -> None:
         """The closing lines: where every trial ended, and how to continue a sweep that stopped."""
@@ -69,5 +73,13 @@ class ConsoleProgress:
         if stopped:
             print(f"sweep stopped before every trial finished; `ditsweep resume {sweep_id}` continues it", flush=True)
         count = counts(self.states)
-        print(f"sweep {sweep_id}: {count[FINISHED]} finished, {count[FAILED]} failed, {count[KILLED]} killed",
-              flush=True)
+        print(f"sweep {sweep_id}: {count[FINISHED]} finished, {count[FAILED]} failed, {count[KILLED]} killed"
+              f"{retried_text(retries(self.states), '; ')}", flush=True)
+
+
+def errored_attempt(state: TrialState) -> str:
+    """The trial's last errored attempt in a line: which of how many, what it raised, where the rest is."""
+    error = state.last_error
+    if error is None:
+        return "errored (no details)"
+    return f"attempt {error.attempt} of {error.attempts} errored: {error.message}; full text in {error.full_text}"

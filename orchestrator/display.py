@@ -1,6 +1,6 @@
 """Text for the terminal and the report, in one place: the column table of `plan` and `status`, axis
 values as the tables show them (windows as 3,5,G), metric values with their column's decimals,
-durations, the first line of an error, and the line `launch` prints once it accepted a sweep.
+durations, the first line of an error, the count of retried attempts, and the line `launch` prints once it accepted a sweep.
 """
 
 from __future__ import annotations
@@ -65,6 +65,12 @@ def param_text(value: Any) -> str:
     import json
 
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def retried_text(errors: int, lead: str) -> str:
+    """`lead` + "1 error retried" or "3 errors retried": attempts of trials that errored and were run
+    again; "" when none did."""
+    return f"{lead}{errors} error{'s' if errors != 1 else ''} retried" if errors else ""
 
 
 def first_line(err: BaseException) -> str:

@@ -15,8 +15,8 @@ from orchestrator.artifacts import trial_artifacts
 from orchestrator.console import ConsoleProgress
 from orchestrator.spec import Trial
 from orchestrator.run_states import FAILED, FINISHED, KILLED, PENDING, RUNNING
-from orchestrator.tracking import SweepRun, Tracker, TrialRun, location_tags
-from orchestrator.trial_state import TrialState, sweep_status
+from orchestrator.tracking import SweepRun, Tracker, TrialRun, location_tags, retries_tags
+from orchestrator.trial_state import TrialError, TrialState, sweep_status
 from trainer.metric_names import STEP
 
 
@@ -27,6 +27,9 @@ class SweepSink:
         self.trials = trials
         self.existing = existing  # trial key -> child run already in MLflow (resume)
         self.states = {t.key: TrialState(t) for t in trials}
+        for key, run in existing.items():  # a resumed trial's run keeps counting its retries
+            if key in self.states:
+                self.states[key].retries = run.retries
         self.console = ConsoleProgress(list(self.states.values()))
 
     # -- events from Ray ------------------------------------------------------------------------
@@ -53,22 +56,28 @@ class SweepSink:
         self._finish(state, FINISHED)
         self.console.finished(state)
 
-    def failed(self, key: str, error: str) -> None:
+    def failed(self, key: str, error: TrialError) -> None:
         state = self.states.get(key)
         if state is None:
             return
+        state.last_error = error
         self._ensure_run(state)
         if state.run_id:
-            self.tracker.set_error(state.run_id, error)
+            self.tracker.set_error(state.run_id, f"{error.message} (full text: {error.full_text})")
         self._finish(state, FAILED)
-        self.console.failed(state, error)
+        self.console.failed(state)
 
-    def retrying(self, key: str, error: str) -> None:
+    def retrying(self, key: str, error: TrialError) -> None:
+        """An attempt errored and Tune starts the trial again (from its last checkpoint)."""
         state = self.states.get(key)
         if state is None:
             return
         state.retries += 1
-        self.console.retrying(state, error)
+        state.last_error = error
+        self._ensure_run(state)
+        if state.run_id:
+            self.tracker.set_tags(state.run_id, retries_tags(state.retries))
+        self.console.retrying(state)
 
     def checkpointed(self, key: str, read: Callable[[str], bytes | None]) -> None:
         if key in self.states:

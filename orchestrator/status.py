@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from orchestrator.display import format_table
+from orchestrator.display import format_table, retried_text
 from orchestrator.tracking import Tracker, TrialRun, resolve_tracking_uri, store_missing
 from trainer.metric_names import LOSS, PSNR_GAP, STEP
 
@@ -18,12 +18,13 @@ def status(sweep_id: str | None, tracking_uri: str | None) -> str:
         return sweeps_table(tracker)
     parent = tracker.find_sweep(sweep_id)
     trials = sorted(tracker.sweep_trials(parent), key=lambda r: r.name)
-    rows = [["trial", "status", STEP, LOSS, PSNR_GAP, "node", "key"]]
+    rows = [["trial", "status", "retried", STEP, LOSS, PSNR_GAP, "node", "key"]]
     for run in trials:
         m = run.metrics
         rows.append([
             run.name,
             run.status,
+            str(run.retries),
             str(int(m[STEP])) if STEP in m else "-",
             f"{m[LOSS]:.4f}" if LOSS in m else "-",
             f"{m[PSNR_GAP]:.3f}" if PSNR_GAP in m else "-",
@@ -60,7 +61,9 @@ def sweeps_table(tracker: Tracker) -> str:
 
 
 def count_states(runs: list[TrialRun]) -> str:
+    """"3 finished, 1 failed", and "; 2 errors retried" when attempts errored and ran again."""
     counts: dict[str, int] = {}
     for run in runs:
         counts[run.status] = counts.get(run.status, 0) + 1
-    return ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials"
+    states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials"
+    return states + retried_text(sum(run.retries for run in runs), "; ")

@@ -28,13 +28,18 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "60")
+# One line per errored attempt (the sink's), naming the file with the traceback, instead of Tune's traceback.
+os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
 
 import ray  # noqa: E402
-from ray import tune  # noqa: E402
+from ray import cloudpickle, tune  # noqa: E402
+from ray.air.constants import EXPR_ERROR_FILE  # noqa: E402 - error.txt: a trial's tracebacks, one per errored attempt
 
+from orchestrator.display import first_line  # noqa: E402
 from orchestrator.interrupt import terminate_as_interrupt  # noqa: E402
 from orchestrator.resources import Cluster, NodeType  # noqa: E402
 from orchestrator.spec import SpecError  # noqa: E402
+from orchestrator.trial_state import TrialError  # noqa: E402
 from trainer.metric_names import STEP  # noqa: E402
 from trainer.train import reported  # noqa: E402
 
@@ -44,6 +49,10 @@ DEFAULT_STORAGE = "ditsweep_results"
 # {"node_id": ..., "node_ip": ..., "device": ..., ...}.
 LOCATION_PREFIX = "location_"
 CONNECT_TIMEOUT_S = 30.0  # the longest `--address` may take to answer before the sweep is refused
+# A fault drill: the trials named here (comma-separated trial names) raise once, at the start of their
+# first attempt, and Tune retries them (the spec's max_failures). For tests and for seeing what a sweep
+# shows when trials error; unset, nothing happens.
+FAULT_DRILL_ENV = "DITSWEEP_FAULT_DRILL"
 _QUIET_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.data", "ray.serve", "filelock")
 
 
@@ -59,8 +68,8 @@ class TrialEvents(Protocol):
     def started(self, key: str) -> None: ...
     def result(self, key: str, metrics: dict[str, Any]) -> None: ...
     def completed(self, key: str) -> None: ...
-    def failed(self, key: str, error: str) -> None: ...
-    def retrying(self, key: str, error: str) -> None: ...
+    def failed(self, key: str, error: TrialError) -> None: ...
+    def retrying(self, key: str, error: TrialError) -> None: ...
     def checkpointed(self, key: str, read: Callable[[str], bytes | None]) -> None: ...
     def located(self, key: str, location: dict[str, str]) -> None: ...
     def tick(self) -> None: ...
@@ -116,6 +125,7 @@ def run_trial(param: dict, finished: frozenset[str] = frozenset()) -> None:
     record = param["trial"]
     if record["key"] in finished:
         return
+    _fault_drill(record["name"])
     config = TrialConfig.model_validate(record["config"])
     torch.set_num_threads(max(1, int(param["cpus"])))
     device = pick_device()
@@ -132,6 +142,28 @@ def run_trial(param: dict, finished: frozenset[str] = frozenset()) -> None:
         else:
             with checkpoint.as_directory() as resume_from:
                 train(config, report, out_dir=out, resume_from=resume_from, device=device)
+
+
+class FaultDrill(RuntimeError):
+    """The error a trial named in FAULT_DRILL_ENV raises on its first attempt."""
+
+
+def _fault_drill(name: str) -> None:
+    """Raise FaultDrill on the first attempt of a trial named in FAULT_DRILL_ENV, before it trains; its
+    later attempts find the marker that attempt left in the trial's folder of --storage, and run. (The
+    worker's own trial folder is made anew for each attempt.)"""
+    from pyarrow.fs import FileType
+
+    if name not in os.environ.get(FAULT_DRILL_ENV, "").split(","):
+        return
+    storage = tune.get_context().get_storage()
+    filesystem, marker = storage.storage_filesystem, f"{storage.trial_fs_path}/fault-drill"
+    if filesystem.get_file_info(marker).type != FileType.NotFound:
+        return
+    filesystem.create_dir(storage.trial_fs_path)
+    with filesystem.open_output_stream(marker):
+        pass
+    raise FaultDrill(f"{name} raised on its first attempt, as {FAULT_DRILL_ENV} asks")
 
 
 def _node_location() -> dict[str, str]:
@@ -158,6 +190,7 @@ _EVENTS: TrialEvents | None = None
 # already finished (and is FINISHED in the tracking store); Tune runs such a trial again, but its
 # events are not the sink's.
 _WANTED: frozenset[str] = frozenset()
+_STORAGE_SHOWN = DEFAULT_STORAGE  # --storage as the user wrote it: where an error's full text is, in messages
 
 
 class _EventBridge(tune.Callback):
@@ -188,11 +221,11 @@ class _EventBridge(tune.Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         if key := self._key(trial):
-            _EVENTS.retrying(key, _error_text(trial))
+            _EVENTS.retrying(key, _trial_error(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         if key := self._key(trial):
-            _EVENTS.failed(key, _error_text(trial))
+            _EVENTS.failed(key, _trial_error(trial))
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         if key := self._key(trial):
@@ -202,8 +235,29 @@ class _EventBridge(tune.Callback):
         _EVENTS.tick()
 
 
-def _error_text(trial) -> str:
-    path = getattr(trial, "error_file", None)
+def _trial_error(trial) -> TrialError:
+    """The attempt that just errored: its exception's first line, which attempt of how many, and where
+    Tune keeps the whole traceback (error.txt in the trial's folder, copied to --storage with the
+    experiment's state)."""
+    folder = f"{_STORAGE_SHOWN.rstrip('/')}/{trial.storage.experiment_dir_name}/{trial.storage.trial_dir_name}"
+    return TrialError(message=_error_message(trial), attempt=trial.run_metadata.num_failures,
+                      attempts=trial.max_failures + 1, full_text=f"{folder}/{EXPR_ERROR_FILE}")
+
+
+def _error_message(trial) -> str:
+    """"Type: first line" of what the trial raised (Tune pickles it next to error.txt, on the driver)."""
+    path = trial.pickled_error_file
+    try:
+        with open(path, "rb") as stream:
+            error = cloudpickle.load(stream)
+    except Exception:  # noqa: BLE001 - missing, or cannot be unpickled here: the text file's last line
+        return _error_file_last_line(trial)
+    cause = getattr(error, "cause", None) or error  # a RayTaskError wraps what the trial raised
+    return f"{type(cause).__name__}: {first_line(cause)}"
+
+
+def _error_file_last_line(trial) -> str:
+    path = trial.error_file
     if path and os.path.exists(path):
         lines = Path(path).read_text().strip().splitlines()
         return lines[-1] if lines else "error"
@@ -402,8 +456,8 @@ def run_trials(
     the driver died): a restored trial with such a key ends at once instead of training again.
     `pending_timeout_s`: raise PendingTimeout once trials have waited that long with none running.
     """
-    global _EVENTS, _WANTED
-    _EVENTS, _WANTED = events, frozenset(t.key for t in trials)
+    global _EVENTS, _WANTED, _STORAGE_SHOWN
+    _EVENTS, _WANTED, _STORAGE_SHOWN = events, frozenset(t.key for t in trials), storage or DEFAULT_STORAGE
     _PENDING.update(timeout_s=pending_timeout_s, since=None, expired=False)
     init_ray(address)
     storage_path, fs = resolve_storage(storage)

@@ -17,6 +17,15 @@ from trainer.metric_names import PSNR_CURVE, STEP
 from trainer.train import SPECTRUM_RECORD, is_trial_metric
 
 
+@dataclass(frozen=True)
+class TrialError:
+    """One errored attempt of a trial, as the driver learns of it (orchestrator.sweep builds it)."""
+
+    message: str  # the exception's type and the first line of its message, e.g. "DataError: shard 3 ..."
+    attempt: int  # which attempt errored, from 1
+    attempts: int  # the most attempts the trial gets: the spec's max_failures + 1
+    full_text: str  # where the whole traceback is kept: Tune's error.txt in the trial's folder of --storage
+
 
 @dataclass
 class TrialState:
@@ -28,7 +37,8 @@ class TrialState:
     curve_record: str | None = None
     spectrum_record: str | None = None  # trainer.jacobian's mean eigenvalues by rank, per timestep
     started_at: float | None = None  # time.monotonic()
-    retries: int = 0
+    retries: int = 0  # errored attempts that were retried (a resumed trial starts from its run's count)
+    last_error: TrialError | None = None
     read_checkpoint: Callable[[str], bytes | None] | None = None  # a file of the latest checkpoint, by name
     location: dict[str, str] | None = None  # where it last reported from: node_id, node_ip, device, ...
 
@@ -76,3 +86,8 @@ def sweep_status(states: list[TrialState]) -> str:
 
 def counts(states: list[TrialState]) -> dict[str, int]:
     return {status: sum(s.status == status for s in states) for status in (PENDING, RUNNING, *ENDED)}
+
+
+def retries(states: list[TrialState]) -> int:
+    """Errored attempts that were retried, over all trials."""
+    return sum(s.retries for s in states)

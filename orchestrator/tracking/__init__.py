@@ -21,7 +21,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 from orchestrator.tracking.records import (  # noqa: E402
     TAG_DEVICE, TAG_GPU_MEMORY_GB, TAG_GPU_NAME, TAG_NODE_ID, TAG_NODE_IP, TAG_ROLE, TAG_SWEEP_ID, SweepRun, TrialRun,
-    location_tags, sweep_tags)
+    location_tags, retries_tags, sweep_tags)
 from orchestrator.tracking.store import (  # noqa: E402
     DEFAULT_TRACKING_URI, TrackingError, artifact_root, prepare_sqlite_store, require_store, resolve_tracking_uri,
     store_missing)
@@ -31,6 +31,6 @@ from orchestrator.tracking.ui import runs_page_url, serve_ui, server_environment
 __all__ = [
     "DEFAULT_TRACKING_URI", "TAG_DEVICE", "TAG_GPU_MEMORY_GB", "TAG_GPU_NAME", "TAG_NODE_ID", "TAG_NODE_IP",
     "TAG_ROLE", "TAG_SWEEP_ID", "SweepRun", "Tracker", "TrackingError", "TrialRun", "artifact_root",
-    "location_tags", "prepare_sqlite_store", "require_store", "resolve_tracking_uri", "runs_page_url",
+    "location_tags", "prepare_sqlite_store", "require_store", "resolve_tracking_uri", "retries_tags", "runs_page_url",
     "serve_ui", "server_environment", "store_missing", "sweep_tags", "ui_command",
 ]

@@ -15,6 +15,7 @@ TAG_ROLE = "ditsweep.role"  # "sweep" (the parent run) or "trial" (a child run)
 TAG_SWEEP_ID = "ditsweep.sweep_id"
 TAG_TRIAL_KEY = "ditsweep.trial_key"
 TAG_ERROR = "ditsweep.error"  # a failed trial's error
+TAG_RETRIES = "ditsweep.retries"  # how many errored attempts of a trial were retried
 TAG_SPEC_NAME = "ditsweep.spec_name"
 TAG_STORAGE = "ditsweep.storage"
 TAG_OVERRIDES = "ditsweep.overrides"  # JSON list of --set items
@@ -57,6 +58,16 @@ class TrialRun:
     def location(self) -> dict[str, str]:
         """Where the trial last ran: {"node_id", "node_ip", "device", ...} as far as recorded."""
         return {key: self.tags[tag] for key, tag in LOCATION_TAGS.items() if tag in self.tags}
+
+    @property
+    def retries(self) -> int:
+        """How many of its attempts errored and were retried (0 when none, or before this was recorded)."""
+        return int(self.tags.get(TAG_RETRIES, 0))
+
+
+def retries_tags(retries: int) -> dict[str, str]:
+    """A trial's count of retried attempts as its run's tag."""
+    return {TAG_RETRIES: str(retries)}
 
 
 def location_tags(location: dict[str, str]) -> dict[str, str]:
