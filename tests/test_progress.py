@@ -9,7 +9,7 @@ from orchestrator.artifacts import trial_artifacts
 from orchestrator.console import ConsoleProgress
 from orchestrator.display import clock, duration, format_table, show_value
 from orchestrator.spec import Trial, trial_key
-from orchestrator.trial_state import TrialState, counts, sweep_status
+from orchestrator.trial_state import TrialError, TrialState, counts, sweep_status
 from tests.support.sweeps import tiny_config
 from trainer.config import build_config
 
@@ -55,6 +55,55 @@ def test_the_progress_line_names_running_trials(capsys):
     console.tick(force=True)
     console.tick()  # within print_every_s of the last line: not printed again
     assert capsys.readouterr().out.count("0/2 done") == 1
+
+
+def errored(state: TrialState, attempt: int, attempts: int = 3) -> TrialState:
+    """`state` after its attempt `attempt` of `attempts` raised."""
+    state.last_error = TrialError(message="ValueError: loss is nan at step 3", attempt=attempt, attempts=attempts,
+                                  full_text=f"ditsweep_results/s1/{state.trial.name}-k/error.txt")
+    return state
+
+
+def test_the_progress_line_counts_retried_errors_apart_from_failed_trials(capsys):
+    """"failed" stays the trials that failed for good; attempts that errored and were retried get their
+    own count, absent while there are none, so the line stays short."""
+    head, none, tail = (TrialState(make_trial(name)) for name in ("head", "none", "tail"))
+    console = ConsoleProgress([head, none, tail], print_every_s=3600)
+    assert "retried" not in console.line() and ", 0 failed, eta " in console.line()
+    head.start()
+    head.retries = 1
+    console.retrying(errored(head, attempt=1))
+    retry, progress = capsys.readouterr().out.splitlines()
+    assert retry == ("  retry  head: attempt 1 of 3 errored: ValueError: loss is nan at step 3; "
+                     "full text in ditsweep_results/s1/head-k/error.txt")
+    assert progress.startswith("[") and "0/3 done, 1 running, 0 failed, 1 error retried, eta " in progress
+    head.retries, none.retries = 2, 1
+    none.status = "FAILED"
+    console.failed(errored(none, attempt=2, attempts=2))
+    final, progress = capsys.readouterr().out.splitlines()
+    assert final.startswith("  FAILED none: attempt 2 of 2 errored: ValueError: loss is nan at step 3; full text in ")
+    assert "0/3 done, 1 running, 1 failed, 3 errors retried, eta " in progress
+    head.status = tail.status = "FINISHED"
+    console.closed("s1", stopped=False, delivered=True)
+    assert capsys.readouterr().out.splitlines()[-1] == "sweep s1: 2 finished, 1 failed, 0 killed; 3 errors retried"
+    head.retries = none.retries = 0
+    console.closed("s1", stopped=False, delivered=True)
+    assert capsys.readouterr().out.splitlines()[-1] == "sweep s1: 2 finished, 1 failed, 0 killed"
+
+
+def test_a_resumed_sweep_keeps_counting_the_retries_its_trials_runs_recorded():
+    """`ditsweep resume` hands the sink each trial's run as the store has it; its retries (a run tag,
+    what `ditsweep status` shows) are where the count goes on from."""
+    from orchestrator.progress import SweepSink
+    from orchestrator.tracking import TrialRun, retries_tags
+
+    head, none = make_trial("head"), make_trial("none")
+    run = TrialRun(run_id="r1", name="head", status="KILLED", trial_key=head.key, params={}, metrics={},
+                   tags=retries_tags(2), start_time=None, end_time=None)
+    assert run.retries == 2 and TrialRun(**{**run.__dict__, "tags": {}}).retries == 0
+    sink = SweepSink(tracker=None, parent=None, trials=[head, none], existing={head.key: run})
+    assert [state.retries for state in sink.states.values()] == [2, 0]
+    assert ", 0 failed, 2 errors retried, eta " in sink.progress_line()
 
 
 def test_durations_read_as_a_person_writes_them():

@@ -90,16 +90,67 @@ def test_bad_spec_exits_2_and_creates_nothing(tmp_path):
 
 
 def test_failing_trial_is_retried_then_failed_while_others_finish(tmp_path):
+    """A trial that diverges on every attempt: its first error is retried and counted apart from
+    "failed"; its second fails it for good. Each gets one line naming the attempt, the error's first
+    line and the file that holds its traceback."""
     spec = write_spec(tmp_path, name="faulty", grid={"train.lr": [0.001, 1.0e30]}, max_failures=1)
     result = ditsweep("launch", str(spec), cwd=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "retry" in result.stdout
     runs = runs_by_role(MlflowClient(tracking_uri=sqlite_uri(tmp_path)), "faulty")
     states = {r.data.params["train.lr"]: r.info.status for r in runs["trial"]}
     assert states == {"0.001": "FINISHED", "1e+30": "FAILED"}
     failed = next(r for r in runs["trial"] if r.info.status == "FAILED")
     assert "diverged" in failed.data.tags["ditsweep.error"]
+    assert failed.data.tags["ditsweep.retries"] == "1"
     assert runs["sweep"][0].info.status == "FAILED"
+
+    sweep_id = runs["sweep"][0].data.tags["ditsweep.sweep_id"]
+    lines = result.stdout.splitlines()
+    (retry,) = [line for line in lines if line.startswith(f"  retry  {failed.info.run_name}: ")]
+    (final,) = [line for line in lines if line.startswith(f"  FAILED {failed.info.run_name}: ")]
+    assert "attempt 1 of 2 errored: " in retry and "attempt 2 of 2 errored: " in final
+    for line in (retry, final):
+        assert "training diverged" in line, line
+        where = line.split("; full text in ", 1)[1]
+        assert where.startswith(f"ditsweep_results/{sweep_id}/") and where.endswith("/error.txt"), line
+    traceback = (tmp_path / where).read_text()
+    assert traceback.count("Failure # ") == 2 and "training diverged" in traceback  # both attempts'
+    assert "Traceback" not in result.stdout + result.stderr  # the file has it; the console has one line each
+    assert any(", 0 failed, 1 error retried, eta" in line for line in lines), result.stdout
+    assert any(", 1 failed, 1 error retried, eta" in line for line in lines), result.stdout
+    assert f"sweep {sweep_id}: 1 finished, 1 failed, 0 killed; 1 error retried" in lines
+
+
+def test_a_trial_that_errors_once_is_retried_to_the_end_and_the_console_and_status_say_so(finished_sweep,
+                                                                                        monkeypatch):
+    """The shared finished sweep's DRILLED trial raises on its first attempt (sweep.FAULT_DRILL_ENV):
+    a line says so when it happens, the progress line counts it apart from "failed", the summary and
+    `ditsweep status` say how many attempts were retried, and every trial still FINISHED."""
+    folder, sweep_id, drilled = finished_sweep["folder"], finished_sweep["sweep_id"], finished_sweep["drilled"]
+    lines = finished_sweep["stdout"].splitlines()
+    (retry,) = [line for line in lines if line.startswith("  retry  ")]
+    prefix = (f"  retry  {drilled}: attempt 1 of 2 errored: FaultDrill: {drilled} raised on its first attempt, "
+              "as DITSWEEP_FAULT_DRILL asks; full text in ")
+    assert retry.startswith(prefix), retry
+    where = retry[len(prefix):]
+    assert where.startswith(f"ditsweep_results/{sweep_id}/") and where.endswith("/error.txt"), retry
+    assert "FaultDrill" in (folder / where).read_text()
+    at = lines.index(retry)
+    before = [line for line in lines[:at] if line.startswith("[")]
+    after = [line for line in lines[at:] if line.startswith("[")]
+    assert not any("retried" in line for line in before), before
+    assert after and all(", 0 failed, 1 error retried, eta " in line for line in after), after
+    assert f"sweep {sweep_id}: 4 finished, 0 failed, 0 killed; 1 error retried" in lines
+    assert "FAILED" not in finished_sweep["stdout"] and "Traceback" not in finished_sweep["stdout"]
+
+    status, _ = invoke(folder, monkeypatch, "status", sweep_id)
+    assert status.exit_code == 0, status.output
+    header, columns, *rows = status.output.splitlines()
+    assert header == f"sweep {sweep_id} (FINISHED): 4 finished; 1 error retried"
+    retried = {row.split()[0]: row.split()[columns.split().index("retried")] for row in rows}
+    assert retried == {name: "1" if name == drilled else "0" for name in finished_sweep["trials"]}
+    listing, _ = invoke(folder, monkeypatch, "status")
+    assert "4 finished; 1 error retried" in next(line for line in listing.output.splitlines() if sweep_id in line)
 
 
 def test_unreachable_s3_storage_exits_2(tmp_path, s3_env, monkeypatch):
