@@ -1,6 +1,7 @@
 """Text for the terminal and the report, in one place: the column table of `plan` and `status`, axis
 values as the tables show them (windows as 3,5,G), metric values with their column's decimals,
-durations, the first line of an error, the count of retried attempts, and the line `launch` prints once it accepted a sweep.
+durations, the first line of an error, the count of retried attempts, and the line `launch` prints
+once it accepted a sweep.
 """
 
 from __future__ import annotations
