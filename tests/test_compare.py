@@ -366,3 +366,20 @@ def test_window_size_specs_compare_against_the_window_that_covers_the_grid(name)
     assert baselines and len(baselines) < len(trials)
     side = spec.base["data"]["image_size"]
     assert all(w >= 2 * side - 1 for w in spec.compare.baseline["attention.windows"])  # global on this grid
+    # Every comparison has an interval: at least 2 matched pairs (values of the pairing axes that both
+    # the configuration and its baseline were trained at).
+    fixed = set(spec.compare.baseline) | set(spec.compare.pair_on)
+
+    def point(trial):
+        return tuple(sorted((a, repr(v)) for a, v in trial.axes.items() if a not in fixed))
+
+    def pairing(trial):
+        return tuple(repr(trial.axes.get(a)) for a in spec.compare.pair_on)
+
+    for trial in trials:
+        if trial in baselines:
+            continue
+        own = {pairing(t) for t in trials if t not in baselines and point(t) == point(trial)
+               and t.axes["attention.windows"] == trial.axes["attention.windows"]}
+        base = {pairing(b) for b in baselines if point(b) == point(trial)}
+        assert len(own & base) >= 2, (trial.name, own, base)
