@@ -262,7 +262,7 @@ def expand(spec: SweepSpec, overrides: list[str] = ()) -> list[Trial]:
         config = _point_config(spec, base, pairs, point, f"{where} is not valid")
         trials.append(Trial(axes=point, config=config, key=trial_key(config)))
     _refuse_duplicates(trials)
-    _refuse_unmatched_baseline(spec)
+    _refuse_unmatched_baseline(spec, trials)
     _refuse_what_mlflow_cannot_keep(trials, items)
     return trials
 
@@ -292,13 +292,21 @@ def parse_overrides(spec: SweepSpec, items: list[str]) -> list[Override]:
     return pairs
 
 
-def _refuse_unmatched_baseline(spec: SweepSpec) -> None:
-    """The default baseline (global attention) must match a trial when the grid varies attention or the
-    baseline's own axis (over two or more values); otherwise the report's paired table would be empty, silently (a grid over, say,
-    the learning rate alone has nothing to compare). `compare: {baseline: {}}` asks for no paired table."""
+def _refuse_unmatched_baseline(spec: SweepSpec, trials: list[Trial]) -> None:
+    """A written baseline must match a trial left after `exclude`; the default one (global attention)
+    must match a trial when the grid varies attention or the baseline's own axis (over two or more
+    values). Otherwise the report's paired table would be empty, silently (a grid over, say, the
+    learning rate alone has nothing to compare). `compare: {baseline: {}}` asks for no paired table."""
     baseline = spec.compare.baseline
-    if "compare" in spec.model_fields_set or not baseline:
-        return  # a written compare names grid values (checked when the spec is read)
+    if not baseline:
+        return
+    if "compare" in spec.model_fields_set:  # its values are grid values (checked when the spec is read)
+        wanted = {k: json.dumps(v, sort_keys=True) for k, v in baseline.items()}
+        if not any(all(json.dumps(t.axes.get(k), sort_keys=True) == v for k, v in wanted.items()) for t in trials):
+            named = ", ".join(f"{k} = {short_repr(v)}" for k, v in baseline.items())
+            raise SpecError(f"compare.baseline ({short_text(named, 300)}) matches no trial: `exclude` removes every "
+                            f"grid point that has it; keep one, or name another baseline")
+        return
     encoded = {k: {json.dumps(x, sort_keys=True) for x in spec.grid.get(k, [])} for k in baseline}
     if all(json.dumps(v, sort_keys=True) in encoded[k] for k, v in baseline.items()):
         return

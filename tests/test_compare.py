@@ -354,6 +354,24 @@ def test_a_default_baseline_that_matches_no_trial_is_refused(tmp_path, monkeypat
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.parametrize("command", ["plan", "launch"])
+def test_a_written_baseline_that_exclude_removes_is_refused(tmp_path, monkeypatch, command):
+    from tests.support.sweeps import invoke, write_spec
+
+    grid = {"attention.windows": [[3], [5]], "data.shuffle_seed": [0, 1]}
+    spec = write_spec(tmp_path, grid=grid, compare={"baseline": {"attention.windows": [5]}},
+                      exclude=[{"attention.windows": [5]}])
+    result, created = invoke(tmp_path, monkeypatch, command, str(spec))
+    assert result.exit_code == 2, result.output
+    assert "compare.baseline (attention.windows = [5]) matches no trial" in result.output
+    assert created == set()  # nothing written
+    # Excluding only some of the baseline's points leaves a baseline to compare against.
+    partly = write_spec(tmp_path, grid=grid, compare={"baseline": {"attention.windows": [5]}},
+                        exclude=[{"attention.windows": [5], "data.shuffle_seed": 1}])
+    result, _ = invoke(tmp_path, monkeypatch, "plan", str(partly))
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize("name", ["window_size.yaml", "paper/window_size_xs.yaml"])
 def test_window_size_specs_compare_against_the_window_that_covers_the_grid(name):
     from pathlib import Path
