@@ -62,7 +62,7 @@ PARTS = (
     ("orchestrator.tracking", "Tracker.finished_trials", "tracking store: open, experiment, cache lookup"),
     ("orchestrator.launch", "compute_estimate", "compute estimate (plan.txt)"),
     ("orchestrator.tracking", "Tracker.start_sweep", "sweep's run (tags, params, 4 texts)"),
-    ("orchestrator.sweep", "init_ray", "Ray start (ray.init)"),
+    ("orchestrator.ray_connect", "init_ray", "Ray start (ray.init)"),
     ("orchestrator.sweep", "run_trials", "Tune: worker start, scheduling, results"),
     ("orchestrator.progress", "SweepSink.completed", "trial's artifacts and run (plots, MLflow)"),
     ("orchestrator.progress", "SweepSink.close", "closing the sweep's runs"),

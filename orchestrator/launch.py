@@ -164,10 +164,10 @@ def check_resources(spec: SweepSpec, address: str | None) -> Fit:
     request = trial_request(spec.resources)
     if not address:
         return check_trial_fits(request, this_machine())
-    from orchestrator import sweep as tune_sweep
+    from orchestrator import ray_connect
 
-    tune_sweep.init_ray(address)
-    return check_trial_fits(request, tune_sweep.describe_cluster())
+    ray_connect.init_ray(address)
+    return check_trial_fits(request, ray_connect.describe_cluster())
 
 
 def _run(plan: Plan, sink: SweepSink, sweep_id: str, storage: str | None, address: str | None,
@@ -306,7 +306,7 @@ class Rounds:
 
 
 def _alive_node_count(address: str) -> int:
-    from orchestrator.sweep import alive_node_count
+    from orchestrator.ray_connect import alive_node_count
 
     return alive_node_count(address)
 

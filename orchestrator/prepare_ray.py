@@ -12,7 +12,7 @@ A local source on a cluster: workers read the source's files by this machine's p
 the same folder on every node (a shared filesystem, or a loopback cluster). `check_nodes_see` asks
 every node before anything is read, and refuses (exit 2) naming the nodes that do not see it.
 
-Waits are bounded: joining `--address` (orchestrator.sweep.join_cluster), the nodes' answer to that check
+Waits are bounded: joining `--address` (orchestrator.ray_connect.join_cluster), the nodes' answer to that check
 (`CHECK_TIMEOUT_S`), and a run, which stops (`stalled`, a TimeoutError by default) when no task has
 finished for `stall_timeout_s` (a cluster with no free CPU, or tasks stuck reading a storage that
 stopped answering).
@@ -30,7 +30,7 @@ import ray  # the third module allowed to import Ray (see tests/test_architectur
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.spec import SpecError
-from orchestrator.sweep import init_ray, quiet_ray
+from orchestrator.ray_connect import init_ray, quiet_ray
 
 # The longest every node may take to say whether it sees the local paths: starting a worker process
 # took over 60 s on the loaded 2-core test machine, so a node that does not answer is named as such.
@@ -45,7 +45,7 @@ class NotShared(SpecError):
 
 
 def start(address: str | None, num_cpus: int | None = None) -> bool:
-    """Join the cluster at `address` (bounded: orchestrator.sweep.join_cluster raises ClusterUnreachable), or
+    """Join the cluster at `address` (bounded: orchestrator.ray_connect.join_cluster raises ClusterUnreachable), or
     start an in-process Ray of `num_cpus` CPUs (default all); whether this call started or joined it
     (False when this process was already connected)."""
     if ray.is_initialized():

@@ -3,9 +3,9 @@
 The caller hands in plain trial records and a `TrialEvents` sink; this module turns Tune's callbacks
 into calls on that sink (in the driver process), so MLflow never needs to know about Ray.
 
-Over 400 lines and still one job: this is the one module that imports Ray Tune (the architecture test
-holds it to that), so everything that speaks Tune's API lives here: the trainable, the callbacks, the
-resources and retries, restoring and stopping a run. Splitting it would make a second door to Ray.
+This is the one module that imports Ray Tune (the architecture test holds it to that): the trainable,
+the callbacks, the resources and retries, restoring and stopping a run. Starting or joining Ray itself
+is `orchestrator.ray_connect`'s.
 """
 
 from __future__ import annotations
@@ -13,32 +13,20 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import tempfile
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-# Quieter Ray: ditsweep prints its own progress instead of Tune's tables.
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "60")
-# One line per errored attempt (the sink's), naming the file with the traceback, instead of Tune's traceback.
-os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+from orchestrator import ray_connect  # first: it sets Ray's environment before Ray is imported
 
 import ray  # noqa: E402
 from ray import cloudpickle, tune  # noqa: E402
 from ray.air.constants import EXPR_ERROR_FILE  # noqa: E402 - error.txt: a trial's tracebacks, one per errored attempt
 
 from orchestrator.display import first_line  # noqa: E402
-from orchestrator.interrupt import terminate_as_interrupt  # noqa: E402
-from orchestrator.resources import Cluster, NodeType  # noqa: E402
-from orchestrator.spec import SpecError  # noqa: E402
 from orchestrator.trial_state import TrialError  # noqa: E402
 from trainer.metric_names import STEP  # noqa: E402
 from trainer.train import reported  # noqa: E402
@@ -48,16 +36,10 @@ DEFAULT_STORAGE = "ditsweep_results"
 # report as flat strings (`location_node_id`, ...) and handed to the sink's `located` event as
 # {"node_id": ..., "node_ip": ..., "device": ..., ...}.
 LOCATION_PREFIX = "location_"
-CONNECT_TIMEOUT_S = 30.0  # the longest `--address` may take to answer before the sweep is refused
 # A fault drill: the trials named here (comma-separated trial names) raise once, at the start of their
 # first attempt, and Tune retries them (the spec's max_failures). For tests and for seeing what a sweep
 # shows when trials error; unset, nothing happens.
 FAULT_DRILL_ENV = "DITSWEEP_FAULT_DRILL"
-_QUIET_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.data", "ray.serve", "filelock")
-
-
-class ClusterUnreachable(SpecError):
-    """`--address` names a Ray cluster that does not answer: refused before anything is written."""
 
 
 class PendingTimeout(RuntimeError):
@@ -278,111 +260,6 @@ def _checkpoint_reader(checkpoint: tune.Checkpoint) -> Callable[[str], bytes | N
     return read
 
 
-def quiet_ray() -> None:
-    """Ray's own INFO and warning lines never reach a ditsweep user: progress is ditsweep's."""
-    for name in _QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="ray")
-
-
-def init_ray(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    if ray.is_initialized():
-        return
-    quiet_ray()
-    if address:
-        join_cluster(address, timeout_s)
-    else:
-        ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
-    terminate_as_interrupt()  # ours again: ray.init's SIGTERM handlers dump a native stack and abort
-
-
-def alive_node_count(address: str) -> int:
-    """How many nodes of the cluster at `address` are alive (connects this process to it)."""
-    init_ray(address)
-    return sum(1 for node in ray.nodes() if node.get("Alive"))
-
-
-def gcs_address(address: str) -> tuple[str, int]:
-    """(host, port) that must answer for `address`: `auto` is $RAY_ADDRESS or this machine's running
-    head; ray://host[:10001] is the Ray Client server; host:port is the GCS (default port 6379)."""
-    if address == "auto":
-        address = os.environ.get("RAY_ADDRESS") or _local_head_address() or "127.0.0.1:6379"
-    default_port = 10001 if address.startswith("ray://") else 6379
-    hostport = address.split("://", 1)[-1].split("/", 1)[0]
-    host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
-    try:
-        return host.strip("[]") or "127.0.0.1", int(port) if port else default_port
-    except ValueError:
-        raise ClusterUnreachable(f"--address {address[:200]!r}: the port {port[:20]!r} is not a number") from None
-
-
-def _local_head_address() -> str | None:
-    """The head `ray start` left on this machine (Ray writes its address to a file in its temp folder)."""
-    try:
-        from ray._private.services import find_bootstrap_address
-
-        found = find_bootstrap_address(None)
-        return next(iter(found), None) if found else None
-    except Exception:  # noqa: BLE001 - Ray's private helper moved: fall back to the default port
-        return None
-
-
-def join_cluster(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """Join the cluster at `address`, or raise ClusterUnreachable within about `timeout_s` seconds.
-
-    Ray's own connection retries take minutes for an address that does not answer, so the port is tried
-    first (a few seconds), then `ray.init` runs in a thread this process waits on for at most `timeout_s`.
-    """
-    host, port = gcs_address(address)
-    try:
-        socket.create_connection((host, port), timeout=min(5.0, timeout_s)).close()
-    except OSError as err:
-        raise ClusterUnreachable(
-            f"--address {address[:200]!r}: no Ray cluster answers at {host}:{port} ({err.strerror or err}); "
-            "start it (ray start --head) or pass the address the cluster prints"
-        ) from None
-    error: list[BaseException] = []
-
-    def join() -> None:
-        try:
-            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=True)
-        except BaseException as err:  # noqa: BLE001 - reported by the waiting thread
-            error.append(err)
-
-    thread = threading.Thread(target=join, name="ray-connect", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise ClusterUnreachable(f"--address {address[:200]!r}: {host}:{port} answers, but Ray did not "
-                                 f"connect within {timeout_s:.0f} s; is it a Ray head of the same Ray version?")
-    if error:
-        first = str(error[0]).strip().splitlines()[0][:300] if str(error[0]).strip() else type(error[0]).__name__
-        raise ClusterUnreachable(f"--address {address[:200]!r}: Ray could not connect: {first}")
-
-
-def describe_cluster() -> Cluster:
-    """The joined cluster as `orchestrator.resources` sees it: the totals of its alive nodes, and the
-    node types its autoscaler may add (none without an autoscaler)."""
-    nodes = [dict(node.get("Resources", {})) for node in ray.nodes() if node.get("Alive")]
-    return Cluster(nodes=nodes, node_types=_autoscaler_node_types())
-
-
-def _autoscaler_node_types() -> dict[str, NodeType]:
-    try:
-        from ray._private.state import state
-
-        config = state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - no autoscaler, or Ray's private API changed: current nodes only
-        return {}
-    if config is None:
-        return {}
-    types = {}
-    for group in getattr(config, "node_group_configs", []):
-        max_count = int(getattr(group, "max_count", 0))
-        types[group.name] = NodeType(dict(group.resources), max_workers=10**6 if max_count < 0 else max_count)
-    return types
-
-
 # Pending trials with none running, seen from Tune's loop in the driver (module state, like _EVENTS:
 # Tune pickles callbacks and stoppers into its experiment state).
 _PENDING = {"timeout_s": None, "since": None, "expired": False}
@@ -459,7 +336,7 @@ def run_trials(
     global _EVENTS, _WANTED, _STORAGE_SHOWN
     _EVENTS, _WANTED, _STORAGE_SHOWN = events, frozenset(t.key for t in trials), storage or DEFAULT_STORAGE
     _PENDING.update(timeout_s=pending_timeout_s, since=None, expired=False)
-    init_ray(address)
+    ray_connect.init_ray(address)
     storage_path, fs = resolve_storage(storage)
     trainable = tune.with_resources(tune.with_parameters(run_trial, finished=frozenset(finished)),
                                     {"cpu": cpu, "gpu": gpu})

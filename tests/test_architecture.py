@@ -19,7 +19,7 @@ DOC = ROOT / "docs" / "ARCHITECTURE.md"
 PACKAGES = ("trainer", "orchestrator")
 # Ray Tune (sweep), the job-submission client (cluster), and Ray Data for prepare-data (prepare_ray:
 # decoding shards across a cluster is Ray Data's job, not Tune's, and needs no Tune callbacks).
-RAY_MODULES = {"orchestrator.sweep", "orchestrator.cluster", "orchestrator.prepare_ray"}
+RAY_MODULES = {"orchestrator.sweep", "orchestrator.ray_connect", "orchestrator.cluster", "orchestrator.prepare_ray"}
 MLFLOW_PACKAGE = "orchestrator.tracking"  # the one door to MLflow: this package's modules only
 
 
