@@ -7,15 +7,14 @@ Each round runs, as fresh processes in fresh folders, `ditsweep launch` of a spe
 one training step (the tests' tiny trial) and `ditsweep train` of the same trial (no Ray, no MLflow),
 interleaved; with `--other-tree` also the launch of another checkout of ditsweep (e.g. the commit
 before a change), so that before and after are measured in the same run. Each launch is timed part by
-part from inside its process (the functions of the launch path are wrapped with timers; a part's time
-excludes the wrapped parts it calls):
+part from inside its process (the functions of the launch path are wrapped with timers as their
+modules load; a part's time excludes the wrapped parts it calls and includes the imports it triggers,
+as in a user's launch):
 
     interpreter start   process start until the first line of the script (Python, site, the venv)
-    imports             the modules every launch loads (torch, Ray Tune, MLflow, the trainer, the
-                        report), imported first so that no part below pays for them
     ...                 the launch path's parts (spec and checks, tracking store, compute estimate,
                         sweep run, Ray start, Tune, the trial itself, the report)
-    other               the rest of the launch call
+    other               the rest of the launch call (the CLI's and the launch's own imports among it)
     exit                after the command returned: Ray's shutdown, the interpreter's teardown
 
 The user cache (`$DITSWEEP_CACHE`: data, the migrated empty MLflow store) is a temporary folder,
@@ -44,11 +43,6 @@ TRIAL = {
     "eval": {"every": 1, "psnr_gap": {"images": 8, "timesteps": 2}, "samples": {"grid": 2, "steps": 2}},
 }
 
-# Imported first in the launch process; a module a tree does not have is skipped.
-IMPORTS = ("orchestrator.cli", "orchestrator.launch", "orchestrator.sweep", "orchestrator.progress",
-           "orchestrator.report", "orchestrator.plots", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",
-           "trainer.train")
-
 # (module, attribute path, part): the functions of the launch path, timed where the launch looks them up.
 PARTS = (
     ("orchestrator.launch", "read_grid_file", "spec, configs, memory check"),
@@ -62,7 +56,7 @@ PARTS = (
     ("orchestrator.tracking", "Tracker.finished_trials", "tracking store: open, experiment, cache lookup"),
     ("orchestrator.launch", "compute_estimate", "compute estimate (plan.txt)"),
     ("orchestrator.tracking", "Tracker.start_sweep", "sweep's run (tags, params, 4 texts)"),
-    ("orchestrator.ray_connect", "init_ray", "Ray start (ray.init)"),
+    ("orchestrator.ray_connect", "init_ray", "Ray start (ray.init; after: waiting for it)"),
     ("orchestrator.sweep", "run_trials", "Tune: worker start, scheduling, results"),
     ("orchestrator.progress", "SweepSink.completed", "trial's artifacts and run (plots, MLflow)"),
     ("orchestrator.progress", "SweepSink.close", "closing the sweep's runs"),
@@ -99,37 +93,56 @@ class PartTimer:
 
 
 def install(timer: PartTimer) -> None:
-    import importlib
+    """Wrap each part's function where the launch looks it up, as soon as its module has run: modules
+    loaded already now, the others by an import hook when the launch imports them (nothing is imported
+    ahead of the launch, whose own order of imports is part of what is measured)."""
+    import importlib.abc
+    import importlib.machinery
 
+    by_module: dict[str, list[tuple[str, str]]] = {}
     for module_name, attribute, part in PARTS:
-        owner = importlib.import_module(module_name)
-        *path, name = attribute.split(".")
-        for step in path:
-            owner = getattr(owner, step)
-        if hasattr(owner, name):
-            setattr(owner, name, timer.wrap(part, getattr(owner, name)))
+        by_module.setdefault(module_name, []).append((attribute, part))
+
+    def wrap_parts(module) -> None:
+        for attribute, part in by_module.pop(module.__name__, []):
+            *path, name = attribute.split(".")
+            owner = module
+            for step in path:
+                owner = getattr(owner, step)
+            if hasattr(owner, name):
+                setattr(owner, name, timer.wrap(part, getattr(owner, name)))
+
+    class TimeOnImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name not in by_module:
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            if spec is None or spec.loader is None:
+                return spec
+            run_module = spec.loader.exec_module
+
+            def exec_module(module) -> None:
+                run_module(module)
+                wrap_parts(module)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    for name in list(by_module):
+        if name in sys.modules:
+            wrap_parts(sys.modules[name])
+    sys.meta_path.insert(0, TimeOnImport())
 
 
 def child(spec: str, record: Path) -> None:
     """Run `ditsweep launch SPEC` in this process through the CLI's entry point, timing its parts;
-    write them to `record` when the command returns (the process then exits as that tree's CLI does).
-    The imports run inside the entry point, as the command's own lazy imports do: what they register
-    to run at exit (Ray's shutdown) is then ordered against the entry point's own exit as in a launch."""
+    write them to `record` when the command returns (the process then exits as that tree's CLI does)."""
     timings: dict = {"first_line": time.time()}
     from orchestrator import cli
 
     command = cli.app
 
     def timed_command() -> None:
-        import importlib
-
-        start = time.perf_counter()
-        for name in IMPORTS:
-            try:
-                importlib.import_module(name)
-            except ImportError:
-                pass
-        imports = time.perf_counter() - start
         timer = PartTimer()
         install(timer)
         start = time.perf_counter()
@@ -138,7 +151,7 @@ def child(spec: str, record: Path) -> None:
         finally:
             total = time.perf_counter() - start
             timings["returned"] = time.time()
-            timings["parts"] = {"imports": imports, **timer.parts, "other": total - sum(timer.parts.values())}
+            timings["parts"] = {**timer.parts, "other": total - sum(timer.parts.values())}
             record.write_text(json.dumps(timings))
 
     cli.app = timed_command

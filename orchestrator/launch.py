@@ -77,6 +77,8 @@ def launch(
               f"in experiment {plan.spec.name!r} (--force reruns them)")
         return EXIT_OK
 
+    if plan.to_run and not address:
+        _start_ray_meanwhile()
     sweep_id = new_sweep_id(plan.spec.name)
     parent = tracker.start_sweep(
         experiment,
@@ -143,6 +145,8 @@ def resume(sweep_id: str, *, tracking_uri: str | None = None, address: str | Non
     code, stopped = EXIT_OK, False
     if remaining:
         fit = check_resources(plan.spec, address)
+        if not address:
+            _start_ray_meanwhile()
         tracker.reopen_run(parent.run_id)
         from orchestrator.progress import SweepSink
 
@@ -163,7 +167,7 @@ def check_resources(spec: SweepSpec, address: str | None) -> Fit:
     node the autoscaler can add could."""
     request = trial_request(spec.resources)
     if not address:
-        return check_trial_fits(request, this_machine())
+        return check_trial_fits(request, this_machine(count_gpus="GPU" in request))
     from orchestrator import ray_connect
 
     ray_connect.init_ray(address)
@@ -175,7 +179,8 @@ def _run(plan: Plan, sink: SweepSink, sweep_id: str, storage: str | None, addres
          tune_name: str | None = None, report: bool = True) -> int:
     """Run the sink's trials as one Tune experiment (`tune_name`, default the sweep id) and close the
     sweep's run; rebuild the report unless told not to (rounds of --until-confident report at the end)."""
-    from orchestrator import sweep as tune_sweep
+    from orchestrator import plots, report, sweep as tune_sweep  # noqa: F401 - plots and report: loaded
+    # while the in-process Ray starts, rather than when the first trial finishes and the sweep ends
 
     records = [tune_sweep.TrialRecord(t.key, t.name, t.config.model_dump(mode="json")) for t in sink.trials]
     interrupted = timed_out = False
@@ -257,7 +262,7 @@ class Rounds:
             self._log(decisions)
             if not trials:
                 break
-            from trainer.data import DataError  # torch: only once rounds run
+            from trainer.data import DataError  # the data layer: only once rounds run
 
             try:
                 check_data(trials)
@@ -305,6 +310,14 @@ class Rounds:
         self.save(decisions, {adaptive.SUMMARY_FILE: f"# Until confident: why each comparison stopped\n\n```\n{table}\n```\n"})
 
 
+def _start_ray_meanwhile() -> None:
+    """Start the in-process Ray now, in the background: the sweep's run, the trainer's imports and
+    Tune's take about as long as Ray's start, which `sweep.run_trials` then waits for."""
+    from orchestrator import ray_connect
+
+    ray_connect.start_local_ray()
+
+
 def _alive_node_count(address: str) -> int:
     from orchestrator.ray_connect import alive_node_count
 
@@ -312,7 +325,12 @@ def _alive_node_count(address: str) -> int:
 
 
 def _refresh_report(tracker: Tracker, sweep_id: str) -> None:
-    """Rebuild the sweep's report and attach it to its run. Best effort: never fails the sweep."""
+    """Rebuild the sweep's report and attach it to its run. Best effort: never fails the sweep.
+    Called once the command's last trials are over: the in-process Ray, if this command started one,
+    is ended meanwhile."""
+    from orchestrator import ray_connect
+
+    ray_connect.end_local_ray_meanwhile()
     try:
         from orchestrator.report import publish
 

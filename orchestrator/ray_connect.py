@@ -1,12 +1,19 @@
-"""Ray itself, before any sweep: start it in-process or join a cluster (bounded), and say what it holds.
+"""Ray itself, before any sweep: start it in-process or join a cluster (bounded), say what it holds,
+and end the Ray this process started.
 
 `sweep` (Ray Tune), `launch`'s resources and shared-storage checks and `prepare_ray` (Ray Data) all
 reach Ray through here, so a cluster that does not answer is refused the same way everywhere
 (`ClusterUnreachable`, exit 2, within `CONNECT_TIMEOUT_S`).
+
+An in-process Ray costs seconds to start (GCS, raylet and five Python helpers, on a laptop as on
+two cores) and over a second to stop: `start_local_ray` starts it in a thread while `launch` goes on
+with its own work, and the Ray this process started is ended at exit by killing its processes once
+the driver has disconnected, instead of Ray's one-by-one graceful stop (benchmarks/RESULTS.md §10).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -29,6 +36,10 @@ from orchestrator.resources import Cluster, NodeType  # noqa: E402
 from orchestrator.spec import SpecError  # noqa: E402
 
 CONNECT_TIMEOUT_S = 30.0  # the longest `--address` may take to answer before the sweep is refused
+# The longest a sweep waits for the in-process Ray started in the background (Ray's own node start-up
+# wait is 30 s; this bounds the rest of ray.init).
+LOCAL_START_TIMEOUT_S = 120.0
+ENDING_TIMEOUT_S = 10.0  # the longest the exit waits for the in-process Ray's end begun meanwhile
 _QUIET_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.data", "ray.serve", "filelock")
 
 
@@ -44,14 +55,142 @@ def quiet_ray() -> None:
 
 
 def init_ray(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    if ray.is_initialized():
+    """Join the cluster at `address`, or have an in-process Ray: the one `start_local_ray` is starting
+    (waited for, at most LOCAL_START_TIMEOUT_S), else one started now."""
+    if ray.is_initialized() and "thread" not in _LOCAL:
         return
     quiet_ray()
     if address:
         join_cluster(address, timeout_s)
     else:
-        ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
+        if "thread" not in _LOCAL:
+            _start_local()
+        _LOCAL["thread"].done.wait(LOCAL_START_TIMEOUT_S)
+        thread = _LOCAL.pop("thread")
+        if not thread.done.is_set():
+            raise RuntimeError(f"the in-process Ray did not start within {LOCAL_START_TIMEOUT_S:.0f} s")
+        if thread.error is not None:
+            raise thread.error
     terminate_as_interrupt()  # ours again: ray.init's SIGTERM handlers dump a native stack and abort
+
+
+class _Starter(threading.Thread):
+    """Starts the in-process Ray, then stays alive as long as it runs: Ray's processes are told to die
+    with the thread that started them (PR_SET_PDEATHSIG on Linux), not with the process."""
+
+    def __init__(self) -> None:
+        super().__init__(name="ray-start", daemon=True)
+        self.done, self.stop = threading.Event(), threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
+        except BaseException as err:  # noqa: BLE001 - raised in the thread that waits (init_ray)
+            self.error = err
+        finally:
+            self.done.set()
+        if self.error is None:
+            self.stop.wait()
+
+
+_LOCAL: dict = {}  # "thread": the start in progress; "started": the _Starter whose Ray this process owns
+
+
+def start_local_ray() -> None:
+    """Begin starting an in-process Ray in the background; `init_ray(None)` waits for it and raises what
+    the start raised. Ray's own start-up is mostly other processes starting, so the caller's imports and
+    store work run meanwhile."""
+    if not ray.is_initialized() and "thread" not in _LOCAL:
+        # Ray starts one idle worker per CPU for the first driver; a Tune trial never runs in one (its
+        # actor asks for a runtime environment of its own, so Ray starts a worker for it), and on two
+        # cores their start-up slows everything else that runs meanwhile.
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+        quiet_ray()
+        _start_local()
+
+
+def _start_local() -> None:
+    if (ending := _LOCAL.pop("ending", None)) is not None:  # a Ray of this process being ended: first that
+        ending.join(ENDING_TIMEOUT_S)
+    if "started" in _LOCAL:  # a Ray this process started before and shut down since: its thread may end
+        _LOCAL["started"].stop.set()
+    starter = _Starter()
+    _LOCAL["thread"] = _LOCAL["started"] = starter
+    if not _LOCAL.get("at_exit"):
+        # Registered after `import ray` registered Ray's own shutdown, so it runs first (last in, first out).
+        atexit.register(_end_at_exit)
+        _LOCAL["at_exit"] = True
+    starter.start()
+
+
+def end_local_ray_meanwhile() -> None:
+    """Begin `end_local_ray` in a thread, once a command's last trials are over: the driver's disconnect
+    (a quarter of a second, spent mostly outside Python) then overlaps the caller's own work, e.g. the
+    sweep's report. The exit waits for it (at most ENDING_TIMEOUT_S)."""
+    if "started" in _LOCAL and "ending" not in _LOCAL:
+        _LOCAL["ending"] = threading.Thread(target=end_local_ray, name="ray-end", daemon=True)
+        _LOCAL["ending"].start()
+
+
+def _end_at_exit() -> None:
+    if (ending := _LOCAL.pop("ending", None)) is not None:
+        ending.join(ENDING_TIMEOUT_S)
+    end_local_ray()  # nothing left to do when the thread has done it
+
+
+def end_local_ray() -> None:
+    """End the in-process Ray this process started, in a fraction of a second: disconnect the driver,
+    then kill Ray's processes (GCS, raylet, Ray's Python helpers, and their children: agents, workers)
+    all at once, where `ray.shutdown` stops them one by one with a graceful wait each (1.35 s on two
+    cores). For the end of a command, once its trials are over: nothing of Ray's is needed after. A Ray
+    still starting is first waited for (at most LOCAL_START_TIMEOUT_S, then killed as far as it got):
+    killed under a driver that is still connecting, Ray ends the whole process. Ray started otherwise,
+    or a cluster joined, is left to `ray.shutdown`."""
+    starter = _LOCAL.pop("started", None)
+    _LOCAL.pop("thread", None)
+    if starter is None:
+        return
+    starter.done.wait(LOCAL_START_TIMEOUT_S)
+    import psutil
+
+    ours = _ray_children(psutil)
+    processes = [p for child in ours for p in _with_descendants(psutil, child)]
+    worker = ray._private.worker
+    node = getattr(worker, "_global_node", None)
+    try:
+        if node is not None and ray.is_initialized():
+            worker._global_node = None  # ray.shutdown below only disconnects this driver
+            node.destroy_external_storage()  # spilled objects, as ray.shutdown removes them
+            ray.shutdown()
+    finally:
+        for process in processes:
+            try:
+                process.kill()
+            except psutil.Error:  # already gone
+                continue
+        psutil.wait_procs(ours, timeout=1.0)  # reaped, not left as zombies of this process
+        starter.stop.set()
+
+
+def _ray_children(psutil) -> list:
+    """This process's children that run Ray's programs (its binaries and scripts live in its package)."""
+    package = os.path.dirname(ray.__file__)
+    found = []
+    for child in psutil.Process().children():
+        try:
+            if any(part.startswith(package) for part in child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _with_descendants(psutil, process) -> list:
+    try:
+        return [process, *process.children(recursive=True)]
+    except psutil.Error:  # already gone
+        return []
 
 
 def alive_node_count(address: str) -> int:

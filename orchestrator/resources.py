@@ -136,11 +136,14 @@ def _describe(node: dict[str, float]) -> str:
     return ", ".join(f"{_number(a)} {n}" for n, a in shown.items())
 
 
-def this_machine() -> Cluster:
-    """In-process Ray: one node, this machine's CPUs and the GPUs torch sees; it never grows."""
+def this_machine(count_gpus: bool = True) -> Cluster:
+    """In-process Ray: one node, this machine's CPUs and the GPUs torch sees; it never grows.
+    `count_gpus=False` (a request without GPUs) leaves them uncounted, and torch not imported."""
     import os
 
-    import torch
+    node = {"CPU": float(os.cpu_count() or 1)}
+    if count_gpus:
+        import torch
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return Cluster(nodes=[{"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}], local=True)
+        node["GPU"] = float(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    return Cluster(nodes=[node], local=True)

@@ -132,14 +132,16 @@ def catches_sigterm(pid: int) -> bool:
 
 
 def test_sigterm_stops_prepare_data_with_exit_143_and_no_output_that_looks_complete(tmp_path):
-    """SIGTERM as soon as the command has taken it over (while it imports the trainer and reads the
-    images): exit 143, one line, and no manifest, which is what says a prepared folder is complete."""
+    """SIGTERM as soon as the command has taken it over, while it reads the images: exit 143, one
+    line, and no manifest, which is what says a prepared folder is complete. One "image" is a FIFO no
+    one writes to, so the command is still reading when the signal comes, however fast it is."""
     from PIL import Image
 
     source, out = tmp_path / "images", tmp_path / "prepared"
     source.mkdir()
     for i in range(8):
         Image.new("RGB", (16, 16), (i * 30, 0, 0)).save(source / f"{i}.png")
+    os.mkfifo(source / "9-never-written.png")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "prepare-data", str(source), str(out)],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -5,6 +5,8 @@ and manifest, the compute estimate, and the storage and FID checks that refuse a
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -23,7 +25,7 @@ from orchestrator.plan import (
 from orchestrator.spec import SpecError
 from orchestrator.run_states import FINISHED
 from orchestrator.tracking import TrialRun
-from tests.support.sweeps import tiny_config
+from tests.support.sweeps import tiny_config, write_spec
 
 PLACEMENTS, SEEDS = ["none", "head"], [0, 1]
 
@@ -138,3 +140,18 @@ def test_the_estimate_is_timed_only_when_calibration_is_at_most_the_given_share_
     assert untimed.startswith("2 of 2 trials to run, ") and "TFLOP of training (not timed" in untimed
     assert "calibrated" not in untimed
     assert timed.startswith("2 of 2 trials to run, ") and timed.endswith("on this machine (calibrated)")
+
+
+def test_the_checks_before_a_cpu_sweep_starts_do_not_import_torch(tmp_path):
+    """Everything `launch` checks before it starts Ray (the spec, each trial's config and memory, its data,
+    the FID weights, storage, resources) runs without torch, whose import is the slowest second of a
+    launch: bad input is refused at once, and torch loads while the in-process Ray starts. A fresh
+    process, since this one imported torch long ago."""
+    write_spec(tmp_path, grid={"attention.placement": ["none", "head"]})
+    script = ("import sys\nfrom orchestrator.launch import check_resources\n"
+              "from orchestrator.plan import check_fid_weights, check_storage, read_grid_file\n"
+              "grid = read_grid_file('tiny.yaml', [])\ncheck_fid_weights(grid.trials)\ncheck_storage(None)\n"
+              "check_resources(grid.spec, None)\nprint(len(grid.trials), 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["2", "False"]

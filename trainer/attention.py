@@ -22,21 +22,23 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-# Re-exported: the schedules live in a module without torch, so configs validate without importing it.
-from trainer.schedule import GLOBAL, PLACEMENTS, block_windows, check_window, schedule_string  # noqa: F401
+# Re-exported: the schedules and the windows' geometry live in a module without torch, so configs
+# validate and a sweep's memory is estimated (orchestrator's checks) without importing it.
+from trainer.schedule import (  # noqa: F401
+    BAND_ENTRY_COST,
+    BAND_TOKEN_COST,
+    GLOBAL,
+    PLACEMENTS,
+    Grid,
+    band_rows_per_tile,
+    block_windows,
+    check_window,
+    flex_head_dim,
+    is_global,
+    schedule_string,
+)
 
 BACKENDS = ("auto", "dense", "banded", "flex")
-
-Grid = tuple[int, int]  # (height, width) in tokens
-
-
-def is_global(window: int | None, grid: Grid) -> bool:
-    """True when the window sees every token: None, or at least 2 * max(height, width) - 1 wide.
-
-    From any token the farthest one is max(height, width) - 1 rows/columns away, so a radius
-    window // 2 of that size covers the whole grid.
-    """
-    return window is None or window >= 2 * max(grid) - 1
 
 
 def window_mask(height: int, width: int, window: int) -> torch.BoolTensor:
@@ -145,11 +147,6 @@ def flex_windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
     return out[..., :head_dim]
 
 
-def flex_head_dim(head_dim: int) -> int:
-    """The head dim FlexAttention runs at: `head_dim` rounded up to a power of two (at least 16)."""
-    return max(16, 1 << (head_dim - 1).bit_length())
-
-
 # Each window is its own mask function, so the compiled kernel is specialized once per window,
 # dtype (bf16 training, fp32 evaluation) and grad mode: the paper's six windows need 24 variants,
 # beyond dynamo's default budget of 8 per function, past which it would silently run eager
@@ -178,35 +175,6 @@ def _flex_kernel(device_type: str):
 # evenly strided views of one tensor, so gathering them copies nothing. SDPA then runs on
 # (tiles, rows*width) queries x (band*width) keys with a small mask per tile that applies the exact
 # window rule and hides the padding; the work drops from N^2 to N * band * width score entries.
-
-
-# Cost of banded attention relative to global SDPA, fitted to CPU timings of forward + backward (one
-# thread, head_dim 63, grids 16 to 64, windows 3 to 13, tiles of 1 to 16 rows; the resulting choices
-# are checked by benchmarks/attention.py, see benchmarks/RESULTS.md): each kept score entry costs about
-# BAND_ENTRY_COST global ones (the mask is added to every entry), and every token pays about
-# BAND_TOKEN_COST / N global units per key copy for padding, the band views and folding the gradient.
-BAND_ENTRY_COST = 1.2
-BAND_TOKEN_COST = 75.0
-
-
-@functools.lru_cache(maxsize=256)  # asked on every block call
-def band_rows_per_tile(grid: Grid, window: int) -> int | None:
-    """Query rows per tile for the banded backend, or None when dense masking is as cheap.
-
-    Short tiles compute fewer score entries (rows + 2 * radius key rows per query row) but copy every
-    key band / rows times; the modelled cost of each tile height is compared with global attention
-    and the cheapest is kept when it beats dense masking (which costs about as much as global).
-    """
-    height, width = grid
-    tokens, radius = height * width, window // 2
-
-    def relative_cost(rows: int) -> float:
-        band, padded_rows = rows + 2 * radius, math.ceil(height / rows) * rows
-        entries = padded_rows * band / (height * height)  # share of the N^2 global score entries
-        return BAND_ENTRY_COST * entries + BAND_TOKEN_COST * (band / rows) / tokens
-
-    rows = min(range(1, height + 1), key=relative_cost)
-    return rows if relative_cost(rows) < 1.0 else None
 
 
 def banded_attention(

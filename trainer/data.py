@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
-import torch
 
 from trainer.builtins import builtin_name
 from trainer.packs import MANIFEST_NAME
@@ -56,6 +56,9 @@ from trainer.sources import (
     read_labels,
 )
 from trainer.storage import DataError, cache_entry, fetch_all, filesystem, is_local, remote_errors, staged
+
+if TYPE_CHECKING:  # torch only where images become tensors: a sweep's data checks run without it
+    import torch
 
 __all__ = ["DataError", "ImageSource", "download", "load_images", "load_labels", "open_source",
            "source_fingerprint", "to_tensor", "to_unit"]
@@ -206,14 +209,14 @@ def remote_selection(names: list[str]) -> list[str]:
     return parquet or [name for name in visible if name.lower().endswith(IMAGE_SUFFIXES)]
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Model scale
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1], the model's scale."""
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 

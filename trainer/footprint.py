@@ -107,7 +107,7 @@ class MemoryEstimate:
 
 def parameter_count(size: str, image_size: int, channels: int, num_classes: int = 0) -> int:
     """Parameters of `trainer.model.build_dit(size, image_size, channels, ...)`, counted from its layers."""
-    from trainer.model import parse_size
+    from trainer.schedule import parse_size
 
     depth, width, _, patch = parse_size(size)
     hidden = int(width * MLP_RATIO)
@@ -129,7 +129,7 @@ def parameter_count(size: str, image_size: int, channels: int, num_classes: int 
 def gpu_block_bytes(width: int, heads: int) -> int:
     """Bytes backward keeps per token of one DiTBlock under CUDA bf16 autocast with FlexAttention or fused
     SDPA (the accounting is in the module docstring)."""
-    from trainer.attention import flex_head_dim
+    from trainer.schedule import flex_head_dim
 
     hidden = int(width * MLP_RATIO)
     fp32 = 4 * width * FLOAT_BYTES  # x, norm1(x), x after attention, norm2(x)
@@ -141,7 +141,7 @@ def gpu_block_bytes(width: int, heads: int) -> int:
 def attention_score_elements(grid: tuple[int, int], window: int | None, backend: str) -> int:
     """Query-key pairs one local block materializes per image and head under `backend` (resolved:
     dense, banded or flex); 0 for global attention and for FlexAttention."""
-    from trainer.attention import band_rows_per_tile, is_global
+    from trainer.schedule import band_rows_per_tile, is_global
 
     tokens = grid[0] * grid[1]
     if window is None or is_global(window, grid) or backend == "flex":
@@ -176,7 +176,7 @@ def estimate_trial_memory(config: TrialConfig, pool_images: int, channels: int, 
     """Peak bytes of one trial of `config` whose data source holds `pool_images` images of `channels`
     channels, training on `device` ("cpu" or "cuda"). `mapped`: the source is read memory-mapped (a
     prepared pack or a .npy: `trainer.sources.source_shape`), so a trial holds only what it gathers."""
-    from trainer.model import parse_size
+    from trainer.schedule import parse_size
 
     if config.model.arch == "unet":
         return _unet_memory(config, pool_images, channels, mapped, device)

@@ -3,11 +3,14 @@ config or a sweep spec is validated (and bad input refused) without importing to
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
 PLACEMENTS = ("none", "head", "tail", "mix", "custom")
 GLOBAL = "G"  # how a global block is written in a schedule string
+
+Grid = tuple[int, int]  # (height, width) in tokens
 
 
 def check_window(window: object) -> int:
@@ -114,3 +117,49 @@ def check_unet_image_size(name: str, image_size: int) -> None:
     if image_size % 2 ** (levels - 1):
         raise ValueError(f"data.image_size={image_size} must be divisible by {2 ** (levels - 1)} for the "
                          f"{levels} levels of model.size={name!r}")
+
+
+# The windows on the token grid (trainer/attention.py runs them; trainer/footprint.py sizes them).
+
+
+def is_global(window: int | None, grid: Grid) -> bool:
+    """True when the window sees every token: None, or at least 2 * max(height, width) - 1 wide.
+
+    From any token the farthest one is max(height, width) - 1 rows/columns away, so a radius
+    window // 2 of that size covers the whole grid.
+    """
+    return window is None or window >= 2 * max(grid) - 1
+
+
+def flex_head_dim(head_dim: int) -> int:
+    """The head dim FlexAttention runs at: `head_dim` rounded up to a power of two (at least 16)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+# Cost of banded attention relative to global SDPA, fitted to CPU timings of forward + backward (one
+# thread, head_dim 63, grids 16 to 64, windows 3 to 13, tiles of 1 to 16 rows; the resulting choices
+# are checked by benchmarks/attention.py, see benchmarks/RESULTS.md): each kept score entry costs about
+# BAND_ENTRY_COST global ones (the mask is added to every entry), and every token pays about
+# BAND_TOKEN_COST / N global units per key copy for padding, the band views and folding the gradient.
+BAND_ENTRY_COST = 1.2
+BAND_TOKEN_COST = 75.0
+
+
+@functools.lru_cache(maxsize=256)  # asked on every block call
+def band_rows_per_tile(grid: Grid, window: int) -> int | None:
+    """Query rows per tile for the banded backend, or None when dense masking is as cheap.
+
+    Short tiles compute fewer score entries (rows + 2 * radius key rows per query row) but copy every
+    key band / rows times; the modelled cost of each tile height is compared with global attention
+    and the cheapest is kept when it beats dense masking (which costs about as much as global).
+    """
+    height, width = grid
+    tokens, radius = height * width, window // 2
+
+    def relative_cost(rows: int) -> float:
+        band, padded_rows = rows + 2 * radius, math.ceil(height / rows) * rows
+        entries = padded_rows * band / (height * height)  # share of the N^2 global score entries
+        return BAND_ENTRY_COST * entries + BAND_TOKEN_COST * (band / rows) / tokens
+
+    rows = min(range(1, height + 1), key=relative_cost)
+    return rows if relative_cost(rows) < 1.0 else None
