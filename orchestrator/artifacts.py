@@ -12,12 +12,10 @@ from dataclasses import dataclass, field
 import yaml
 
 from orchestrator.trial_state import TrialState
-from trainer.jacobian import JACOBIAN_NPZ, JACOBIAN_PNG, SPECTRUM_RECORD, parse_spectrum_record
-from trainer.locality import QUERIES_NPZ, QUERIES_PNG, by_block
 from trainer.memorization import PAIRS_NPY, PAIRS_PNG
-from trainer.sampling import GRID_NPY, GRID_PNG
 from trainer.metric_names import PSNR_CURVE
-from trainer.metrics import PSNR_CURVE_CSV, PsnrCurve
+from trainer.records import (GRID_NPY, GRID_PNG, JACOBIAN_NPZ, JACOBIAN_PNG, PSNR_CURVE_CSV, QUERIES_NPZ, QUERIES_PNG,
+                             SPECTRUM_RECORD, PsnrCurve, by_block, parse_spectrum_record)
 
 # Files the trainer writes next to each checkpoint, attached to the trial's run when it ends.
 CHECKPOINT_ARTIFACTS = (GRID_PNG, GRID_NPY, PAIRS_PNG, PAIRS_NPY, JACOBIAN_PNG, JACOBIAN_NPZ, QUERIES_PNG, QUERIES_NPZ)

@@ -2,7 +2,9 @@
 in MLflow (orchestrator.progress -> orchestrator.tracking), then rebuild the sweep's report.
 
 Order matters for "nothing started on bad input": the spec, every trial config, the data, the FID
-weights, the storage and the tracking store are all checked before a run is created or Ray is started.
+weights and the storage are all checked before Ray is started, and the tracking store before a run is
+created. The in-process Ray starts in the background (ray_connect.start_local_ray) while the launch
+goes on, as early as it is known to be needed (see `launch`); the sweep waits for it before its first trial.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from orchestrator.plan import (
 from orchestrator.resources import Fit, check_trial_fits, this_machine, trial_request
 from orchestrator.spec import SweepSpec, Trial, expand, new_sweep_id
 from orchestrator.run_states import FAILED, FINISHED, KILLED
-from orchestrator.tracking import SweepRun, Tracker, sweep_tags
+from orchestrator.tracking import SweepRun, Tracker, is_new_store, sweep_tags
 
 if TYPE_CHECKING:
     from orchestrator.progress import SweepSink
@@ -68,16 +70,27 @@ def launch(
     check_storage(storage)
     fit = check_resources(grid.spec, address)  # joins the cluster: Ray is reached before MLflow is written
     check_storage_is_shared(storage, address, _alive_node_count)
-    tracker = Tracker(tracking_uri)
-    experiment = tracker.experiment_id(grid.spec.name)
-    plan = build_plan(grid, tracker.finished_trials(experiment), force)
+    # Into a new store every trial runs: the in-process Ray starts now, while MLflow loads and the store is
+    # made (what can refuse then, MLflow's own open of the store, ends it again). Otherwise it starts once
+    # the plan shows trials to run: a relaunch whose trials are all cached never waits for Ray.
+    early = not address and is_new_store(tracking_uri)
+    if early:
+        _start_ray_meanwhile()
+    try:
+        tracker = Tracker(tracking_uri)
+        experiment = tracker.experiment_id(grid.spec.name)
+        plan = build_plan(grid, tracker.finished_trials(experiment), force)
+    except BaseException:
+        _end_unused_ray(early)
+        raise
     print(plan_table(plan))
     if not plan.to_run and until_confident is None:
+        _end_unused_ray(early)
         print(f"nothing to run: all {len(plan.trials)} trials already have FINISHED runs "
               f"in experiment {plan.spec.name!r} (--force reruns them)")
         return EXIT_OK
 
-    if plan.to_run and not address:
+    if plan.to_run and not address and not early:
         _start_ray_meanwhile()
     sweep_id = new_sweep_id(plan.spec.name)
     parent = tracker.start_sweep(
@@ -316,6 +329,15 @@ def _start_ray_meanwhile() -> None:
     from orchestrator import ray_connect
 
     ray_connect.start_local_ray()
+
+
+def _end_unused_ray(started: bool) -> None:
+    """End the in-process Ray `_start_ray_meanwhile` started for trials that will not run here (once it
+    is up: Ray ends the whole process when killed under a driver still connecting)."""
+    if started:
+        from orchestrator import ray_connect
+
+        ray_connect.end_local_ray()
 
 
 def _alive_node_count(address: str) -> int:

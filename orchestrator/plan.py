@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.display import duration, format_table, show_value
 from orchestrator.fit_check import check_trial_memory, gpu_memory_bytes, gpu_share_bytes, trial_estimates
 from orchestrator.spec import SpecError, SweepSpec, Trial, check_tag_value, expand, load_spec, parse_spec
-from trainer.footprint import format_bytes
+from trainer.footprint import dit_flops_per_image, format_bytes
 
 if TYPE_CHECKING:
     from orchestrator.tracking import TrialRun
@@ -234,28 +234,37 @@ def compute_estimate(plan: Plan, max_share: float | None = None) -> str:
     `max_share`: time them only when those steps are at most this share of the sweep's training FLOPs
     (`launch` pays for the estimate before every sweep; a sweep of a few steps would pay more for it
     than for its training)."""
-    from trainer.arch import build_model
-
     flops_per_image: dict[tuple, float] = {}
     images: dict[tuple, int] = {}
-    first = None  # (model, image size, calibration batch) of the first shape
+    first = None  # (config, calibration batch, training FLOPs per image) of the first shape
     for trial in plan.to_run:
         cfg = trial.config
-        shape = (cfg.model.size, cfg.data.image_size, tuple(cfg.windows))
+        shape = (cfg.model.arch, cfg.model.size, cfg.data.image_size, tuple(cfg.windows))
         if shape not in flops_per_image:
-            model = build_model(cfg, in_channels=3)
-            flops_per_image[shape] = 3.0 * model.flops_per_image()
-            first = first or (model, cfg.data.image_size, min(cfg.train.batch_size, 16), flops_per_image[shape])
+            flops_per_image[shape] = 3.0 * _forward_flops(cfg)
+            first = first or (cfg, min(cfg.train.batch_size, 16), flops_per_image[shape])
         images[shape] = images.get(shape, 0) + cfg.train.steps * cfg.train.batch_size
     flops = sum(flops_per_image[s] * n for s, n in images.items())
     work = f"{len(plan.to_run)} of {len(plan.trials)} trials to run, {flops / 1e12:.2f} TFLOP of training"
     if first is None:
         return f"{work}, about {duration(0.0)} of training in one process on this machine (calibrated)"
-    model, image_size, batch, model_flops = first
+    cfg, batch, model_flops = first
     if max_share is not None and CALIBRATION_STEPS * batch * model_flops > max_share * flops:
         return f"{work} (not timed: {CALIBRATION_STEPS} calibration steps would be over {max_share:.0%} of it)"
-    seconds = flops * _seconds_per_image(model, image_size, batch) / model_flops
+    from trainer.arch import build_model
+
+    seconds = flops * _seconds_per_image(build_model(cfg, in_channels=3), cfg.data.image_size, batch) / model_flops
     return f"{work}, about {duration(seconds)} of training in one process on this machine (calibrated)"
+
+
+def _forward_flops(config) -> int:
+    """Forward FLOPs per image of a trial's model on RGB images: counted from the config for a DiT
+    (no torch: an estimate that is not timed never loads it), from the built model for a UNet."""
+    if config.model.arch == "dit":
+        return dit_flops_per_image(config, channels=3)
+    from trainer.arch import build_model
+
+    return build_model(config, in_channels=3).flops_per_image()
 
 
 def _seconds_per_image(model, image_size: int, batch: int) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import matplotlib
 import matplotlib.ticker
@@ -11,9 +12,11 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from trainer.attention import GLOBAL  # noqa: E402
-from trainer.jacobian import JacobianAnalysis, eigenvector_row, tiles_png  # noqa: E402
-from trainer.metrics import PsnrCurve  # noqa: E402
+from trainer.records import PsnrCurve  # noqa: E402
+from trainer.schedule import GLOBAL  # noqa: E402
+
+if TYPE_CHECKING:  # torch: only the Jacobian's figures load trainer.jacobian
+    from trainer.jacobian import JacobianAnalysis
 
 
 def to_png(fig, crop: bool = True) -> bytes:
@@ -199,6 +202,9 @@ def spectra_png(analyses: dict[str, list[JacobianAnalysis]]) -> bytes:
 
 def eigenvectors_png(analyses: dict[str, list[JacobianAnalysis]]) -> bytes:
     """One row per configuration (its first trial) and noise level, first held-out image."""
+    from trainer.jacobian import eigenvector_row
+    from trainer.tiles import tiles_png
+
     rows = []
     for members in analyses.values():
         first = members[0]
@@ -226,7 +232,7 @@ def distance_vs_size_png(panels: dict[str, dict[int, list[tuple[float, float]]]]
 def query_panels_png(panels: dict[str, dict]) -> bytes:
     from PIL import Image
 
-    from trainer.locality import query_tiles
+    from trainer.tiles import query_tiles, tiles_png
 
     fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(panels) + 1, 5), squeeze=False)
     for ax, (label, saved) in zip(axes[0], panels.items()):

@@ -29,7 +29,7 @@ from ray.air.constants import EXPR_ERROR_FILE  # noqa: E402 - error.txt: a trial
 from orchestrator.display import first_line  # noqa: E402
 from orchestrator.trial_state import TrialError  # noqa: E402
 from trainer.metric_names import STEP  # noqa: E402
-from trainer.train import reported  # noqa: E402
+from trainer.records import reported  # noqa: E402
 
 DEFAULT_STORAGE = "ditsweep_results"
 # Where a trial runs (its location: Ray node and device; not the attention placement), sent with every

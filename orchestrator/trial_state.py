@@ -14,7 +14,7 @@ from typing import Any, Callable
 from orchestrator.spec import Trial
 from orchestrator.run_states import ENDED, FAILED, FINISHED, KILLED, PENDING, RUNNING
 from trainer.metric_names import PSNR_CURVE, STEP
-from trainer.train import SPECTRUM_RECORD, is_trial_metric
+from trainer.records import SPECTRUM_RECORD, is_trial_metric
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from orchestrator.fit_check import TrialMemoryError, check_trial_memory, machine
 from orchestrator.spec import expand, load_spec
 from tests.support.sweeps import write_spec
 from trainer.config import build_config
-from trainer.footprint import estimate_trial_memory, format_bytes, parameter_count
+from trainer.footprint import dit_flops_per_image, estimate_trial_memory, format_bytes, parameter_count
 from trainer.sources import source_shape
 from trainer.model import build_dit
 
@@ -39,6 +39,47 @@ DIGITS = 1797  # scikit-learn's digits: 8x8 grayscale
 def test_parameter_count_is_the_built_models(size, image_size, channels, num_classes):
     model = build_dit(size, image_size=image_size, in_channels=channels, windows=[None] * 12, num_classes=num_classes)
     assert parameter_count(size, image_size, channels, num_classes) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("size", "image_size", "attention"),
+    [("DiT-T/1", 8, {"placement": "none"}), ("DiT-XS/2", 16, {"placement": "head", "windows": [3, 5]}),
+     ("DiT-T/1", 12, {"placement": "tail", "windows": [5, 7, 9]}), ("DiT-S/4", 16, {"placement": "mix", "windows": [3]})],
+)
+def test_the_flops_counted_from_a_config_are_the_built_models_matrix_multiplies(size, image_size, attention):
+    """`plan`'s estimate counts a DiT's FLOPs from its config, without building it (or importing torch):
+    the count equals what forward hooks see the built model multiply for one RGB image (2 per multiply-
+    add of every Linear and Conv2d) plus, per block, Q K^T and P V over the (query, key) pairs its
+    window keeps, counted here pair by pair."""
+    import itertools
+
+    import torch
+
+    config = build_config({"model": {"size": size}, "data": {"image_size": image_size}, "attention": attention})
+    model = build_dit(size, image_size=image_size, in_channels=3, windows=config.windows)
+    multiplied = 0
+
+    def count(module, inputs, output) -> None:
+        nonlocal multiplied
+        if isinstance(module, torch.nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            multiplied += 2 * per_output * output.numel()
+        else:
+            multiplied += 2 * module.in_features * output.numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size), torch.zeros(1, dtype=torch.long))
+    for hook in hooks:
+        hook.remove()
+    side = model.grid[0]
+    tokens = list(itertools.product(range(side), repeat=2))
+    attention_flops = 0
+    for window in config.windows:
+        radius = side if window is None else window // 2
+        pairs = sum(abs(q[0] - k[0]) <= radius and abs(q[1] - k[1]) <= radius for q in tokens for k in tokens)
+        attention_flops += 2 * 2 * model.width * pairs
+    assert dit_flops_per_image(config, channels=3) == multiplied + attention_flops == model.flops_per_image()
 
 
 def test_model_state_is_five_fp32_copies_of_the_parameters_plus_position_buffers():

@@ -19,9 +19,9 @@ from trainer.jacobian import (
     jacobian,
     jacobian_analysis,
     one_step_denoiser,
-    parse_spectrum_record,
 )
 from trainer.model import build_dit
+from trainer.records import parse_spectrum_record
 from trainer.unet import build_unet
 
 

@@ -9,7 +9,8 @@ import torch
 
 from trainer.attention import window_mask
 from trainer.diffusion import linear_schedule
-from trainer.locality import attention_locality, by_block, row_sums, token_geometry
+from trainer.locality import attention_locality, row_sums, token_geometry
+from trainer.records import by_block
 from trainer.model import DiT
 
 GRID = 8
@@ -128,7 +129,8 @@ def test_query_maps_are_rows_of_each_blocks_attention_and_are_saved(tmp_path):
     import numpy as np
 
     from trainer.diffusion import q_sample
-    from trainer.locality import LOCALITY_NOISE_SEED, QUERIES_NPZ, QUERIES_PNG, query_maps, query_tokens, save_query_maps
+    from trainer.locality import LOCALITY_NOISE_SEED, query_maps, query_tokens, save_query_maps
+    from trainer.records import QUERIES_NPZ, QUERIES_PNG
     from trainer.model import modulate
 
     model = tiny_dit([3, None])

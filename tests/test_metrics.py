@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from trainer.diffusion import Schedule, linear_schedule
-from trainer.metrics import EVAL_NOISE_SEED, PsnrCurve, noise_seed, one_step_psnr, psnr, psnr_gap_curve, reproducibility
+from trainer.metrics import EVAL_NOISE_SEED, noise_seed, one_step_psnr, psnr, psnr_gap_curve, reproducibility
+from trainer.records import PsnrCurve
 
 
 def images(seed: int, count: int = 6) -> torch.Tensor:

@@ -16,7 +16,7 @@ from orchestrator.spec import Trial, trial_key
 from orchestrator.tracking import Tracker
 from tests.support.sweeps import sqlite_uri, tiny_config
 from trainer.config import build_config
-from trainer.metrics import PsnrCurve
+from trainer.records import PsnrCurve
 
 TIMESTEPS = [0, 111, 333, 555, 999]
 TRAIN = [31.5, 24.25, 18.0, 12.5, 7.75]

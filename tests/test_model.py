@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from trainer.model import DiT, MODEL_SIZES, attended_pairs, build_dit, parse_size
+from trainer.model import DiT, MODEL_SIZES, build_dit, parse_size
+from trainer.schedule import attended_pairs
 from trainer.attention import window_mask
 
 

@@ -20,7 +20,7 @@ import torch
 from tests.support.sweeps import tiny_config
 from trainer.config import TrialConfig, apply_overrides, build_config
 from trainer.data import DataError, load_images, load_labels
-from trainer.metrics import PsnrCurve
+from trainer.records import PsnrCurve
 from trainer.pool import POOLS, PoolCache, load_subsets
 from trainer.prepare import prepare_images
 from trainer.train import (

@@ -11,7 +11,8 @@ import torch
 
 from tests.support.sweeps import invoke, tiny_config
 from trainer.config import ConfigError, apply_overrides, build_config
-from trainer.jacobian import JACOBIAN_NPZ, JACOBIAN_PNG, SPECTRUM_RECORD, JacobianAnalysis, parse_spectrum_record
+from trainer.jacobian import JacobianAnalysis
+from trainer.records import JACOBIAN_NPZ, JACOBIAN_PNG, SPECTRUM_RECORD, parse_spectrum_record
 from trainer.footprint import estimate_trial_memory, unet_parameter_count
 from trainer.train import CHECKPOINT_FILE, train
 from trainer.unet import UNet, build_unet

@@ -126,6 +126,40 @@ def parameter_count(size: str, image_size: int, channels: int, num_classes: int 
     return count
 
 
+def dit_forward_flops(grid: tuple[int, int], width: int, hidden: int, pixels_per_patch: int, frequency_dim: int,
+                      windows: list[int | None]) -> int:
+    """Forward FLOPs of one image through a DiT (2 per multiply-add), counting matrix multiplies only:
+    `trainer.model.DiT.flops_per_image` with the model's dimensions, `dit_flops_per_image` from a config.
+
+    Linear layers and the patch conv count 2 * in * out per token (per image for the conditioning MLPs
+    and adaLN, which act once per image). Attention counts Q K^T and P V as 2 * width FLOPs each per
+    attended (query, key) pair, so a local window costs only the pairs its mask keeps. Norms, softmax
+    and activations are left out (a few percent at these sizes). Training costs about 3x this.
+    """
+    from trainer.schedule import attended_pairs
+
+    tokens, D = grid[0] * grid[1], width
+    flops = 2 * tokens * pixels_per_patch * D  # patch embedding
+    flops += 2 * (frequency_dim * D + D * D)  # timestep MLP
+    for window in windows:
+        flops += 2 * D * 6 * D  # adaLN modulation
+        flops += 2 * tokens * (D * 3 * D + D * D + 2 * D * hidden)  # qkv, out proj, MLP
+        flops += 2 * 2 * D * attended_pairs(grid, window)  # Q K^T and P V over all heads
+    flops += 2 * D * 2 * D + 2 * tokens * D * pixels_per_patch  # final adaLN and linear
+    return flops
+
+
+def dit_flops_per_image(config: TrialConfig, channels: int) -> int:
+    """`dit_forward_flops` of the DiT a `config` builds for images of `channels` channels, without
+    building it (and so without torch)."""
+    from trainer.schedule import parse_size
+
+    _, width, _, patch = parse_size(config.model.size)
+    side = config.data.image_size // patch
+    return dit_forward_flops((side, side), width, int(width * MLP_RATIO), patch * patch * channels,
+                             TIMESTEP_FREQUENCIES, config.windows)
+
+
 def gpu_block_bytes(width: int, heads: int) -> int:
     """Bytes backward keeps per token of one DiTBlock under CUDA bf16 autocast with FlexAttention or fused
     SDPA (the accounting is in the module docstring)."""

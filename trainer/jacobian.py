@@ -37,20 +37,14 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
 from trainer.diffusion import Schedule, predict_x0, q_sample
 from trainer.storage import write_atomically
+from trainer.records import JACOBIAN_NPZ, JACOBIAN_PNG, JACOBIAN_PREFIX
+from trainer.tiles import tiles_png
 
 # Noise for the analysis is fixed, as for the PSNR gap: trials differ only by their model.
 JACOBIAN_NOISE_SEED = 20240505
-JACOBIAN_NPZ = "jacobian.npz"  # per timestep and image: eigenvalues, top-k eigenvectors, asymmetry
-JACOBIAN_PNG = "jacobian_eigenvectors.png"  # per timestep and image: clean, noisy, x0_hat, top-k eigenvectors
-# The reported record of the mean spectrum per timestep (like the PSNR curve: it travels in the report
-# and becomes metric series with step = rank when the trial ends).
-SPECTRUM_RECORD = "jacobian_spectrum"
-METRIC_PREFIX = "jac_"  # jac_asymmetry.t100, jac_trace.t100, jac_pr.t100
-PIXELS = 48  # each picture of the eigenvector grid is upscaled (nearest) to at least this many pixels
 
 
 def one_step_denoiser(model: Callable, schedule: Schedule, t: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -159,9 +153,9 @@ class JacobianAnalysis:
         out = {}
         for i, t in enumerate(self.timesteps):
             values = torch.from_numpy(self.eigenvalues[i])
-            out[f"{METRIC_PREFIX}asymmetry.t{t}"] = float(self.asymmetry[i].mean())
-            out[f"{METRIC_PREFIX}trace.t{t}"] = float(values.sum(dim=1).mean())
-            out[f"{METRIC_PREFIX}pr.t{t}"] = float(np.mean([participation_ratio(v) for v in values]))
+            out[f"{JACOBIAN_PREFIX}asymmetry.t{t}"] = float(self.asymmetry[i].mean())
+            out[f"{JACOBIAN_PREFIX}trace.t{t}"] = float(values.sum(dim=1).mean())
+            out[f"{JACOBIAN_PREFIX}pr.t{t}"] = float(np.mean([participation_ratio(v) for v in values]))
         return out
 
     def spectrum_record(self) -> str:
@@ -186,12 +180,6 @@ class JacobianAnalysis:
         directory.mkdir(parents=True, exist_ok=True)
         write_atomically(directory / JACOBIAN_NPZ, self.npz())
         write_atomically(directory / JACOBIAN_PNG, eigenvector_png(self))
-
-
-def parse_spectrum_record(record: str) -> dict[int, list[float]]:
-    """timestep -> mean eigenvalue by rank (rank 0 = largest)."""
-    data = json.loads(record)
-    return {int(t): [float(v) for v in values] for t, values in zip(data["timestep"], data["eigenvalues"])}
 
 
 def jacobian_analysis(
@@ -234,22 +222,6 @@ def signed_to_uint8(vector: np.ndarray) -> np.ndarray:
 def image_to_uint8(image: np.ndarray) -> np.ndarray:
     """A model-scale image (C, H, W) in [-1, 1] -> uint8 (H, W, C), clipped."""
     return np.clip(np.rint((image + 1) * 127.5), 0, 255).astype(np.uint8).transpose(1, 2, 0)
-
-
-def tiles_png(rows: list[list[np.ndarray]]) -> bytes:
-    """uint8 (H, W, C) tiles, one list per row (rows of one length), as one PNG with 2 grey pixels
-    between tiles, each tile upscaled (nearest) to at least PIXELS pixels."""
-    height, width, channels = rows[0][0].shape
-    scale = max(1, -(-PIXELS // max(height, width)))  # ceil
-    pad, cell_h, cell_w = 2, height * scale + 2, width * scale + 2
-    canvas = np.full((len(rows) * cell_h + pad, len(rows[0]) * cell_w + pad, channels), 128, dtype=np.uint8)
-    for r, row in enumerate(rows):
-        for c, tile in enumerate(row):
-            top, left = pad + r * cell_h, pad + c * cell_w
-            canvas[top : top + height * scale, left : left + width * scale] = tile.repeat(scale, 0).repeat(scale, 1)
-    buffer = io.BytesIO()
-    Image.fromarray(canvas[..., 0] if channels == 1 else canvas).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def eigenvector_row(analysis: JacobianAnalysis, step: int, image: int) -> list[np.ndarray]:

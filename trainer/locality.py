@@ -31,10 +31,11 @@ import torch
 
 from trainer.diffusion import Schedule, q_sample
 from trainer.model import DiT
+from trainer.records import NEIGHBOURHOODS, QUERIES_NPZ, QUERIES_PNG
+from trainer.tiles import query_tiles, tiles_png
 
 # Noise for the analysis is fixed, as for the PSNR gap: trials differ only by their model.
 LOCALITY_NOISE_SEED = 20240202
-NEIGHBOURHOODS = (3, 7)  # k of the k x k neighbourhoods whose attention share is reported
 # Images per forward pass: the maps are (images, heads, N, N), 200 MB for 8 images of DiT-S/1 at 32x32.
 _CHUNK = 8
 
@@ -114,8 +115,6 @@ def attention_locality(
     return metrics
 
 
-QUERIES_NPZ = "attention_queries.npz"  # maps (blocks, queries, rows, cols), queries (q, 2), timestep
-QUERIES_PNG = "attention_queries.png"  # one row per block, one column per query token
 
 
 def query_tokens(grid: tuple[int, int]) -> list[tuple[int, int]]:
@@ -152,7 +151,6 @@ def query_maps(model: DiT, schedule: Schedule, image: torch.Tensor, t: int) -> n
 
 def save_query_maps(directory: Path, maps: np.ndarray, grid: tuple[int, int], t: int) -> None:
     """QUERIES_NPZ and QUERIES_PNG (each map scaled to its own maximum, the query token marked mid-grey)."""
-    from trainer.jacobian import tiles_png
     from trainer.storage import write_atomically
 
     queries = query_tokens(grid)
@@ -161,26 +159,3 @@ def save_query_maps(directory: Path, maps: np.ndarray, grid: tuple[int, int], t:
     directory.mkdir(parents=True, exist_ok=True)
     write_atomically(directory / QUERIES_NPZ, buffer.getvalue())
     write_atomically(directory / QUERIES_PNG, tiles_png(query_tiles(maps, queries)))
-
-
-def query_tiles(maps: np.ndarray, queries: list[tuple[int, int]]) -> list[list[np.ndarray]]:
-    """uint8 (rows, cols, 1) tiles, one list per block: white = the map's maximum, the query mid-grey."""
-    tiles = []
-    for block in maps:
-        row = []
-        for (r, c), heat in zip(queries, block):
-            tile = np.rint(255 * heat / max(float(heat.max()), 1e-12)).astype(np.uint8)
-            tile[r, c] = 128
-            row.append(tile[..., None])
-        tiles.append(row)
-    return tiles
-
-
-def by_block(metrics: dict[str, float]) -> dict[str, list[float]]:
-    """{"distance": [...], "local3": [...], "local7": [...]} in block order, from reported metrics;
-    empty when none were reported."""
-    names = {"distance": "attn_distance"} | {f"local{k}": f"attn_local{k}" for k in NEIGHBOURHOODS}
-    blocks = sorted(int(key.rsplit("_", 1)[1]) for key in metrics if key.startswith("attn_distance.block_"))
-    if not blocks:
-        return {}
-    return {short: [metrics[f"{long}.block_{b}"] for b in blocks] for short, long in names.items()}

@@ -18,14 +18,12 @@ nearly the same sample from the same noise; `reproducibility` scores how alike t
 
 from __future__ import annotations
 
-import csv
-import io
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from trainer.diffusion import Denoiser, Schedule, predict_x0, q_sample, spread_timesteps
+from trainer.records import PsnrCurve
 
 # Evaluation noise is seeded by a constant, not the trial seed: every trial noises its images with
 # the same draws, so differences in PSNR come from the model, not from luck.
@@ -49,48 +47,6 @@ def image_noise(image_ids: list[int], timestep: int, shape: tuple[int, ...], see
         generator.manual_seed(noise_seed(seed, int(image_id), timestep))
         torch.randn(shape, generator=generator, out=out[row])
     return out
-
-
-PSNR_CURVE_CSV = "psnr_curve.csv"  # the curve's file: in a trial's folder and on its run
-
-
-@dataclass(frozen=True)
-class PsnrCurve:
-    """PSNR of the one-step denoiser per diffusion timestep, on training and held-out images. One
-    serialization, read and written here: the CSV of `to_csv` (timestep, psnr_train, psnr_test, psnr_gap
-    in dB to 6 decimals), which is the trial's psnr_curve.csv, the record it reports (`PSNR_CURVE`) and
-    the artifact of its run."""
-
-    timesteps: list[int]
-    train: list[float]
-    test: list[float]
-
-    @property
-    def gap(self) -> list[float]:
-        return [a - b for a, b in zip(self.train, self.test)]
-
-    def summary(self) -> dict[str, float]:
-        n = len(self.timesteps)
-        return {
-            "psnr_train": sum(self.train) / n,
-            "psnr_test": sum(self.test) / n,
-            "psnr_gap": sum(self.gap) / n,
-        }
-
-    def to_csv(self) -> str:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["timestep", "psnr_train", "psnr_test", "psnr_gap"])
-        for row in zip(self.timesteps, self.train, self.test, self.gap):
-            writer.writerow([row[0], *(f"{v:.6f}" for v in row[1:])])
-        return buf.getvalue()
-
-    @classmethod
-    def from_csv(cls, text: str) -> PsnrCurve:
-        """The curve `to_csv` wrote (its gap column is recomputed, not read)."""
-        rows = list(csv.DictReader(io.StringIO(text)))
-        return cls(timesteps=[int(r["timestep"]) for r in rows], train=[float(r["psnr_train"]) for r in rows],
-                   test=[float(r["psnr_test"]) for r in rows])
 
 
 def psnr(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from trainer.attention import (
     schedule_string,
     window_mask,
 )
+from trainer.footprint import dit_forward_flops
 from trainer.schedule import MODEL_SIZES, parse_size  # noqa: F401 - re-exported
 
 
@@ -280,40 +281,9 @@ class DiT(nn.Module):
         return h.permute(0, 5, 1, 3, 2, 4).reshape(B, C, gh * p, gw * p)  # (B, C, H, W)
 
     def flops_per_image(self) -> int:
-        """Forward FLOPs for one image (2 per multiply-add), counting matrix multiplies only.
-
-        Linear layers and the patch conv count 2 * in * out per token (per image for the
-        conditioning MLPs and adaLN, which act once per image). Attention counts Q K^T and P V as
-        2 * width FLOPs each per attended (query, key) pair, so a local window costs only the pairs
-        its mask keeps. Norms, softmax and activations are left out (a few percent at these sizes).
-        Training costs about 3x this (backward is twice the forward).
-        """
-        N, D = self.grid[0] * self.grid[1], self.width
-        hidden = int(D * self.mlp_ratio)
-        pixels_per_patch = self.patch_size**2 * self.in_channels
-        flops = 2 * N * pixels_per_patch * D  # patch embedding
-        flops += 2 * (self.t_embedder.frequency_dim * D + D * D)  # timestep MLP
-        for window in self.windows:
-            flops += 2 * D * 6 * D  # adaLN modulation
-            flops += 2 * N * (D * 3 * D + D * D + 2 * D * hidden)  # qkv, out proj, MLP
-            flops += 2 * 2 * D * attended_pairs(self.grid, window)  # Q K^T and P V over all heads
-        flops += 2 * D * 2 * D + 2 * N * D * pixels_per_patch  # final adaLN and linear
-        return flops
-
-
-def attended_pairs(grid: tuple[int, int], window: int | None) -> int:
-    """Number of (query, key) pairs a window keeps on a grid; N^2 for global attention.
-
-    The mask is a product of a row condition and a column condition, so the count factorises.
-    """
-    if is_global(window, grid):
-        return (grid[0] * grid[1]) ** 2
-    radius = window // 2
-
-    def pairs_1d(size: int) -> int:  # pairs (i, j) in [0, size) with |i - j| <= radius
-        return sum(min(i + radius, size - 1) - max(i - radius, 0) + 1 for i in range(size))
-
-    return pairs_1d(grid[0]) * pairs_1d(grid[1])
+        """Forward FLOPs for one image, matrix multiplies only (what counts: trainer.footprint.dit_forward_flops)."""
+        return dit_forward_flops(self.grid, self.width, int(self.width * self.mlp_ratio),
+                                 self.patch_size**2 * self.in_channels, self.t_embedder.frequency_dim, self.windows)
 
 
 def _check_shapes(image_size: int, patch_size: int, depth: int, width: int, heads: int, windows: list) -> None:

@@ -31,12 +31,11 @@ from trainer.fid import kernel_inception_distance
 from trainer.data import to_unit
 from trainer.storage import file_sha256, write_atomically
 from trainer.fid_weights import fetch_weights
+from trainer.records import GRID_NPY, GRID_PNG
 from trainer.inception import FIDInceptionV3, load_fid_inception
 
 GRID_NOISE_SEED = 20240303
 FID_NOISE_SEED = 20240404
-GRID_PNG = "samples.png"
-GRID_NPY = "samples.npy"
 GRID_PIXELS = 64  # each grid image is upscaled (nearest) to at least this many pixels per side
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # Binkowski et al.'s defaults; subsets shrink to the set size
 

@@ -163,3 +163,18 @@ def band_rows_per_tile(grid: Grid, window: int) -> int | None:
 
     rows = min(range(1, height + 1), key=relative_cost)
     return rows if relative_cost(rows) < 1.0 else None
+
+
+def attended_pairs(grid: tuple[int, int], window: int | None) -> int:
+    """Number of (query, key) pairs a window keeps on a grid; N^2 for global attention.
+
+    The mask is a product of a row condition and a column condition, so the count factorises.
+    """
+    if is_global(window, grid):
+        return (grid[0] * grid[1]) ** 2
+    radius = window // 2
+
+    def pairs_1d(size: int) -> int:  # pairs (i, j) in [0, size) with |i - j| <= radius
+        return sum(min(i + radius, size - 1) - max(i - radius, 0) + 1 for i in range(size))
+
+    return pairs_1d(grid[0]) * pairs_1d(grid[1])

@@ -27,10 +27,11 @@ from trainer.storage import atomic_file
 from trainer.config import TrialConfig
 from trainer import memorization, sampling
 from trainer.diffusion import Schedule, linear_schedule, training_loss
-from trainer.jacobian import METRIC_PREFIX as JACOBIAN_PREFIX, SPECTRUM_RECORD, jacobian_analysis
+from trainer.jacobian import jacobian_analysis
 from trainer.locality import attention_locality, query_maps, save_query_maps
-from trainer.metric_names import PSNR_CURVE, RESUMED_FROM_STEP, STEP, TRIAL_METRICS
-from trainer.metrics import PSNR_CURVE_CSV, PsnrCurve, psnr_gap_curve
+from trainer.metric_names import PSNR_CURVE, RESUMED_FROM_STEP, STEP
+from trainer.records import PSNR_CURVE_CSV, RECORDS, SPECTRUM_RECORD, PsnrCurve
+from trainer.metrics import psnr_gap_curve
 from trainer.arch import build_model
 from trainer.model import DiT
 from trainer.unet import UNet
@@ -41,23 +42,6 @@ Report = Callable[[dict, "str | None"], None]
 CHECKPOINT_DIR = "checkpoint"  # under the trial's output folder
 CHECKPOINT_FILE = "state.pt"
 PREVIOUS_CHECKPOINT_FILE = "state.prev.pt"
-
-# What `report(metrics, ...)` carries: the metrics a trial logs (trainer.metric_names.TRIAL_METRICS and
-# these prefixes), the step counter and the records. Per-block attention locality: attn_distance.block_0,
-# attn_local3.block_0, ...; the denoiser's Jacobian per timestep: jac_asymmetry.t100, jac_trace.t100,
-# jac_pr.t100 (trainer.jacobian).
-TRIAL_METRIC_PREFIXES = ("attn_", JACOBIAN_PREFIX)
-RECORDS = (PSNR_CURVE, SPECTRUM_RECORD)  # reported JSON records that become artifacts and series, not metrics
-
-
-def is_trial_metric(key: str) -> bool:
-    return key in TRIAL_METRICS or key.startswith(TRIAL_METRIC_PREFIXES)
-
-
-def reported(values: dict) -> dict:
-    """The part of a result dict (e.g. Tune's, full of its own bookkeeping) that the trial reported."""
-    return {k: v for k, v in values.items() if is_trial_metric(k) or k in (STEP, *RECORDS)}
-
 
 def to_model_scale(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1]."""

@@ -14,7 +14,7 @@ from orchestrator.report.rows import (MISSING, SEED_AXES, SIZE_PARAMS, ReportErr
 from orchestrator.spec import Compare, SpecError, parse_spec
 from orchestrator.run_states import FINISHED
 from orchestrator.tracking import Tracker, TrialRun
-from trainer.metrics import PSNR_CURVE_CSV, PsnrCurve
+from trainer.records import PSNR_CURVE_CSV, PsnrCurve
 
 
 def fetch_sweep(tracker: Tracker, sweep_id: str) -> SweepData:
@@ -59,7 +59,7 @@ def _sample_grids(tracker: Tracker, trials: list[TrialResult], axes: list[str]) 
     """The sample grid of each configuration's first finished trial, with the nearest-training grid too
     at the smallest data size."""
     from trainer.memorization import PAIRS_PNG
-    from trainer.sampling import GRID_PNG
+    from trainer.records import GRID_PNG
 
     rows = configuration_rows(trials, axes)
     sizes = [row.size[0] for row in rows if row.size is not None]
@@ -81,6 +81,9 @@ def _sample_grids(tracker: Tracker, trials: list[TrialResult], axes: list[str]) 
 
 def _reproducibility(tracker: Tracker, trials: list[TrialResult]) -> dict[str, list[float]]:
     """Scores from the `samples.npy` grids (same fixed noise in every trial) of disjoint pairs."""
+    by_label = disjoint_pairs(trials)
+    if not by_label:  # most sweeps: no need for torch (trainer.metrics) in the report
+        return {}
     import numpy as np
 
     from trainer.metrics import reproducibility
@@ -95,7 +98,7 @@ def _reproducibility(tracker: Tracker, trials: list[TrialResult]) -> dict[str, l
         return samples[trial.run_id]
 
     scores: dict[str, list[float]] = {}
-    for label, pairs in disjoint_pairs(trials).items():
+    for label, pairs in by_label.items():
         values = [reproducibility(grid(a), grid(b)) for a, b in pairs
                   if grid(a) is not None and grid(b) is not None and grid(a).shape == grid(b).shape]
         if values:

@@ -33,12 +33,13 @@ import numpy as np
 
 from orchestrator.compare import CONFIDENCE, PairedDifference, mean_interval
 from orchestrator.report.rows import TrialResult
-from trainer.jacobian import JACOBIAN_NPZ, JacobianAnalysis
 from trainer.metric_names import ATTENTION_DISTANCE, PSNR_GAP
+from trainer.records import JACOBIAN_NPZ
 from trainer.schedule import GLOBAL
 
 if TYPE_CHECKING:
     from orchestrator.tracking import Tracker
+    from trainer.jacobian import JacobianAnalysis  # torch: loaded by `fetch` only for a sweep with analyses
 
 LOCALITY_CSV = "locality_vs_gap.csv"
 JACOBIAN_CSV = "jacobian.csv"
@@ -48,7 +49,7 @@ FILES = (JACOBIAN_CSV, LOCALITY_CSV)  # the section's files besides its PNG figu
 def fetch(tracker: Tracker, trials: list[TrialResult]) -> dict[str, dict]:
     """The report's `jacobians` (run id -> the Jacobian analysis of each finished trial that saved one) and
     `attention_queries` (run id -> its query maps, trainer.locality.query_maps)."""
-    from trainer.locality import QUERIES_NPZ
+    from trainer.records import QUERIES_NPZ
 
     jacobians, queries = {}, {}
     for trial in trials:
@@ -56,6 +57,8 @@ def fetch(tracker: Tracker, trials: list[TrialResult]) -> dict[str, dict]:
             continue
         names = tracker.artifact_names(trial.run_id)
         if JACOBIAN_NPZ in names:
+            from trainer.jacobian import JacobianAnalysis
+
             jacobians[trial.run_id] = JacobianAnalysis.from_npz(tracker.read_bytes(trial.run_id, JACOBIAN_NPZ))
         if QUERIES_NPZ in names:
             with np.load(io.BytesIO(tracker.read_bytes(trial.run_id, QUERIES_NPZ)), allow_pickle=False) as saved:

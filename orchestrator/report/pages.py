@@ -94,7 +94,7 @@ def grids_html(data: SweepData) -> str:
     """The sample grids at one size in a configuration x N layout, each labelled; below them, at the
     smallest N, each sample beside its nearest training image."""
     from trainer.memorization import PAIRS_PNG
-    from trainer.sampling import GRID_PNG
+    from trainer.records import GRID_PNG
 
     e = html.escape
     if not data.grids:

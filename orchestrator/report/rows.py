@@ -18,7 +18,7 @@ from trainer.metric_names import (FID, KID, MEMORIZATION_CLOSER_TO_TRAIN, MEMORI
                                   MEMORIZATION_NN_TEST, MEMORIZATION_NN_TRAIN, PSNR_GAP, PSNR_TEST, PSNR_TRAIN)
 
 if TYPE_CHECKING:
-    from trainer.metrics import PsnrCurve
+    from trainer.records import PsnrCurve
 from orchestrator.run_states import FINISHED
 
 SEED_AXES = ("seed", "data.shuffle_seed")  # averaged over, never a configuration of their own

@@ -23,14 +23,14 @@ from orchestrator.tracking.records import (  # noqa: E402
     TAG_DEVICE, TAG_GPU_MEMORY_GB, TAG_GPU_NAME, TAG_NODE_ID, TAG_NODE_IP, TAG_ROLE, TAG_SWEEP_ID, SweepRun, TrialRun,
     location_tags, retries_tags, sweep_tags)
 from orchestrator.tracking.store import (  # noqa: E402
-    DEFAULT_TRACKING_URI, TrackingError, artifact_root, prepare_sqlite_store, require_store, resolve_tracking_uri,
-    store_missing)
+    DEFAULT_TRACKING_URI, TrackingError, artifact_root, is_new_store, prepare_sqlite_store, require_store,
+    resolve_tracking_uri, store_missing)
 from orchestrator.tracking.tracker import Tracker  # noqa: E402
 from orchestrator.tracking.ui import runs_page_url, serve_ui, server_environment, ui_command  # noqa: E402
 
 __all__ = [
     "DEFAULT_TRACKING_URI", "TAG_DEVICE", "TAG_GPU_MEMORY_GB", "TAG_GPU_NAME", "TAG_NODE_ID", "TAG_NODE_IP",
-    "TAG_ROLE", "TAG_SWEEP_ID", "SweepRun", "Tracker", "TrackingError", "TrialRun", "artifact_root",
+    "TAG_ROLE", "TAG_SWEEP_ID", "SweepRun", "Tracker", "TrackingError", "TrialRun", "artifact_root", "is_new_store",
     "location_tags", "prepare_sqlite_store", "require_store", "resolve_tracking_uri", "retries_tags", "runs_page_url",
     "serve_ui", "server_environment", "store_missing", "sweep_tags", "ui_command",
 ]

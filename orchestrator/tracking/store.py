@@ -44,6 +44,14 @@ def store_missing(uri: str) -> bool:
     return path is not None and not _has_content(path)
 
 
+def is_new_store(uri: str | None) -> bool:
+    """A local sqlite store this command is about to create (its folder exists, the file does not):
+    nothing in it can be FINISHED yet, so every trial of a sweep launched into it will run."""
+    uri = resolve_tracking_uri(uri)
+    path = sqlite_path(uri)
+    return path is not None and store_missing(uri) and path.resolve().parent.is_dir()
+
+
 def require_store(uri: str | None) -> None:
     """Refuse a local store that does not exist, for commands that read one (before they import more)."""
     uri = resolve_tracking_uri(uri)
