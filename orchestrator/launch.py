@@ -13,6 +13,7 @@ import dataclasses
 import json
 import platform
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -90,37 +91,14 @@ def launch(
               f"in experiment {plan.spec.name!r} (--force reruns them)")
         return EXIT_OK
 
-    if plan.to_run and not address and not early:
+    ray_started = early or bool(plan.to_run and not address)
+    if ray_started and not early:
         _start_ray_meanwhile()
-    sweep_id = new_sweep_id(plan.spec.name)
-    parent = tracker.start_sweep(
-        experiment,
-        sweep_id,
-        name=f"sweep {sweep_id}",
-        tags=sweep_tags(spec_name=plan.spec.name, description=plan.spec.description, storage=storage,
-                        overrides=list(plan.overrides), force=plan.force, git_commit=_git_commit()),
-        params={
-            "spec": plan.spec.name,
-            "trials": len(plan.trials),
-            "trials_cached": len(plan.trials) - len(plan.to_run),
-            "max_failures": plan.spec.max_failures,
-            "resources.cpu": plan.spec.resources.cpu,
-            "resources.gpu": plan.spec.resources.gpu,
-        },
-        texts={
-            "spec.yaml": plan.spec_text,
-            "plan.txt": plan_table(plan) + "\n\n" + compute_estimate(plan, max_share=ESTIMATE_MAX_SHARE) + "\n",
-            "trials.json": json.dumps(trials_manifest(plan), indent=2),
-            "versions.json": json.dumps(_versions(), indent=2),
-        },
-    )
-    print(accepted_line(sweep_id, len(plan.to_run), tracker.uri), flush=True)
-    if fit.message:
-        print(fit.message, flush=True)
-    from orchestrator.progress import SweepSink  # torch and the trainer: only once the sweep starts
-
-    sink = SweepSink(tracker, parent, plan.to_run, existing={})
-    sink.console.waiting = fit.message
+    try:
+        sweep_id, parent, sink = _open_sweep(tracker, experiment, plan, storage, fit)
+    except BaseException:
+        _end_unused_ray(ray_started)
+        raise
     if until_confident is None:
         return _run(plan, sink, sweep_id, storage, address, restore=False, pending_timeout_s=pending_timeout_s)
     rounds = Rounds(tracker, parent, plan, until_confident, storage, address, pending_timeout_s)
@@ -323,6 +301,42 @@ class Rounds:
         self.save(decisions, {adaptive.SUMMARY_FILE: f"# Until confident: why each comparison stopped\n\n```\n{table}\n```\n"})
 
 
+def _open_sweep(tracker: Tracker, experiment: str, plan: Plan, storage: str | None,
+                fit: Fit) -> tuple[str, SweepRun, SweepSink]:
+    """The sweep's run (its tags, params, spec, plan with the compute estimate, manifest, versions) and
+    the sink that records its trials' events."""
+    sweep_id = new_sweep_id(plan.spec.name)
+    parent = tracker.start_sweep(
+        experiment,
+        sweep_id,
+        name=f"sweep {sweep_id}",
+        tags=sweep_tags(spec_name=plan.spec.name, description=plan.spec.description, storage=storage,
+                        overrides=list(plan.overrides), force=plan.force, git_commit=_git_commit()),
+        params={
+            "spec": plan.spec.name,
+            "trials": len(plan.trials),
+            "trials_cached": len(plan.trials) - len(plan.to_run),
+            "max_failures": plan.spec.max_failures,
+            "resources.cpu": plan.spec.resources.cpu,
+            "resources.gpu": plan.spec.resources.gpu,
+        },
+        texts={
+            "spec.yaml": plan.spec_text,
+            "plan.txt": plan_table(plan) + "\n\n" + compute_estimate(plan, max_share=ESTIMATE_MAX_SHARE) + "\n",
+            "trials.json": json.dumps(trials_manifest(plan), indent=2),
+            "versions.json": json.dumps(_versions(), indent=2),
+        },
+    )
+    print(accepted_line(sweep_id, len(plan.to_run), tracker.uri), flush=True)
+    if fit.message:
+        print(fit.message, flush=True)
+    from orchestrator.progress import SweepSink  # the sink's modules: only once a sweep starts
+
+    sink = SweepSink(tracker, parent, plan.to_run, existing={})
+    sink.console.waiting = fit.message
+    return sweep_id, parent, sink
+
+
 def _start_ray_meanwhile() -> None:
     """Start the in-process Ray now, in the background: the sweep's run, the trainer's imports and
     Tune's take about as long as Ray's start, which `sweep.run_trials` then waits for."""
@@ -350,9 +364,8 @@ def _refresh_report(tracker: Tracker, sweep_id: str) -> None:
     """Rebuild the sweep's report and attach it to its run. Best effort: never fails the sweep.
     Called once the command's last trials are over: the in-process Ray, if this command started one,
     is ended meanwhile."""
-    from orchestrator import ray_connect
-
-    ray_connect.end_local_ray_meanwhile()
+    if "orchestrator.ray_connect" in sys.modules:  # no Ray imported just to find none started
+        sys.modules["orchestrator.ray_connect"].end_local_ray_meanwhile()
     try:
         from orchestrator.report import publish
 

@@ -57,6 +57,7 @@ def quiet_ray() -> None:
 def init_ray(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """Join the cluster at `address`, or have an in-process Ray: the one `start_local_ray` is starting
     (waited for, at most LOCAL_START_TIMEOUT_S), else one started now."""
+    _finish_ending()
     if ray.is_initialized() and "thread" not in _LOCAL:
         return
     quiet_ray()
@@ -82,10 +83,12 @@ class _Starter(threading.Thread):
         super().__init__(name="ray-start", daemon=True)
         self.done, self.stop = threading.Event(), threading.Event()
         self.error: BaseException | None = None
+        self.node = None  # Ray's node object once started: how `end_local_ray` knows the Ray is still this one
 
     def run(self) -> None:
         try:
             ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
+            self.node = getattr(ray._private.worker, "_global_node", None)
         except BaseException as err:  # noqa: BLE001 - raised in the thread that waits (init_ray)
             self.error = err
         finally:
@@ -94,25 +97,26 @@ class _Starter(threading.Thread):
             self.stop.wait()
 
 
-_LOCAL: dict = {}  # "thread": the start in progress; "started": the _Starter whose Ray this process owns
+# "thread": the start in progress; "started": the _Starter whose Ray this process owns; "ending": the
+# thread ending it (end_local_ray_meanwhile); "processes": Ray's processes that end_local_ray kills.
+_LOCAL: dict = {}
 
 
 def start_local_ray() -> None:
     """Begin starting an in-process Ray in the background; `init_ray(None)` waits for it and raises what
     the start raised. Ray's own start-up is mostly other processes starting, so the caller's imports and
     store work run meanwhile."""
+    _finish_ending()
     if not ray.is_initialized() and "thread" not in _LOCAL:
-        # Ray starts one idle worker per CPU for the first driver; a Tune trial never runs in one (its
-        # actor asks for a runtime environment of its own, so Ray starts a worker for it), and on two
-        # cores their start-up slows everything else that runs meanwhile.
-        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         quiet_ray()
         _start_local()
 
 
 def _start_local() -> None:
-    if (ending := _LOCAL.pop("ending", None)) is not None:  # a Ray of this process being ended: first that
-        ending.join(ENDING_TIMEOUT_S)
+    # Ray starts one idle worker per CPU for the first driver; a Tune trial never runs in one (its actor
+    # asks for a runtime environment of its own, so Ray starts a worker for it), and on two cores their
+    # start-up slows everything else that runs meanwhile.
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     if "started" in _LOCAL:  # a Ray this process started before and shut down since: its thread may end
         _LOCAL["started"].stop.set()
     starter = _Starter()
@@ -127,16 +131,27 @@ def _start_local() -> None:
 def end_local_ray_meanwhile() -> None:
     """Begin `end_local_ray` in a thread, once a command's last trials are over: the driver's disconnect
     (a quarter of a second, spent mostly outside Python) then overlaps the caller's own work, e.g. the
-    sweep's report. The exit waits for it (at most ENDING_TIMEOUT_S)."""
+    sweep's report. Whatever asks for Ray next, or the exit, waits for it first (at most ENDING_TIMEOUT_S)."""
     if "started" in _LOCAL and "ending" not in _LOCAL:
         _LOCAL["ending"] = threading.Thread(target=end_local_ray, name="ray-end", daemon=True)
         _LOCAL["ending"].start()
 
 
+def _finish_ending() -> bool:
+    """Wait for an end begun meanwhile; False when it is still stuck after ENDING_TIMEOUT_S."""
+    if (ending := _LOCAL.pop("ending", None)) is None:
+        return True
+    ending.join(ENDING_TIMEOUT_S)
+    return not ending.is_alive()
+
+
 def _end_at_exit() -> None:
-    if (ending := _LOCAL.pop("ending", None)) is not None:
-        ending.join(ENDING_TIMEOUT_S)
-    end_local_ray()  # nothing left to do when the thread has done it
+    if not _finish_ending():  # stuck in Ray's disconnect: kill its processes, and skip Ray's own exit
+        import psutil  # handler, which would wait for that disconnect
+
+        _kill(psutil, _LOCAL.get("processes", []))
+        atexit.unregister(ray.shutdown)
+    end_local_ray()  # nothing left to do when the end begun meanwhile has done it
 
 
 def end_local_ray() -> None:
@@ -145,32 +160,43 @@ def end_local_ray() -> None:
     all at once, where `ray.shutdown` stops them one by one with a graceful wait each (1.35 s on two
     cores). For the end of a command, once its trials are over: nothing of Ray's is needed after. A Ray
     still starting is first waited for (at most LOCAL_START_TIMEOUT_S, then killed as far as it got):
-    killed under a driver that is still connecting, Ray ends the whole process. Ray started otherwise,
-    or a cluster joined, is left to `ray.shutdown`."""
-    starter = _LOCAL.pop("started", None)
-    _LOCAL.pop("thread", None)
+    killed under a driver that is still connecting, Ray ends the whole process. A Ray shut down since by
+    someone else, started otherwise, or a cluster joined, is left alone."""
+    starter = _LOCAL.get("started")
     if starter is None:
         return
-    starter.done.wait(LOCAL_START_TIMEOUT_S)
+    started = starter.done.wait(LOCAL_START_TIMEOUT_S)
+    if _LOCAL.get("started") is not starter:  # ended meanwhile by another caller
+        return
+    del _LOCAL["started"]
+    if _LOCAL.get("thread") is starter:
+        del _LOCAL["thread"]
+    worker = ray._private.worker
+    node = getattr(worker, "_global_node", None)
+    if started and (starter.node is None or node is not starter.node):  # failed, or shut down since
+        starter.stop.set()
+        return
     import psutil
 
     ours = _ray_children(psutil)
-    processes = [p for child in ours for p in _with_descendants(psutil, child)]
-    worker = ray._private.worker
-    node = getattr(worker, "_global_node", None)
+    _LOCAL["processes"] = processes = [p for child in ours for p in _with_descendants(psutil, child)]
     try:
-        if node is not None and ray.is_initialized():
+        if started and ray.is_initialized():
             worker._global_node = None  # ray.shutdown below only disconnects this driver
             node.destroy_external_storage()  # spilled objects, as ray.shutdown removes them
             ray.shutdown()
     finally:
-        for process in processes:
-            try:
-                process.kill()
-            except psutil.Error:  # already gone
-                continue
+        _kill(psutil, processes)
         psutil.wait_procs(ours, timeout=1.0)  # reaped, not left as zombies of this process
         starter.stop.set()
+
+
+def _kill(psutil, processes: list) -> None:
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:  # already gone
+            continue
 
 
 def _ray_children(psutil) -> list:
@@ -179,7 +205,7 @@ def _ray_children(psutil) -> list:
     found = []
     for child in psutil.Process().children():
         try:
-            if any(part.startswith(package) for part in child.cmdline()):
+            if any(part.startswith(package + os.sep) for part in child.cmdline()):
                 found.append(child)
         except psutil.Error:
             continue

@@ -93,3 +93,18 @@ def test_init_ray_raises_what_the_background_start_raised(tmp_path, reap):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1].startswith("raised "), result.stdout + result.stderr[-2000:]
     assert leftovers(marker) == []
+
+
+def test_the_end_leaves_alone_a_ray_this_module_did_not_start(reap):
+    """Ray started here, shut down by someone else (as prepare-data does), then a Ray started with a
+    plain ray.init: `end_local_ray` must not take that one for its own."""
+    script = ("import ray\nfrom orchestrator import ray_connect\nray_connect.init_ray(None)\nray.shutdown()\n"
+              "ray.init(num_cpus=1, include_dashboard=False, logging_level='ERROR')\nray_connect.end_local_ray()\n"
+              "connected = ray.is_initialized()  # a task now would start a new Ray by itself if this one were gone\n"
+              "@ray.remote\ndef one():\n    return 1\nprint('still up', connected, ray.get(one.remote(), timeout=60))\n"
+              "ray.shutdown()\n")
+    result, marker = run(script)
+    reap.append(marker)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "still up True 1"
+    assert leftovers(marker) == []
