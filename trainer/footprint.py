@@ -1,5 +1,6 @@
-"""A trial's memory footprint: the bytes it needs, estimated from its config alone (nothing is decoded or
-allocated). `orchestrator.fit_check` compares it with what a worker has.
+"""A trial's footprint, from its config alone (nothing is decoded or allocated): the bytes it needs,
+and a DiT's FLOPs per image (`dit_forward_flops`, which `DiT.flops_per_image` calls too).
+`orchestrator.fit_check` compares the bytes with what a worker has.
 
 The estimate is the peak of one `trainer.train` process, in bytes, as a sum of named terms:
 
@@ -61,6 +62,7 @@ import math
 from dataclasses import dataclass
 
 from trainer.config import TrialConfig
+from trainer.schedule import attended_pairs, band_rows_per_tile, flex_head_dim, is_global, parse_size, parse_unet_size
 
 FLOAT_BYTES = 4  # training and evaluation state is fp32 (autocast only on CUDA, and only for matmuls)
 ACTIVATION_FACTOR = 24  # widths per token that backward keeps per block (see the module docstring)
@@ -107,8 +109,6 @@ class MemoryEstimate:
 
 def parameter_count(size: str, image_size: int, channels: int, num_classes: int = 0) -> int:
     """Parameters of `trainer.model.build_dit(size, image_size, channels, ...)`, counted from its layers."""
-    from trainer.schedule import parse_size
-
     depth, width, _, patch = parse_size(size)
     hidden = int(width * MLP_RATIO)
     pixels = patch * patch * channels
@@ -136,8 +136,6 @@ def dit_forward_flops(grid: tuple[int, int], width: int, hidden: int, pixels_per
     attended (query, key) pair, so a local window costs only the pairs its mask keeps. Norms, softmax
     and activations are left out (a few percent at these sizes). Training costs about 3x this.
     """
-    from trainer.schedule import attended_pairs
-
     tokens, D = grid[0] * grid[1], width
     flops = 2 * tokens * pixels_per_patch * D  # patch embedding
     flops += 2 * (frequency_dim * D + D * D)  # timestep MLP
@@ -152,8 +150,6 @@ def dit_forward_flops(grid: tuple[int, int], width: int, hidden: int, pixels_per
 def dit_flops_per_image(config: TrialConfig, channels: int) -> int:
     """`dit_forward_flops` of the DiT a `config` builds for images of `channels` channels, without
     building it (and so without torch)."""
-    from trainer.schedule import parse_size
-
     _, width, _, patch = parse_size(config.model.size)
     side = config.data.image_size // patch
     return dit_forward_flops((side, side), width, int(width * MLP_RATIO), patch * patch * channels,
@@ -163,8 +159,6 @@ def dit_flops_per_image(config: TrialConfig, channels: int) -> int:
 def gpu_block_bytes(width: int, heads: int) -> int:
     """Bytes backward keeps per token of one DiTBlock under CUDA bf16 autocast with FlexAttention or fused
     SDPA (the accounting is in the module docstring)."""
-    from trainer.schedule import flex_head_dim
-
     hidden = int(width * MLP_RATIO)
     fp32 = 4 * width * FLOAT_BYTES  # x, norm1(x), x after attention, norm2(x)
     bf16 = (5 * width + 2 * hidden) * BF16_BYTES  # qkv/fc1 inputs, proj input/output, fc2 output; fc1, GELU
@@ -175,8 +169,6 @@ def gpu_block_bytes(width: int, heads: int) -> int:
 def attention_score_elements(grid: tuple[int, int], window: int | None, backend: str) -> int:
     """Query-key pairs one local block materializes per image and head under `backend` (resolved:
     dense, banded or flex); 0 for global attention and for FlexAttention."""
-    from trainer.schedule import band_rows_per_tile, is_global
-
     tokens = grid[0] * grid[1]
     if window is None or is_global(window, grid) or backend == "flex":
         return 0
@@ -210,8 +202,6 @@ def estimate_trial_memory(config: TrialConfig, pool_images: int, channels: int, 
     """Peak bytes of one trial of `config` whose data source holds `pool_images` images of `channels`
     channels, training on `device` ("cpu" or "cuda"). `mapped`: the source is read memory-mapped (a
     prepared pack or a .npy: `trainer.sources.source_shape`), so a trial holds only what it gathers."""
-    from trainer.schedule import parse_size
-
     if config.model.arch == "unet":
         return _unet_memory(config, pool_images, channels, mapped, device)
     data, train, ev = config.data, config.train, config.eval
@@ -288,8 +278,6 @@ def _jacobian_matrix_bytes(d: int) -> int:
 
 def unet_feature_elements(size: str, image_size: int) -> int:
     """Elements per image of the feature maps the UNet's ResBlocks write (trainer.unet's layout)."""
-    from trainer.schedule import parse_unet_size
-
     channels, multipliers = parse_unet_size(size)
     widths = [channels * m for m in multipliers]
     sides = [image_size // 2**i for i in range(len(widths))]
@@ -300,8 +288,6 @@ def unet_feature_elements(size: str, image_size: int) -> int:
 
 def unet_parameter_count(size: str, channels: int) -> int:
     """Parameters of `trainer.unet.build_unet(size, ..., channels)`, counted from its layers (no torch)."""
-    from trainer.schedule import parse_unet_size
-
     base, multipliers = parse_unet_size(size)
     embed = 4 * base
 
